@@ -1,0 +1,250 @@
+"""The decoder of a Latent Thought Model and its autoregressive twin, in one file.
+
+    h   = x + SelfAttn(RMSNorm(x))          causal, sliding window, RoPE
+    h   = h + CrossAttn(RMSNorm(h), z_l)    LTM only: queries from tokens, keys/values from
+                                            this layer's own latent vectors, no mask
+    out = h + SwiGLU(RMSNorm(h))
+
+Pre-norm, no biases, no dropout, tied input/output embeddings (METHOD.md section 1).
+The AR baseline (kind="ar") is the same module with the cross-attention removed.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import NamedTuple
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from ltm.config import ModelConfig
+
+
+def rope_angles(head_dim: int, positions: torch.Tensor, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos and sin of the rotary angles, shape (len(positions), head_dim // 2)."""
+    inv_freq = theta ** (-torch.arange(0, head_dim, 2, dtype=torch.float32, device=positions.device) / head_dim)
+    angles = positions.float()[:, None] * inv_freq[None, :]
+    return angles.cos(), angles.sin()
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate (..., T, head_dim) by the angles of its T positions (rotate-half convention)."""
+    x1, x2 = x.chunk(2, dim=-1)
+    cos, sin = cos.to(x.dtype), sin.to(x.dtype)
+    return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1)
+
+
+class Stem(NamedTuple):
+    """The z-independent start of a forward pass and the position data the rest reuses."""
+
+    h: torch.Tensor
+    rope: tuple[torch.Tensor, torch.Tensor]
+    mask: torch.Tensor | None
+
+
+class KVCache:
+    """Per-layer keys/values for incremental decoding: the last `window` self-attention keys
+    and the latent keys/values (computed once, since z is fixed while decoding)."""
+
+    def __init__(self, n_layers: int) -> None:
+        self.pos = 0
+        self.self_kv: list[tuple[torch.Tensor, torch.Tensor] | None] = [None] * n_layers
+        self.latent_kv: list[tuple[torch.Tensor, torch.Tensor] | None] = [None] * n_layers
+
+
+class SelfAttention(nn.Module):
+    def __init__(self, cfg: ModelConfig, layer: int) -> None:
+        super().__init__()
+        self.cfg, self.layer = cfg, layer
+        self.qkv = nn.Linear(cfg.d_model, 3 * cfg.d_model, bias=False)
+        self.o = nn.Linear(cfg.d_model, cfg.d_model, bias=False)
+
+    def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor],
+                mask: torch.Tensor | None, cache: KVCache | None) -> torch.Tensor:
+        B, T, d = x.shape
+        q, k, v = self.qkv(x).view(B, T, 3, self.cfg.n_heads, self.cfg.head_dim).permute(2, 0, 3, 1, 4)
+        q, k = apply_rope(q, *rope), apply_rope(k, *rope)
+        if cache is not None:
+            past = cache.self_kv[self.layer]
+            if past is not None:
+                if T != 1:
+                    raise ValueError("incremental decoding takes one token at a time after the prompt")
+                keep = self.cfg.attn_window - 1  # the new token plus the window-1 before it
+                k = torch.cat((past[0][:, :, past[0].shape[2] - keep:] if keep else past[0][:, :, :0], k), dim=2)
+                v = torch.cat((past[1][:, :, past[1].shape[2] - keep:] if keep else past[1][:, :, :0], v), dim=2)
+            cache.self_kv[self.layer] = (k, v)
+        if mask is None and T > 1:
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        else:  # a sliding-window mask, or a single query that may see every cached key
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+        return self.o(y.transpose(1, 2).reshape(B, T, d))
+
+
+class LatentCrossAttention(nn.Module):
+    """Tokens attend to their layer's latent vectors z_l (no mask, no norm on z)."""
+
+    def __init__(self, cfg: ModelConfig, layer: int) -> None:
+        super().__init__()
+        self.cfg, self.layer = cfg, layer
+        self.q = nn.Linear(cfg.d_model, cfg.d_model, bias=False)
+        self.kv = nn.Linear(cfg.d_model, 2 * cfg.d_model, bias=False)
+        self.o = nn.Linear(cfg.d_model, cfg.d_model, bias=False)
+
+    def forward(self, h: torch.Tensor, z_l: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor],
+                latent_rope: tuple[torch.Tensor, torch.Tensor] | None, cache: KVCache | None) -> torch.Tensor:
+        B, T, d = h.shape
+        H, Dh = self.cfg.n_heads, self.cfg.head_dim
+        q = self.q(h).view(B, T, H, Dh).transpose(1, 2)
+        kv = cache.latent_kv[self.layer] if cache is not None else None
+        if kv is None:
+            k, v = self.kv(z_l).view(B, -1, 2, H, Dh).permute(2, 0, 3, 1, 4)
+            if latent_rope is not None:
+                k = apply_rope(k, *latent_rope)
+            kv = (k, v)
+            if cache is not None:
+                cache.latent_kv[self.layer] = kv
+        if latent_rope is not None:
+            q = apply_rope(q, *rope)
+        y = F.scaled_dot_product_attention(q, *kv)
+        return self.o(y.transpose(1, 2).reshape(B, T, d))
+
+
+class SwiGLU(nn.Module):
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.gate_up = nn.Linear(cfg.d_model, 2 * cfg.mlp_hidden, bias=False)
+        self.down = nn.Linear(cfg.mlp_hidden, cfg.d_model, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        gate, up = self.gate_up(x).chunk(2, dim=-1)
+        return self.down(F.silu(gate) * up)
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: ModelConfig, layer: int) -> None:
+        super().__init__()
+        self.norm_attn = nn.RMSNorm(cfg.d_model, eps=1e-5)
+        self.attn = SelfAttention(cfg, layer)
+        if cfg.kind == "ltm":
+            self.norm_cross = nn.RMSNorm(cfg.d_model, eps=1e-5)
+            self.cross = LatentCrossAttention(cfg, layer)
+        self.norm_mlp = nn.RMSNorm(cfg.d_model, eps=1e-5)
+        self.mlp = SwiGLU(cfg)
+
+    def self_attention(self, x, rope, mask, cache):
+        return x + self.attn(self.norm_attn(x), rope, mask, cache)
+
+    def latent_and_mlp(self, h, z_l, rope, latent_rope, cache):
+        if z_l is not None:
+            h = h + self.cross(self.norm_cross(h), z_l, rope, latent_rope, cache)
+        return h + self.mlp(self.norm_mlp(h))
+
+
+class LatentThoughtModel(nn.Module):
+    """`model(tokens, z)` -> logits (B, T, vocab); z is (B, n_latents, d_model), None for kind="ar"."""
+
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.embed = nn.Embedding(cfg.vocab_size, cfg.d_model)
+        self.blocks = nn.ModuleList(Block(cfg, layer) for layer in range(cfg.n_layers))
+        self.norm_out = nn.RMSNorm(cfg.d_model, eps=1e-5)
+        self.unembed = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
+        self.unembed.weight = self.embed.weight  # weight tying
+        self._masks: dict[tuple, torch.Tensor | None] = {}
+        self._init_weights()
+
+    def _init_weights(self) -> None:
+        # N(0, 0.02); residual output projections scaled by 1/sqrt(2L) (GPT-2).
+        out_std = self.cfg.init_std / math.sqrt(2 * self.cfg.n_layers)
+        for name, p in self.named_parameters():
+            if p.dim() == 2:
+                is_out = name.endswith(("attn.o.weight", "cross.o.weight", "mlp.down.weight"))
+                nn.init.normal_(p, mean=0.0, std=out_std if is_out else self.cfg.init_std)
+
+    def num_params(self, non_embedding: bool = False) -> int:
+        """Parameter count (tied embedding counted once); optionally without the embedding."""
+        n = sum(p.numel() for p in self.parameters())
+        return n - self.embed.weight.numel() if non_embedding else n
+
+    # -- the forward pass, split where z first enters -------------------------------------
+
+    def forward(self, tokens: torch.Tensor, z: torch.Tensor | None = None,
+                cache: KVCache | None = None) -> torch.Tensor:
+        """Logits for next-token prediction at every position of `tokens` (B, T)."""
+        return self.forward_from_stem(self.stem(tokens, cache), z, cache)
+
+    def stem(self, tokens: torch.Tensor, cache: KVCache | None = None) -> Stem:
+        """Embedding and the first block's self-attention: the part of the pass that does not
+        depend on z, so the inference loop computes it once instead of T times."""
+        B, T = tokens.shape
+        if tokens.dtype != torch.long:
+            raise TypeError(f"tokens must be int64 (torch.long), got {tokens.dtype}")
+        if cache is None and T > self.cfg.ctx:
+            raise ValueError(f"sequence of {T} tokens is longer than model.ctx={self.cfg.ctx}")
+        start = cache.pos if cache is not None else 0
+        rope = self._rope_angles(start, T, tokens.device)
+        mask = self._attn_mask(T, tokens.device) if start == 0 else None
+        h = self.blocks[0].self_attention(self.embed(tokens), rope, mask, cache)
+        return Stem(h, rope, mask)
+
+    def forward_from_stem(self, stem: Stem, z: torch.Tensor | None,
+                          cache: KVCache | None = None) -> torch.Tensor:
+        """Finish the forward pass from `stem`'s output."""
+        cfg = self.cfg
+        h = stem.h
+        zs = self._split_latents(z, h.shape[0])
+        latent_rope = self._latent_rope(h.device) if cfg.latent_rope and cfg.kind == "ltm" else None
+        for layer, block in enumerate(self.blocks):
+            if layer > 0:
+                h = block.self_attention(h, stem.rope, stem.mask, cache)
+            h = block.latent_and_mlp(h, zs[layer], stem.rope, latent_rope, cache)
+        if cache is not None:
+            cache.pos += h.shape[1]
+        return self.unembed(self.norm_out(h))
+
+    # -- helpers ---------------------------------------------------------------------------
+
+    def _split_latents(self, z: torch.Tensor | None, batch: int) -> list[torch.Tensor | None]:
+        cfg = self.cfg
+        if cfg.kind == "ar":
+            if z is not None:
+                raise ValueError("an AR model takes no latents: call model(tokens, None)")
+            return [None] * cfg.n_layers
+        expected = (batch, cfg.n_latents, cfg.d_model)
+        if z is None or tuple(z.shape) != expected:
+            got = None if z is None else tuple(z.shape)
+            raise ValueError(f"an LTM needs z of shape {expected} (batch, n_latents, d_model), got {got}")
+        return list(z.unflatten(1, (cfg.n_layers, cfg.latents_per_layer)).unbind(1))
+
+    def _rope_angles(self, start: int, length: int, device: torch.device):
+        positions = torch.arange(start, start + length, device=device)
+        return rope_angles(self.cfg.head_dim, positions, self.cfg.rope_theta)
+
+    def _latent_rope(self, device: torch.device):
+        m = self.cfg.latents_per_layer
+        positions = torch.arange(m, device=device) * (self.cfg.ctx // m)
+        return rope_angles(self.cfg.head_dim, positions, self.cfg.rope_theta)
+
+    def _attn_mask(self, T: int, device: torch.device) -> torch.Tensor | None:
+        """Boolean sliding-window mask (True = attend), or None when plain causal suffices."""
+        w = self.cfg.attn_window
+        if w >= T:
+            return None
+        key = (T, w, str(device))
+        if key not in self._masks:
+            i = torch.arange(T, device=device)
+            offset = i[:, None] - i[None, :]
+            self._masks[key] = (offset >= 0) & (offset < w)
+        return self._masks[key]
+
+
+def build_model(cfg: ModelConfig) -> LatentThoughtModel:
+    """The decoder for a ModelConfig (an LTM, or the AR baseline for kind="ar")."""
+    return LatentThoughtModel(cfg)
+
+
+def token_nll(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Per-token negative log-likelihood in nats, shape (B, T), computed in float32."""
+    return F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), reduction="none").view(targets.shape)

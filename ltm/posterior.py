@@ -1,0 +1,150 @@
+"""Fast learning: per-sequence variational inference of the latent thoughts z (METHOD.md section 2).
+
+Each sequence gets its own Gaussian q(z) = N(mu, diag(exp(logvar))), fitted from scratch by
+T steps of AdamW on the sum-reduced objective  NLL(x | z) + KL(q || N(0, I)),  z = mu + eps * sigma.
+Sum reduction plus element-wise Adam make every sequence's update independent of the batch;
+per-sequence noise generators make its random draws independent of the batch too.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+
+from ltm.config import InferenceConfig
+from ltm.model import LatentThoughtModel, token_nll
+
+
+@dataclass
+class Posterior:
+    """The fitted q(z) of each sequence in a batch."""
+
+    mu: torch.Tensor
+    """(B, n_latents, d_model)"""
+    logvar: torch.Tensor
+    """(B, n_latents, d_model)"""
+    z: torch.Tensor
+    """The z_T the decoder is trained and decodes with: a sample from q (mu if fixed variance)."""
+    eps: torch.Tensor
+    """The noise z was drawn with: the one draw of the call when reuse_noise (which the released
+    code's scoring reuses), otherwise a fresh draw."""
+    trace: torch.Tensor
+    """(steps, B): each sequence's objective NLL + KL in nats at each inner step."""
+
+    def kl(self) -> torch.Tensor:
+        """KL(q || N(0, I)) per sequence, shape (B,)."""
+        return gaussian_kl(self.mu, self.logvar)
+
+
+def gaussian_kl(mu: torch.Tensor, logvar: torch.Tensor) -> torch.Tensor:
+    """KL(N(mu, exp(logvar)) || N(0, I)) summed over all but the batch dimension."""
+    return 0.5 * (mu.square() + logvar.exp() - 1.0 - logvar).flatten(1).sum(1)
+
+
+class NoiseSource:
+    """Independent standard-normal draws per sequence, reproducible from per-sequence seeds,
+    so a sequence's draws do not depend on what else is in the batch."""
+
+    def __init__(self, seeds: Sequence[int] | torch.Tensor, shape: tuple[int, ...], device: torch.device) -> None:
+        seeds = [int(s) for s in seeds]
+        self.shape, self.device = shape, device
+        self.generators = [torch.Generator(device=device).manual_seed(s) for s in seeds]
+
+    def draw(self) -> torch.Tensor:
+        """One (B, *shape) draw."""
+        return torch.stack([torch.randn(self.shape, generator=g, device=self.device) for g in self.generators])
+
+
+def draw_seeds(batch: int, generator: torch.Generator | None = None) -> list[int]:
+    """Per-sequence seeds from `generator` (or torch's global RNG)."""
+    return torch.randint(0, 2**62, (batch,), generator=generator).tolist()
+
+
+def infer_posterior(model: LatentThoughtModel, tokens: torch.Tensor, cfg: InferenceConfig, *,
+                    seeds: Sequence[int] | torch.Tensor | None = None,
+                    loss_mask: torch.Tensor | None = None) -> Posterior:
+    """Fit q(z) for each sequence of `tokens` (B, L) by cfg.steps steps of AdamW.
+
+    The objective scores tokens[:, 1:] given tokens[:, :-1]; `loss_mask` (B, L-1), if given,
+    selects which of those predictions count (e.g. to ignore padding). `seeds` fix each
+    sequence's noise; by default they are drawn from torch's global RNG. With
+    decoder_grad="final" the decoder's .grad is left untouched and no work is spent on it;
+    "trajectory" accumulates every step's gradient into it, as the released code does.
+    """
+    mcfg = model.cfg
+    if mcfg.kind != "ltm":
+        raise ValueError("infer_posterior needs an LTM (model.kind='ltm'); an AR model has no latents")
+    if tokens.dim() != 2 or tokens.shape[1] < 2:
+        raise ValueError(f"tokens must be (batch, length >= 2), got shape {tuple(tokens.shape)}")
+    B = tokens.shape[0]
+    seeds = draw_seeds(B) if seeds is None else seeds
+    if len(seeds) != B:
+        raise ValueError(f"need one seed per sequence: {len(seeds)} seeds for a batch of {B}")
+    inputs, targets = tokens[:, :-1], tokens[:, 1:]
+    noise = NoiseSource(seeds, (mcfg.n_latents, mcfg.d_model), tokens.device)
+    trajectory = cfg.decoder_grad == "trajectory"
+
+    mu = (cfg.init_mu_std * noise.draw()).requires_grad_()
+    if cfg.fixed_variance:
+        logvar = torch.full_like(mu, cfg.init_logvar)
+        params = [mu]
+    else:
+        logvar = (cfg.init_logvar + cfg.init_logvar_std * noise.draw()).requires_grad_()
+        params = [mu, logvar]
+    exp_avg = [torch.zeros_like(p) for p in params]
+    exp_avg_sq = [torch.zeros_like(p) for p in params]
+    eps = noise.draw() if cfg.reuse_noise else None
+    beta1, beta2 = cfg.betas
+    trace = []
+
+    with torch.enable_grad():
+        # The stem does not depend on z: compute it once, outside the graph. The trajectory
+        # mode needs the decoder's full graph at every step, so it recomputes it.
+        stem = None if trajectory else _no_grad_stem(model, inputs)
+        for step in range(cfg.steps):
+            if not cfg.reuse_noise:
+                eps = noise.draw()
+            z = mu + eps * (0.5 * logvar).exp()
+            logits = model(inputs, z) if trajectory else model.forward_from_stem(stem, z)
+            nll = _masked_sum(token_nll(logits, targets), loss_mask)
+            objective = nll + gaussian_kl(mu, logvar)
+            if trajectory:
+                objective.sum().backward()
+                grads = [p.grad for p in params]
+                for p in params:
+                    p.grad = None
+            else:
+                grads = torch.autograd.grad(objective.sum(), params)
+            trace.append(objective.detach())
+            _adamw_step(params, grads, exp_avg, exp_avg_sq, step + 1, cfg.lr(step), beta1, beta2,
+                        cfg.eps, cfg.weight_decay)
+
+    mu, logvar = mu.detach(), logvar.detach()
+    if not cfg.reuse_noise:
+        eps = noise.draw()  # z_T is a fresh sample of the final q
+    z = mu if cfg.fixed_variance else mu + eps * (0.5 * logvar).exp()
+    trace = torch.stack(trace) if trace else torch.zeros(0, B, device=tokens.device)
+    return Posterior(mu=mu, logvar=logvar, z=z, eps=eps, trace=trace)
+
+
+def _no_grad_stem(model: LatentThoughtModel, inputs: torch.Tensor):
+    with torch.no_grad():
+        return model.stem(inputs)
+
+
+def _masked_sum(nll: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    return (nll if mask is None else nll * mask).sum(1)
+
+
+@torch.no_grad()
+def _adamw_step(params, grads, exp_avg, exp_avg_sq, step, lr, beta1, beta2, eps, weight_decay) -> None:
+    # Exactly torch.optim.AdamW's update (decoupled decay, bias-corrected moments), written
+    # out so the lr can change every step without optimiser objects in the hot loop.
+    bias1, bias2_sqrt = 1 - beta1**step, (1 - beta2**step) ** 0.5
+    for p, g, m, v in zip(params, grads, exp_avg, exp_avg_sq):
+        p.mul_(1 - lr * weight_decay)
+        m.lerp_(g, 1 - beta1)
+        v.mul_(beta2).addcmul_(g, g, value=1 - beta2)
+        p.addcdiv_(m, v.sqrt().div_(bias2_sqrt).add_(eps), value=-lr / bias1)
