@@ -64,7 +64,8 @@ def _forward_ops(cfg: ModelConfig, S: int) -> list[_Op]:
                 _Op(2 * S * d * d, "linear"),                                     # cross-attention output
             ]
         ops += [
-            _Op(2 * S * d * 2 * hid, "linear"),                       # SwiGLU gate and up
+            _Op(2 * S * d * hid, "linear"),                           # SwiGLU gate
+            _Op(2 * S * d * hid, "linear"),                           # SwiGLU up
             _Op(2 * S * hid * d, "linear"),                           # SwiGLU down
         ]
     ops.append(_Op(2 * S * d * V, "linear"))                          # unembedding

@@ -21,25 +21,26 @@ import torch.nn.functional as F
 from ltm.config import ModelConfig
 
 
-def rope_angles(head_dim: int, positions: torch.Tensor, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos and sin of the rotary angles, shape (len(positions), head_dim // 2)."""
+def rope_angles(head_dim: int, positions: torch.Tensor, theta: float) -> torch.Tensor:
+    """Unit complex rotations e^(i * pos * freq), shape (len(positions), head_dim // 2)."""
     inv_freq = theta ** (-torch.arange(0, head_dim, 2, dtype=torch.float32, device=positions.device) / head_dim)
     angles = positions.float()[:, None] * inv_freq[None, :]
-    return angles.cos(), angles.sin()
+    return torch.polar(torch.ones_like(angles), angles)
 
 
-def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate (..., T, head_dim) by the angles of its T positions (rotate-half convention)."""
-    x1, x2 = x.chunk(2, dim=-1)
-    cos, sin = cos.to(x.dtype), sin.to(x.dtype)
-    return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1)
+def apply_rope(x: torch.Tensor, rotation: torch.Tensor) -> torch.Tensor:
+    """Rotate consecutive pairs of x's last dimension (..., T, head_dim) by its T positions' rotations.
+
+    One complex multiply: several times faster on a CPU than the rotate-half form's split and cat."""
+    pairs = torch.view_as_complex(x.float().unflatten(-1, (-1, 2)))
+    return torch.view_as_real(pairs * rotation).flatten(-2).to(x.dtype)
 
 
 class Stem(NamedTuple):
     """The z-independent start of a forward pass and the position data the rest reuses."""
 
     h: torch.Tensor
-    rope: tuple[torch.Tensor, torch.Tensor]
+    rope: torch.Tensor
     mask: torch.Tensor | None
 
 
@@ -60,11 +61,12 @@ class SelfAttention(nn.Module):
         self.qkv = nn.Linear(cfg.d_model, 3 * cfg.d_model, bias=False)
         self.o = nn.Linear(cfg.d_model, cfg.d_model, bias=False)
 
-    def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor],
-                mask: torch.Tensor | None, cache: KVCache | None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, rope: torch.Tensor, mask: torch.Tensor | None,
+                cache: KVCache | None) -> torch.Tensor:
         B, T, d = x.shape
-        q, k, v = self.qkv(x).view(B, T, 3, self.cfg.n_heads, self.cfg.head_dim).permute(2, 0, 3, 1, 4)
-        q, k = apply_rope(q, *rope), apply_rope(k, *rope)
+        qkv = self.qkv(x).view(B, T, 3, self.cfg.n_heads, self.cfg.head_dim).transpose(1, 3)  # (B, H, 3, T, Dh)
+        q, k = apply_rope(qkv[:, :, :2], rope).unbind(2)  # q and k rotated in one call
+        v = qkv[:, :, 2]
         if cache is not None:
             past = cache.self_kv[self.layer]
             if past is not None:
@@ -91,8 +93,8 @@ class LatentCrossAttention(nn.Module):
         self.kv = nn.Linear(cfg.d_model, 2 * cfg.d_model, bias=False)
         self.o = nn.Linear(cfg.d_model, cfg.d_model, bias=False)
 
-    def forward(self, h: torch.Tensor, z_l: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor],
-                latent_rope: tuple[torch.Tensor, torch.Tensor] | None, cache: KVCache | None) -> torch.Tensor:
+    def forward(self, h: torch.Tensor, z_l: torch.Tensor, rope: torch.Tensor,
+                latent_rope: torch.Tensor | None, cache: KVCache | None) -> torch.Tensor:
         B, T, d = h.shape
         H, Dh = self.cfg.n_heads, self.cfg.head_dim
         q = self.q(h).view(B, T, H, Dh).transpose(1, 2)
@@ -100,12 +102,12 @@ class LatentCrossAttention(nn.Module):
         if kv is None:
             k, v = self.kv(z_l).view(B, -1, 2, H, Dh).permute(2, 0, 3, 1, 4)
             if latent_rope is not None:
-                k = apply_rope(k, *latent_rope)
+                k = apply_rope(k, latent_rope)
             kv = (k, v)
             if cache is not None:
                 cache.latent_kv[self.layer] = kv
         if latent_rope is not None:
-            q = apply_rope(q, *rope)
+            q = apply_rope(q, rope)
         y = F.scaled_dot_product_attention(q, *kv)
         return self.o(y.transpose(1, 2).reshape(B, T, d))
 
@@ -113,12 +115,14 @@ class LatentCrossAttention(nn.Module):
 class SwiGLU(nn.Module):
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
-        self.gate_up = nn.Linear(cfg.d_model, 2 * cfg.mlp_hidden, bias=False)
+        # Two matmuls rather than one fused one: the halves of a fused output are strided
+        # views, which makes the elementwise gate and its backward twice as slow on a CPU.
+        self.gate = nn.Linear(cfg.d_model, cfg.mlp_hidden, bias=False)
+        self.up = nn.Linear(cfg.d_model, cfg.mlp_hidden, bias=False)
         self.down = nn.Linear(cfg.mlp_hidden, cfg.d_model, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        gate, up = self.gate_up(x).chunk(2, dim=-1)
-        return self.down(F.silu(gate) * up)
+        return self.down(F.silu(self.gate(x)) * self.up(x))
 
 
 class Block(nn.Module):
