@@ -125,7 +125,7 @@ def main() -> None:
         step, forward = inner_step_cost(model, tokens, device, dtype, steps=4, repeat=args.repeat)
 
         ar = ltm.build_model(dataclasses.replace(cfg, kind="ar")).to(device)
-        ar_s = train_step_seconds(ar, tokens, device, dtype, lambda: decoder_loss(ar, tokens, None, seeds), args.repeat)
+        ar_s = train_step_seconds(ar, tokens, device, dtype, lambda: decoder_loss(ar, tokens, None, seeds)[0], args.repeat)
         ref = ReferenceGPT(cfg.vocab_size, cfg.n_layers, cfg.d_model, cfg.n_heads, cfg.ctx).to(device)
 
         def ref_loss():
@@ -134,7 +134,7 @@ def main() -> None:
 
         ref_s = train_step_seconds(ref, tokens, device, dtype, ref_loss, args.repeat)
         icfg = ltm.InferenceConfig(steps=args.steps)
-        ltm_s = train_step_seconds(model, tokens, device, dtype, lambda: decoder_loss(model, tokens, icfg, seeds),
+        ltm_s = train_step_seconds(model, tokens, device, dtype, lambda: decoder_loss(model, tokens, icfg, seeds)[0],
                                    max(2, args.repeat // 2))
         ltm_tps = n_tok / ltm_s
         mfu = ltm_tps * flops_per_token(cfg, args.steps) / peak

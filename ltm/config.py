@@ -7,6 +7,8 @@ construction (and on `dataclasses.replace`) with errors that say what to change.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
+import json
 import math
 from dataclasses import dataclass
 from typing import Literal
@@ -168,8 +170,16 @@ class DataConfig:
     """Field holding the text in .jsonl/.parquet/hub records."""
     val_blocks: int = 64
     """Blocks held out (deterministically) for validation when the source has no validation split."""
+    val_name: str | None = None
+    """Validation source (same kinds as name), used whole; None: the source's own validation
+    split, or the last val_blocks blocks of the training stream when it has none."""
     synthetic_tokens: int = 2_000_000
     """Size of the generated training stream for name="synthetic"."""
+    synthetic_vocab: int = 512
+    """Vocabulary of the synthetic corpus (the model's vocab_size is taken from the data)."""
+    synthetic_slots: int = 16
+    """Slots in a synthetic document's plan; a slot recurs about every 5 * slots tokens, so set it
+    near window / 4 for the latent to matter beyond the attention window (16 for window 64)."""
     seed: int = 0
     """Seed of the corpus itself (synthetic generation, shuffles); independent of the run seed."""
     cache_dir: str | None = None
@@ -184,3 +194,196 @@ class DataConfig:
             raise ConfigError(f"data.val_blocks must be >= 1, got {self.val_blocks}")
         if self.bpe_vocab_size < 260:
             raise ConfigError(f"data.bpe_vocab_size must be >= 260 (256 bytes + specials), got {self.bpe_vocab_size}")
+        if self.val_name is not None and not self.val_name:
+            raise ConfigError("data.val_name is empty; use None or a source like data.name")
+        if self.synthetic_tokens < 2:
+            raise ConfigError(f"data.synthetic_tokens must be >= 2, got {self.synthetic_tokens}")
+        if self.synthetic_slots < 1:
+            raise ConfigError(f"data.synthetic_slots must be >= 1, got {self.synthetic_slots}")
+        # the synthetic vocabulary is words + slot markers + vocab // 4 values + EOS + BOS
+        words = self.synthetic_vocab - 2 - self.synthetic_slots - self.synthetic_vocab // 4
+        if words < 8:
+            raise ConfigError(
+                f"data.synthetic_vocab={self.synthetic_vocab} leaves {words} word tokens with "
+                f"{self.synthetic_slots} slots; need >= 8: raise synthetic_vocab or lower synthetic_slots")
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Slow learning: the decoder's optimiser, schedule, budget, evaluation and checkpoints."""
+
+    tokens: int = 2_000_000
+    """Training budget in input tokens (updates x batch_size x ctx)."""
+    batch_size: int = 16
+    """Sequences per decoder update, over all processes (the paper: 512 x 1024 = 524,288 tokens)."""
+    micro_batch_size: int = 0
+    """Sequences per forward/backward on one process; 0 = the whole per-process batch at once."""
+    lr: float = 4e-4
+    min_lr: float = 4e-5
+    warmup_steps: int = 1000
+    betas: tuple[float, float] = (0.9, 0.95)
+    weight_decay: float = 0.1
+    """Applied to matrices and embeddings, not to norm gains."""
+    grad_clip: float = 1.0
+    precision: Literal["auto", "fp32", "bf16"] = "auto"
+    """"auto": bf16 autocast on CUDA, fp32 on CPU (bf16 is slower on CPUs without AMX; see benchmarks)."""
+    eval_every: int = 0
+    """Evaluate every this many tokens (0: only at the end)."""
+    eval_blocks: int = 32
+    """Validation blocks evaluated (the first ones of the validation split: a fixed set)."""
+    eval_batch_size: int = 16
+    iw_samples: int = 8
+    """Importance samples for val/ppl_iw (0 to skip)."""
+    log_every: int = 0
+    """Log training metrics every this many tokens (0: every update)."""
+    checkpoint_every: int = 0
+    """Checkpoint every this many tokens (0: only on exit)."""
+    peak_flops: float = 0.0
+    """Hardware peak FLOP/s for the mfu metric (0: look it up for known GPUs, else no mfu)."""
+
+    def __post_init__(self) -> None:
+        for name in ("tokens", "batch_size", "eval_blocks", "eval_batch_size"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"train.{name} must be >= 1, got {getattr(self, name)}")
+        for name in ("micro_batch_size", "warmup_steps", "eval_every", "log_every", "checkpoint_every", "iw_samples"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"train.{name} must be >= 0, got {getattr(self, name)}")
+        if self.micro_batch_size and self.batch_size % self.micro_batch_size:
+            raise ConfigError(f"train.batch_size={self.batch_size} is not a multiple of "
+                              f"train.micro_batch_size={self.micro_batch_size}")
+        if not 0 <= self.min_lr <= self.lr:
+            raise ConfigError(f"need 0 <= train.min_lr <= train.lr, got {self.min_lr} and {self.lr}")
+        if self.precision not in ("auto", "fp32", "bf16"):
+            raise ConfigError(f"train.precision must be 'auto', 'fp32' or 'bf16', got {self.precision!r}")
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    """Everything that defines one training run; its hash is the run's identity (run key)."""
+
+    model: ModelConfig = ModelConfig()
+    inference: InferenceConfig = InferenceConfig()
+    data: DataConfig = DataConfig()
+    train: TrainConfig = TrainConfig()
+    seed: int = 0
+
+    def to_dict(self) -> dict:
+        """Nested plain dict (JSON-able)."""
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "RunConfig":
+        """Inverse of to_dict; unknown keys are errors."""
+        sections = {"model": ModelConfig, "inference": InferenceConfig, "data": DataConfig, "train": TrainConfig}
+        unknown = set(d) - set(sections) - {"seed"}
+        if unknown:
+            raise ConfigError(f"unknown run config sections {sorted(unknown)}; known: {sorted(sections)} and seed")
+        kwargs = {}
+        for name, section in sections.items():
+            values = dict(d.get(name, {}))
+            fields = {f.name: f for f in dataclasses.fields(section)}
+            bad = set(values) - set(fields)
+            if bad:
+                raise ConfigError(f"unknown {name} fields {sorted(bad)}; known: {sorted(fields)}")
+            for key, value in values.items():
+                if isinstance(value, list):
+                    values[key] = tuple(value)
+            kwargs[name] = section(**values)
+        return cls(seed=int(d.get("seed", 0)), **kwargs)
+
+    def flat(self) -> dict[str, object]:
+        """Dotted keys ("inference.steps", "seed") to values: the MLflow params."""
+        out: dict[str, object] = {}
+        for section, values in self.to_dict().items():
+            if isinstance(values, dict):
+                out.update({f"{section}.{k}": v for k, v in values.items()})
+            else:
+                out[section] = values
+        return out
+
+    def with_overrides(self, assignments: list[str] | dict[str, object]) -> "RunConfig":
+        """Apply "key=value" strings (or a {dotted key: value} dict), parsing values by the field's type."""
+        items = assignments.items() if isinstance(assignments, dict) else (_split_assignment(a) for a in assignments)
+        d = self.to_dict()
+        current = self.flat()
+        for key, raw in items:
+            if key not in current:
+                raise ConfigError(f"unknown config key {key!r}; known keys: {', '.join(sorted(current))}")
+            value = _parse_like(raw, current[key], key) if isinstance(raw, str) else raw
+            if "." in key:
+                section, field = key.split(".", 1)
+                d[section][field] = value
+            else:
+                d[key] = value
+        return RunConfig.from_dict(d)
+
+    def run_key(self) -> str:
+        """A stable 16-hex-digit hash of the whole config, seed included."""
+        identity = self.to_dict()
+        identity["data"].pop("cache_dir")  # where tokens are cached does not change the run
+        blob = json.dumps(identity, sort_keys=True, default=str).encode()
+        return hashlib.sha256(blob).hexdigest()[:16]
+
+
+def _split_assignment(text: str) -> tuple[str, str]:
+    if "=" not in text:
+        raise ConfigError(f"expected key=value, got {text!r} (e.g. inference.steps=32)")
+    key, value = text.split("=", 1)
+    return key.strip(), value.strip()
+
+
+def _parse_like(raw: str, current: object, key: str) -> object:
+    """Parse a command-line value with the type of the field's current value."""
+    try:
+        if raw.lower() in ("none", "null"):
+            return None
+        if isinstance(current, bool):
+            if raw.lower() not in ("true", "false", "1", "0"):
+                raise ValueError
+            return raw.lower() in ("true", "1")
+        if isinstance(current, int):
+            return int(float(raw)) if "e" in raw.lower() else int(raw)
+        if isinstance(current, float):
+            return float(raw)
+        if isinstance(current, tuple):
+            return tuple(float(x) for x in raw.split(","))
+        if current is None:  # an optional number (e.g. model.window) or string
+            for parse in (int, float):
+                try:
+                    return parse(raw)
+                except ValueError:
+                    pass
+        return raw
+    except ValueError:
+        raise ConfigError(f"cannot parse {key}={raw!r} as {type(current).__name__}") from None
+
+
+# Run presets: a model preset with a training recipe sized for it.
+def _run_presets() -> dict[str, RunConfig]:
+    smoke = RunConfig(
+        model=MODEL_PRESETS["smoke"], inference=InferenceConfig(steps=4),
+        data=DataConfig(synthetic_tokens=200_000, synthetic_vocab=64, synthetic_slots=4, val_blocks=16),
+        train=TrainConfig(tokens=16_384, batch_size=8, lr=3e-3, min_lr=3e-4, warmup_steps=8,
+                          eval_blocks=8, eval_batch_size=8, iw_samples=4, eval_every=8192))
+    micro = RunConfig(
+        model=MODEL_PRESETS["micro"], inference=InferenceConfig(steps=16),
+        data=DataConfig(synthetic_tokens=2_000_000, val_blocks=64),
+        train=TrainConfig(tokens=400_000, batch_size=16, lr=2e-3, min_lr=2e-4, warmup_steps=20,
+                          eval_blocks=32, iw_samples=8, eval_every=100_000, checkpoint_every=100_000))
+    paper = {size: RunConfig(
+        model=MODEL_PRESETS[size], inference=InferenceConfig(steps=16), data=DataConfig(name="openwebtext", val_blocks=256),
+        train=TrainConfig(tokens=3_000_000_000, batch_size=512, micro_batch_size=32, eval_every=50_000_000,
+                          eval_blocks=256, checkpoint_every=50_000_000, log_every=5_242_880))
+        for size in ("ltm-s", "ltm-m", "ltm-l")}
+    return {"smoke": smoke, "micro": micro, **paper}
+
+
+RUN_PRESETS: dict[str, RunConfig] = _run_presets()
+
+
+def run_preset(name: str) -> RunConfig:
+    """A named run recipe: "smoke" (seconds on a CPU), "micro" (minutes on a laptop), "ltm-s|m|l" (paper)."""
+    try:
+        return RUN_PRESETS[name.lower()]
+    except KeyError:
+        raise ConfigError(f"unknown run preset {name!r}; known presets: {', '.join(RUN_PRESETS)}") from None

@@ -1,24 +1,536 @@
-"""Slow learning: the decoder update (METHOD.md section 3)."""
+"""Slow learning: one training run from a RunConfig to metrics, checkpoints and an MLflow run.
+
+    python -m ltm.train --preset micro --data synthetic --set inference.steps=32
+
+Each decoder update (METHOD.md section 3): infer z_T for every sequence (T inner steps, z_T
+detached), then one AdamW step on the mean cross-entropy of the decoder at z_T. The run is
+identified by the hash of its config (the run key): running the same command again resumes an
+interrupted run from its last checkpoint into the same MLflow run, or reports a FINISHED one.
+Several processes (torchrun) split each global batch; gradients are summed with one all-reduce.
+"""
 
 from __future__ import annotations
 
+import argparse
+import contextlib
+import dataclasses
+import hashlib
+import json
+import math
+import os
+import random
+import signal
+import sys
+import threading
+import time
+import warnings
 from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
 
+import numpy as np
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 
-from ltm.config import InferenceConfig
-from ltm.model import LatentThoughtModel
+from ltm.config import InferenceConfig, ModelConfig, RunConfig, run_preset
+from ltm.evaluate import evaluate_bounds
+from ltm.flops import flops_per_token
+from ltm.model import LatentThoughtModel, build_model
 from ltm.posterior import infer_posterior
 
+EVAL_SEED = 20_250_000
+"""Every evaluation of every run uses the same noise seeds, so curves are not jittered by them."""
 
-def decoder_loss(model: LatentThoughtModel, tokens: torch.Tensor, cfg: InferenceConfig,
-                 seeds: Sequence[int]) -> torch.Tensor:
-    """Mean next-token cross-entropy of the decoder at the inferred z_T (detached).
+EXIT_FINISHED, EXIT_FAILED, EXIT_INTERRUPTED = 0, 1, 3
+
+
+def decoder_loss(model: LatentThoughtModel, tokens: torch.Tensor, cfg: InferenceConfig | None,
+                 seeds: Sequence[int] | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(mean next-token cross-entropy at the inferred z_T, summed KL of the posteriors).
 
     For an LTM this runs the inference loop first (which, with decoder_grad="trajectory",
-    already accumulates into the decoder's .grad); an AR model is scored directly.
+    already accumulates into the decoder's .grad); an AR model is scored directly (KL 0).
     """
-    z = infer_posterior(model, tokens, cfg, seeds=seeds).z if model.cfg.kind == "ltm" else None
+    if model.cfg.kind == "ltm":
+        post = infer_posterior(model, tokens, cfg, seeds=seeds)
+        z, kl = post.z, post.kl().sum()
+    else:
+        z, kl = None, torch.zeros((), device=tokens.device)
     logits = model(tokens[:, :-1], z)
-    return F.cross_entropy(logits.float().flatten(0, 1), tokens[:, 1:].flatten())
+    return F.cross_entropy(logits.float().flatten(0, 1), tokens[:, 1:].flatten()), kl
+
+
+def sample_seed(run_seed: int, sample_index: int) -> int:
+    """The inference-noise seed of the sample_index-th training sequence of a run: independent of
+    batching and of the number of processes."""
+    return run_seed * 10**12 + sample_index
+
+
+def lr_at(step: int, total_steps: int, cfg) -> float:
+    """Linear warmup, then cosine from lr to min_lr at the last step."""
+    if step < cfg.warmup_steps:
+        return cfg.lr * (step + 1) / cfg.warmup_steps
+    progress = (step - cfg.warmup_steps) / max(1, total_steps - cfg.warmup_steps)
+    return cfg.min_lr + 0.5 * (1 + math.cos(math.pi * min(1.0, progress))) * (cfg.lr - cfg.min_lr)
+
+
+def make_optimizer(model: torch.nn.Module, cfg) -> torch.optim.AdamW:
+    """AdamW with weight decay on matrices and embeddings, none on norm gains."""
+    decay = [p for p in model.parameters() if p.dim() >= 2]
+    no_decay = [p for p in model.parameters() if p.dim() < 2]
+    groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    return torch.optim.AdamW(groups, lr=cfg.lr, betas=cfg.betas, foreach=True)
+
+
+# Dense bf16 peaks of GPUs this suite is likely to meet (FLOP/s), for the mfu metric.
+_GPU_PEAKS = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "L40S": 362e12, "A10G": 125e12}
+
+
+def peak_flops(device: torch.device, configured: float) -> float:
+    """The configured peak, else a known GPU's dense bf16 peak, else 0 (unknown: no mfu)."""
+    if configured:
+        return configured
+    if device.type == "cuda":
+        name = torch.cuda.get_device_name(device)
+        return next((v for k, v in _GPU_PEAKS.items() if k in name), 0.0)
+    return 0.0
+
+
+# -- processes -------------------------------------------------------------------------------
+
+@dataclass
+class Processes:
+    """This process's place among the torchrun processes of a run (rank 0 of 1 without torchrun)."""
+
+    rank: int = 0
+    world: int = 1
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+
+    @classmethod
+    def from_env(cls, device: str | None = None) -> "Processes":
+        world = int(os.environ.get("WORLD_SIZE", "1"))
+        local = int(os.environ.get("LOCAL_RANK", "0"))
+        if device is None:
+            device = f"cuda:{local}" if torch.cuda.is_available() else "cpu"
+        dev = torch.device(device)
+        if dev.type == "cuda":
+            torch.cuda.set_device(dev)
+        if world > 1 and not dist.is_initialized():
+            dist.init_process_group("nccl" if dev.type == "cuda" else "gloo")
+        return cls(rank=dist.get_rank() if world > 1 else 0, world=world, device=dev)
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    def all_sum(self, tensor: torch.Tensor) -> torch.Tensor:
+        if self.world > 1:
+            dist.all_reduce(tensor)
+        return tensor
+
+    def broadcast(self, obj):
+        """rank 0's value of a picklable object, on every process."""
+        if self.world == 1:
+            return obj
+        box = [obj]
+        dist.broadcast_object_list(box, src=0)
+        return box[0]
+
+
+def all_reduce_gradients(model: torch.nn.Module, procs: Processes) -> None:
+    """Sum every gradient over the processes with one coalesced all-reduce."""
+    if procs.world == 1:
+        return
+    grads = [p.grad for p in model.parameters() if p.grad is not None]
+    flat = torch.cat([g.flatten() for g in grads])
+    dist.all_reduce(flat)
+    offset = 0
+    for g in grads:
+        g.copy_(flat[offset:offset + g.numel()].view_as(g))
+        offset += g.numel()
+
+
+# -- checkpoints -----------------------------------------------------------------------------
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _write_atomically(path: Path, write) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "wb") as f:
+        write(f)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def save_checkpoint(run_dir: Path, state: dict, keep: int = 2) -> Path:
+    """Write ckpt-<tokens>.pt atomically with its sha256 beside it; keep the newest `keep`."""
+    run_dir.mkdir(parents=True, exist_ok=True)
+    path = run_dir / f"ckpt-{state['tokens']:015d}.pt"
+    _write_atomically(path, lambda f: torch.save(state, f))
+    digest = _sha256(path).encode()
+    _write_atomically(path.with_suffix(".sha256"), lambda f: f.write(digest))
+    for old in checkpoints(run_dir)[:-keep]:
+        old.unlink(missing_ok=True)
+        old.with_suffix(".sha256").unlink(missing_ok=True)
+    return path
+
+
+def checkpoints(run_dir: Path) -> list[Path]:
+    """The run's checkpoint files, oldest first."""
+    return sorted(run_dir.glob("ckpt-*.pt")) if run_dir.is_dir() else []
+
+
+def load_latest_checkpoint(run_dir: Path, map_location="cpu") -> dict | None:
+    """The newest checkpoint whose checksum verifies; a corrupt one is skipped with a warning."""
+    for path in reversed(checkpoints(run_dir)):
+        sidecar = path.with_suffix(".sha256")
+        try:
+            if not sidecar.exists() or sidecar.read_text().strip() != _sha256(path):
+                raise ValueError("checksum mismatch")
+            return torch.load(path, map_location=map_location, weights_only=False)
+        except Exception as err:  # any unreadable file: fall back to the previous checkpoint
+            warnings.warn(f"checkpoint {path} is corrupt ({err}); falling back to the previous one", stacklevel=2)
+    return None
+
+
+def load_model(path: str | Path, device: str = "cpu") -> tuple[LatentThoughtModel, RunConfig]:
+    """A trained model and its run config, from a checkpoint file or a run's checkpoint folder."""
+    path = Path(path)
+    state = load_latest_checkpoint(path, device) if path.is_dir() else torch.load(path, map_location=device,
+                                                                                  weights_only=False)
+    if state is None:
+        raise FileNotFoundError(f"no readable checkpoint in {path}")
+    cfg = RunConfig.from_dict(state["config"])
+    model = build_model(ModelConfig(**{**dataclasses.asdict(cfg.model), **state["model_overrides"]}))
+    model.load_state_dict(state["model"])
+    return model.to(device), cfg
+
+
+# -- the run ---------------------------------------------------------------------------------
+
+@dataclass
+class RunResult:
+    status: str
+    """FINISHED, FAILED, KILLED (interrupted, resumable) or SKIPPED (already finished)."""
+    run_id: str | None
+    metrics: dict[str, float]
+    run_dir: Path
+    reason: str = ""
+
+
+class _Interrupt:
+    """SIGTERM / SIGUSR2 set a flag; the loop checkpoints at the next update and exits."""
+
+    def __init__(self) -> None:
+        self.signal: int | None = None
+        self._previous = {}
+
+    def __enter__(self):
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGTERM, signal.SIGUSR2):
+                self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def _handle(self, signum, frame) -> None:
+        self.signal = signum
+
+    def __exit__(self, *exc) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+
+
+class _BlockOrder:
+    """Training blocks in a fresh seeded permutation each epoch; position = sequences consumed."""
+
+    def __init__(self, n_blocks: int, seed: int) -> None:
+        self.n, self.seed = n_blocks, seed
+        self._epoch, self._perm = -1, None
+
+    def indices(self, start: int, count: int) -> list[int]:
+        out = []
+        for g in range(start, start + count):
+            epoch, pos = divmod(g, self.n)
+            if epoch != self._epoch:
+                self._epoch, self._perm = epoch, np.random.default_rng([self.seed, epoch]).permutation(self.n)
+            out.append(int(self._perm[pos]))
+        return out
+
+
+def _autocast(device: torch.device, precision: str):
+    use_bf16 = precision == "bf16" or (precision == "auto" and device.type == "cuda")
+    return torch.autocast(device.type, dtype=torch.bfloat16) if use_bf16 else contextlib.nullcontext()
+
+
+def _git_commit() -> str:
+    try:
+        import subprocess
+
+        root = Path(__file__).resolve().parents[1]
+        return subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True,
+                              timeout=5).stdout.strip() or "unknown"
+    except Exception:
+        return "unknown"
+
+
+def run(cfg: RunConfig, *, tracking_uri: str | None = None, experiment: str = "ltm", runs_dir: str | Path = "runs",
+        force: bool = False, parent_run_id: str | None = None, tags: dict | None = None,
+        progress: bool = True, device: str | None = None) -> RunResult:
+    """Train one run to its token budget (or resume it), tracked in MLflow; see the module docstring."""
+    from ltm.data import check_data, load_blocks
+    from ltm.tracking import Tracker, check_tracking_uri, default_tracking_uri
+
+    procs = Processes.from_env(device)
+    runs_dir = Path(runs_dir).resolve()
+    tracking_uri = tracking_uri or default_tracking_uri(runs_dir)
+    key = cfg.run_key()
+    run_dir = runs_dir / "checkpoints" / key
+    check_data(cfg.data)  # cheap checks first: nothing is tokenised or created for a doomed run
+    if procs.is_main:
+        check_tracking_uri(tracking_uri)
+
+    train_blocks = load_blocks(cfg.data, cfg.model.ctx, "train")
+    val_blocks = load_blocks(cfg.data, cfg.model.ctx, "validation")
+    model_cfg = dataclasses.replace(cfg.model, vocab_size=train_blocks.vocab_size)
+
+    tracker = Tracker(tracking_uri, experiment, artifact_root=runs_dir / "artifacts") if procs.is_main else None
+    decision = None
+    if procs.is_main:
+        decision = _decide(tracker, cfg, key, run_dir, model_cfg, force, parent_run_id, tags or {}, procs)
+    decision = procs.broadcast(decision)
+    if decision["status"] == "SKIPPED":
+        if procs.is_main:
+            print(f"run {key} already FINISHED as MLflow run {decision['run_id']}; skipping (use --force to rerun)")
+        return RunResult("SKIPPED", decision["run_id"], decision["metrics"], run_dir)
+    run_id = decision["run_id"]
+
+    torch.manual_seed(cfg.seed)
+    model = build_model(model_cfg).to(procs.device)
+    optimizer = make_optimizer(model, cfg.train)
+    state = load_latest_checkpoint(run_dir, procs.device) if decision["resume"] else None
+    step, samples = 0, 0
+    if state is not None:
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        step, samples = state["step"], state["samples"]
+        torch.set_rng_state(state["rng"]["torch"])
+        np.random.set_state(state["rng"]["numpy"])
+        random.setstate(state["rng"]["python"])
+        if procs.is_main:
+            print(f"resuming run {key} (MLflow {run_id}) from {state['tokens']:,} tokens")
+
+    try:
+        with _Interrupt() as interrupt:
+            return _train(cfg, model_cfg, model, optimizer, train_blocks, val_blocks, procs, tracker, run_id,
+                          run_dir, step, samples, interrupt, progress, skip_logged=decision["logged_step"])
+    except Exception as err:
+        if procs.is_main:
+            tracker.finish(run_id, "FAILED", f"{type(err).__name__}: {err}")
+        raise
+
+
+def _decide(tracker, cfg: RunConfig, key: str, run_dir: Path, model_cfg: ModelConfig, force: bool,
+            parent_run_id, tags: dict, procs: Processes) -> dict:
+    """Rank 0: skip a finished run, reopen an interrupted one, or create a new one."""
+    existing = tracker.find_run(key)
+    if existing is not None and existing.info.status == "FINISHED" and not force:
+        return {"status": "SKIPPED", "run_id": existing.info.run_id, "metrics": dict(existing.data.metrics)}
+    if existing is not None and not force:
+        tracker.reopen(existing.info.run_id)
+        return {"status": "RUNNING", "run_id": existing.info.run_id, "resume": True,
+                "logged_step": tracker.max_logged_step(existing.info.run_id)}
+    for old in checkpoints(run_dir):  # --force, or no run yet: start clean
+        old.unlink()
+        old.with_suffix(".sha256").unlink(missing_ok=True)
+    with torch.device("meta"):
+        counted = build_model(model_cfg)
+    params = {**cfg.flat(), "model.vocab_size": model_cfg.vocab_size, "n_params": counted.num_params(),
+              "n_params_nonembedding": counted.num_params(non_embedding=True)}
+    run_tags = {"git_commit": _git_commit(), "torch_version": torch.__version__, "device": str(procs.device),
+                "processes": procs.world, "model.kind": cfg.model.kind, **tags}
+    name = f"{cfg.model.kind}-L{cfg.model.n_layers}-d{cfg.model.d_model}-T{cfg.inference.steps}-s{cfg.seed}"
+    run_id = tracker.create_run(key, name, params, run_tags, parent_run_id)
+    tracker.log_dict(run_id, cfg.to_dict(), "config.json")
+    return {"status": "RUNNING", "run_id": run_id, "resume": False, "logged_step": -1}
+
+
+def _train(cfg: RunConfig, model_cfg: ModelConfig, model, optimizer, train_blocks, val_blocks, procs: Processes,
+           tracker, run_id: str, run_dir: Path, step: int, samples: int, interrupt: _Interrupt, progress: bool,
+           skip_logged: int) -> RunResult:
+    tc, icfg = cfg.train, cfg.inference
+    ctx = model_cfg.ctx
+    tokens_per_step = tc.batch_size * ctx
+    total_steps = max(1, math.ceil(tc.tokens / tokens_per_step))
+    if tc.batch_size % procs.world:
+        raise ValueError(f"train.batch_size={tc.batch_size} must be divisible by the {procs.world} processes")
+    local = tc.batch_size // procs.world
+    micro = tc.micro_batch_size or local
+    if local % micro:
+        raise ValueError(f"per-process batch {local} is not a multiple of train.micro_batch_size={micro}")
+    order = _BlockOrder(len(train_blocks), cfg.seed)
+    fpt = flops_per_token(model_cfg, icfg.steps, decoder_grad=icfg.decoder_grad)
+    fpt_paper = flops_per_token(model_cfg, icfg.steps, convention="paper")
+    peak = peak_flops(procs.device, tc.peak_flops)
+    n_val = min(tc.eval_blocks, len(val_blocks))
+    val_batches = [val_blocks.batch(list(range(i, min(i + tc.eval_batch_size, n_val)))).to(procs.device)
+                   for i in range(0, n_val, tc.eval_batch_size)]
+
+    def log(metrics: dict, tokens: int) -> None:
+        if procs.is_main and tokens > skip_logged:  # a resumed run does not log replayed steps twice
+            tracker.log_metrics(run_id, metrics, step=tokens)
+
+    def evaluate(tokens: int) -> dict:
+        if not procs.is_main:
+            return {}
+        model.eval()
+        with _autocast(procs.device, tc.precision):
+            metrics = evaluate_bounds(model, val_batches, icfg, seed=EVAL_SEED, iw_samples=tc.iw_samples)
+        model.train()
+        return metrics
+
+    def checkpoint(tokens: int) -> None:
+        if procs.is_main:
+            save_checkpoint(run_dir, {
+                "model": model.state_dict(), "optimizer": optimizer.state_dict(), "step": step, "samples": samples,
+                "tokens": tokens, "run_id": run_id, "run_key": cfg.run_key(), "config": cfg.to_dict(),
+                "model_overrides": {"vocab_size": model_cfg.vocab_size},
+                "rng": {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()},
+            })
+
+    from tqdm import tqdm
+
+    bar = tqdm(total=total_steps * tokens_per_step, initial=step * tokens_per_step, unit="tok", unit_scale=True,
+               disable=not (progress and procs.is_main), dynamic_ncols=True)
+    window = {"loss": 0.0, "kl": 0.0, "steps": 0, "time": 0.0}
+    last_metrics: dict[str, float] = {}
+    while step < total_steps:
+        started = time.perf_counter()
+        for group in optimizer.param_groups:
+            group["lr"] = lr_at(step, total_steps, tc)
+        mine = order.indices(samples, tc.batch_size)[procs.rank * local:(procs.rank + 1) * local]
+        loss_sum = torch.zeros(2, device=procs.device)  # (sum of per-sequence mean CE, sum of KL)
+        for i in range(0, local, micro):
+            batch = train_blocks.batch(mine[i:i + micro]).to(procs.device)
+            seeds = [sample_seed(cfg.seed, samples + procs.rank * local + i + j) for j in range(len(batch))]
+            with _autocast(procs.device, tc.precision):
+                loss, kl = decoder_loss(model, batch, icfg, seeds)
+            (loss * len(batch) / tc.batch_size).backward()
+            loss_sum += torch.stack((loss.detach() * len(batch), kl.detach()))
+        all_reduce_gradients(model, procs)
+        procs.all_sum(loss_sum)
+        mean_loss = loss_sum[0].item() / tc.batch_size
+        if not math.isfinite(mean_loss):
+            reason = f"non-finite training loss ({mean_loss}) at update {step}; the last good checkpoint is kept"
+            if procs.is_main:
+                tracker.finish(run_id, "FAILED", reason)
+            bar.close()
+            return RunResult("FAILED", run_id, last_metrics, run_dir, reason)
+        torch.nn.utils.clip_grad_norm_(model.parameters(), tc.grad_clip)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        step += 1
+        samples += tc.batch_size
+        tokens = step * tokens_per_step
+        bar.update(tokens_per_step)
+
+        window["loss"] += mean_loss
+        window["kl"] += loss_sum[1].item() / (tc.batch_size * ctx)
+        window["steps"] += 1
+        window["time"] += time.perf_counter() - started
+        last = step == total_steps
+        point: dict[str, float] = {}  # everything logged at this step, in one call
+        if last or _crossed(tokens, tokens_per_step, tc.log_every or tokens_per_step):
+            n = window["steps"]
+            tps = n * tokens_per_step / window["time"]
+            point.update({"train/loss": window["loss"] / n,
+                          "train/ppl_bound": math.exp((window["loss"] + window["kl"]) / n),
+                          "train/lr": optimizer.param_groups[0]["lr"], "tokens_per_s": tps})
+            if peak:
+                point["mfu"] = tps * fpt / peak
+            bar.set_postfix(loss=f"{point['train/loss']:.3f}")
+            window = {"loss": 0.0, "kl": 0.0, "steps": 0, "time": 0.0}
+        if last or (tc.eval_every and _crossed(tokens, tokens_per_step, tc.eval_every)):
+            point.update(evaluate(tokens))
+        if point:
+            point.update({"tokens": tokens, "flops": tokens * fpt, "flops_paper": tokens * fpt_paper})
+            log(point, tokens)
+            last_metrics.update(point)
+        stop = torch.tensor([float(interrupt.signal is not None)], device=procs.device)
+        if last or procs.all_sum(stop).item() or (tc.checkpoint_every and _crossed(tokens, tokens_per_step,
+                                                                                  tc.checkpoint_every)):
+            checkpoint(tokens)
+        if not last and stop.item():
+            bar.close()
+            name = signal.Signals(interrupt.signal).name if interrupt.signal else "signal"
+            reason = f"interrupted by {name} at {tokens:,} tokens; run the same command again to resume"
+            if procs.is_main:
+                tracker.finish(run_id, "KILLED", reason)
+            return RunResult("KILLED", run_id, last_metrics, run_dir, reason)
+    bar.close()
+    if procs.is_main:
+        tracker.finish(run_id, "FINISHED")
+    return RunResult("FINISHED", run_id, last_metrics, run_dir)
+
+
+def _crossed(tokens: int, per_step: int, every: int) -> bool:
+    """Whether the update that reached `tokens` crossed a multiple of `every`."""
+    return tokens // every > (tokens - per_step) // every
+
+
+# -- command line ----------------------------------------------------------------------------
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m ltm.train", description="Train one LTM or AR run, tracked in MLflow and resumable.",
+        epilog="Run the same command again to resume an interrupted run or to skip a finished one. "
+               "Several processes: torchrun --nproc-per-node N -m ltm.train ... "
+               "Exit status: 0 finished (or skipped), 1 failed, 3 interrupted (resumable).")
+    parser.add_argument("--preset", default="micro", help="run preset: smoke, micro, ltm-s, ltm-m, ltm-l (default micro)")
+    parser.add_argument("--config", help="a JSON run config (as logged in config.json) instead of a preset")
+    parser.add_argument("--data", help="data.name: 'synthetic', a hub name or a local path")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                        help="override a config value by its dotted key, e.g. inference.steps=32, model.n_latents=8, "
+                             "train.tokens=1e6, seed=1 (repeatable)")
+    parser.add_argument("--tracking-uri", help="MLflow tracking URI (default sqlite:///<runs-dir>/mlflow.db)")
+    parser.add_argument("--experiment", default="ltm", help="MLflow experiment name (default ltm)")
+    parser.add_argument("--runs-dir", default="runs", help="folder for checkpoints, the default MLflow store and artifacts")
+    parser.add_argument("--device", help="cpu, cuda, cuda:1 (default: cuda if available)")
+    parser.add_argument("--force", action="store_true", help="rerun even if this config already FINISHED")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    return parser
+
+
+def config_from_args(args: argparse.Namespace) -> RunConfig:
+    """The RunConfig named by --preset/--config, --data and --set."""
+    cfg = RunConfig.from_dict(json.loads(Path(args.config).read_text())) if args.config else run_preset(args.preset)
+    overrides = list(args.overrides)
+    if args.data:
+        overrides.insert(0, f"data.name={args.data}")
+    return cfg.with_overrides(overrides)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        cfg = config_from_args(args)
+        result = run(cfg, tracking_uri=args.tracking_uri, experiment=args.experiment, runs_dir=args.runs_dir,
+                     force=args.force, progress=not args.no_progress, device=args.device)
+    except (ValueError, FileNotFoundError, RuntimeError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return EXIT_FAILED
+    if int(os.environ.get("RANK", "0")) == 0:
+        print(f"{result.status}: run {cfg.run_key()} (MLflow run {result.run_id})" + (f": {result.reason}" if result.reason else ""))
+        for k, v in sorted(result.metrics.items()):
+            print(f"  {k:24s} {v:.6g}")
+    return {"FINISHED": EXIT_FINISHED, "SKIPPED": EXIT_FINISHED, "KILLED": EXIT_INTERRUPTED}.get(result.status, EXIT_FAILED)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

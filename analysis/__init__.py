@@ -1,0 +1,1 @@
+"""Analysis of experiment results: scaling-law fits with bootstrap intervals (`analysis.fit`)."""

@@ -1,0 +1,123 @@
+"""Tokenizers with one small interface: GPT-2 BPE + BOS, a byte-level BPE trained on the data,
+and the synthetic corpus's own vocabulary (`SyntheticCorpus` implements the same interface)."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import tempfile
+from pathlib import Path
+from typing import Iterable, Protocol, Sequence
+
+from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, trainers
+
+from ltm.data.errors import DataError, DataNotFoundError
+
+GPT2_ENV = "LTM_GPT2_TOKENIZER"
+"""Environment variable: path to GPT-2's tokenizer.json (or a folder holding it)."""
+EOS_TOKEN = "<|endoftext|>"
+BOS_TOKEN = "<|beginoftext|>"
+BPE_TRAIN_CHARS = 200_000_000
+"""Training text used for the BPE merges (a minute or so); more changes the merges little."""
+
+
+class TextTokenizer(Protocol):
+    """What the data pipeline and evaluation need from a tokenizer."""
+
+    vocab_size: int
+    bos_id: int
+    eos_id: int
+    cache_key: str
+    """Identifies the vocabulary for the token cache."""
+
+    def encode(self, text: str) -> list[int]: ...
+
+    def decode(self, ids: Sequence[int]) -> str: ...
+
+
+class HFTokenizer:
+    """A `tokenizers.Tokenizer` with BOS/EOS ids; special tokens are never added by encode."""
+
+    def __init__(self, tokenizer: Tokenizer, cache_key: str) -> None:
+        self.tokenizer = tokenizer
+        self.cache_key = cache_key
+        self.vocab_size = tokenizer.get_vocab_size(with_added_tokens=True)
+        self.eos_id = tokenizer.token_to_id(EOS_TOKEN)
+        self.bos_id = tokenizer.token_to_id(BOS_TOKEN)
+
+    def encode(self, text: str) -> list[int]:
+        """Token ids of text, without BOS/EOS."""
+        return self.tokenizer.encode(text, add_special_tokens=False).ids
+
+    def encode_batch(self, texts: list[str]) -> list[list[int]]:
+        """Token ids of many texts at once (parallel in Rust)."""
+        return [e.ids for e in self.tokenizer.encode_batch(texts, add_special_tokens=False)]
+
+    def decode(self, ids: Sequence[int]) -> str:
+        """Text of ids; BOS/EOS appear as their token strings."""
+        return self.tokenizer.decode([int(i) for i in ids], skip_special_tokens=False)
+
+
+def _file_key(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()[:16]
+
+
+def find_gpt2_tokenizer_file() -> Path:
+    """GPT-2's tokenizer.json from $LTM_GPT2_TOKENIZER or the Hugging Face cache (never downloads)."""
+    hint = (f"set {GPT2_ENV}=/path/to/tokenizer.json (GPT-2's, from huggingface.co/gpt2) "
+            "or use data.tokenizer='bpe' to train a BPE on the training data")
+    env = os.environ.get(GPT2_ENV)
+    if env:
+        path = Path(env).expanduser()
+        path = path / "tokenizer.json" if path.is_dir() else path
+        if not path.is_file():
+            raise DataNotFoundError(f"{GPT2_ENV}={env!r}: no tokenizer file at {path}; {hint}")
+        return path
+    from huggingface_hub import try_to_load_from_cache
+
+    for repo in ("gpt2", "openai-community/gpt2"):
+        found = try_to_load_from_cache(repo, "tokenizer.json")
+        if isinstance(found, str):
+            return Path(found)
+    raise DataNotFoundError(f"GPT-2 tokenizer not found ({GPT2_ENV} unset, not in the Hugging Face cache); {hint}")
+
+
+def gpt2_tokenizer(path: Path | None = None) -> HFTokenizer:
+    """GPT-2 BPE plus one added begin-of-text token: EOS 50256, BOS 50257, vocab 50,258."""
+    path = path or find_gpt2_tokenizer_file()
+    tok = Tokenizer.from_file(str(path))
+    if tok.token_to_id(EOS_TOKEN) is None:
+        raise DataError(f"{path} has no {EOS_TOKEN} token; is it GPT-2's tokenizer.json?")
+    tok.add_special_tokens([AddedToken(BOS_TOKEN, special=True, normalized=False)])
+    return HFTokenizer(tok, cache_key=f"gpt2+bos-{_file_key(path)}")
+
+
+def bpe_tokenizer(path: Path, vocab_size: int, train_texts: Iterable[str] | None = None) -> HFTokenizer:
+    """A byte-level BPE saved at path: loaded if it exists, else trained on train_texts and saved."""
+    if not path.is_file():
+        if train_texts is None:
+            raise DataNotFoundError(f"no BPE tokenizer at {path} and no training text to build one")
+        tok = Tokenizer(models.BPE())
+        tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+        tok.decoder = decoders.ByteLevel()
+        trainer = trainers.BpeTrainer(
+            vocab_size=vocab_size, special_tokens=[EOS_TOKEN, BOS_TOKEN],
+            initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+        tok.train_from_iterator(_first_chars(train_texts, BPE_TRAIN_CHARS), trainer)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile("w", dir=path.parent, suffix=".tmp", delete=False) as f:
+            tmp = f.name
+        tok.save(tmp)
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, path)  # atomic: concurrent trainers never leave a partial file
+    tok = Tokenizer.from_file(str(path))
+    return HFTokenizer(tok, cache_key=f"bpe{tok.get_vocab_size()}-{_file_key(path)}")
+
+
+def _first_chars(texts: Iterable[str], limit: int) -> Iterable[str]:
+    used = 0
+    for text in texts:
+        if used >= limit:
+            return
+        used += len(text)
+        yield text

@@ -1,0 +1,51 @@
+import dataclasses
+
+import pytest
+
+from ltm.config import ConfigError, RunConfig, run_preset
+
+
+def test_overrides_parse_values_by_the_fields_type():
+    cfg = run_preset("micro").with_overrides(["inference.steps=32", "model.window=none", "train.tokens=1e5",
+                                              "inference.reuse_noise=true", "train.lr=3e-4", "seed=7",
+                                              "data.name=/tmp/corpus.txt"])
+    assert (cfg.inference.steps, cfg.model.window, cfg.train.tokens) == (32, None, 100_000)
+    assert cfg.inference.reuse_noise is True and cfg.train.lr == 3e-4 and cfg.seed == 7
+    assert cfg.data.name == "/tmp/corpus.txt"
+
+
+def test_unknown_keys_and_unparsable_values_say_what_is_accepted():
+    with pytest.raises(ConfigError, match="unknown config key 'inference.step'.*inference.steps"):
+        run_preset("smoke").with_overrides(["inference.step=3"])
+    with pytest.raises(ConfigError, match="cannot parse inference.steps='many' as int"):
+        run_preset("smoke").with_overrides(["inference.steps=many"])
+    with pytest.raises(ConfigError, match="expected key=value"):
+        run_preset("smoke").with_overrides(["inference.steps"])
+    with pytest.raises(ConfigError, match="not divisible by model.n_layers"):
+        run_preset("smoke").with_overrides(["model.n_latents=5"])
+
+
+def test_run_key_is_stable_and_changes_with_the_config_and_seed():
+    a = run_preset("smoke")
+    assert a.run_key() == RunConfig.from_dict(a.to_dict()).run_key()
+    assert a.run_key() != a.with_overrides(["seed=1"]).run_key()
+    assert a.run_key() != a.with_overrides(["inference.steps=8"]).run_key()
+    # where the token cache lives does not change what the run computes
+    assert a.run_key() == dataclasses.replace(a, data=dataclasses.replace(a.data, cache_dir="/elsewhere")).run_key()
+
+
+def test_flat_params_use_the_design_names():
+    flat = run_preset("smoke").flat()
+    for key in ("model.kind", "model.n_layers", "model.d_model", "model.n_latents", "inference.steps",
+                "train.tokens", "data.name", "seed"):
+        assert key in flat
+
+
+def test_unknown_run_preset_lists_the_known_ones():
+    with pytest.raises(ConfigError, match="known presets: smoke, micro, ltm-s"):
+        run_preset("huge")
+
+
+def test_train_config_errors_carry_the_numbers():
+    with pytest.raises(ConfigError, match="batch_size=10 is not a multiple of train.micro_batch_size=4"):
+        run_preset("smoke").with_overrides(["train.batch_size=10", "train.micro_batch_size=4"])

@@ -1,0 +1,228 @@
+"""One training run end to end: tracking, resume, interruption, failure, bad input, several processes."""
+
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from mlflow.tracking import MlflowClient
+
+import ltm.train as train
+from ltm.config import run_preset
+from ltm.tracking import RUN_KEY_TAG, TrackingError, default_tracking_uri
+
+ROOT = Path(__file__).resolve().parents[1]
+EXPECTED_METRICS = {"train/loss", "train/ppl_bound", "val/nll", "val/kl", "val/ppl_bound", "val/ppl_iw",
+                    "tokens", "flops", "flops_paper", "tokens_per_s"}
+
+
+def smoke(tmp_path, *overrides):
+    cfg = run_preset("smoke").with_overrides([f"data.cache_dir={tmp_path / 'cache'}", *overrides])
+    return cfg
+
+
+def cli(tmp_path, *args, runs="runs"):
+    return [sys.executable, "-m", "ltm.train", "--preset", "smoke", "--runs-dir", str(tmp_path / runs),
+            "--no-progress", "--set", f"data.cache_dir={tmp_path / 'cache'}", *args]
+
+
+def history(uri, run_id, key):
+    return [(m.step, m.value) for m in MlflowClient(uri).get_metric_history(run_id, key)]
+
+
+def test_lr_warms_up_then_decays_to_its_minimum():
+    tc = run_preset("smoke").train
+    assert train.lr_at(0, 100, tc) == pytest.approx(tc.lr / tc.warmup_steps)
+    assert train.lr_at(tc.warmup_steps - 1, 100, tc) == pytest.approx(tc.lr)
+    assert train.lr_at(100, 100, tc) == pytest.approx(tc.min_lr)
+
+
+def test_smoke_run_logs_everything_and_a_second_call_skips_it(tmp_path):
+    cfg = smoke(tmp_path)
+    result = train.run(cfg, runs_dir=tmp_path / "runs", experiment="t", progress=False)
+    assert result.status == "FINISHED"
+    client = MlflowClient(default_tracking_uri(tmp_path / "runs"))
+    run = client.get_run(result.run_id)
+    assert run.info.status == "FINISHED"
+    assert EXPECTED_METRICS <= set(run.data.metrics)
+    assert run.data.params["inference.steps"] == "4" and run.data.params["model.kind"] == "ltm"
+    assert int(run.data.params["n_params"]) > int(run.data.params["n_params_nonembedding"])
+    assert run.data.tags[RUN_KEY_TAG] == cfg.run_key()
+    assert {"git_commit", "torch_version", "device"} <= set(run.data.tags)
+    assert "config.json" in [a.path for a in client.list_artifacts(result.run_id)]
+    # metric steps are tokens seen
+    assert history(client.tracking_uri, result.run_id, "tokens")[-1] == (cfg.train.tokens, cfg.train.tokens)
+    assert math.isfinite(result.metrics["val/ppl_bound"])
+
+    again = train.run(cfg, runs_dir=tmp_path / "runs", experiment="t", progress=False)
+    assert again.status == "SKIPPED" and again.run_id == result.run_id
+    assert len(client.search_runs([run.info.experiment_id])) == 1
+
+
+def test_ar_run_trains_and_scores_exactly(tmp_path):
+    result = train.run(smoke(tmp_path, "model.kind=ar"), runs_dir=tmp_path / "runs", progress=False)
+    assert result.status == "FINISHED"
+    assert result.metrics["val/kl"] == 0 and result.metrics["val/ppl_iw"] == pytest.approx(result.metrics["val/ppl_bound"])
+
+
+def test_gradient_accumulation_matches_the_full_batch(tmp_path):
+    a = train.run(smoke(tmp_path, "train.tokens=4096"), runs_dir=tmp_path / "a", progress=False)
+    b = train.run(smoke(tmp_path, "train.tokens=4096", "train.micro_batch_size=2"), runs_dir=tmp_path / "b",
+                  progress=False)
+    assert b.metrics["val/ppl_bound"] == pytest.approx(a.metrics["val/ppl_bound"], rel=1e-4)
+
+
+def wait_for(predicate, timeout=120.0):
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if predicate():
+            return True
+        time.sleep(0.05)
+    return False
+
+
+@pytest.mark.slow
+def test_resume_after_sigkill_matches_an_uninterrupted_run(tmp_path):
+    args = ["--set", "train.tokens=32768", "--set", "train.checkpoint_every=2048", "--experiment", "r"]
+    straight = subprocess.run(cli(tmp_path, *args, runs="straight"), capture_output=True, text=True, cwd=ROOT)
+    assert straight.returncode == 0, straight.stderr
+
+    proc = subprocess.Popen(cli(tmp_path, *args, runs="killed"), cwd=ROOT, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    ckpts = tmp_path / "killed" / "checkpoints"
+    target = 2 + int.from_bytes(os.urandom(1), "little") % 5  # a random point in the run
+    assert wait_for(lambda: len(list(ckpts.glob("*/ckpt-*.sha256"))) >= 1 and
+                    max(int(p.stem.split("-")[1]) for p in ckpts.glob("*/ckpt-*.pt")) >= target * 2048)
+    proc.kill()
+    proc.wait()
+    resumed = subprocess.run(cli(tmp_path, *args, runs="killed"), capture_output=True, text=True, cwd=ROOT)
+    assert resumed.returncode == 0, resumed.stderr
+    assert "resuming run" in resumed.stdout
+
+    def only_run(runs):
+        uri = default_tracking_uri(tmp_path / runs)
+        client = MlflowClient(uri)
+        runs_ = client.search_runs([client.get_experiment_by_name("r").experiment_id])
+        assert len(runs_) == 1
+        return uri, runs_[0]
+
+    (uri_a, a), (uri_b, b) = only_run("straight"), only_run("killed")
+    assert b.info.status == "FINISHED"
+    for key in ("tokens", "train/loss", "val/ppl_bound"):
+        steps_a = [s for s, _ in history(uri_a, a.info.run_id, key)]
+        steps_b = [s for s, _ in history(uri_b, b.info.run_id, key)]
+        assert sorted(steps_b) == sorted(set(steps_b)) == sorted(steps_a), key  # none duplicated, none missing
+    for key in ("val/ppl_bound", "val/ppl_iw", "train/loss"):
+        assert b.data.metrics[key] == pytest.approx(a.data.metrics[key], rel=1e-4), key
+
+
+@pytest.mark.slow
+def test_sigterm_checkpoints_and_leaves_the_run_resumable(tmp_path):
+    args = ["--set", "train.tokens=32768", "--experiment", "s"]
+    proc = subprocess.Popen(cli(tmp_path, *args), cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    uri = default_tracking_uri(tmp_path / "runs")
+    assert wait_for(lambda: (tmp_path / "runs" / "mlflow.db").exists() and _has_metric(uri, "s"))
+    proc.send_signal(signal.SIGTERM)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == train.EXIT_INTERRUPTED, err
+    client = MlflowClient(uri)
+    run = client.search_runs([client.get_experiment_by_name("s").experiment_id])[0]
+    assert run.info.status == "KILLED" and "SIGTERM" in run.data.tags["ltm.status_reason"]
+    assert list((tmp_path / "runs" / "checkpoints").glob("*/ckpt-*.pt"))
+    again = subprocess.run(cli(tmp_path, *args), capture_output=True, text=True, cwd=ROOT)
+    assert again.returncode == 0 and "resuming run" in again.stdout
+    assert client.get_run(run.info.run_id).info.status == "FINISHED"
+
+
+def _has_metric(uri, experiment):
+    try:
+        client = MlflowClient(uri)
+        exp = client.get_experiment_by_name(experiment)
+        runs = client.search_runs([exp.experiment_id]) if exp else []
+        return bool(runs) and "train/loss" in runs[0].data.metrics
+    except Exception:
+        return False
+
+
+def test_non_finite_loss_marks_the_run_failed_and_keeps_the_last_checkpoint(tmp_path, monkeypatch):
+    real = train.decoder_loss
+    calls = {"n": 0}
+
+    def poisoned(*args, **kwargs):
+        calls["n"] += 1
+        loss, kl = real(*args, **kwargs)
+        return (loss * float("nan"), kl) if calls["n"] > 20 else (loss, kl)
+
+    monkeypatch.setattr(train, "decoder_loss", poisoned)
+    cfg = smoke(tmp_path, "train.checkpoint_every=2048")
+    result = train.run(cfg, runs_dir=tmp_path / "runs", progress=False)
+    assert result.status == "FAILED" and "non-finite training loss" in result.reason
+    run = MlflowClient(default_tracking_uri(tmp_path / "runs")).get_run(result.run_id)
+    assert run.info.status == "FAILED" and "non-finite" in run.data.tags["ltm.status_reason"]
+    state = train.load_latest_checkpoint(result.run_dir)
+    assert state["step"] == 16  # the last good checkpoint (2048 tokens per 8 updates), not the poisoned state
+    assert all(torch.isfinite(v).all() for v in state["model"].values())
+
+
+def test_corrupt_latest_checkpoint_falls_back_to_the_previous(tmp_path):
+    for tokens in (100, 200):
+        train.save_checkpoint(tmp_path, {"tokens": tokens, "step": tokens})
+    latest = train.checkpoints(tmp_path)[-1]
+    latest.write_bytes(latest.read_bytes()[:-10] + b"corrupted!")
+    with pytest.warns(UserWarning, match="corrupt"):
+        state = train.load_latest_checkpoint(tmp_path)
+    assert state["tokens"] == 100
+
+
+def test_only_the_last_two_checkpoints_are_kept(tmp_path):
+    for tokens in (1, 2, 3, 4):
+        train.save_checkpoint(tmp_path, {"tokens": tokens})
+    assert [p.name for p in train.checkpoints(tmp_path)] == ["ckpt-000000000000003.pt", "ckpt-000000000000004.pt"]
+    assert not list(tmp_path.glob("*.tmp"))
+
+
+def test_trained_model_reloads_from_its_checkpoint(tmp_path):
+    result = train.run(smoke(tmp_path, "train.tokens=2048"), runs_dir=tmp_path / "runs", progress=False)
+    model, cfg = train.load_model(result.run_dir)
+    assert cfg.inference.steps == 4 and model.cfg.kind == "ltm"
+
+
+def test_unreachable_tracking_server_fails_before_training(tmp_path):
+    with pytest.raises(TrackingError, match="cannot reach the MLflow tracking server at http://127.0.0.1:9"):
+        train.run(smoke(tmp_path), tracking_uri="http://127.0.0.1:9", runs_dir=tmp_path / "runs", progress=False)
+    assert not (tmp_path / "runs" / "checkpoints").exists()
+
+
+@pytest.mark.parametrize("data,message", [
+    ("/nonexistent/corpus.txt", "nonexistent"),
+    ("no-such-hub-dataset", "no-such-hub-dataset"),
+])
+def test_bad_data_fails_with_a_clear_message_on_the_command_line(tmp_path, data, message):
+    out = subprocess.run(cli(tmp_path, "--data", data), capture_output=True, text=True, cwd=ROOT)
+    assert out.returncode == train.EXIT_FAILED
+    assert message in out.stderr and "Traceback" not in out.stderr
+
+
+def test_bad_overrides_fail_on_the_command_line(tmp_path):
+    out = subprocess.run(cli(tmp_path, "--set", "inference.step=3"), capture_output=True, text=True, cwd=ROOT)
+    assert out.returncode == train.EXIT_FAILED and "unknown config key 'inference.step'" in out.stderr
+
+
+@pytest.mark.slow
+def test_two_processes_give_the_one_process_result(tmp_path):
+    args = ["--set", "train.tokens=4096", "--experiment", "d"]
+    one = subprocess.run(cli(tmp_path, *args, runs="one"), capture_output=True, text=True, cwd=ROOT)
+    assert one.returncode == 0, one.stderr
+    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port",
+                          str(29500 + os.getpid() % 1000), *cli(tmp_path, *args, runs="two")[1:]],
+                         capture_output=True, text=True, cwd=ROOT)
+    assert two.returncode == 0, two.stderr[-3000:]
+    a, _ = train.load_model(next((tmp_path / "one" / "checkpoints").iterdir()))
+    b, _ = train.load_model(next((tmp_path / "two" / "checkpoints").iterdir()))
+    for (name, p), q in zip(a.named_parameters(), b.parameters()):
+        torch.testing.assert_close(p, q, rtol=1e-3, atol=1e-5, msg=name)
