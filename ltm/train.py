@@ -326,6 +326,7 @@ def run(cfg: RunConfig, *, tracking_uri: str | None = None, experiment: str = "l
         if procs.is_main:
             print(f"resuming run {key} (MLflow {run_id}) from {state['tokens']:,} tokens")
 
+    monitor = _system_metrics(run_id, tracking_uri, resumed=state is not None) if procs.is_main else None
     try:
         with _Interrupt() as interrupt:
             return _train(cfg, model_cfg, model, optimizer, train_blocks, val_blocks, procs, tracker, run_id,
@@ -334,6 +335,20 @@ def run(cfg: RunConfig, *, tracking_uri: str | None = None, experiment: str = "l
         if procs.is_main:
             tracker.finish(run_id, "FAILED", f"{type(err).__name__}: {err}")
         raise
+    finally:
+        if monitor is not None:
+            monitor.finish()
+
+
+def _system_metrics(run_id: str, tracking_uri: str, resumed: bool):
+    """MLflow's CPU/memory/GPU sampler for the run (system/* metrics), or None without psutil."""
+    try:
+        from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
+    except ImportError:
+        return None
+    monitor = SystemMetricsMonitor(run_id, sampling_interval=10, resume_logging=resumed, tracking_uri=tracking_uri)
+    monitor.start()
+    return monitor
 
 
 def _decide(tracker, cfg: RunConfig, key: str, run_dir: Path, model_cfg: ModelConfig, force: bool,

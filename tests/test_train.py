@@ -63,6 +63,10 @@ def test_smoke_run_logs_everything_and_a_second_call_skips_it(tmp_path):
     assert again.status == "SKIPPED" and again.run_id == result.run_id
     assert len(client.search_runs([run.info.experiment_id])) == 1
 
+    forced = train.run(cfg, runs_dir=tmp_path / "runs", experiment="t", progress=False, force=True)
+    assert forced.status == "FINISHED" and forced.run_id != result.run_id
+    assert forced.metrics["val/ppl_bound"] == pytest.approx(result.metrics["val/ppl_bound"], rel=1e-5)  # seeded
+
 
 def test_ar_run_trains_and_scores_exactly(tmp_path):
     result = train.run(smoke(tmp_path, "model.kind=ar"), runs_dir=tmp_path / "runs", progress=False)
