@@ -1,0 +1,253 @@
+"""Regenerate the scaling figures and fitted laws from the tracked runs.
+
+    python analysis/plot_scaling.py [--tracking-uri URI] [--experiment NAME] [--parent-run ID]
+                                    [--out DIR] [--flops-convention exact|paper] [--bootstrap N]
+
+Figures (PNG and PDF): inference_scaling (bound vs T, fitted L(T), the corpus optimum),
+sample_efficiency (bound vs training tokens), compute_efficiency (bound vs training FLOPs, with
+the frontier), model_size (final loss vs parameters and the fitted L(N, D), with several sizes).
+Tables (CSV and markdown): every run's final numbers, every fit with 95% bootstrap intervals.
+All written to --out and logged to an MLflow run named "analysis" in the same experiment.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.ticker  # noqa: E402
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+import pandas as pd  # noqa: E402
+import seaborn as sns  # noqa: E402
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from analysis import fit  # noqa: E402
+from analysis.runs import NoRunsError, load_histories, load_runs  # noqa: E402
+
+METRIC = "val/ppl_bound"
+
+
+def _size_label(row) -> str:
+    """The architecture's size (LTM and its AR twin share it; their parameter counts differ)."""
+    return f"{row['model.n_layers']} layers, d={row['model.d_model']}"
+
+
+def _label(row) -> str:
+    return "AR" if row["model.kind"] == "ar" else f"LTM T={row['inference.steps']}"
+
+
+def _style() -> None:
+    sns.set_theme(style="whitegrid", context="paper", font_scale=1.1)
+    plt.rcParams.update({"figure.dpi": 150, "savefig.bbox": "tight", "legend.frameon": False})
+
+
+def _save(fig, out: Path, name: str) -> list[Path]:
+    paths = [out / f"{name}.png", out / f"{name}.pdf"]
+    for p in paths:
+        fig.savefig(p)
+    plt.close(fig)
+    return paths
+
+
+def _fit_rows(law: str, group: str, result, params: list[str]) -> list[dict]:
+    return [{"law": law, "group": group, "parameter": p, "value": getattr(result, p) if not isinstance(
+        getattr(result, p), dict) else np.nan, "ci_low": result.intervals.get(p, (np.nan, np.nan))[0],
+        "ci_high": result.intervals.get(p, (np.nan, np.nan))[1], "n_points": result.n_points,
+        "method": result.method} for p in params]
+
+
+def optimal_reference(runs: pd.DataFrame, tracking_uri: str) -> dict[str, float]:
+    """Bayes-optimal perplexities of the synthetic corpus on the validation blocks the runs evaluated."""
+    synthetic = runs[runs["data.name"] == "synthetic"]
+    if synthetic.empty:
+        return {}
+    from ltm.config import RunConfig
+    from ltm.data import load_blocks, optimal_ppl
+
+    cfg = RunConfig.from_dict(_config_of(tracking_uri, synthetic.iloc[0]["run_id"]))
+    blocks = load_blocks(cfg.data, cfg.model.ctx, "validation")
+    n = min(cfg.train.eval_blocks, len(blocks))
+    window = cfg.model.attn_window
+    return {"optimum, full context": optimal_ppl(blocks, n_blocks=n),
+            f"optimum, {window}-token window": optimal_ppl(blocks, window=window, n_blocks=n)}
+
+
+def _config_of(tracking_uri: str, run_id: str) -> dict:
+    """The run's config.json artifact."""
+    import json
+    import tempfile
+
+    from mlflow.tracking import MlflowClient
+
+    with tempfile.TemporaryDirectory() as tmp:
+        return json.loads(Path(MlflowClient(tracking_uri).download_artifacts(run_id, "config.json", tmp)).read_text())
+
+
+def _markdown(df: pd.DataFrame) -> str:
+    """A pipe table (pandas' to_markdown needs the optional tabulate package)."""
+    def cell(v):
+        return f"{v:.4g}" if isinstance(v, float) else str(v)
+    lines = ["| " + " | ".join(df.columns) + " |", "|" + "---|" * len(df.columns)]
+    lines += ["| " + " | ".join(cell(v) for v in row) + " |" for row in df.itertuples(index=False)]
+    return "\n".join(lines) + "\n"
+
+
+def plot_inference_scaling(runs: pd.DataFrame, refs: dict, out: Path, bootstrap: int) -> tuple[list, list]:
+    """Final bound vs inference steps, a line per (size, N_z), with fitted L(T) = E + A T^-gamma."""
+    ltm_runs = runs[(runs["model.kind"] == "ltm") & (runs["inference.steps"] > 0)].copy()
+    rows: list[dict] = []
+    if ltm_runs.empty:
+        return [], rows
+    ltm_runs["size"] = ltm_runs.apply(_size_label, axis=1)
+    ltm_runs["N_z"] = ltm_runs["model.n_latents"].astype(str)
+    fig, ax = plt.subplots(figsize=(6.4, 4.2))
+    palette = dict(zip(sorted(ltm_runs["N_z"].unique(), key=int), sns.color_palette("viridis", ltm_runs["N_z"].nunique())))
+    for (size, nz), g in ltm_runs.groupby(["size", "N_z"]):
+        g = g.groupby("inference.steps")[f"final/{METRIC}"].mean().reset_index()
+        ax.plot(g["inference.steps"], g[f"final/{METRIC}"], "o", color=palette[nz],
+                label=f"{size}, N_z={nz}" if ltm_runs["size"].nunique() > 1 else f"N_z={nz}")
+        if g["inference.steps"].nunique() >= 4:
+            law = fit.fit_inference_law(g["inference.steps"], np.log(g[f"final/{METRIC}"]), bootstrap=bootstrap)
+            t = np.geomspace(g["inference.steps"].min(), g["inference.steps"].max(), 100)
+            ax.plot(t, np.exp(law.predict(t)), "-", color=palette[nz], lw=1.2)
+            rows += _fit_rows("log ppl = E + A T^-gamma", f"{size} N_z={nz}", law, ["E", "A", "gamma"])
+        else:
+            ax.plot(g["inference.steps"], g[f"final/{METRIC}"], "--", color=palette[nz], lw=0.8)
+    for (name, value), ls in zip(refs.items(), (":", "-.")):
+        ax.axhline(value, color="0.3", ls=ls, lw=1, label=f"{name}: {value:.2f}")
+    ar = runs[runs["model.kind"] == "ar"]
+    if not ar.empty:
+        ax.axhline(ar[f"final/{METRIC}"].min(), color="black", lw=1, label="best AR baseline")
+    ax.set(xscale="log", yscale="log", xlabel="inference steps T", ylabel="validation perplexity bound (ELBO)",
+           title="Inference-time scaling")
+    steps = sorted(ltm_runs["inference.steps"].unique())
+    ax.set_xticks(steps, [str(t) for t in steps])  # T is an integer axis: label the steps that were run
+    ax.xaxis.set_minor_locator(matplotlib.ticker.NullLocator())
+    ax.legend(fontsize=8, loc="best")
+    return _save(fig, out, "inference_scaling"), rows
+
+
+def _curves(hist: pd.DataFrame, runs: pd.DataFrame, x: str) -> pd.DataFrame:
+    cols = ["run_id", "model.kind", "inference.steps", "model.n_layers", "model.d_model"]
+    h = hist.dropna(subset=[METRIC, x]).merge(runs[cols], on="run_id")
+    h["label"] = h.apply(_label, axis=1)
+    h["size"] = h.apply(_size_label, axis=1)
+    return h
+
+
+def plot_efficiency(hist: pd.DataFrame, runs: pd.DataFrame, out: Path, x: str, name: str, xlabel: str,
+                    frontier: bool) -> list:
+    """Validation bound against training tokens or FLOPs: a curve per run, coloured by T (AR in black)."""
+    h = _curves(hist, runs, x)
+    if h.empty:
+        return []
+    labels = sorted(h["label"].unique(), key=lambda s: (s != "AR", int(s.split("=")[1]) if "=" in s else 0))
+    colours = dict(zip([lab for lab in labels if lab != "AR"], sns.color_palette("flare", len(labels))))
+    colours["AR"] = (0, 0, 0)
+    sizes = sorted(h["size"].unique())
+    fig, axes = plt.subplots(1, len(sizes), figsize=(5.2 * len(sizes), 4.0), sharey=True, squeeze=False)
+    for ax, size in zip(axes[0], sizes):
+        hs = h[h["size"] == size]
+        for (label, run_id), g in hs.groupby(["label", "run_id"]):
+            g = g.sort_values(x)
+            ax.plot(g[x], g[METRIC], "-o", ms=2.5, lw=1.2, color=colours[label], label=label)
+        if frontier:
+            idx = fit.compute_frontier(hs[x].to_numpy(), hs[METRIC].to_numpy())
+            ax.plot(hs[x].to_numpy()[idx], hs[METRIC].to_numpy()[idx], color="0.5", lw=3, alpha=0.4,
+                    label="compute frontier", zorder=0)
+        ax.set(xscale="log", yscale="log", xlabel=xlabel, title=size)
+        handles, names = ax.get_legend_handles_labels()
+        unique = dict(zip(names, handles))
+        ax.legend(unique.values(), unique.keys(), fontsize=8)
+    axes[0][0].set_ylabel("validation perplexity bound")
+    fig.suptitle("Sample efficiency" if x == "tokens" else "Compute efficiency")
+    return _save(fig, out, name)
+
+
+def plot_model_size(runs: pd.DataFrame, out: Path, bootstrap: int) -> tuple[list, list]:
+    """Final loss against parameters per token budget, and L(N, D) fitted where the grid allows."""
+    rows: list[dict] = []
+    paths: list = []
+    for label, g in runs.assign(label=runs.apply(_label, axis=1)).groupby("label"):
+        if g["n_params"].nunique() < 2:
+            continue
+        if not paths:
+            fig, ax = plt.subplots(figsize=(6.4, 4.2))
+        loss = np.log(g[f"final/{METRIC}"])
+        ax.plot(g["n_params"], np.exp(loss), "o", label=label)
+        if g["n_params"].nunique() >= 3 and g["train.tokens"].nunique() >= 2 and len(g) >= 6:
+            law = fit.fit_chinchilla(g["n_params"], g["train.tokens"], loss, bootstrap=bootstrap)
+            rows += _fit_rows("log ppl = E + A N^-alpha + B D^-beta", label, law, ["E", "A", "B", "alpha", "beta"])
+        paths = [True]
+    if not paths:
+        return [], rows
+    ax.set(xscale="log", yscale="log", xlabel="parameters N", ylabel="final validation perplexity bound",
+           title="Model-size scaling")
+    ax.legend(fontsize=8)
+    return _save(fig, out, "model_size"), rows
+
+
+def write_tables(runs: pd.DataFrame, fits: list[dict], out: Path) -> list[Path]:
+    cols = ["run_id", "model.kind", "n_params", "model.n_latents", "inference.steps", "train.tokens", "seed",
+            "final/val/ppl_bound", "final/val/ppl_iw", "final/val/nll", "final/val/kl", "final/flops"]
+    table = runs[[c for c in cols if c in runs]].sort_values(["model.kind", "n_params", "inference.steps"])
+    paths = [out / "runs.csv", out / "runs.md", out / "fits.csv", out / "fits.md"]
+    table.to_csv(paths[0], index=False)
+    paths[1].write_text(_markdown(table))
+    fits_df = pd.DataFrame(fits, columns=["law", "group", "parameter", "value", "ci_low", "ci_high", "n_points", "method"])
+    fits_df.to_csv(paths[2], index=False)
+    paths[3].write_text(_markdown(fits_df.drop(columns="method")) +
+                        "".join(f"\n{m}\n" for m in fits_df["method"].unique()))
+    return paths
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--runs-dir", default="runs", help="the studies' runs folder (default: runs)")
+    parser.add_argument("--tracking-uri", help="default sqlite:///<runs-dir>/mlflow.db")
+    parser.add_argument("--experiment", default="ltm")
+    parser.add_argument("--parent-run", help="only the child runs of this study invocation")
+    parser.add_argument("--out", help="default <runs-dir>/figures/<experiment>")
+    parser.add_argument("--flops-convention", choices=["exact", "paper"], default="exact")
+    parser.add_argument("--bootstrap", type=int, default=200, help="bootstrap refits per law (0 for none)")
+    args = parser.parse_args(argv)
+
+    from ltm.tracking import Tracker, default_tracking_uri
+
+    runs_dir = Path(args.runs_dir).resolve()
+    uri = args.tracking_uri or default_tracking_uri(runs_dir)
+    out = Path(args.out or runs_dir / "figures" / args.experiment).resolve()
+    out.mkdir(parents=True, exist_ok=True)
+    try:
+        runs = load_runs(uri, args.experiment, parent_run_id=args.parent_run)
+    except NoRunsError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    hist = load_histories(uri, runs, cache_dir=runs_dir / "cache" / "histories")
+    _style()
+    flops_key = "flops" if args.flops_convention == "exact" else "flops_paper"
+    figure1, fits1 = plot_inference_scaling(runs, optimal_reference(runs, uri), out, args.bootstrap)
+    figures = figure1 + plot_efficiency(hist, runs, out, "tokens", "sample_efficiency", "training tokens", False)
+    figures += plot_efficiency(hist, runs, out, flops_key, "compute_efficiency",
+                               f"training FLOPs ({args.flops_convention} convention)", True)
+    figure4, fits4 = plot_model_size(runs, out, args.bootstrap)
+    tables = write_tables(runs, fits1 + fits4, out)
+
+    tracker = Tracker(uri, args.experiment)
+    run_id = tracker.client.create_run(tracker.experiment_id, run_name="analysis",
+                                       tags={"ltm.analysis": "plot_scaling", "ltm.n_runs": str(len(runs))}).info.run_id
+    for path in figures + figure4 + tables:
+        tracker.client.log_artifact(run_id, str(path))
+    tracker.finish(run_id, "FINISHED")
+    print(f"{len(runs)} runs -> {len(figures + figure4)} figure files and {len(tables)} tables in {out}")
+    print(f"logged to MLflow run {run_id} ('analysis') in experiment {args.experiment!r}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,82 @@
+"""Tracked runs to tidy pandas frames: one row per run, and metric histories (step = tokens seen).
+
+Histories of FINISHED runs never change, so they are cached on disk (one parquet file per run)
+and replotting reads no history from the tracking store twice. Replayed steps (a resumed run
+logging a step again) are deduplicated: the last value logged for a step wins.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pandas as pd
+from mlflow.tracking import MlflowClient
+
+HISTORY_KEYS = ("tokens", "flops", "flops_paper", "train/loss", "train/ppl_bound",
+                "val/nll", "val/kl", "val/ppl_bound", "val/ppl_iw")
+"""The metric histories the figures need."""
+
+_PARAMS = {"model.kind": str, "model.n_layers": int, "model.d_model": int, "model.n_latents": int,
+           "inference.steps": int, "train.tokens": int, "data.name": str, "seed": int,
+           "n_params": int, "n_params_nonembedding": int, "inference.decoder_grad": str}
+
+
+class NoRunsError(LookupError):
+    """Nothing to analyse; the message says which study to run first."""
+
+
+def load_runs(tracking_uri: str, experiment: str, *, parent_run_id: str | None = None,
+              include_unfinished: bool = False) -> pd.DataFrame:
+    """One row per training run of an experiment (or of one study's parent run): params, final metrics."""
+    client = MlflowClient(tracking_uri)
+    exp = client.get_experiment_by_name(experiment)
+    if exp is None:
+        raise NoRunsError(f"no experiment {experiment!r} in {tracking_uri}; run a study first, e.g. "
+                          f"`python studies/inference_scaling.py --preset smoke --experiment {experiment}`")
+    query = "tags.`ltm.run_key` != ''"
+    if parent_run_id:
+        query += f" and tags.`mlflow.parentRunId` = '{parent_run_id}'"
+    runs = client.search_runs([exp.experiment_id], filter_string=query, max_results=50_000)
+    rows = []
+    for r in runs:
+        if r.info.status != "FINISHED" and not include_unfinished:
+            continue
+        row = {"run_id": r.info.run_id, "status": r.info.status, "run_key": r.data.tags.get("ltm.run_key"),
+               "end_time": r.info.end_time}
+        for key, kind in _PARAMS.items():
+            if key in r.data.params:
+                row[key] = kind(r.data.params[key])
+        row.update({f"final/{k}": v for k, v in r.data.metrics.items()})
+        rows.append(row)
+    if not rows:
+        raise NoRunsError(f"experiment {experiment!r} has no finished training runs; run a study first, e.g. "
+                          f"`python studies/inference_scaling.py --preset smoke --experiment {experiment}`")
+    return pd.DataFrame(rows)
+
+
+def load_histories(tracking_uri: str, runs: pd.DataFrame, *, keys=HISTORY_KEYS,
+                   cache_dir: str | Path | None = None) -> pd.DataFrame:
+    """Wide frame, one row per (run_id, step): the metrics in `keys` (NaN where not logged at that step)."""
+    client = MlflowClient(tracking_uri)
+    cache = Path(cache_dir) if cache_dir else None
+    frames = []
+    for run in runs.itertuples():
+        path = cache / f"{run.run_id}-{run.end_time}.parquet" if cache else None
+        if path is not None and path.exists():
+            frames.append(pd.read_parquet(path))
+            continue
+        points = [(run.run_id, key, m.step, m.timestamp, m.value)
+                  for key in keys for m in client.get_metric_history(run.run_id, key)]
+        tidy = pd.DataFrame(points, columns=["run_id", "key", "step", "timestamp", "value"])
+        frame = dedupe(tidy).pivot(index=["run_id", "step"], columns="key", values="value").reset_index()
+        frame.columns.name = None
+        if path is not None and run.status == "FINISHED":
+            path.parent.mkdir(parents=True, exist_ok=True)
+            frame.to_parquet(path)
+        frames.append(frame)
+    return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(columns=["run_id", "step"])
+
+
+def dedupe(tidy: pd.DataFrame) -> pd.DataFrame:
+    """Keep the last logged value of each (run_id, key, step)."""
+    return tidy.sort_values("timestamp", kind="stable").drop_duplicates(["run_id", "key", "step"], keep="last")

@@ -1,0 +1,71 @@
+"""Runs to frames to figures: analysis/plot_scaling.py end to end on tracked smoke runs."""
+
+import pandas as pd
+import pytest
+from mlflow.tracking import MlflowClient
+
+import ltm.train as train
+from analysis import plot_scaling
+from analysis.runs import NoRunsError, dedupe, load_histories, load_runs
+from ltm.config import run_preset
+from ltm.tracking import default_tracking_uri
+
+
+@pytest.fixture(scope="module")
+def tracked(tmp_path_factory):
+    """Four LTM runs (T = 1, 2, 3, 4) and their AR twin, tracked in one experiment."""
+    tmp = tmp_path_factory.mktemp("analysis")
+    base = run_preset("smoke").with_overrides([f"data.cache_dir={tmp / 'cache'}", "train.tokens=4096",
+                                               "train.eval_every=2048"])
+    for overrides in (["inference.steps=1"], ["inference.steps=2"], ["inference.steps=3"], ["inference.steps=4"],
+                      ["model.kind=ar"]):
+        result = train.run(base.with_overrides(overrides), runs_dir=tmp / "runs", experiment="a", progress=False)
+        assert result.status == "FINISHED"
+    return tmp / "runs"
+
+
+def test_runs_load_with_params_and_final_metrics(tracked):
+    runs = load_runs(default_tracking_uri(tracked), "a")
+    assert len(runs) == 5 and set(runs["model.kind"]) == {"ltm", "ar"}
+    assert sorted(runs.loc[runs["model.kind"] == "ltm", "inference.steps"]) == [1, 2, 3, 4]
+    assert (runs["final/val/ppl_bound"] > 1).all()
+
+
+def test_histories_are_tidy_and_cached(tracked, tmp_path):
+    uri = default_tracking_uri(tracked)
+    runs = load_runs(uri, "a")
+    hist = load_histories(uri, runs, cache_dir=tmp_path)
+    assert set(hist.dropna(subset=["val/ppl_bound"])["step"]) == {2048, 4096} and not hist.duplicated(["run_id", "step"]).any()
+    assert len(list(tmp_path.glob("*.parquet"))) == 5
+    again = load_histories("sqlite:////nonexistent/never/read.db", runs, cache_dir=tmp_path)  # served from cache
+    pd.testing.assert_frame_equal(hist.sort_values(["run_id", "step"]).reset_index(drop=True),
+                                  again.sort_values(["run_id", "step"]).reset_index(drop=True), check_like=True)
+
+
+def test_a_replayed_step_keeps_its_last_value():
+    tidy = pd.DataFrame({"run_id": ["r"] * 3, "key": ["k"] * 3, "step": [1, 2, 1], "timestamp": [1, 2, 3],
+                         "value": [10.0, 20.0, 11.0]})
+    assert dedupe(tidy).set_index("step")["value"].to_dict() == {1: 11.0, 2: 20.0}
+
+
+def test_plot_scaling_writes_figures_tables_and_an_analysis_run(tracked, tmp_path):
+    assert plot_scaling.main(["--runs-dir", str(tracked), "--experiment", "a", "--out", str(tmp_path),
+                              "--bootstrap", "10"]) == 0
+    for name in ("inference_scaling", "sample_efficiency", "compute_efficiency"):
+        assert (tmp_path / f"{name}.png").stat().st_size > 10_000 and (tmp_path / f"{name}.pdf").exists()
+    fits = pd.read_csv(tmp_path / "fits.csv")
+    assert set(fits["parameter"]) == {"E", "A", "gamma"} and fits["ci_low"].notna().all()
+    assert len(pd.read_csv(tmp_path / "runs.csv")) == 5
+    client = MlflowClient(default_tracking_uri(tracked))
+    analysis = client.search_runs([client.get_experiment_by_name("a").experiment_id],
+                                  filter_string="tags.`ltm.analysis` = 'plot_scaling'")
+    assert len(analysis) == 1 and {"fits.csv", "inference_scaling.png"} <= {a.path for a in client.list_artifacts(analysis[0].info.run_id)}
+    # the analysis run is not mistaken for a training run
+    assert len(load_runs(default_tracking_uri(tracked), "a")) == 5
+
+
+def test_no_runs_says_which_study_to_run(tmp_path, capsys):
+    with pytest.raises(NoRunsError, match="python studies/inference_scaling.py"):
+        load_runs(default_tracking_uri(tmp_path), "empty")
+    assert plot_scaling.main(["--runs-dir", str(tmp_path), "--experiment", "empty"]) == 2
+    assert "studies/inference_scaling.py" in capsys.readouterr().err
