@@ -118,6 +118,12 @@ def plot_inference_scaling(runs: pd.DataFrame, refs: dict, out: Path, bootstrap:
             rows += _fit_rows("log ppl = E + A T^-gamma", f"{size} N_z={nz}", law, ["E", "A", "gamma"])
         else:
             ax.plot(g["inference.steps"], g[f"final/{METRIC}"], "--", color=palette[nz], lw=0.8)
+    finals = ltm_runs.groupby(["size", "N_z", "inference.steps"])[f"final/{METRIC}"].mean().reset_index()
+    groups = finals.groupby(["size", "N_z"])["inference.steps"].nunique()
+    if len(groups) >= 2 and (groups >= 2).all() and len(finals) >= 2 * len(groups) + 2:
+        joint = fit.fit_inference_law_joint(finals["inference.steps"], np.log(finals[f"final/{METRIC}"]),
+                                            finals["size"] + " N_z=" + finals["N_z"], bootstrap=bootstrap)
+        rows += _fit_rows("log ppl = E_g + A_g T^-gamma (shared gamma)", "all groups", joint, ["gamma"])
     for (name, value), ls in zip(refs.items(), (":", "-.")):
         ax.axhline(value, color="0.3", ls=ls, lw=1, label=f"{name}: {value:.2f}")
     ar = runs[runs["model.kind"] == "ar"]
@@ -169,6 +175,19 @@ def plot_efficiency(hist: pd.DataFrame, runs: pd.DataFrame, out: Path, x: str, n
     return _save(fig, out, name)
 
 
+def curve_power_laws(hist: pd.DataFrame, runs: pd.DataFrame, flops_key: str) -> list[dict]:
+    """log ppl = E + A x^-alpha along each run's validation curve, x = tokens and x = FLOPs."""
+    rows: list[dict] = []
+    for x in ("tokens", flops_key):
+        for run_id, g in _curves(hist, runs, x).groupby("run_id"):
+            if g[x].nunique() < 5:  # three parameters need a curve with room to spare
+                continue
+            law = fit.fit_power_law(g[x], np.log(g[METRIC]))
+            rows += _fit_rows(f"log ppl = E + A {x}^-alpha", f"{g['label'].iloc[0]}, {g['size'].iloc[0]}, run {run_id[:8]}",
+                              law, ["E", "A", "alpha"])
+    return rows
+
+
 def plot_model_size(runs: pd.DataFrame, out: Path, bootstrap: int) -> tuple[list, list]:
     """Final loss against parameters per token budget, and L(N, D) fitted where the grid allows."""
     rows: list[dict] = []
@@ -183,6 +202,15 @@ def plot_model_size(runs: pd.DataFrame, out: Path, bootstrap: int) -> tuple[list
         if g["n_params"].nunique() >= 3 and g["train.tokens"].nunique() >= 2 and len(g) >= 6:
             law = fit.fit_chinchilla(g["n_params"], g["train.tokens"], loss, bootstrap=bootstrap)
             rows += _fit_rows("log ppl = E + A N^-alpha + B D^-beta", label, law, ["E", "A", "B", "alpha", "beta"])
+            n = np.geomspace(g["n_params"].min(), g["n_params"].max(), 50)
+            for d in sorted(g["train.tokens"].unique()):
+                ax.plot(n, np.exp(law.predict(n, np.full_like(n, d))), lw=0.8, alpha=0.7)
+            # Chinchilla's approach 2, as a diagnostic: the loss-optimal N within each band of compute.
+            iso = fit.isoflop_minima(g["n_params"], g["final/flops"], loss, bins=max(2, g["train.tokens"].nunique()))
+            rows += [{"law": "IsoFLOP minimum (approach 2)", "group": f"{label}, C={c:.3g}", "parameter": "N_opt",
+                      "value": n_opt, "ci_low": np.nan, "ci_high": np.nan, "n_points": int(k),
+                      "method": "parabola of log ppl in log N per compute bin"}
+                     for c, n_opt, k in zip(iso.C, iso.N_opt, iso.n_points)]
         paths = [True]
     if not paths:
         return [], rows
@@ -236,7 +264,7 @@ def main(argv: list[str] | None = None) -> int:
     figures += plot_efficiency(hist, runs, out, flops_key, "compute_efficiency",
                                f"training FLOPs ({args.flops_convention} convention)", True)
     figure4, fits4 = plot_model_size(runs, out, args.bootstrap)
-    tables = write_tables(runs, fits1 + fits4, out)
+    tables = write_tables(runs, fits1 + fits4 + curve_power_laws(hist, runs, flops_key), out)
 
     tracker = Tracker(uri, args.experiment)
     run_id = tracker.client.create_run(tracker.experiment_id, run_name="analysis",
