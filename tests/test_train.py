@@ -127,10 +127,13 @@ def test_resume_after_sigkill_matches_an_uninterrupted_run(tmp_path):
 
 @pytest.mark.slow
 def test_sigterm_checkpoints_and_leaves_the_run_resumable(tmp_path):
-    args = ["--set", "train.tokens=32768", "--experiment", "s"]
+    args = ["--set", "train.tokens=65536", "--set", "train.checkpoint_every=2048", "--experiment", "s"]
     proc = subprocess.Popen(cli(tmp_path, *args), cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     uri = default_tracking_uri(tmp_path / "runs")
-    assert wait_for(lambda: (tmp_path / "runs" / "mlflow.db").exists() and _has_metric(uri, "s"))
+    # Poll the file system, not the database, so the test does not contend for the SQLite lock.
+    started = wait_for(lambda: bool(list((tmp_path / "runs" / "checkpoints").glob("*/ckpt-*.sha256"))) or
+                       proc.poll() is not None)
+    assert started and proc.poll() is None, proc.communicate()[1][-3000:]
     proc.send_signal(signal.SIGTERM)
     out, err = proc.communicate(timeout=120)
     assert proc.returncode == train.EXIT_INTERRUPTED, err
@@ -141,16 +144,6 @@ def test_sigterm_checkpoints_and_leaves_the_run_resumable(tmp_path):
     again = subprocess.run(cli(tmp_path, *args), capture_output=True, text=True, cwd=ROOT)
     assert again.returncode == 0 and "resuming run" in again.stdout
     assert client.get_run(run.info.run_id).info.status == "FINISHED"
-
-
-def _has_metric(uri, experiment):
-    try:
-        client = MlflowClient(uri)
-        exp = client.get_experiment_by_name(experiment)
-        runs = client.search_runs([exp.experiment_id]) if exp else []
-        return bool(runs) and "train/loss" in runs[0].data.metrics
-    except Exception:
-        return False
 
 
 def test_non_finite_loss_marks_the_run_failed_and_keeps_the_last_checkpoint(tmp_path, monkeypatch):
