@@ -1,0 +1,295 @@
+"""The study launcher: grids, validation before launch, and whole studies on Ray Tune and SLURM.
+
+The end-to-end tests run `python studies/inference_scaling.py --preset smoke` as a user would, in
+a temporary runs folder, and read the result back from MLflow. SLURM tests skip unless `sbatch` is
+on PATH and `sinfo` reaches a controller (`bash slurm/start_local_slurm.sh` starts one).
+"""
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from studies.inference_scaling import STUDY as INFERENCE_SCALING
+from studies.launcher import build_points, grid, main, study_key
+from studies.sample_efficiency import STUDY as SAMPLE_EFFICIENCY
+
+ROOT = Path(__file__).resolve().parents[1]
+SCRIPT = ROOT / "studies" / "inference_scaling.py"
+
+
+def _slurm_unavailable_reason() -> str | None:
+    if shutil.which("sbatch") is None:
+        return "sbatch not on PATH (start a cluster with `bash slurm/start_local_slurm.sh`)"
+    try:
+        proc = subprocess.run(["sinfo", "-h"], capture_output=True, text=True, timeout=10)
+    except (OSError, subprocess.TimeoutExpired) as err:
+        return f"sinfo failed: {err}"
+    return None if proc.returncode == 0 else f"sinfo cannot reach a SLURM controller: {proc.stderr.strip()[:200]}"
+
+
+needs_slurm = pytest.mark.skipif(_slurm_unavailable_reason() is not None, reason=str(_slurm_unavailable_reason()))
+
+
+def study(runs: Path, *args: str, timeout: float = 600) -> subprocess.CompletedProcess:
+    """Run the smoke inference-scaling study as a user would, in `runs`' parent folder."""
+    return subprocess.run([sys.executable, str(SCRIPT), "--preset", "smoke", "--runs-dir", str(runs), *args],
+                          cwd=runs.parent, capture_output=True, text=True, timeout=timeout)
+
+
+def child_runs(runs: Path, experiment: str = "inference_scaling") -> list:
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(f"sqlite:///{runs / 'mlflow.db'}")
+    exp = client.get_experiment_by_name(experiment)
+    return [r for r in client.search_runs([exp.experiment_id]) if "ltm.run_key" in r.data.tags]
+
+
+def parent_runs(runs: Path, experiment: str = "inference_scaling") -> list:
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(f"sqlite:///{runs / 'mlflow.db'}")
+    exp = client.get_experiment_by_name(experiment)
+    return [r for r in client.search_runs([exp.experiment_id]) if r.data.tags.get("ltm.role") == "study"]
+
+
+def assert_complete(runs: Path, n_points: int) -> None:
+    """One FINISHED child per point, all under the study's single parent run."""
+    children, parents = child_runs(runs), parent_runs(runs)
+    assert len(parents) == 1 and parents[0].info.status == "FINISHED"
+    assert len(children) == n_points, [c.data.tags["ltm.run_key"] for c in children]
+    assert len({c.data.tags["ltm.run_key"] for c in children}) == n_points
+    assert {c.info.status for c in children} == {"FINISHED"}
+    assert {c.data.tags["mlflow.parentRunId"] for c in children} == {parents[0].info.run_id}
+
+
+# -- grids and options (fast) --------------------------------------------------------------------
+
+def test_grid_is_a_product_of_zipped_axes():
+    points = grid({"inference.steps": [1, 4]}, {"model.kind": ["ar", "ltm"], "model.n_latents": [0, 8]},
+                  common={"seed": 3})
+    assert points == [
+        {"seed": 3, "inference.steps": 1, "model.kind": "ar", "model.n_latents": 0},
+        {"seed": 3, "inference.steps": 1, "model.kind": "ltm", "model.n_latents": 8},
+        {"seed": 3, "inference.steps": 4, "model.kind": "ar", "model.n_latents": 0},
+        {"seed": 3, "inference.steps": 4, "model.kind": "ltm", "model.n_latents": 8},
+    ]
+
+
+@pytest.mark.parametrize("study_def", [INFERENCE_SCALING, SAMPLE_EFFICIENCY], ids=lambda s: s.name)
+@pytest.mark.parametrize("preset", ["smoke", "micro", "paper"])
+def test_every_preset_builds_valid_distinct_points(study_def, preset):
+    points = build_points(study_def, preset, seeds=[0, 1], data=None, extra=[])
+    assert len(points) == 2 * len(study_def.presets[preset].points)
+    assert len({p["key"] for p in points}) == len(points)
+    json.dumps(points)  # plain JSON-able specs
+
+
+def test_study_key_depends_on_the_grid_not_its_order():
+    points = build_points(INFERENCE_SCALING, "smoke", [0], None, [])
+    assert study_key(INFERENCE_SCALING, "smoke", points) == study_key(INFERENCE_SCALING, "smoke", points[::-1])
+    more = build_points(INFERENCE_SCALING, "smoke", [0, 1], None, [])
+    assert study_key(INFERENCE_SCALING, "smoke", points) != study_key(INFERENCE_SCALING, "smoke", more)
+
+
+def test_dry_run_prints_the_grid_and_launches_nothing(tmp_path, capsys):
+    runs = tmp_path / "runs"
+    assert main(INFERENCE_SCALING, ["--preset", "smoke", "--runs-dir", str(runs), "--seeds", "0,1", "--dry-run"]) == 0
+    out = capsys.readouterr().out
+    assert "8 points" in out and "steps" in out and "n_latents" in out
+    assert not (runs / "mlflow.db").exists() and not (runs / "ray").exists()
+
+
+def test_slurm_dry_run_prints_the_sbatch_parameters(tmp_path, capsys):
+    args = ["--preset", "smoke", "--runs-dir", str(tmp_path / "runs"), "--cluster", "slurm", "--dry-run"]
+    assert main(INFERENCE_SCALING, args) == 0
+    out = capsys.readouterr().out
+    assert "#SBATCH --array=0-3%2" in out and "#SBATCH --partition=debug" in out and "#SBATCH --signal=USR2@" in out
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--preset", "huge"], "unknown preset 'huge'"),
+    (["--set", "model.n_latents=3"], "model.n_latents=3 is not divisible"),
+    (["--set", "train.tokens=0"], "train.tokens must be >= 1"),
+    (["--data", "/nonexistent/corpus.txt"], "/nonexistent/corpus.txt"),
+    (["--tracking-uri", "http://127.0.0.1:9"], "cannot reach the MLflow tracking server"),
+    (["--tracking-uri", "sqlite:///relative.db"], "absolute SQLite path"),
+    (["--cluster", "slurm", "--profile", "nowhere"], "no SLURM profile 'nowhere'"),
+    (["--seeds", "a,b"], "--seeds takes comma-separated integers"),
+], ids=["preset", "config", "budget", "data", "tracking-server", "tracking-path", "profile", "seeds"])
+def test_bad_options_fail_before_anything_is_launched(tmp_path, capsys, args, message):
+    runs = tmp_path / "runs"
+    argv = ["--preset", "smoke", "--runs-dir", str(runs), *args] if "--preset" not in args else ["--runs-dir", str(runs), *args]
+    assert main(INFERENCE_SCALING, argv) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and message in err and err.count("\n") == 1
+    assert not (runs / "mlflow.db").exists() and not (runs / "ray").exists() and not (runs / "slurm").exists()
+
+
+# -- whole studies on Ray Tune (slow) --------------------------------------------------------------
+
+@pytest.mark.slow
+def test_local_smoke_study_finishes_and_a_second_start_adds_nothing(tmp_path):
+    runs = tmp_path / "runs"
+    first = study(runs)
+    assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]
+    assert "4 FINISHED of 4 points" in first.stdout
+    assert_complete(runs, 4)
+    ids = {c.info.run_id for c in child_runs(runs)}
+    again = study(runs)
+    assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
+    assert {c.info.run_id for c in child_runs(runs)} == ids
+    assert_complete(runs, 4)
+
+
+def _wait_for(predicate, timeout: float, what: str) -> None:
+    deadline = time.time() + timeout
+    while not predicate():
+        if time.time() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        time.sleep(0.5)
+
+
+@pytest.mark.slow
+def test_sigterm_to_the_driver_then_restart_completes_only_the_missing_points(tmp_path):
+    runs = tmp_path / "runs"
+    longer = ["--set", "train.tokens=131072", "--set", "train.checkpoint_every=16384"]
+    proc = subprocess.Popen([sys.executable, str(SCRIPT), "--preset", "smoke", "--runs-dir", str(runs), *longer],
+                            cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        _wait_for(lambda: any((runs / "checkpoints").glob("*/ckpt-*.pt")), 240, "a first checkpoint")
+        proc.send_signal(signal.SIGTERM)
+        out, _ = proc.communicate(timeout=180)
+    finally:
+        _stop(proc)
+    assert proc.returncode == 3, out[-3000:]
+    interrupted = {c.data.tags["ltm.run_key"]: c for c in child_runs(runs)}
+    assert interrupted and all(c.info.status == "KILLED" for c in interrupted.values())  # checkpointed, resumable
+    assert parent_runs(runs)[0].info.status == "KILLED"
+
+    again = study(runs, *longer)
+    assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
+    assert_complete(runs, 4)
+    after = {c.data.tags["ltm.run_key"]: c.info.run_id for c in child_runs(runs)}
+    assert all(after[k] == c.info.run_id for k, c in interrupted.items())  # resumed into the same runs
+    resumed = "".join(p.read_text() for p in (runs / "logs").glob("*.log"))
+    assert resumed.count("resuming run") == len(interrupted)
+
+
+@pytest.mark.slow
+def test_a_run_left_running_by_a_dead_worker_is_marked_killed_and_resumed(tmp_path):
+    from ltm.config import RunConfig
+    from ltm.tracking import Tracker
+
+    runs = tmp_path / "runs"
+    points = build_points(INFERENCE_SCALING, "smoke", [0], None, [])
+    tracker = Tracker(f"sqlite:///{runs / 'mlflow.db'}", "inference_scaling", artifact_root=runs / "artifacts")
+    key = points[0]["key"]
+    assert RunConfig.from_dict(points[0]["config"]).run_key() == key
+    orphan = tracker.create_run(key, "orphan", {}, {})  # RUNNING, its worker long gone
+    result = study(runs)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert f"marked run {key} KILLED" in result.stdout
+    runs_by_key = {c.data.tags["ltm.run_key"]: c for c in child_runs(runs)}
+    assert runs_by_key[key].info.run_id == orphan and runs_by_key[key].info.status == "FINISHED"
+    assert len(runs_by_key) == 4
+
+
+# -- SLURM (slow; needs a cluster) -------------------------------------------------------------------
+
+@needs_slurm
+@pytest.mark.slow
+def test_slurm_smoke_study_finishes_and_a_second_start_adds_nothing(tmp_path):
+    runs = tmp_path / "runs"
+    first = study(runs, "--cluster", "slurm")
+    assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]
+    assert "mlflow server" in first.stdout  # a sqlite store is served to the workers over http
+    assert_complete(runs, 4)
+    ids = {c.info.run_id for c in child_runs(runs)}
+    again = study(runs, "--cluster", "slurm")
+    assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
+    assert "nothing to submit" in again.stdout
+    assert {c.info.run_id for c in child_runs(runs)} == ids
+    code = next((runs / "slurm").glob("inference_scaling-smoke-*/code/ltm/train.py"))
+    assert code.read_text() == (ROOT / "ltm" / "train.py").read_text()  # the code was snapshotted
+
+
+def _stop(proc: subprocess.Popen) -> None:
+    """End a study driver that is still running (a failed test): SIGTERM cancels its array and stops its
+    mlflow server; SIGKILL only if that hangs."""
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(timeout=180)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+
+
+def _array_tasks(runs: Path) -> list[str]:
+    files = list((runs / "slurm").glob("*/jobs.json"))
+    return json.loads(files[0].read_text()) if files else []
+
+
+def _running(task: str) -> bool:
+    out = subprocess.run(["squeue", "-h", "-r", "-o", "%i %T", "-j", task.split("_")[0]], capture_output=True,
+                         text=True).stdout
+    return f"{task} RUNNING" in out
+
+
+@needs_slurm
+@pytest.mark.slow
+def test_slurm_scancel_of_one_task_then_restart_completes_only_that_point(tmp_path):
+    runs = tmp_path / "runs"
+    longer = ["--set", "train.tokens=131072", "--set", "train.checkpoint_every=16384"]
+    first_key = build_points(INFERENCE_SCALING, "smoke", [0], None, longer[1::2])[0]["key"]
+    proc = subprocess.Popen([sys.executable, str(SCRIPT), "--preset", "smoke", "--runs-dir", str(runs), "--cluster",
+                             "slurm", *longer], cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        _wait_for(lambda: len(_array_tasks(runs)) == 4, 180, "the array's submission")
+        victim = _array_tasks(runs)[0]
+        _wait_for(lambda: _running(victim) and any((runs / "checkpoints" / first_key).glob("ckpt-*.pt")), 240,
+                  "the first task running with a checkpoint")
+        subprocess.run(["scancel", victim], check=True)
+        out, _ = proc.communicate(timeout=600)
+    finally:
+        _stop(proc)
+    assert proc.returncode == 1, out[-3000:]  # one point did not finish
+    statuses = sorted(c.info.status for c in child_runs(runs))
+    assert statuses.count("FINISHED") == 3 and len(statuses) == 4, statuses
+    killed = next(c for c in child_runs(runs) if c.info.status != "FINISHED")
+
+    again = study(runs, "--cluster", "slurm", *longer)
+    assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
+    assert_complete(runs, 4)
+    assert killed.info.run_id in {c.info.run_id for c in child_runs(runs)}  # resumed, not duplicated
+    assert "(1 tasks)" in again.stdout  # only the missing point was submitted
+
+
+@needs_slurm
+@pytest.mark.slow
+def test_slurm_preemption_signal_checkpoints_requeues_and_resumes_the_same_run(tmp_path):
+    runs = tmp_path / "runs"
+    longer = ["--set", "train.tokens=131072", "--set", "train.checkpoint_every=16384"]
+    first_key = build_points(INFERENCE_SCALING, "smoke", [0], None, longer[1::2])[0]["key"]
+    proc = subprocess.Popen([sys.executable, str(SCRIPT), "--preset", "smoke", "--runs-dir", str(runs), "--cluster",
+                             "slurm", "--seeds", "0", *longer], cwd=tmp_path, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+    try:
+        _wait_for(lambda: len(_array_tasks(runs)) == 4, 180, "the array's submission")
+        victim = _array_tasks(runs)[0]
+        _wait_for(lambda: _running(victim) and any((runs / "checkpoints" / first_key).glob("ckpt-*.pt")), 240,
+                  "the first task training")
+        subprocess.run(["scancel", "--signal=USR2", victim], check=False)  # as SLURM does before a timeout
+        out, _ = proc.communicate(timeout=600)  # SLURM holds a requeued task for about 2 minutes
+    finally:
+        _stop(proc)
+    assert proc.returncode == 0, out[-3000:]
+    assert_complete(runs, 4)
+    logs = "".join(p.read_text() for p in (runs / "slurm").glob(f"*/{victim}/*.out"))
+    assert "Requeued job" in logs and "resuming run" in logs, logs[-3000:]
