@@ -5,30 +5,18 @@ start a one-node cluster first: `sudo bash slurm/start_local_slurm.sh`.
 """
 
 import os
-import shutil
 import subprocess
 import sys
 import time
 from pathlib import Path
 
 import pytest
+from slurm_available import slurm_unavailable_reason
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
 
-def _slurm_unavailable_reason() -> str | None:
-    if shutil.which("sbatch") is None:
-        return "sbatch not on PATH (start a cluster with slurm/start_local_slurm.sh)"
-    try:
-        proc = subprocess.run(["sinfo", "-h"], capture_output=True, text=True, timeout=5)
-    except (OSError, subprocess.TimeoutExpired) as exc:
-        return f"sinfo failed: {exc}"
-    if proc.returncode != 0:
-        return f"sinfo cannot reach a SLURM controller: {proc.stderr.strip()[:200]}"
-    return None
-
-
-_REASON = _slurm_unavailable_reason()
+_REASON = slurm_unavailable_reason()
 pytestmark = pytest.mark.skipif(_REASON is not None, reason=_REASON or "")
 
 

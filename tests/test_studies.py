@@ -7,7 +7,6 @@ on PATH and `sinfo` reaches a controller (`bash slurm/start_local_slurm.sh` star
 
 import json
 import os
-import shutil
 import signal
 import subprocess
 import sys
@@ -17,6 +16,7 @@ from pathlib import Path
 import pytest
 
 from studies.inference_scaling import STUDY as INFERENCE_SCALING
+from slurm_available import slurm_unavailable_reason
 from studies.launcher import build_points, grid, main, study_key
 from studies.sample_efficiency import STUDY as SAMPLE_EFFICIENCY
 
@@ -24,17 +24,8 @@ ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "studies" / "inference_scaling.py"
 
 
-def _slurm_unavailable_reason() -> str | None:
-    if shutil.which("sbatch") is None:
-        return "sbatch not on PATH (start a cluster with `bash slurm/start_local_slurm.sh`)"
-    try:
-        proc = subprocess.run(["sinfo", "-h"], capture_output=True, text=True, timeout=10)
-    except (OSError, subprocess.TimeoutExpired) as err:
-        return f"sinfo failed: {err}"
-    return None if proc.returncode == 0 else f"sinfo cannot reach a SLURM controller: {proc.stderr.strip()[:200]}"
-
-
-needs_slurm = pytest.mark.skipif(_slurm_unavailable_reason() is not None, reason=str(_slurm_unavailable_reason()))
+_SLURM_REASON = slurm_unavailable_reason()
+needs_slurm = pytest.mark.skipif(_SLURM_REASON is not None, reason=str(_SLURM_REASON))
 
 
 def study(runs: Path, *args: str, timeout: float = 600) -> subprocess.CompletedProcess:
