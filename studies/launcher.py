@@ -37,6 +37,7 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable
 
 ROOT = Path(__file__).resolve().parents[1]
 """The project root (holds ltm/ and studies/): put on workers' PYTHONPATH and snapshotted for SLURM."""
@@ -62,6 +63,9 @@ class Preset:
     """GPUs per trial; fractional values share a GPU between Ray trials."""
     profile: str = "local"
     """Default SLURM profile (slurm/profiles/<name>.yaml)."""
+    task: dict | None = None
+    """An evaluation (`studies.tasks`: name plus arguments) run on each point's checkpoint, or on
+    the checkpoints given with --checkpoint; None: the points are training runs."""
 
 
 @dataclass(frozen=True)
@@ -72,6 +76,10 @@ class Study:
     description: str
     presets: dict[str, Preset]
     default_preset: str = "micro"
+    summary_metrics: tuple[str, ...] = ("val/ppl_bound", "val/ppl_iw")
+    """Final metrics shown in the summary table (shell-style patterns, e.g. "gsm8k/*/pass*")."""
+    data_option: Callable[[str], tuple[dict, dict]] | None = None
+    """How --data applies: (config overrides, task overrides); None: it sets data.name."""
 
 
 def grid(*axes: dict[str, list], common: dict | None = None) -> list[dict]:
@@ -109,7 +117,7 @@ def build_points(study: Study, preset: str, seeds: list[int], data: str | None, 
         for seed in seeds:
             cfg = base.with_overrides({**overrides, "seed": seed})
             if data:
-                cfg = cfg.with_overrides({"data.name": data})
+                cfg = cfg.with_overrides(study.data_option(data)[0] if study.data_option else {"data.name": data})
             if extra:
                 cfg = cfg.with_overrides(extra)
             cfg = _absolute_paths(cfg)
@@ -187,6 +195,14 @@ def build_parser(study: Study) -> argparse.ArgumentParser:
     parser.add_argument("--gpus-per-trial", type=float, help="GPUs per trial, fractions allowed (default: the preset's)")
     parser.add_argument("--max-failures", type=int, default=1, help="retries of a crashed trial (default 1)")
     parser.add_argument("--dry-run", action="store_true", help="print the grid, resources and sbatch parameters; launch nothing")
+    if any(p.task for p in study.presets.values()):
+        task_group = parser.add_argument_group("evaluation")
+        task_group.add_argument("--checkpoint", action="append", default=[], metavar="PATH_OR_RUN_ID",
+                                help="evaluate this checkpoint (a path, or a training run's MLflow id in the "
+                                     "study's store) instead of training the preset's models (repeatable)")
+        task_group.add_argument("--task", dest="task_overrides", action="append", default=[], metavar="KEY=VALUE",
+                                help="override an argument of the evaluation, e.g. problems=100 or shots=0,5 "
+                                     "(repeatable; --dry-run shows them)")
     ray_group = parser.add_argument_group("ray")
     ray_group.add_argument("--address", help="address of an existing Ray cluster (implies --cluster ray)")
     ray_group.add_argument("--fresh", action="store_true", help="do not restore the Tune experiment of an earlier start")
@@ -267,6 +283,8 @@ def plan(study: Study, argv: list[str] | None = None) -> Plan:
     runs_dir = Path(args.runs_dir).resolve()
     uri = args.tracking_uri or default_tracking_uri(runs_dir)
     check_tracking_uri(uri)
+    if preset.task is not None:
+        points = evaluation_points(study, preset, points, args, uri, runs_dir)
     cpus = args.cpus_per_trial if args.cpus_per_trial is not None else preset.cpus
     gpus = args.gpus_per_trial if args.gpus_per_trial is not None else preset.gpus
     if cpus <= 0 or gpus < 0:
@@ -290,6 +308,40 @@ def plan(study: Study, argv: list[str] | None = None) -> Plan:
         max_concurrent = max(1, int((os.cpu_count() or 1) // cpus))
     return Plan(study, args.preset, args.cluster, points, study_key(study, args.preset, points), runs_dir, uri,
                 args.experiment or study.name, cpus, gpus, max_concurrent, args.max_failures, args, profile, problem=problem)
+
+
+def evaluation_points(study: Study, preset: Preset, train_points: list[dict], args: argparse.Namespace,
+                      tracking_uri: str, runs_dir: Path) -> list[dict]:
+    """The evaluation task of the preset, with --data and --task applied, on --checkpoint or the trained points."""
+    from studies.tasks import check_task, resolve_checkpoint, task_points
+
+    task = dict(preset.task)
+    if args.data and study.data_option:
+        task.update(study.data_option(args.data)[1])
+    for item in args.task_overrides:
+        key, _, raw = item.partition("=")
+        if not _ or key not in task or key == "name":
+            raise UsageError(f"--task takes KEY=VALUE with KEY one of {', '.join(k for k in task if k != 'name')}, "
+                             f"got {item!r}")
+        task[key] = _task_value(raw, task[key])
+    task = check_task(task, tracking_uri, runs_dir)
+    sources = [resolve_checkpoint(c, tracking_uri, runs_dir) for c in args.checkpoint]
+    return task_points(train_points, task, sources)
+
+
+def _task_value(raw: str, current: object) -> object:
+    """A --task value typed like the preset's: lists from commas, numbers, strings; 'none' clears it."""
+    def one(text: str) -> object:
+        try:
+            return json.loads(text)
+        except ValueError:
+            return text
+
+    if raw.lower() in ("none", "null", ""):
+        return None
+    if isinstance(current, list):
+        return [one(v) for v in raw.split(",") if v.strip()]
+    return one(raw)
 
 
 def load_profile(name: str) -> dict:
@@ -346,18 +398,18 @@ def finish_parent(tracker, parent_run_id: str, status: str, counts: dict) -> Non
 
 
 def summary(tracker, plan_: Plan):
-    """One row per point: the grid's axes, its MLflow status and headline metrics."""
-    statuses, run_ids, ppl, ppl_iw, tokens = [], [], [], [], []
-    for p in plan_.points:
-        run = tracker.find_run(p["key"])
-        statuses.append(run.info.status if run else "MISSING")
-        run_ids.append(run.info.run_id[:8] if run else "")
-        m = run.data.metrics if run else {}
-        ppl.append(round(m["val/ppl_bound"], 3) if "val/ppl_bound" in m else None)
-        ppl_iw.append(round(m["val/ppl_iw"], 3) if "val/ppl_iw" in m else None)
-        tokens.append(int(m["tokens"]) if "tokens" in m else None)
-    return grid_table(plan_.points, {"status": statuses, "tokens": tokens, "val/ppl_bound": ppl,
-                                     "val/ppl_iw": ppl_iw, "mlflow_run": run_ids})
+    """One row per point: the grid's axes, its MLflow status and the study's headline metrics."""
+    import fnmatch
+
+    patterns = (["tokens"] if plan_.study.presets[plan_.preset].task is None else []) + list(plan_.study.summary_metrics)
+    runs = [tracker.find_run(p["key"]) for p in plan_.points]
+    metrics = [run.data.metrics if run else {} for run in runs]
+    names = [n for pattern in patterns for n in sorted({k for m in metrics for k in m if fnmatch.fnmatch(k, pattern)})]
+    columns: dict[str, list] = {"status": [run.info.status if run else "MISSING" for run in runs]}
+    for n in dict.fromkeys(names):
+        columns[n] = [None if n not in m else int(m[n]) if n == "tokens" else round(m[n], 4) for m in metrics]
+    columns["mlflow_run"] = [run.info.run_id[:8] if run else "" for run in runs]
+    return grid_table(plan_.points, columns)
 
 
 # -- one trial: a worker process around ltm.train.run --------------------------------------------
@@ -393,7 +445,11 @@ def wait_for_stragglers(runs_dir: Path, keys, timeout: float = 90.0) -> None:
 
 
 def run_point(point: dict, common: dict) -> dict:
-    """Train one grid point in this process (the main thread, so SIGTERM/SIGUSR2 checkpoint it)."""
+    """Run one grid point in this process (the main thread, so SIGTERM/SIGUSR2 checkpoint it).
+
+    A point trains a run (`ltm.train.run`), or, when it names a `task`, runs that evaluation
+    task of `studies.tasks` (which trains its checkpoint first when the point says how).
+    """
     import torch
 
     from ltm.config import RunConfig
@@ -404,6 +460,10 @@ def run_point(point: dict, common: dict) -> dict:
     lock.parent.mkdir(parents=True, exist_ok=True)
     lock.write_text(json.dumps({"pid": os.getpid(), "host": socket.gethostname()}))
     try:
+        if point.get("task"):
+            from studies.tasks import run_task
+
+            return run_task(point, common)
         result = run(RunConfig.from_dict(point["config"]), tracking_uri=common["tracking_uri"],
                      experiment=common["experiment"], runs_dir=common["runs_dir"],
                      parent_run_id=common["parent_run_id"], tags=common["tags"], progress=False)
@@ -754,6 +814,10 @@ def print_plan(plan_: Plan) -> None:
     print(f"\n{plan_.study.name} / {plan_.preset}: {len(plan_.points)} points, backend {plan_.cluster}, "
           f"{plan_.cpus:g} CPU + {plan_.gpus:g} GPU per trial, at most {at_once} at once")
     print(f"tracking {plan_.tracking_uri}, experiment {plan_.experiment}, runs folder {plan_.runs_dir}")
+    task = plan_.points[0].get("task") if plan_.points else None
+    if task:
+        sources = "the checkpoints given" if "checkpoint" in plan_.points[0]["source"] else "each point's model, trained first"
+        print(f"evaluation on {sources}: {json.dumps(task)}")
     if plan_.cluster == "slurm":
         print("\nsbatch parameters (one job array):")
         print(sbatch_preview(plan_))

@@ -126,7 +126,7 @@ def test_jsonl_source_reads_text_field_and_joins_question_answer(tmp_path):
     text = _write_jsonl(tmp_path / "t.jsonl", [{"body": "x y"}, {"body": "  "}, {"body": "z"}])
     assert list(resolve_source(str(text), "body").documents("train")) == ["x y", "z"]
     qa = _write_jsonl(tmp_path / "qa.jsonl", [{"question": "1+1?", "answer": "2\n#### 2"}])
-    assert list(resolve_source(str(qa)).documents("train")) == ["1+1?\n2\n#### 2"]
+    assert list(resolve_source(str(qa)).documents("train")) == ["Question: 1+1? Answer: 2\n#### 2"]
     with pytest.raises(DataError, match="no field 'text'.*fields: body.*data.text_field"):
         list(resolve_source(str(text)).documents("train"))
 
@@ -172,7 +172,8 @@ def test_wikitext2_validation_has_60_articles():
 @pytest.mark.skipif(not (SHARED / "gsm8k" / "test.jsonl").is_file(), reason="../shared/data/gsm8k absent")
 def test_gsm8k_records_become_question_and_answer():
     docs = list(resolve_source(str(SHARED / "gsm8k" / "test.jsonl")).documents("train"))
-    assert len(docs) == 1319 and all("\n#### " in d for d in docs)
+    assert len(docs) == 1319 and all(d.startswith("Question: ") and " Answer: " in d and "\n#### " in d
+                                     for d in docs)
 
 
 # ---------------------------------------------------------------------------- errors

@@ -31,7 +31,7 @@ from ltm.data.sources import SPLITS, TextSource, resolve_source
 from ltm.data.synthetic import SyntheticCorpus, SyntheticSpec
 from ltm.data.tokenizer import HFTokenizer, TextTokenizer, bpe_tokenizer, gpt2_tokenizer
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 """Part of every cache key; bump it when the packing format changes."""
 _ENCODE_BATCH = 1024
 

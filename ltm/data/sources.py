@@ -7,7 +7,9 @@ Local formats and what a document is:
   heading starts its article); else the whole file is one document.
 * folder of ``.txt`` files (searched recursively, sorted by path): each file as above.
 * ``.jsonl`` / ``.parquet``: one record per document, its ``text_field``; records with
-  ``question`` and ``answer`` instead (GSM8K) become question + "\\n" + answer.
+  ``question`` and ``answer`` instead (GSM8K) become ``Question: q Answer: a``, the
+  prompt format of the in-context evaluation (`ltm.gsm8k`), so a model trained on them
+  reads its few-shot prompts in the format it was trained on.
 * folder written by ``datasets.save_to_disk``: its ``train`` split and, if present, its
   ``validation`` split (records as for .jsonl).
 
@@ -33,7 +35,10 @@ class HubDataset:
     repo: str
     config: str | None
     validation: str | None
-    """None: no validation split; it is held out from train (GSM8K's test split stays untouched)."""
+    """None: no validation split; it is held out from train (GSM8K's test split stays untouched).
+    The zero-shot corpora (wikitext, ptb, lambada, lm1b) name their test split: it is the one evaluated."""
+    text_field: str | None = None
+    """The records' text field when it is not data.text_field's default."""
 
 
 HUB_DATASETS: dict[str, HubDataset] = {
@@ -42,6 +47,11 @@ HUB_DATASETS: dict[str, HubDataset] = {
     "wikitext-103": HubDataset("Salesforce/wikitext", "wikitext-103-raw-v1", "validation"),
     "tinystories": HubDataset("roneneldan/TinyStories", None, "validation"),
     "gsm8k": HubDataset("openai/gsm8k", "main", None),
+    # zero-shot evaluation corpora of the paper (their test splits)
+    "wikitext": HubDataset("Salesforce/wikitext", "wikitext-103-raw-v1", "test"),
+    "ptb": HubDataset("ptb-text-only/ptb_text_only", "penn_treebank", "test", text_field="sentence"),
+    "lambada": HubDataset("EleutherAI/lambada_openai", "default", "test"),
+    "lm1b": HubDataset("dvruette/lm1b", None, "test"),
 }
 SPLITS = ("train", "validation")
 _WIKITEXT_HEADING = re.compile(r"^ = [^=].* = $")
@@ -111,13 +121,19 @@ def resolve_source(name: str, text_field: str = "text") -> TextSource:
 
 
 def record_text(record: dict[str, Any], text_field: str, where: object = "record") -> str:
-    """A record's document: its text field, or question + newline + answer (GSM8K)."""
+    """A record's document: its text field, or `Question: q Answer: a` (GSM8K records)."""
     if text_field in record:
         return str(record[text_field])
     if "question" in record and "answer" in record:
-        return f"{record['question']}\n{record['answer']}"
+        return qa_text(record["question"], record["answer"])
     raise DataError(f"{where}: records have no field {text_field!r} (fields: {', '.join(record)}); "
                     "set data.text_field to the field holding the text")
+
+
+def qa_text(question: str, answer: str | None = None) -> str:
+    """METHOD.md's GSM8K format, `Question: q Answer: a`; without an answer, the prompt for one."""
+    prompt = f"Question: {question.strip()} Answer:"
+    return prompt if answer is None else f"{prompt} {answer.strip()}"
 
 
 def split_text_file(text: str) -> list[str]:
@@ -191,4 +207,4 @@ def _hub_documents(name: str, split: str, text_field: str) -> Iterator[str]:
         yield from wikitext_articles(r["text"] for r in ds)
     else:
         for record in ds:
-            yield record_text(record, text_field, hub.repo)
+            yield record_text(record, hub.text_field or text_field, hub.repo)

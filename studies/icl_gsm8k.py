@@ -1,0 +1,57 @@
+"""GSM8K in-context learning: k-shot accuracy (pass@k, substring and exact final number) of checkpoints.
+
+    python studies/icl_gsm8k.py --data ../shared/data/gsm8k        # micro: train on GSM8K train, test few-shot
+    python studies/icl_gsm8k.py --preset smoke --data DIR           # about a minute, for tests
+    python studies/icl_gsm8k.py --checkpoint RUN_ID --data DIR      # evaluate trained checkpoints instead
+    python studies/icl_gsm8k.py --checkpoint PATH --task shots_from=test   # the paper's test-split shots
+
+--data is the hub name gsm8k (the default) or a folder with train.jsonl and test.jsonl; the
+presets train their model on its train split, formatted as the prompts are. The prompt format,
+shot selection and scoring are in `ltm.gsm8k`; metrics are `gsm8k/k<shots>/...`.
+"""
+
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from studies.launcher import Preset, Study, main  # noqa: E402
+
+
+def data_option(source: str) -> tuple[dict, dict]:
+    """Train on the source's train split (a folder's train.jsonl, or the hub's) and evaluate on its test split."""
+    folder = Path(source).expanduser()
+    return {"data.name": str(folder / "train.jsonl") if folder.is_dir() else source}, {"data": source}
+
+
+def task(**overrides) -> dict:
+    return {"name": "gsm8k", "data": "gsm8k", "shots": [0, 5, 10], "shots_from": "train", "pass_k": 5,
+            "problems": 1319, "max_new_tokens": 50, "steps": None, "seed": 0, **overrides}
+
+
+TEXT = {"data.name": "gsm8k", "data.tokenizer": "bpe"}
+STUDY = Study(
+    name="icl_gsm8k",
+    description="GSM8K few-shot accuracy (METHOD.md §4) of LTM and AR checkpoints.",
+    summary_metrics=("gsm8k/*/pass*",),
+    data_option=data_option,
+    presets={
+        "smoke": Preset("smoke", [{**TEXT, "data.bpe_vocab_size": 512, "model.ctx": 256, "model.window": 32,
+                                   "train.tokens": 16_384, "train.eval_every": 0, "model.kind": kind,
+                                   "inference.steps": steps} for kind, steps in (("ltm", 4), ("ar", 0))],
+                        description="tiny LTM and AR on GSM8K train, 4 test problems, 0/1 shots",
+                        task=task(shots=[0, 1], pass_k=2, problems=4, max_new_tokens=8)),
+        "micro": Preset("micro", [{**TEXT, "data.bpe_vocab_size": 4096, "model.ctx": 1024, "train.batch_size": 4,
+                                   "train.tokens": 1_000_000, "train.eval_every": 250_000,
+                                   "train.checkpoint_every": 250_000, "train.eval_blocks": 16,
+                                   "data.val_blocks": 16, "model.kind": kind, "inference.steps": steps}
+                                  for kind, steps in (("ltm", 16), ("ar", 0))],
+                        description="micro LTM (T=16) and AR trained on GSM8K train (1M tokens), "
+                                    "50 test problems at 0/5/10 shots (2 CPUs)",
+                        task=task(problems=50)),
+        "paper": Preset("ltm-l", [{"inference.steps": 64}], description="evaluate LTM-L checkpoints (--checkpoint)",
+                        cpus=8, gpus=1, profile="gpu", task=task()),
+    },
+)
+
+if __name__ == "__main__":
+    sys.exit(main(STUDY))

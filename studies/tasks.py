@@ -1,0 +1,270 @@
+"""Evaluation tasks on checkpoints, run by the launcher as grid points of the evaluation studies.
+
+A task point names a checkpoint (a path or the MLflow run id of a training run) or a training
+config to train first (`ltm.train.run`: skipped when already FINISHED, resumed when interrupted),
+and a task: `gsm8k`, `zero_shot` or `generation`. Each point's evaluation is one MLflow run
+(a child of the study's parent) tagged `ltm.role=eval`, `ltm.task` and `ltm.source_run_id`, with
+the metrics at step 0 and its outputs (per-problem answers, samples) as artifacts. The point's key
+(from the checkpoint's identity and the task) makes a finished evaluation skip when the study is
+started again; an interrupted one (SIGTERM, SIGUSR2) is rerun from the start of the evaluation.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import signal
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+TASKS = ("gsm8k", "zero_shot", "generation")
+ROLE_EVAL = "eval"
+
+
+class _Stopped(Exception):
+    pass
+
+
+class _StopOnSignal:
+    """SIGTERM / SIGUSR2 abort the evaluation (it has no state worth a checkpoint)."""
+
+    def __enter__(self):
+        self.previous = {}
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGTERM, signal.SIGUSR2):
+                self.previous[sig] = signal.signal(sig, self._raise)
+        return self
+
+    @staticmethod
+    def _raise(signum, frame) -> None:
+        raise _Stopped(f"interrupted by {signal.Signals(signum).name}")
+
+    def __exit__(self, *exc) -> None:
+        for sig, handler in self.previous.items():
+            signal.signal(sig, handler)
+
+
+# -- building the points -------------------------------------------------------------------------
+
+def resolve_checkpoint(ref: str, tracking_uri: str, runs_dir: Path) -> dict:
+    """{checkpoint, run_id, config} for a checkpoint file/folder or the MLflow run id of a training run."""
+    from ltm.config import ConfigError
+    from ltm.train import checkpoints
+
+    path = Path(ref).expanduser()
+    run_id = None
+    if not path.exists():
+        from mlflow.tracking import MlflowClient
+
+        try:
+            run = MlflowClient(tracking_uri).get_run(ref)
+        except Exception:
+            raise ConfigError(f"--checkpoint {ref!r} is neither a checkpoint file or folder nor a run id in "
+                              f"{tracking_uri}; pass a path like runs/checkpoints/<key> or a training run's id") from None
+        key = run.data.tags.get("ltm.run_key")
+        path = Path(runs_dir) / "checkpoints" / str(key)
+        if run.data.tags.get("ltm.role") == ROLE_EVAL or not checkpoints(path):
+            raise ConfigError(f"run {ref} has no checkpoint under {path}; pass the checkpoint path instead, or "
+                              "--runs-dir of the study that trained it")
+        run_id = ref
+    files = checkpoints(path) if path.is_dir() else [path]
+    if not files:
+        raise ConfigError(f"no checkpoint (ckpt-*.pt) in {path}")
+    import torch
+
+    state = torch.load(files[-1], map_location="cpu", weights_only=False)
+    return {"checkpoint": str(path.resolve()), "run_id": run_id, "config": state["config"],
+            "identity": f"{files[-1].resolve()}:{files[-1].stat().st_size}"}
+
+
+def check_task(task: dict, tracking_uri: str, runs_dir: Path) -> dict:
+    """The task with local paths made absolute; raises ConfigError (DataError) on what would fail later."""
+    from ltm.config import ConfigError
+    from ltm.data import resolve_source
+
+    task = dict(task)
+    name = task.get("name")
+    if name not in TASKS:
+        raise ConfigError(f"unknown task {name!r}; known: {', '.join(TASKS)}")
+    positive = {"gsm8k": ("pass_k", "problems", "max_new_tokens"), "zero_shot": ("max_blocks",),
+                "generation": ("samples", "length", "prefix")}[name]
+    for key in positive:
+        if not isinstance(task.get(key), int) or task[key] < 1:
+            raise ConfigError(f"task {name}: {key} must be a positive integer, got {task.get(key)!r}")
+    if name == "gsm8k":
+        from ltm.gsm8k import load_problems
+
+        if not task["shots"] or any(not isinstance(k, int) or k < 0 for k in task["shots"]):
+            raise ConfigError(f"task gsm8k: shots must be a list of integers >= 0, got {task['shots']!r}")
+        if task.get("shots_from", "train") not in ("train", "test"):
+            raise ConfigError(f"task gsm8k: shots_from must be train or test, got {task['shots_from']!r}")
+        if Path(task["data"]).expanduser().exists():
+            task["data"] = str(Path(task["data"]).expanduser().resolve())
+        load_problems(task["data"], "test")
+    elif name == "zero_shot":
+        if not task["corpora"]:
+            raise ConfigError("task zero_shot: corpora is empty; name hub corpora or local files")
+        task["corpora"] = [str(Path(c).expanduser().resolve()) if Path(c).expanduser().exists() else c
+                           for c in task["corpora"]]
+        for corpus in task["corpora"]:
+            resolve_source(corpus)
+    elif task.get("reference"):
+        task["reference"] = resolve_checkpoint(str(task["reference"]), tracking_uri, runs_dir)["checkpoint"]
+    return task
+
+
+def task_points(train_points: list[dict], task: dict, sources: list[dict]) -> list[dict]:
+    """One evaluation point per checkpoint source, or per training point when no source is given."""
+    if task.get("name") not in TASKS:
+        raise ValueError(f"unknown task {task.get('name')!r}; known: {', '.join(TASKS)}")
+    points = []
+    if sources:
+        for s in sources:
+            identity = s["identity"]
+            points.append({"key": _key(identity, task), "config": s["config"], "task": task,
+                           "source": {"checkpoint": s["checkpoint"], "run_id": s["run_id"]},
+                           "label": {"checkpoint": s["run_id"] or s["checkpoint"]}})
+    else:
+        for p in train_points:
+            points.append({"key": _key(p["key"], task), "config": p["config"], "task": task,
+                           "source": {"train": True, "train_key": p["key"]}, "label": p["label"]})
+    return points
+
+
+def _key(identity: str, task: dict) -> str:
+    blob = json.dumps([identity, task], sort_keys=True).encode()
+    return hashlib.sha256(blob).hexdigest()[:16]
+
+
+# -- running one point ---------------------------------------------------------------------------
+
+def run_task(point: dict, common: dict) -> dict:
+    """Train the point's checkpoint if needed, evaluate it, track the evaluation; the launcher's result dict."""
+    from ltm.config import RunConfig
+    from ltm.tracking import Tracker
+    from ltm.train import load_model, run
+
+    runs_dir = Path(common["runs_dir"])
+    tracker = Tracker(common["tracking_uri"], common["experiment"], artifact_root=runs_dir / "artifacts")
+    existing = tracker.find_run(point["key"])
+    if existing is not None and existing.info.status == "FINISHED":
+        return {"status": "SKIPPED", "run_id": existing.info.run_id, "reason": "",
+                "metrics": dict(existing.data.metrics)}
+    source = point["source"]
+    if source.get("train"):
+        trained = run(RunConfig.from_dict(point["config"]), tracking_uri=common["tracking_uri"],
+                      experiment=common["experiment"], runs_dir=runs_dir, parent_run_id=common["parent_run_id"],
+                      tags=common["tags"], progress=False)
+        if trained.status not in ("FINISHED", "SKIPPED"):
+            return {"status": trained.status, "run_id": trained.run_id, "reason": f"training: {trained.reason}",
+                    "metrics": {}}
+        checkpoint, source_run = trained.run_dir, trained.run_id
+    else:
+        checkpoint, source_run = source["checkpoint"], source.get("run_id")
+    model, cfg = load_model(checkpoint)
+    task = point["task"]
+    if existing is not None:
+        tracker.reopen(existing.info.run_id)
+        run_id = existing.info.run_id
+    else:
+        from studies.launcher import ROLE_TAG
+
+        params = {**cfg.flat(), **{f"task.{k}": v for k, v in task.items()}, "source.checkpoint": str(checkpoint)}
+        tags = {**common["tags"], ROLE_TAG: ROLE_EVAL, "ltm.task": task["name"], "ltm.source_run_id": source_run or "",
+                "model.kind": cfg.model.kind}
+        name = f"{task['name']}-{cfg.model.kind}-L{cfg.model.n_layers}-T{cfg.inference.steps}"
+        run_id = tracker.create_run(point["key"], name, params, tags, common["parent_run_id"])
+    started = time.time()
+    try:
+        with _StopOnSignal():
+            metrics, artifacts = EVALUATORS[task["name"]](model, cfg, task)
+    except _Stopped as stop:
+        tracker.finish(run_id, "KILLED", f"{stop}; start the study again to rerun this evaluation")
+        return {"status": "KILLED", "run_id": run_id, "reason": str(stop), "metrics": {}}
+    except Exception as err:
+        tracker.finish(run_id, "FAILED", f"{type(err).__name__}: {err}")
+        raise
+    metrics[f"{task['name']}/seconds"] = time.time() - started
+    tracker.log_metrics(run_id, metrics, step=0)
+    with tempfile.TemporaryDirectory() as tmp:
+        for name, content in artifacts.items():
+            (Path(tmp) / name).write_text(content)
+        tracker.client.log_artifacts(run_id, tmp)
+    tracker.finish(run_id, "FINISHED")
+    return {"status": "FINISHED", "run_id": run_id, "reason": "", "metrics": metrics}
+
+
+# -- the evaluators: (model, run config, task) -> (metrics, artifacts {file name: text}) -----------------
+
+def _gsm8k(model, cfg, task: dict) -> tuple[dict, dict]:
+    from ltm.data import load_tokenizer
+    from ltm.gsm8k import evaluate_gsm8k, load_problems
+
+    tok = load_tokenizer(cfg.data)
+    test = load_problems(task["data"], "test")[: int(task["problems"])]
+    pool = load_problems(task["data"], "test" if task.get("shots_from") == "test" else "train")
+    inference = _inference(cfg, task)
+    metrics, outputs = {}, {}
+    for k in task["shots"]:
+        values, records = evaluate_gsm8k(model, tok, inference, test, pool, shots=int(k), pass_k=int(task["pass_k"]),
+                                         max_new_tokens=int(task["max_new_tokens"]), seed=int(task.get("seed", 0)))
+        metrics.update({f"gsm8k/k{k}/{name}": v for name, v in values.items()})
+        outputs[f"gsm8k_k{k}.json"] = json.dumps(records, indent=1)
+    return metrics, outputs
+
+
+def _zero_shot(model, cfg, task: dict) -> tuple[dict, dict]:
+    from ltm.downstream import zero_shot
+
+    cfg = _with_inference(cfg, task)
+    metrics = {}
+    for corpus in task["corpora"]:
+        metrics.update(zero_shot(model, cfg, corpus, max_blocks=int(task["max_blocks"]),
+                                 iw_samples=int(task["iw_samples"]), seed=int(task.get("seed", 0))))
+    return metrics, {"zero_shot.json": json.dumps(metrics, indent=1)}
+
+
+def _generation(model, cfg, task: dict) -> tuple[dict, dict]:
+    from ltm.data import load_blocks, load_tokenizer
+    from ltm.downstream import (check_same_tokenizer, conditional_samples, generative_perplexity,
+                                unconditional_samples, unigram_entropy)
+    from ltm.train import load_model
+
+    tok = load_tokenizer(cfg.data)
+    seed, n, length = int(task.get("seed", 0)), int(task["samples"]), int(task["length"])
+    top_p = task.get("top_p")
+    sets = unconditional_samples(model, tok.bos_id, n=n, length=length, seed=seed,
+                                 prior_temperatures=[float(s) for s in task["prior_temperatures"]], top_p=top_p)
+    val = load_blocks(cfg.data, cfg.model.ctx, "validation")
+    prefixes = val.batch(range(min(n, len(val))))[:, : int(task["prefix"])]
+    sets.append(conditional_samples(model, _inference(cfg, task), prefixes, length=length, seed=seed, top_p=top_p))
+    reference = None
+    if task.get("reference"):
+        reference, ref_cfg = load_model(task["reference"])
+        check_same_tokenizer(cfg, ref_cfg)
+        reference.eval()
+    metrics, text = {}, []
+    for s in sets:
+        generated = s.tokens[:, s.prompt_length:]
+        metrics[f"gen/{s.name}/entropy"] = unigram_entropy(generated)
+        if reference is not None:
+            metrics[f"gen/{s.name}/gen_ppl"] = generative_perplexity(reference, ref_cfg.inference, s, seed=seed)
+        text.append(f"## {s.name}\n")
+        for row in s.tokens:
+            prompt, cont = tok.decode(row[: s.prompt_length]), tok.decode(row[s.prompt_length:])
+            text.append(f"* [{prompt}] {cont}\n")
+    return metrics, {"samples.md": "\n".join(text)}
+
+
+def _inference(cfg, task: dict):
+    return _with_inference(cfg, task).inference
+
+
+def _with_inference(cfg, task: dict):
+    """The checkpoint's config, with the task's inference steps when it sets them."""
+    return cfg.with_overrides({"inference.steps": int(task["steps"])}) if task.get("steps") else cfg
+
+
+EVALUATORS = {"gsm8k": _gsm8k, "zero_shot": _zero_shot, "generation": _generation}
