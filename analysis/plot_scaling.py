@@ -6,7 +6,9 @@
 Figures (PNG and PDF): inference_scaling (bound vs T, fitted L(T), the corpus optimum),
 sample_efficiency (bound vs training tokens), compute_efficiency (bound vs training FLOPs, with
 the frontier), model_size (final loss vs parameters and the fitted L(N, D), with several sizes).
-Tables (CSV and markdown): every run's final numbers, every fit with 95% bootstrap intervals.
+Tables (CSV and markdown): every run's final numbers, every fit with 95% bootstrap intervals, and
+one table per evaluation task (eval_gsm8k, eval_zero_shot, eval_generation) of the studies in
+studies/icl_gsm8k.py, zero_shot.py and generation.py.
 All written to --out and logged to an MLflow run named "analysis" in the same experiment.
 """
 
@@ -27,7 +29,7 @@ import seaborn as sns  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from analysis import fit  # noqa: E402
-from analysis.runs import NoRunsError, load_histories, load_runs  # noqa: E402
+from analysis.runs import NoRunsError, load_evaluations, load_histories, load_runs  # noqa: E402
 
 METRIC = "val/ppl_bound"
 
@@ -234,6 +236,25 @@ def write_tables(runs: pd.DataFrame, fits: list[dict], out: Path) -> list[Path]:
     return paths
 
 
+def write_evaluation_tables(evals: pd.DataFrame, out: Path) -> list[Path]:
+    """One table per evaluation task (eval_<task>.csv / .md): the evaluated model and its metrics."""
+    paths = []
+    ident = ["run_id", "source_run_id", "model.kind", "model.n_layers", "model.n_latents", "inference.steps",
+             "train.tokens", "data.name", "seed"]
+    for task, group in evals.groupby("task"):
+        metrics = sorted(c for c in group.columns if "/" in c and group[c].notna().any())
+        table = group[[c for c in ident if c in group] + metrics].sort_values(
+            [c for c in ("model.kind", "model.n_layers", "inference.steps") if c in group])
+        table = table.assign(run_id=table["run_id"].str[:8], source_run_id=table["source_run_id"].str[:8])
+        csv, md = out / f"eval_{task}.csv", out / f"eval_{task}.md"
+        table.to_csv(csv, index=False)
+        # markdown: one row per model, metrics as rows would be too wide; transpose when there are many
+        md.write_text(_markdown(table.set_index("run_id").T.reset_index().rename(columns={"index": "run"}))
+                      if len(metrics) > 6 else _markdown(table))
+        paths += [csv, md]
+    return paths
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--runs-dir", default="runs", help="the studies' runs folder (default: runs)")
@@ -251,20 +272,25 @@ def main(argv: list[str] | None = None) -> int:
     uri = args.tracking_uri or default_tracking_uri(runs_dir)
     out = Path(args.out or runs_dir / "figures" / args.experiment).resolve()
     out.mkdir(parents=True, exist_ok=True)
+    evals = load_evaluations(uri, args.experiment, parent_run_id=args.parent_run)
     try:
         runs = load_runs(uri, args.experiment, parent_run_id=args.parent_run)
     except NoRunsError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    hist = load_histories(uri, runs, cache_dir=runs_dir / "cache" / "histories")
-    _style()
-    flops_key = "flops" if args.flops_convention == "exact" else "flops_paper"
-    figure1, fits1 = plot_inference_scaling(runs, optimal_reference(runs, uri), out, args.bootstrap)
-    figures = figure1 + plot_efficiency(hist, runs, out, "tokens", "sample_efficiency", "training tokens", False)
-    figures += plot_efficiency(hist, runs, out, flops_key, "compute_efficiency",
-                               f"training FLOPs ({args.flops_convention} convention)", True)
-    figure4, fits4 = plot_model_size(runs, out, args.bootstrap)
-    tables = write_tables(runs, fits1 + fits4 + curve_power_laws(hist, runs, flops_key), out)
+        if evals.empty:
+            print(f"error: {err}", file=sys.stderr)
+            return 2
+        runs = pd.DataFrame()  # only evaluations of checkpoints trained elsewhere: their tables
+    figures, figure4, tables = [], [], write_evaluation_tables(evals, out) if not evals.empty else []
+    if not runs.empty:
+        hist = load_histories(uri, runs, cache_dir=runs_dir / "cache" / "histories")
+        _style()
+        flops_key = "flops" if args.flops_convention == "exact" else "flops_paper"
+        figure1, fits1 = plot_inference_scaling(runs, optimal_reference(runs, uri), out, args.bootstrap)
+        figures = figure1 + plot_efficiency(hist, runs, out, "tokens", "sample_efficiency", "training tokens", False)
+        figures += plot_efficiency(hist, runs, out, flops_key, "compute_efficiency",
+                                   f"training FLOPs ({args.flops_convention} convention)", True)
+        figure4, fits4 = plot_model_size(runs, out, args.bootstrap)
+        tables += write_tables(runs, fits1 + fits4 + curve_power_laws(hist, runs, flops_key), out)
 
     tracker = Tracker(uri, args.experiment)
     run_id = tracker.client.create_run(tracker.experiment_id, run_name="analysis",
@@ -272,7 +298,8 @@ def main(argv: list[str] | None = None) -> int:
     for path in figures + figure4 + tables:
         tracker.client.log_artifact(run_id, str(path))
     tracker.finish(run_id, "FINISHED")
-    print(f"{len(runs)} runs -> {len(figures + figure4)} figure files and {len(tables)} tables in {out}")
+    print(f"{len(runs)} training runs and {len(evals)} evaluations -> {len(figures + figure4)} figure files and "
+          f"{len(tables)} tables in {out}")
     print(f"logged to MLflow run {run_id} ('analysis') in experiment {args.experiment!r}")
     return 0
 

@@ -39,7 +39,7 @@ def load_runs(tracking_uri: str, experiment: str, *, parent_run_id: str | None =
     runs = client.search_runs([exp.experiment_id], filter_string=query, max_results=50_000)
     rows = []
     for r in runs:
-        if r.info.status != "FINISHED" and not include_unfinished:
+        if r.info.status != "FINISHED" and not include_unfinished or r.data.tags.get("ltm.role") == "eval":
             continue
         row = {"run_id": r.info.run_id, "status": r.info.status, "run_key": r.data.tags.get("ltm.run_key"),
                "end_time": r.info.end_time}
@@ -51,6 +51,31 @@ def load_runs(tracking_uri: str, experiment: str, *, parent_run_id: str | None =
     if not rows:
         raise NoRunsError(f"experiment {experiment!r} has no finished training runs; run a study first, e.g. "
                           f"`python studies/inference_scaling.py --preset smoke --experiment {experiment}`")
+    return pd.DataFrame(rows)
+
+
+def load_evaluations(tracking_uri: str, experiment: str, *, parent_run_id: str | None = None) -> pd.DataFrame:
+    """One row per FINISHED evaluation run (`studies.tasks`): task, evaluated model, final metrics.
+
+    Empty (no rows) when the experiment has none.
+    """
+    client = MlflowClient(tracking_uri)
+    exp = client.get_experiment_by_name(experiment)
+    if exp is None:
+        return pd.DataFrame()
+    query = "tags.`ltm.role` = 'eval' and attributes.status = 'FINISHED'"
+    if parent_run_id:
+        query += f" and tags.`mlflow.parentRunId` = '{parent_run_id}'"
+    rows = []
+    for r in client.search_runs([exp.experiment_id], filter_string=query, max_results=50_000):
+        row = {"run_id": r.info.run_id, "task": r.data.tags.get("ltm.task"),
+               "source_run_id": r.data.tags.get("ltm.source_run_id", ""),
+               "checkpoint": r.data.params.get("source.checkpoint", "")}
+        for key, kind in _PARAMS.items():
+            if key in r.data.params:
+                row[key] = kind(r.data.params[key])
+        row.update({k: v for k, v in r.data.metrics.items() if not k.endswith("/seconds")})
+        rows.append(row)
     return pd.DataFrame(rows)
 
 

@@ -19,8 +19,15 @@ from studies.launcher import Preset, Study, main  # noqa: E402
 
 def data_option(source: str) -> tuple[dict, dict]:
     """Train on the source's train split (a folder's train.jsonl, or the hub's) and evaluate on its test split."""
+    from ltm.data import DataNotFoundError
+
     folder = Path(source).expanduser()
-    return {"data.name": str(folder / "train.jsonl") if folder.is_dir() else source}, {"data": source}
+    if folder.is_dir():
+        return {"data.name": str(folder.resolve() / "train.jsonl")}, {"data": str(folder.resolve())}
+    if source == "gsm8k":
+        return {"data.name": "gsm8k"}, {"data": "gsm8k"}
+    raise DataNotFoundError(f"--data {source!r} is not a folder with train.jsonl and test.jsonl, nor the hub name "
+                            "gsm8k")
 
 
 def task(**overrides) -> dict:
@@ -40,14 +47,14 @@ STUDY = Study(
                                    "inference.steps": steps} for kind, steps in (("ltm", 4), ("ar", 0))],
                         description="tiny LTM and AR on GSM8K train, 4 test problems, 0/1 shots",
                         task=task(shots=[0, 1], pass_k=2, problems=4, max_new_tokens=8)),
-        "micro": Preset("micro", [{**TEXT, "data.bpe_vocab_size": 4096, "model.ctx": 1024, "train.batch_size": 4,
-                                   "train.tokens": 1_000_000, "train.eval_every": 250_000,
-                                   "train.checkpoint_every": 250_000, "train.eval_blocks": 16,
+        "micro": Preset("micro", [{**TEXT, "data.bpe_vocab_size": 2048, "model.ctx": 512, "train.batch_size": 8,
+                                   "train.tokens": 409_600, "train.eval_every": 102_400,
+                                   "train.checkpoint_every": 102_400, "train.eval_blocks": 16,
                                    "data.val_blocks": 16, "model.kind": kind, "inference.steps": steps}
                                   for kind, steps in (("ltm", 16), ("ar", 0))],
-                        description="micro LTM (T=16) and AR trained on GSM8K train (1M tokens), "
-                                    "50 test problems at 0/5/10 shots (2 CPUs)",
-                        task=task(problems=50)),
+                        description="micro LTM (T=16) and AR trained on GSM8K train (410k tokens, context 512), "
+                                    "30 test problems at 0/5/10 shots, pass@5 (2 CPUs, about 20 minutes)",
+                        task=task(problems=30)),
         "paper": Preset("ltm-l", [{"inference.steps": 64}], description="evaluate LTM-L checkpoints (--checkpoint)",
                         cpus=8, gpus=1, profile="gpu", task=task()),
     },

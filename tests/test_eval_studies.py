@@ -1,0 +1,143 @@
+"""The evaluation studies end to end (generation, zero-shot, GSM8K): train or take checkpoints, evaluate,
+track in MLflow, skip what finished; and their bad options fail before anything starts."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from studies.generation import STUDY as GENERATION
+from studies.icl_gsm8k import STUDY as ICL_GSM8K
+from studies.launcher import EXIT_USAGE, main
+from studies.zero_shot import STUDY as ZERO_SHOT
+
+ROOT = Path(__file__).resolve().parents[1]
+GSM8K = ROOT.parent / "shared" / "data" / "gsm8k"
+
+
+def study(name: str, runs: Path, *args: str) -> subprocess.CompletedProcess:
+    proc = subprocess.run([sys.executable, str(ROOT / "studies" / f"{name}.py"), "--preset", "smoke",
+                           "--runs-dir", str(runs), *args], cwd=runs.parent, capture_output=True, text=True,
+                          timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return proc
+
+
+def runs_of(runs: Path, experiment: str) -> dict[str, list]:
+    """The experiment's runs by role: train, eval, study."""
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(f"sqlite:///{runs / 'mlflow.db'}")
+    exp = client.get_experiment_by_name(experiment)
+    out = {"train": [], "eval": [], "study": []}
+    for r in client.search_runs([exp.experiment_id]):
+        out[r.data.tags.get("ltm.role", "train")].append(r)
+    return out
+
+
+def artifacts(runs: Path, run) -> list[str]:
+    from mlflow.tracking import MlflowClient
+
+    return [f.path for f in MlflowClient(f"sqlite:///{runs / 'mlflow.db'}").list_artifacts(run.info.run_id)]
+
+
+def test_generation_study_trains_evaluates_and_skips_what_finished(tmp_path):
+    runs = tmp_path / "runs"
+    study("generation", runs)
+    found = runs_of(runs, "generation")
+    assert len(found["train"]) == 2 and len(found["eval"]) == 2 and len(found["study"]) == 1
+    assert {r.info.status for r in found["train"] + found["eval"]} == {"FINISHED"}
+    ltm_eval = next(r for r in found["eval"] if r.data.tags["model.kind"] == "ltm")
+    assert {"gen/uncond_s0.5/entropy", "gen/uncond_s1/entropy", "gen/uncond_s1.5/entropy",
+            "gen/cond/entropy"} <= set(ltm_eval.data.metrics)
+    assert ltm_eval.data.tags["ltm.source_run_id"] in {r.info.run_id for r in found["train"]}
+    assert "samples.md" in artifacts(runs, ltm_eval)
+
+    study("generation", runs)  # started again: nothing new
+    again = runs_of(runs, "generation")
+    assert (len(again["train"]), len(again["eval"]), len(again["study"])) == (2, 2, 1)
+
+    # a checkpoint by path, with the AR checkpoint as the reference for generative perplexity
+    ar_key = next(r for r in found["train"] if r.data.params["model.kind"] == "ar").data.tags["ltm.run_key"]
+    ltm_run = next(r for r in found["train"] if r.data.params["model.kind"] == "ltm")
+    study("generation", runs, "--checkpoint", ltm_run.info.run_id, "--task", f"reference={runs / 'checkpoints' / ar_key}")
+    evals = runs_of(runs, "generation")["eval"]
+    scored = [r for r in evals if "gen/cond/gen_ppl" in r.data.metrics]
+    assert len(evals) == 3 and len(scored) == 1 and scored[0].data.metrics["gen/cond/gen_ppl"] > 1
+
+
+def test_zero_shot_study_on_local_text(tmp_path):
+    words = "the cat sat on a mat while dogs ran past old red barns".split()
+    train, other = tmp_path / "train.txt", tmp_path / "held" / "out.txt"
+    other.parent.mkdir()
+    train.write_text("\n\n".join(" ".join(words[(i * 7 + j) % len(words)] for j in range(60)) for i in range(300)))
+    other.write_text("\n\n".join(" ".join(words[(i * 5 + j) % len(words)] for j in range(60)) for i in range(40)))
+    runs = tmp_path / "runs"
+    study("zero_shot", runs, "--data", str(train), "--task", f"corpora={other}", "--set", f"data.cache_dir={tmp_path}")
+    evals = runs_of(runs, "zero_shot")["eval"]
+    assert len(evals) == 2
+    for r in evals:
+        m = r.data.metrics
+        assert m["zeroshot/held-out/blocks"] == 8 and m["zeroshot/held-out/ppl_bound"] > 1
+        if r.data.tags["model.kind"] == "ar":
+            assert m["zeroshot/held-out/kl"] == 0
+
+
+@pytest.mark.skipif(not (GSM8K / "test.jsonl").is_file(), reason="../shared/data/gsm8k absent")
+def test_icl_gsm8k_study_then_zero_shot_of_its_checkpoint_by_run_id(tmp_path):
+    runs = tmp_path / "runs"
+    proc = study("icl_gsm8k", runs, "--data", str(GSM8K))
+    assert "gsm8k/k0/pass2_substring" in proc.stdout
+    found = runs_of(runs, "icl_gsm8k")
+    assert len(found["eval"]) == 2
+    for r in found["eval"]:
+        assert {f"gsm8k/k{k}/{m}" for k in (0, 1) for m in ("pass2_substring", "pass2_exact", "pass1_exact",
+                                                            "shots_used")} <= set(r.data.metrics)
+        assert r.data.params["task.shots_from"] == "train"
+        assert {"gsm8k_k0.json", "gsm8k_k1.json"} <= set(artifacts(runs, r))
+
+    trained = next(r for r in found["train"] if r.data.params["model.kind"] == "ltm")
+    study("zero_shot", runs, "--experiment", "icl_gsm8k", "--checkpoint", trained.info.run_id,
+          "--task", f"corpora={GSM8K / 'test.jsonl'}", "--task", "max_blocks=2")
+    zs = [r for r in runs_of(runs, "icl_gsm8k")["eval"] if r.data.tags["ltm.task"] == "zero_shot"]
+    assert len(zs) == 1 and zs[0].data.tags["ltm.source_run_id"] == trained.info.run_id
+    assert zs[0].data.metrics["zeroshot/gsm8k-test/blocks"] == 2
+
+
+@pytest.mark.parametrize("study_def, args, message", [
+    (GENERATION, ["--task", "colour=red"], "--task takes KEY=VALUE with KEY one of samples"),
+    (GENERATION, ["--task", "samples=0"], "samples must be a positive integer"),
+    (GENERATION, ["--checkpoint", "/nowhere/ckpt"], "neither a checkpoint file or folder nor a run id"),
+    (ZERO_SHOT, ["--task", "corpora=/nowhere/x.txt"], "no such file or folder"),
+    (ICL_GSM8K, ["--data", "/nowhere/gsm8k"], "not a folder with train.jsonl and test.jsonl"),
+    (ICL_GSM8K, ["--data", "{gsm8k}", "--task", "shots=-1"], "shots must be a list of integers >= 0"),
+    (ICL_GSM8K, ["--data", "{gsm8k}", "--task", "shots_from=val"], "shots_from must be train or test"),
+], ids=["unknown-task-key", "bad-count", "missing-checkpoint", "missing-corpus", "missing-gsm8k", "bad-shots",
+        "bad-shots-from"])
+def test_bad_evaluation_options_fail_before_launch(tmp_path, capsys, study_def, args, message):
+    folder = tmp_path / "gsm8k"
+    folder.mkdir()
+    for split in ("train", "test"):
+        (folder / f"{split}.jsonl").write_text(json.dumps({"question": "1 + 1?", "answer": "1 + 1 = 2\n#### 2"}) + "\n")
+    args = [a.replace("{gsm8k}", str(folder)) for a in args]
+    code = main(study_def, ["--preset", "smoke", "--runs-dir", str(tmp_path / "runs"), *args])
+    assert code == EXIT_USAGE
+    assert message in capsys.readouterr().err
+    assert not (tmp_path / "runs" / "ray").exists()
+
+
+def test_training_studies_take_no_evaluation_options(tmp_path, capsys):
+    from studies.inference_scaling import STUDY
+
+    with pytest.raises(SystemExit):
+        main(STUDY, ["--preset", "smoke", "--checkpoint", "x", "--runs-dir", str(tmp_path)])
+    assert "unrecognized arguments: --checkpoint" in capsys.readouterr().err
+
+
+def test_dry_run_shows_the_evaluation(tmp_path, capsys):
+    assert main(GENERATION, ["--preset", "smoke", "--runs-dir", str(tmp_path), "--dry-run", "--task", "length=8"]) == 0
+    out = capsys.readouterr().out
+    task = json.loads(out.split("evaluation on each point's model, trained first: ", 1)[1].splitlines()[0])
+    assert task["length"] == 8 and task["name"] == "generation"
