@@ -69,3 +69,21 @@ def test_no_runs_says_which_study_to_run(tmp_path, capsys):
         load_runs(default_tracking_uri(tmp_path), "empty")
     assert plot_scaling.main(["--runs-dir", str(tmp_path), "--experiment", "empty"]) == 2
     assert "studies/inference_scaling.py" in capsys.readouterr().err
+
+
+def test_evaluations_of_checkpoints_get_a_table_and_are_not_training_runs(tracked, tmp_path):
+    from studies.tasks import check_task, resolve_checkpoint, run_task, task_points
+
+    uri = default_tracking_uri(tracked)
+    task = check_task({"name": "generation", "samples": 2, "length": 4, "prefix": 4, "prior_temperatures": [1.0],
+                       "top_p": None, "reference": None, "steps": None, "seed": 0}, uri, tracked)
+    sources = [resolve_checkpoint(str(c), uri, tracked) for c in sorted((tracked / "checkpoints").iterdir())[:2]]
+    common = {"tracking_uri": uri, "experiment": "e", "runs_dir": str(tracked), "parent_run_id": None, "tags": {}}
+    for point in task_points([], task, sources):
+        assert run_task(point, common)["status"] == "FINISHED"
+        assert run_task(point, common)["status"] == "SKIPPED"  # a finished evaluation is not repeated
+    with pytest.raises(NoRunsError):
+        load_runs(uri, "e")  # evaluations are not training runs
+    assert plot_scaling.main(["--runs-dir", str(tracked), "--experiment", "e", "--out", str(tmp_path)]) == 0
+    table = pd.read_csv(tmp_path / "eval_generation.csv")
+    assert len(table) == 2 and table["gen/cond/entropy"].notna().all() and not (tmp_path / "runs.csv").exists()
