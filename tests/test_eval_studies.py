@@ -43,6 +43,7 @@ def artifacts(runs: Path, run) -> list[str]:
     return [f.path for f in MlflowClient(f"sqlite:///{runs / 'mlflow.db'}").list_artifacts(run.info.run_id)]
 
 
+@pytest.mark.slow
 def test_generation_study_trains_evaluates_and_skips_what_finished(tmp_path):
     runs = tmp_path / "runs"
     study("generation", runs)
@@ -68,6 +69,7 @@ def test_generation_study_trains_evaluates_and_skips_what_finished(tmp_path):
     assert len(evals) == 3 and len(scored) == 1 and scored[0].data.metrics["gen/cond/gen_ppl"] > 1
 
 
+@pytest.mark.slow
 def test_zero_shot_study_on_local_text(tmp_path):
     words = "the cat sat on a mat while dogs ran past old red barns".split()
     train, other = tmp_path / "train.txt", tmp_path / "held" / "out.txt"
@@ -85,6 +87,7 @@ def test_zero_shot_study_on_local_text(tmp_path):
             assert m["zeroshot/held-out/kl"] == 0
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not (GSM8K / "test.jsonl").is_file(), reason="../shared/data/gsm8k absent")
 def test_icl_gsm8k_study_then_zero_shot_of_its_checkpoint_by_run_id(tmp_path):
     runs = tmp_path / "runs"
