@@ -19,7 +19,7 @@ import random
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterator
 
 import torch
 
@@ -141,12 +141,14 @@ def _decode(model: LatentThoughtModel, prompt: torch.Tensor, z: torch.Tensor | N
 
 def evaluate_gsm8k(model: LatentThoughtModel, tok: TextTokenizer, cfg: InferenceConfig, problems: list[Problem],
                    pool: list[Problem], *, shots: int, pass_k: int = 5, max_new_tokens: int = 50,
-                   seed: int = 0) -> tuple[dict[str, float], list[dict]]:
+                   seed: int = 0, progress: Callable[[int, int], None] | None = None
+                   ) -> tuple[dict[str, float], list[dict]]:
     """Accuracy of k-shot greedy answers; returns (metrics, one record per problem).
 
     Metrics (fractions of problems): `pass{n}_substring`, `pass{n}_exact` (any of n inferences
     right), `pass1_substring`, `pass1_exact` (mean over inferences), `shots_used` (mean) and
-    `problems`. Problem i's inference j uses noise seed `seed + i * pass_k + j`.
+    `problems`. Problem i's inference j uses noise seed `seed + i * pass_k + j`. `progress(done,
+    total)` is called after each problem.
     """
     if shots < 0 or pass_k < 1 or max_new_tokens < 1:
         raise ValueError(f"need shots >= 0, pass_k >= 1 and max_new_tokens >= 1, got {shots}, {pass_k}, "
@@ -170,6 +172,8 @@ def evaluate_gsm8k(model: LatentThoughtModel, tok: TextTokenizer, cfg: Inference
         scores = [is_correct(a, problem.final) for a in answers]
         records.append({"index": i, "prompt_tokens": len(ids), "shots_used": used, "gold": problem.final,
                         "answers": answers, "substring": [s for s, _ in scores], "exact": [e for _, e in scores]})
+        if progress is not None:
+            progress(i + 1, len(problems))
     n = len(records)
 
     def frac(values) -> float:

@@ -208,8 +208,13 @@ def _gsm8k(model, cfg, task: dict) -> tuple[dict, dict]:
     inference = _inference(cfg, task)
     metrics, outputs = {}, {}
     for k in task["shots"]:
+        def progress(done: int, total: int, k=k) -> None:
+            if done % 10 == 0 or done == total:
+                print(f"gsm8k {k}-shot: {done}/{total} problems", flush=True)
+
         values, records = evaluate_gsm8k(model, tok, inference, test, pool, shots=int(k), pass_k=int(task["pass_k"]),
-                                         max_new_tokens=int(task["max_new_tokens"]), seed=int(task.get("seed", 0)))
+                                         max_new_tokens=int(task["max_new_tokens"]), seed=int(task.get("seed", 0)),
+                                         progress=progress)
         metrics.update({f"gsm8k/k{k}/{name}": v for name, v in values.items()})
         outputs[f"gsm8k_k{k}.json"] = json.dumps(records, indent=1)
     return metrics, outputs
