@@ -3,8 +3,8 @@
 A k-shot prompt is `[BOS]Question: q Answer: a[EOS]` for each shot (the training documents'
 packing) then `[BOS]Question: q* Answer:`. The prompt ends at the colon: with byte-level BPE the
 answer's first word carries its leading space, so a trailing space token would be one the model
-never saw there. Shots that do not fit the model's context are dropped from the front (the number
-used is reported). For an LTM, `pass_k` independent posterior inferences (different noise seeds)
+never saw there. Shots that do not fit the model's context are left out, those nearest the
+question kept first (the number used is reported as `shots_used`). For an LTM, `pass_k` independent posterior inferences (different noise seeds)
 each give z = the inner loop's last sample, and each is decoded greedily with the KV cache; an AR
 model decodes once, so its pass@k equals its pass@1.
 
@@ -116,15 +116,21 @@ def is_correct(answer: str, gold: str) -> tuple[bool, bool]:
 
 
 def build_prompt(tok: TextTokenizer, shots: list[Problem], question: str, max_tokens: int) -> tuple[list[int], int]:
-    """Token ids of the few-shot prompt and the number of shots kept within max_tokens."""
+    """Token ids of the few-shot prompt and the number of shots kept within max_tokens.
+
+    Shots are kept in their order, nearest the question first, skipping any that no longer fit.
+    """
     query = [tok.bos_id, *tok.encode(qa_text(question))]
     if len(query) > max_tokens:
         raise ValueError(f"the question alone takes {len(query)} tokens, more than the model's context "
                          f"({max_tokens}); evaluate a model with a longer model.ctx")
-    blocks = [[tok.bos_id, *tok.encode(qa_text(s.question, s.answer)), tok.eos_id] for s in shots]
-    while blocks and sum(map(len, blocks)) + len(query) > max_tokens:
-        blocks.pop(0)
-    return [t for b in blocks for t in b] + query, len(blocks)
+    kept, budget = [], max_tokens - len(query)
+    for shot in reversed(shots):  # nearest the question first; a shot too long for what is left is skipped
+        block = [tok.bos_id, *tok.encode(qa_text(shot.question, shot.answer)), tok.eos_id]
+        if len(block) <= budget:
+            kept.insert(0, block)
+            budget -= len(block)
+    return [t for b in kept for t in b] + query, len(kept)
 
 
 def draw_shots(pool: list[Problem], k: int, index: int, seed: int, exclude: Problem | None = None) -> list[Problem]:

@@ -52,7 +52,7 @@ def test_problem_final_reads_the_gold_answer():
     assert PROBLEMS[2].final == "6"
 
 
-def test_prompt_format_and_truncation_drop_whole_shots_from_the_front():
+def test_prompt_format_and_shots_that_do_not_fit_are_left_out():
     tok = ByteTokenizer()
     ids, used = build_prompt(tok, PROBLEMS[:2], "What is 9 + 9?", max_tokens=10_000)
     assert used == 2
@@ -64,6 +64,9 @@ def test_prompt_format_and_truncation_drop_whole_shots_from_the_front():
     shot_tokens = (len(ids) - query) // 2  # both shots have the same length
     ids1, used1 = build_prompt(tok, PROBLEMS[:2], "What is 9 + 9?", max_tokens=query + shot_tokens)
     assert used1 == 1 and ids1 == ids[len(ids) - len(ids1):]  # the last shot stays, the first goes
+    long = Problem("What is a very long question " + "and " * 200 + "?", "#### 1")
+    ids2, used2 = build_prompt(tok, [PROBLEMS[0], long], "What is 9 + 9?", max_tokens=query + shot_tokens)
+    assert used2 == 1 and tok.decode(ids2).startswith(f"Question: {PROBLEMS[0].question}")  # too long: skipped
     with pytest.raises(ValueError, match="question alone takes .* longer model.ctx"):
         build_prompt(tok, [], "What is 9 + 9?", max_tokens=5)
 
