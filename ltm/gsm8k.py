@@ -152,8 +152,8 @@ def evaluate_gsm8k(model: LatentThoughtModel, tok: TextTokenizer, cfg: Inference
     """Accuracy of k-shot greedy answers; returns (metrics, one record per problem).
 
     Metrics (fractions of problems): `pass{n}_substring`, `pass{n}_exact` (any of n inferences
-    right), `pass1_substring`, `pass1_exact` (mean over inferences), `shots_used` (mean) and
-    `problems`. Problem i's inference j uses noise seed `seed + i * pass_k + j`. `progress(done,
+    right), `pass1_substring`, `pass1_exact` (mean over inferences), `shots_used` (mean),
+    `format_rate` (answers that give a `#### N` final answer, the trained format) and `problems`. Problem i's inference j uses noise seed `seed + i * pass_k + j`. `progress(done,
     total)` is called after each problem.
     """
     if shots < 0 or pass_k < 1 or max_new_tokens < 1:
@@ -191,6 +191,7 @@ def evaluate_gsm8k(model: LatentThoughtModel, tok: TextTokenizer, cfg: Inference
         "pass1_substring": frac(sum(r["substring"]) / pass_k for r in records),
         "pass1_exact": frac(sum(r["exact"]) / pass_k for r in records),
         "shots_used": frac(r["shots_used"] for r in records),
+        "format_rate": frac(sum("####" in a for a in r["answers"]) / pass_k for r in records),
         "problems": float(n),
     }
     return metrics, records

@@ -116,7 +116,7 @@ def test_pass_at_k_counts_a_problem_right_when_any_inference_is(monkeypatch):
     metrics, records = evaluate_gsm8k(_model("ltm"), tok, ltm.InferenceConfig(steps=1), PROBLEMS[:1], PROBLEMS,
                                       shots=1, pass_k=3, max_new_tokens=4)
     assert metrics["pass3_exact"] == 1.0 and metrics["pass3_substring"] == 1.0
-    assert metrics["pass1_exact"] == pytest.approx(1 / 3)
+    assert metrics["pass1_exact"] == pytest.approx(1 / 3) and metrics["format_rate"] == 1.0
     assert records[0]["answers"][1] == "1 + 1 = 2\n#### 2"  # cut at EOS, stripped
     assert records[0]["exact"] == [False, True, False] and records[0]["shots_used"] == 1
 
