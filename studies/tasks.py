@@ -50,7 +50,7 @@ class _StopOnSignal:
 
 def resolve_checkpoint(ref: str, tracking_uri: str, runs_dir: Path) -> dict:
     """{checkpoint, run_id, config} for a checkpoint file/folder or the MLflow run id of a training run."""
-    from ltm.config import ConfigError
+    from ltm.config import ConfigError, RunConfig
     from ltm.train import checkpoints
 
     path = Path(ref).expanduser()
@@ -75,6 +75,8 @@ def resolve_checkpoint(ref: str, tracking_uri: str, runs_dir: Path) -> dict:
     import torch
 
     state = torch.load(files[-1], map_location="cpu", weights_only=False)
+    if run_id is None:
+        run_id = _training_run(tracking_uri, RunConfig.from_dict(state["config"]).run_key())
     return {"checkpoint": str(path.resolve()), "run_id": run_id, "config": state["config"],
             "identity": f"{files[-1].resolve()}:{files[-1].stat().st_size}"}
 
@@ -113,6 +115,17 @@ def check_task(task: dict, tracking_uri: str, runs_dir: Path) -> dict:
     elif task.get("reference"):
         task["reference"] = resolve_checkpoint(str(task["reference"]), tracking_uri, runs_dir)["checkpoint"]
     return task
+
+
+def _training_run(tracking_uri: str, run_key: str) -> str | None:
+    """The id of the training run with this run key in the store, if it is there."""
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri)
+    experiments = [e.experiment_id for e in client.search_experiments()]
+    runs = client.search_runs(experiments, filter_string=f"tags.`ltm.run_key` = '{run_key}'", max_results=1,
+                              order_by=["attributes.start_time DESC"]) if experiments else []
+    return runs[0].info.run_id if runs else None
 
 
 def task_points(train_points: list[dict], task: dict, sources: list[dict]) -> list[dict]:

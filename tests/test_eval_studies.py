@@ -63,10 +63,12 @@ def test_generation_study_trains_evaluates_and_skips_what_finished(tmp_path):
     # a checkpoint by path, with the AR checkpoint as the reference for generative perplexity
     ar_key = next(r for r in found["train"] if r.data.params["model.kind"] == "ar").data.tags["ltm.run_key"]
     ltm_run = next(r for r in found["train"] if r.data.params["model.kind"] == "ltm")
-    study("generation", runs, "--checkpoint", ltm_run.info.run_id, "--task", f"reference={runs / 'checkpoints' / ar_key}")
+    ltm_path = runs / "checkpoints" / ltm_run.data.tags["ltm.run_key"]  # its training run is found by key
+    study("generation", runs, "--checkpoint", str(ltm_path), "--task", f"reference={runs / 'checkpoints' / ar_key}")
     evals = runs_of(runs, "generation")["eval"]
     scored = [r for r in evals if "gen/cond/gen_ppl" in r.data.metrics]
     assert len(evals) == 3 and len(scored) == 1 and scored[0].data.metrics["gen/cond/gen_ppl"] > 1
+    assert scored[0].data.tags["ltm.source_run_id"] == ltm_run.info.run_id
 
 
 @pytest.mark.slow
