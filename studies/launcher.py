@@ -10,8 +10,10 @@ dicts) and calls `main(study)`. The launcher
    parent) and marks runs that a dead worker left RUNNING as KILLED;
 3. runs every point as a child run through `ltm.train.run` on one backend:
    * `local` / `ray`: Ray Tune (`ray.tune.Tuner`), resources per trial, storage under the runs
-     folder, retries through `FailureConfig`, `Tuner.restore` of an interrupted study;
-     `--address` joins an existing Ray cluster;
+     folder, retries through `FailureConfig`, `Tuner.restore` of an interrupted study; each Ray
+     actor runs its trials one after another in one persistent worker process (`PointWorker`);
+     `--address` joins an existing Ray cluster, e.g. one that `slurm/ray_study.sbatch` starts
+     inside a SLURM allocation (`sbatch slurm/ray_study.sbatch STUDY [options]`);
    * `slurm`: one submitit job array; jobs requeue on timeout/preemption (SIGUSR2) and resume
      from their checkpoint into the same MLflow run;
 4. prints a summary table and exits 0 when every point FINISHED (1 if some failed, 3 if the
@@ -474,8 +476,8 @@ def run_point(point: dict, common: dict) -> dict:
 
 
 def _die_with_parent() -> None:
-    """In the child: receive SIGTERM when the trial that started us dies (Ray kills actors), so the run
-    checkpoints instead of being left RUNNING."""
+    """In the child: receive SIGTERM when the thread that started us dies (Ray kills actors), so the run
+    checkpoints instead of being left RUNNING. Linux ties PR_SET_PDEATHSIG to the spawning *thread*."""
     try:
         import ctypes
 
@@ -484,33 +486,91 @@ def _die_with_parent() -> None:
         pass
 
 
+class PointWorker:
+    """A persistent `python -m studies.worker --serve` process that runs points one after another.
+
+    Kept per Ray actor (Tune reuses actors between trials), so torch, MLflow and ltm are imported
+    once per actor instead of once per trial (about 3-4 s each). Each point still runs in the
+    worker's main thread (SIGTERM / SIGUSR2 checkpoint it) and logs to its own file.
+    """
+
+    # Tune runs each trial in a new thread, and a thread's exit would deliver PR_SET_PDEATHSIG to a
+    # worker it spawned: spawn from one thread that lives as long as the actor process.
+    _spawner: "concurrent.futures.ThreadPoolExecutor | None" = None
+
+    def __init__(self, runs_dir: Path, threads: str) -> None:
+        from concurrent.futures import ThreadPoolExecutor
+
+        self.identity = (str(runs_dir), threads)
+        env = {**os.environ, "OMP_NUM_THREADS": threads, "MKL_NUM_THREADS": threads,
+               "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]).rstrip(os.pathsep)}
+        if PointWorker._spawner is None:
+            PointWorker._spawner = ThreadPoolExecutor(max_workers=1, thread_name_prefix="point-worker-spawner")
+        self.proc = PointWorker._spawner.submit(
+            subprocess.Popen, [sys.executable, "-m", "studies.worker", "--serve"], cwd=runs_dir, env=env,
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, preexec_fn=_die_with_parent).result()
+
+    def alive(self) -> bool:
+        return self.proc.poll() is None
+
+    def run(self, spec: Path, out: Path, log: Path) -> int | None:
+        """Run one point; its exit status as `python -m studies.worker`, None if the worker died."""
+        try:
+            self.proc.stdin.write(json.dumps([str(spec), str(out), str(log)]) + "\n")
+            self.proc.stdin.flush()
+            reply = self.proc.stdout.readline()
+        except BrokenPipeError:
+            reply = ""
+        except BaseException:
+            self.stop()  # the trial is being stopped: checkpoint, then go
+            raise
+        return int(reply) if reply.strip() else None
+
+    def stop(self, timeout: float = 60) -> None:
+        if self.alive():
+            self.proc.send_signal(signal.SIGTERM)
+        try:
+            self.proc.wait(timeout=timeout)
+        except BaseException:
+            self.proc.kill()
+
+
+_WORKER: PointWorker | None = None
+"""This actor process's worker, reused by the trials it runs one after another."""
+
+
 def run_point_subprocess(point: dict, common: dict) -> dict:
-    """Run `python -m studies.worker` for the point; its log goes to <runs>/logs/<key>.log."""
+    """Run the point in this process's persistent worker (started, or restarted if it died, on demand).
+
+    The spec and the result are files in <runs>/logs/ (`python -m studies.worker SPEC RESULT` reruns
+    a point by hand); the point's output goes to <runs>/logs/<key>.log.
+    """
+    global _WORKER
     runs_dir = Path(common["runs_dir"])
     (runs_dir / "logs").mkdir(parents=True, exist_ok=True)
     spec = runs_dir / "logs" / f"{point['key']}.spec.json"
     out = runs_dir / "logs" / f"{point['key']}.result.json"
+    log = runs_dir / "logs" / f"{point['key']}.log"
     spec.write_text(json.dumps({"point": point, "common": common}))
     out.unlink(missing_ok=True)
     threads = str(max(1, int(common.get("cpus") or 1)))
-    env = {**os.environ, "OMP_NUM_THREADS": threads, "MKL_NUM_THREADS": threads,
-           "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]).rstrip(os.pathsep)}
-    with open(runs_dir / "logs" / f"{point['key']}.log", "ab") as log:
-        proc = subprocess.Popen([sys.executable, "-m", "studies.worker", str(spec), str(out)], cwd=runs_dir, env=env,
-                                stdout=log, stderr=subprocess.STDOUT, preexec_fn=_die_with_parent)
-        try:
-            code = proc.wait()
-        except BaseException:
-            proc.send_signal(signal.SIGTERM)  # the trial is being stopped: checkpoint, then go
-            try:
-                proc.wait(timeout=60)
-            except BaseException:
-                proc.kill()
-            raise
+    worker = _WORKER
+    if worker is None or not worker.alive() or worker.identity != (str(runs_dir), threads):
+        if worker is not None:
+            worker.stop()
+        worker = _WORKER = PointWorker(runs_dir, threads)
+    try:
+        code = worker.run(spec, out, log)
+    except BaseException:
+        _WORKER = None
+        raise
+    if code is None or code == 3:  # died, or exits after an interruption: the next point gets a new one
+        worker.stop()
+        _WORKER = None
     if out.exists():
         return json.loads(out.read_text())
-    raise RuntimeError(f"worker for point {point['key']} exited with status {code} without a result; "
-                       f"see {runs_dir / 'logs' / (point['key'] + '.log')}")
+    raise RuntimeError(f"worker for point {point['key']} exited with status {worker.proc.returncode} without a "
+                       f"result; see {log}")
 
 
 # -- backend: Ray Tune (local or an existing cluster) -------------------------------------------
@@ -536,7 +596,13 @@ def run_ray(plan_: Plan) -> bool:
     os.environ["PYTHONPATH"] = os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]).rstrip(os.pathsep)
     os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
     if plan_.cluster == "ray":
-        ray.init(address=plan_.args.address, include_dashboard=False, log_to_driver=False)
+        try:
+            ray.init(address=plan_.args.address, include_dashboard=False, log_to_driver=False)
+        except ConnectionError as err:
+            # A cluster with token authentication rejects a driver given an address unless told to
+            # authenticate: `ray start` turns tokens on by itself when ~/.ray/auth_token exists.
+            raise UsageError(f"{err}; wrong address, or the cluster uses token authentication: set RAY_AUTH_MODE=token "
+                             f"and RAY_AUTH_TOKEN_PATH to its token (as slurm/ray_study.sbatch does)") from None
     else:
         ray.init(num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=False,
                  configure_logging=True, logging_level="WARNING")
@@ -554,7 +620,8 @@ def run_ray(plan_: Plan) -> bool:
         else:
             tuner = tune.Tuner(
                 trainable, param_space={"key": tune.grid_search(list(points))},
-                tune_config=tune.TuneConfig(max_concurrent_trials=plan_.max_concurrent or None, reuse_actors=False),
+                tune_config=tune.TuneConfig(max_concurrent_trials=plan_.max_concurrent or None,
+                                             reuse_actors=True),  # keeps each actor's PointWorker
                 run_config=tune.RunConfig(name=name, storage_path=str(storage), verbose=1,
                                           failure_config=tune.FailureConfig(max_failures=plan_.max_failures),
                                           checkpoint_config=tune.CheckpointConfig(num_to_keep=1)))
