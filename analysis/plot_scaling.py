@@ -141,8 +141,8 @@ def plot_inference_scaling(runs: pd.DataFrame, refs: dict, out: Path, bootstrap:
 
 
 def _curves(hist: pd.DataFrame, runs: pd.DataFrame, x: str) -> pd.DataFrame:
-    cols = ["run_id", "model.kind", "inference.steps", "model.n_layers", "model.d_model"]
-    h = hist.dropna(subset=[METRIC, x]).merge(runs[cols], on="run_id")
+    cols = ["run_id", "model.kind", "inference.steps", "model.n_layers", "model.d_model", "model.n_latents"]
+    h = hist.dropna(subset=[METRIC, x]).merge(runs[[c for c in cols if c in runs]], on="run_id")
     h["label"] = h.apply(_label, axis=1)
     h["size"] = h.apply(_size_label, axis=1)
     return h
@@ -150,20 +150,26 @@ def _curves(hist: pd.DataFrame, runs: pd.DataFrame, x: str) -> pd.DataFrame:
 
 def plot_efficiency(hist: pd.DataFrame, runs: pd.DataFrame, out: Path, x: str, name: str, xlabel: str,
                     frontier: bool) -> list:
-    """Validation bound against training tokens or FLOPs: a curve per run, coloured by T (AR in black)."""
+    """Validation bound against training tokens or FLOPs: a curve per run, coloured by T (AR in black),
+    with a line style per latent count N_z when the LTM runs differ in it."""
     h = _curves(hist, runs, x)
     if h.empty:
         return []
     labels = sorted(h["label"].unique(), key=lambda s: (s != "AR", int(s.split("=")[1]) if "=" in s else 0))
     colours = dict(zip([lab for lab in labels if lab != "AR"], sns.color_palette("flare", len(labels))))
     colours["AR"] = (0, 0, 0)
+    latents = sorted(h.loc[h["model.kind"] == "ltm", "model.n_latents"].unique()) if "model.n_latents" in h else []
+    styles = dict(zip(latents, ["-", "--", ":", "-."] * 4))
     sizes = sorted(h["size"].unique())
     fig, axes = plt.subplots(1, len(sizes), figsize=(5.2 * len(sizes), 4.0), sharey=True, squeeze=False)
     for ax, size in zip(axes[0], sizes):
         hs = h[h["size"] == size]
         for (label, run_id), g in hs.groupby(["label", "run_id"]):
             g = g.sort_values(x)
-            ax.plot(g[x], g[METRIC], "-o", ms=2.5, lw=1.2, color=colours[label], label=label)
+            nz = g["model.n_latents"].iloc[0] if latents else None
+            style = styles.get(nz, "-") if label != "AR" else "-"
+            legend = f"{label}, N_z={nz}" if label != "AR" and len(latents) > 1 else label
+            ax.plot(g[x], g[METRIC], style, marker="o", ms=2.5, lw=1.2, color=colours[label], label=legend)
         if frontier:
             idx = fit.compute_frontier(hs[x].to_numpy(), hs[METRIC].to_numpy())
             ax.plot(hs[x].to_numpy()[idx], hs[METRIC].to_numpy()[idx], color="0.5", lw=3, alpha=0.4,
