@@ -100,7 +100,8 @@ def _markdown(df: pd.DataFrame) -> str:
 
 
 def plot_inference_scaling(runs: pd.DataFrame, refs: dict, out: Path, bootstrap: int) -> tuple[list, list]:
-    """Final bound vs inference steps, a line per (size, N_z), with fitted L(T) = E + A T^-gamma."""
+    """Final bound vs inference steps, a line per (size, N_z): colour by N_z, marker by size; fitted
+    L(T) = E + A T^-gamma where a line has 4 or more T values."""
     ltm_runs = runs[(runs["model.kind"] == "ltm") & (runs["inference.steps"] > 0)].copy()
     rows: list[dict] = []
     if ltm_runs.empty:
@@ -109,9 +110,10 @@ def plot_inference_scaling(runs: pd.DataFrame, refs: dict, out: Path, bootstrap:
     ltm_runs["N_z"] = ltm_runs["model.n_latents"].astype(str)
     fig, ax = plt.subplots(figsize=(6.4, 4.2))
     palette = dict(zip(sorted(ltm_runs["N_z"].unique(), key=int), sns.color_palette("viridis", ltm_runs["N_z"].nunique())))
+    markers = dict(zip(sorted(ltm_runs["size"].unique()), "osD^v<>"))
     for (size, nz), g in ltm_runs.groupby(["size", "N_z"]):
         g = g.groupby("inference.steps")[f"final/{METRIC}"].mean().reset_index()
-        ax.plot(g["inference.steps"], g[f"final/{METRIC}"], "o", color=palette[nz],
+        ax.plot(g["inference.steps"], g[f"final/{METRIC}"], markers.get(size, "o"), color=palette[nz],
                 label=f"{size}, N_z={nz}" if ltm_runs["size"].nunique() > 1 else f"N_z={nz}")
         if g["inference.steps"].nunique() >= 4:
             law = fit.fit_inference_law(g["inference.steps"], np.log(g[f"final/{METRIC}"]), bootstrap=bootstrap)
