@@ -53,7 +53,7 @@ STUDY = Study(
                                    "data.val_blocks": 16, "model.kind": kind, "inference.steps": steps}
                                   for kind, steps in (("ltm", 16), ("ar", 0))],
                         description="micro LTM (T=16) and AR trained on GSM8K train (410k tokens, context 512), "
-                                    "30 test problems at 0/5/10 shots, pass@5 (2 CPUs, about 20 minutes)",
+                                    "30 test problems at 0/5/10 shots, pass@5 (2 CPUs, about 13 minutes)",
                         task=task(problems=30)),
         "paper": Preset("ltm-l", [{"inference.steps": 64}], description="evaluate LTM-L checkpoints (--checkpoint)",
                         cpus=8, gpus=1, profile="gpu", task=task()),
