@@ -4,6 +4,7 @@
                                     [--out DIR] [--flops-convention exact|paper] [--bootstrap N]
 
 Figures (PNG and PDF): inference_scaling (bound vs T, fitted L(T), the corpus optimum),
+bound_decomposition (each bound split into NLL given z, KL above the inner loop's floor, the floor),
 sample_efficiency (bound vs training tokens), compute_efficiency (bound vs training FLOPs, with
 the frontier), model_size (final loss vs parameters and the fitted L(N, D), with several sizes).
 Tables (CSV and markdown): every run's final numbers, every fit with 95% bootstrap intervals, and
@@ -142,6 +143,68 @@ def plot_inference_scaling(runs: pd.DataFrame, refs: dict, out: Path, bootstrap:
     return _save(fig, out, "inference_scaling"), rows
 
 
+def _variant(row) -> str:
+    """What sets an LTM run apart beyond size, N_z and T: a non-default decoder gradient or window."""
+    parts = [f"N_z={row['model.n_latents']}"]
+    if row.get("inference.decoder_grad") == "trajectory":
+        parts.append("decoder_grad=trajectory")
+    return ", ".join(parts)
+
+
+def _ar_label(row) -> str:
+    window = row.get("model.window")
+    return "AR" if not isinstance(window, str) else ("AR, full context" if window == "None" else f"AR, window {window}")
+
+
+def plot_bound_decomposition(runs: pd.DataFrame, refs: dict, out: Path) -> list:
+    """The final bound of each LTM run against T, split (stacked, nats/token) into NLL given z, KL
+    above the floor and the KL floor; a panel per (size, N_z, variant), at the largest training
+    budget of the panel, seeds averaged; AR NLL and the Bayes-optimal NLL as lines."""
+    ltm_runs = runs[(runs["model.kind"] == "ltm") & runs["kl_floor"].notna()].copy()
+    if ltm_runs.empty:
+        return []
+    ltm_runs["size"] = ltm_runs.apply(_size_label, axis=1)
+    ltm_runs["variant"] = ltm_runs.apply(_variant, axis=1)
+    panels = sorted(ltm_runs.groupby(["size", "variant"]).groups)
+    ncols = min(3, len(panels))
+    nrows = -(-len(panels) // ncols)
+    fig, axes = plt.subplots(nrows, ncols, figsize=(4.6 * ncols, 3.8 * nrows), sharey=True, squeeze=False)
+    colours = {"NLL given z": "#4c72b0", "KL above the floor": "#dd8452", "KL floor": "#c7c7c7"}
+    ar = runs[runs["model.kind"] == "ar"].copy()
+    if not ar.empty:
+        ar["size"] = ar.apply(_size_label, axis=1)
+        ar["label"] = ar.apply(_ar_label, axis=1)
+    for ax, (size, variant) in zip(axes.flat, panels):
+        g = ltm_runs[(ltm_runs["size"] == size) & (ltm_runs["variant"] == variant)]
+        g = g[g["train.tokens"] == g["train.tokens"].max()]
+        parts = g.groupby("inference.steps")[["nll", "kl_above_floor", "kl_floor"]].mean().sort_index()
+        t = parts.index.to_numpy(dtype=float)
+        half = min(1.25, np.sqrt(np.min(t[1:] / t[:-1])) ** 0.8) if len(t) > 1 else 1.25
+        left, right = t / half, t * half  # bars of equal width on the log axis, never overlapping
+        bottom = np.zeros(len(t))
+        for column, name in zip(parts.columns, colours):
+            height = parts[column].clip(lower=0).to_numpy()  # a KL a hair under its floor draws as 0
+            ax.bar(left, height, width=right - left, bottom=bottom, align="edge",
+                   color=colours[name], edgecolor="white", lw=0.5, label=name)
+            bottom += height
+        for (name, value), ls in zip(refs.items(), (":", "-.")):
+            ax.axhline(np.log(value), color="0.2", ls=ls, lw=1, label=f"{name}: {np.log(value):.2f}")
+        same = ar[(ar["size"] == size) & (ar["train.tokens"] == g["train.tokens"].max())] if not ar.empty else ar
+        for (label, a), colour in zip(same.groupby("label"), ("black", "#8c564b", "#2ca02c")):
+            ax.axhline(a["nll"].mean(), color=colour, lw=1.3, label=f"{label} NLL: {a['nll'].mean():.2f}")
+        ax.set(xscale="log", title=f"{size}, {variant}\n({g['train.tokens'].max():,} tokens)", xlabel="inference steps T")
+        ax.set_xticks(t, [str(int(x)) for x in t])
+        ax.xaxis.set_minor_locator(matplotlib.ticker.NullLocator())
+        ax.legend(fontsize=7, loc="upper right")
+    for ax in axes.flat[len(panels):]:
+        ax.set_visible(False)
+    for ax in axes[:, 0]:
+        ax.set_ylabel("validation bound (nats/token)")
+    fig.tight_layout()
+    fig.suptitle("What the LTM bound is made of", y=1.02)
+    return _save(fig, out, "bound_decomposition")
+
+
 def _curves(hist: pd.DataFrame, runs: pd.DataFrame, x: str) -> pd.DataFrame:
     cols = ["run_id", "model.kind", "inference.steps", "model.n_layers", "model.d_model", "model.n_latents"]
     h = hist.dropna(subset=[METRIC, x]).merge(runs[[c for c in cols if c in runs]], on="run_id")
@@ -231,8 +294,10 @@ def plot_model_size(runs: pd.DataFrame, out: Path, bootstrap: int) -> tuple[list
 
 
 def write_tables(runs: pd.DataFrame, fits: list[dict], out: Path) -> list[Path]:
-    cols = ["run_id", "model.kind", "n_params", "model.n_latents", "inference.steps", "train.tokens", "seed",
-            "final/val/ppl_bound", "final/val/ppl_iw", "final/val/nll", "final/val/kl", "final/flops"]
+    cols = ["run_id", "run_key", "model.kind", "n_params", "model.window", "model.n_latents", "inference.steps",
+            "inference.decoder_grad", "train.tokens", "seed", "final/val/ppl_bound", "final/val/ppl_iw",
+            "final/val/ppl_reuse", "nll", "kl", "kl_floor", "kl_above_floor", "nll_swap", "nll_prior", "z_info",
+            "reuse_gap", "final/flops"]
     table = runs[[c for c in cols if c in runs]].sort_values(["model.kind", "n_params", "inference.steps"])
     paths = [out / "runs.csv", out / "runs.md", out / "fits.csv", out / "fits.md"]
     table.to_csv(paths[0], index=False)
@@ -293,8 +358,9 @@ def main(argv: list[str] | None = None) -> int:
         hist = load_histories(uri, runs, cache_dir=runs_dir / "cache" / "histories")
         _style()
         flops_key = "flops" if args.flops_convention == "exact" else "flops_paper"
-        figure1, fits1 = plot_inference_scaling(runs, optimal_reference(runs, uri), out, args.bootstrap)
-        figures = figure1 + plot_efficiency(hist, runs, out, "tokens", "sample_efficiency", "training tokens", False)
+        refs = optimal_reference(runs, uri)
+        figure1, fits1 = plot_inference_scaling(runs, refs, out, args.bootstrap)
+        figures = figure1 + plot_bound_decomposition(runs, refs, out) + plot_efficiency(hist, runs, out, "tokens", "sample_efficiency", "training tokens", False)
         figures += plot_efficiency(hist, runs, out, flops_key, "compute_efficiency",
                                    f"training FLOPs ({args.flops_convention} convention)", True)
         figure4, fits4 = plot_model_size(runs, out, args.bootstrap)

@@ -9,16 +9,17 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 from mlflow.tracking import MlflowClient
 
 HISTORY_KEYS = ("tokens", "flops", "flops_paper", "train/loss", "train/ppl_bound",
-                "val/nll", "val/kl", "val/ppl_bound", "val/ppl_iw")
+                "val/nll", "val/kl", "val/ppl_bound", "val/ppl_iw", "val/kl_floor", "val/nll_swap")
 """The metric histories the figures need."""
 
 _PARAMS = {"model.kind": str, "model.n_layers": int, "model.d_model": int, "model.n_latents": int,
            "inference.steps": int, "train.tokens": int, "data.name": str, "seed": int,
-           "n_params": int, "n_params_nonembedding": int, "inference.decoder_grad": str}
+           "n_params": int, "n_params_nonembedding": int, "inference.decoder_grad": str, "model.window": str}
 
 
 class NoRunsError(LookupError):
@@ -51,7 +52,24 @@ def load_runs(tracking_uri: str, experiment: str, *, parent_run_id: str | None =
     if not rows:
         raise NoRunsError(f"experiment {experiment!r} has no finished training runs; run a study first, e.g. "
                           f"`python studies/inference_scaling.py --preset smoke --experiment {experiment}`")
-    return pd.DataFrame(rows)
+    return decompose(pd.DataFrame(rows))
+
+
+def decompose(runs: pd.DataFrame) -> pd.DataFrame:
+    """`runs` with each final bound split into what it is made of, in nats per token:
+
+    nll (given z), kl, kl_floor (the KL if z carried nothing), kl_above_floor, nll_swap (given
+    another sequence's z), z_info = nll_swap - nll (what the decoder takes from z), nll_prior, and
+    reuse_gap = log ppl_bound - log ppl_reuse (how optimistic the released code's scoring is).
+    AR runs get nll and kl = 0; the LTM-only columns stay NaN for them."""
+    out = runs.copy()
+    final = lambda key: out.get(f"final/val/{key}", pd.Series(np.nan, index=out.index))  # noqa: E731
+    out["nll"], out["kl"], out["kl_floor"] = final("nll"), final("kl"), final("kl_floor")
+    out["kl_above_floor"] = out["kl"] - out["kl_floor"]
+    out["nll_swap"], out["nll_prior"] = final("nll_swap"), final("nll_prior")
+    out["z_info"] = out["nll_swap"] - out["nll"]
+    out["reuse_gap"] = np.log(final("ppl_bound")) - np.log(final("ppl_reuse"))
+    return out
 
 
 def load_evaluations(tracking_uri: str, experiment: str, *, parent_run_id: str | None = None) -> pd.DataFrame:

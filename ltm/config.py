@@ -36,8 +36,8 @@ class ModelConfig:
     n_latents: int = 24
     """Total latent vectors, split evenly over the layers (ignored for kind="ar")."""
     latent_rope: bool = False
-    """Released-code option: rotate the cross-attention query at its token position and
-    latent j's key at pseudo-position j * (ctx // latents per layer)."""
+    """Released-code option: rotate the cross-attention query at its token position and a layer's
+    latent j's key at pseudo-position j * (ctx // n_latents), the same positions in every layer."""
     rope_theta: float = 10000.0
     init_std: float = 0.02
 

@@ -47,8 +47,9 @@ def zero_shot(model: LatentThoughtModel, cfg: RunConfig, corpus: str, *, max_blo
               batch_size: int = 16, iw_samples: int = 8, seed: int = 0) -> dict[str, float]:
     """Perplexity bounds of the checkpoint on the first `max_blocks` blocks of `corpus`.
 
-    Metrics `zeroshot/<label>/{nll, kl, ppl_bound, ppl_bound_seqmean, ppl_reuse, ppl_iw, blocks}`
-    (see `evaluate_bounds`); for AR runs every bound is the exact perplexity.
+    Metrics `zeroshot/<label>/{nll, kl, ppl_bound, ppl_bound_seqmean, ppl_reuse, ppl_iw, blocks}`, and
+    for an LTM `kl_floor`, `nll_swap`, `nll_prior` (see `evaluate_bounds`); for AR runs every bound
+    is the exact perplexity.
     """
     blocks = corpus_blocks(cfg, corpus)
     n = min(max_blocks, len(blocks))
@@ -125,7 +126,7 @@ def generative_perplexity(reference: LatentThoughtModel, ref_cfg: InferenceConfi
     for i in range(0, len(tokens), batch_size):
         part = tokens[i:i + batch_size]
         bounds = sequence_bounds(reference, part, ref_cfg, seeds=[seed + i + j for j in range(len(part))],
-                                 loss_mask=mask[i:i + batch_size])
+                                 loss_mask=mask[i:i + batch_size], reuse_score=False)
         total += bounds.elbo.sum().item()
         count += bounds.n_tokens.sum().item()
     return math.exp(total / count)

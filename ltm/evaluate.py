@@ -5,8 +5,16 @@ For an LTM the posterior is fitted on each evaluated sequence (T steps, as in tr
 * ELBO bound   NLL(x | z) + KL(q || p), z drawn with FRESH noise (default), an unbiased
   single-sample estimate of the negative ELBO;
 * IW bound     -log (1/K) sum_k p(x | z_k) p(z_k) / q(z_k), K fresh samples from q (tighter as K grows);
-* reuse score  the released code's number: z drawn with the noise of the last inner step, which
-  the optimiser could exploit, so it is optimistic. Reported, named, never the default.
+* reuse score  the released code's number: a second inference pass with ONE noise draw reused at
+  every inner step (reuse_noise=True, whatever the run's own setting), scored at that same draw,
+  which the optimiser could exploit, so it is optimistic. Reported, named, never the default.
+
+And what the bound is made of, so a curve can be read (the "Reading an LTM bound" README section):
+
+* KL floor     the KL the inner loop ends at when z carries nothing (`ltm.kl_floor`);
+* NLL swap     the NLL of each sequence given ANOTHER sequence's posterior sample (a fixed
+  derangement of the evaluation set); NLL swap - NLL is the information the decoder takes from z;
+* NLL prior    the NLL given z drawn from the prior N(0, I).
 
 Perplexity is token-weighted, exp(sum of bounds / tokens); the released code's mean over sequences
 of exp(bound / length) is reported as `*_seqmean`. An AR model's "bound" is its exact NLL.
@@ -26,11 +34,12 @@ from dataclasses import dataclass
 import torch
 
 from ltm.config import InferenceConfig
+from ltm.kl_floor import kl_floor
 from ltm.model import LatentThoughtModel, token_nll
 from ltm.posterior import NoiseSource, infer_posterior
 
-# Seed offsets keep the scoring noise independent of the inference noise of the same sequence.
-_SCORE_STREAM, _IW_STREAM = 1_000_003, 2_000_029
+# Seed offsets keep each kind of scoring noise independent of the inference noise of the same sequence.
+_SCORE_STREAM, _IW_STREAM, _PRIOR_STREAM = 1_000_003, 2_000_029, 3_000_017
 
 
 @dataclass
@@ -38,15 +47,19 @@ class SequenceBounds:
     """Per-sequence results, each of shape (B,), in nats."""
 
     nll: torch.Tensor
-    """-log p(x | z) at one fresh-noise sample of q (exact NLL for AR)."""
+    """-log p(x | z) at one fresh-noise sample z of q (exact NLL for AR)."""
     kl: torch.Tensor
     """KL(q || p) (zero for AR)."""
     n_tokens: torch.Tensor
     """Predicted tokens per sequence."""
-    nll_reuse: torch.Tensor | None = None
-    """-log p(x | z) at the last inner step's noise (released-code scoring)."""
+    reuse: torch.Tensor | None = None
+    """The released code's score: NLL + KL of a reuse-noise posterior at its own noise (AR: exact NLL)."""
     iw: torch.Tensor | None = None
     """K-sample importance-weighted bound on -log p(x)."""
+    z: torch.Tensor | None = None
+    """(B, n_latents, d_model): the sample `nll` was scored at (None for AR)."""
+    nll_prior: torch.Tensor | None = None
+    """-log p(x | z) at z ~ N(0, I) (None for AR)."""
 
     @property
     def elbo(self) -> torch.Tensor:
@@ -54,48 +67,62 @@ class SequenceBounds:
         return self.nll + self.kl
 
 
+def sequence_nll(model: LatentThoughtModel, tokens: torch.Tensor, z: torch.Tensor | None, *,
+                 loss_mask: torch.Tensor | None = None, stem=None) -> torch.Tensor:
+    """-log p(tokens[:, 1:] | tokens[:, :-1], z) per sequence (B,), masked by `loss_mask` if given."""
+    with torch.no_grad():
+        logits = model(tokens[:, :-1], z) if stem is None else model.forward_from_stem(stem, z)
+        per_token = token_nll(logits, tokens[:, 1:])
+    return (per_token if loss_mask is None else per_token * loss_mask).sum(1)
+
+
 def sequence_bounds(model: LatentThoughtModel, tokens: torch.Tensor, cfg: InferenceConfig, *,
-                    seeds: Sequence[int], iw_samples: int = 0,
-                    loss_mask: torch.Tensor | None = None) -> SequenceBounds:
-    """Bounds on -log p(tokens[:, 1:] | tokens[:, 0]) for each sequence of a batch."""
+                    seeds: Sequence[int], iw_samples: int = 0, loss_mask: torch.Tensor | None = None,
+                    reuse_score: bool = True) -> SequenceBounds:
+    """Bounds on -log p(tokens[:, 1:] | tokens[:, 0]) for each sequence of a batch.
+
+    `reuse_score=False` skips the released code's score, which costs a second inference pass."""
     if iw_samples < 0:
         raise ValueError(f"iw_samples must be >= 0, got {iw_samples}")
-    targets = tokens[:, 1:]
-    n_tokens = (torch.full((tokens.shape[0],), targets.shape[1], device=tokens.device, dtype=torch.float32)
+    n_tokens = (torch.full((tokens.shape[0],), tokens.shape[1] - 1, device=tokens.device, dtype=torch.float32)
                 if loss_mask is None else loss_mask.float().sum(1))
 
-    def nll_of(z: torch.Tensor | None, stem=None) -> torch.Tensor:
-        logits = model(tokens[:, :-1], z) if stem is None else model.forward_from_stem(stem, z)
-        per_token = token_nll(logits, targets)
-        return (per_token if loss_mask is None else per_token * loss_mask).sum(1)
-
     if model.cfg.kind == "ar":
-        with torch.no_grad():
-            nll = nll_of(None)
-        zero = torch.zeros_like(nll)
-        return SequenceBounds(nll=nll, kl=zero, n_tokens=n_tokens, nll_reuse=nll,
+        nll = sequence_nll(model, tokens, None, loss_mask=loss_mask)
+        return SequenceBounds(nll=nll, kl=torch.zeros_like(nll), n_tokens=n_tokens, reuse=nll,
                               iw=nll if iw_samples else None)
 
-    post = infer_posterior(model, tokens, dataclasses.replace(cfg, decoder_grad="final"),
-                           seeds=seeds, loss_mask=loss_mask)
+    cfg = dataclasses.replace(cfg, decoder_grad="final")
+    post = infer_posterior(model, tokens, cfg, seeds=seeds, loss_mask=loss_mask)
     sigma = (0.5 * post.logvar).exp()
+    shape = tuple(post.mu.shape[1:])
     with torch.no_grad():
         stem = model.stem(tokens[:, :-1])
-        fresh = NoiseSource([s + _SCORE_STREAM for s in seeds], tuple(post.mu.shape[1:]), tokens.device)
-        nll = nll_of(post.mu + fresh.draw() * sigma, stem)
-        nll_reuse = nll_of(post.mu + post.eps * sigma, stem)
-        iw = None
-        if iw_samples:
-            draws = NoiseSource([s + _IW_STREAM for s in seeds], tuple(post.mu.shape[1:]), tokens.device)
-            log_w = []
-            for _ in range(iw_samples):
-                eps = draws.draw()
-                z = post.mu + eps * sigma
-                # log p(z) - log q(z): the 2*pi terms cancel; z = mu + sigma * eps.
-                log_ratio = (-0.5 * z.square() + 0.5 * eps.square() + 0.5 * post.logvar).flatten(1).sum(1)
-                log_w.append(log_ratio - nll_of(z, stem))
-            iw = -(torch.logsumexp(torch.stack(log_w), dim=0) - math.log(iw_samples))
-    return SequenceBounds(nll=nll, kl=post.kl(), n_tokens=n_tokens, nll_reuse=nll_reuse, iw=iw)
+
+    def nll_of(z: torch.Tensor) -> torch.Tensor:
+        return sequence_nll(model, tokens, z, loss_mask=loss_mask, stem=stem)
+
+    z = post.mu + NoiseSource([s + _SCORE_STREAM for s in seeds], shape, tokens.device).draw() * sigma
+    nll = nll_of(z)
+    nll_prior = nll_of(NoiseSource([s + _PRIOR_STREAM for s in seeds], shape, tokens.device).draw())
+    # The released code's score needs its own inference: one noise draw for the whole loop.
+    reuse = None
+    if reuse_score:
+        reused = post if cfg.reuse_noise else infer_posterior(
+            model, tokens, dataclasses.replace(cfg, reuse_noise=True), seeds=seeds, loss_mask=loss_mask)
+        reuse = nll_of(reused.z) + reused.kl()
+    iw = None
+    if iw_samples:
+        draws = NoiseSource([s + _IW_STREAM for s in seeds], shape, tokens.device)
+        log_w = []
+        for _ in range(iw_samples):
+            eps = draws.draw()
+            z_k = post.mu + eps * sigma
+            # log p(z) - log q(z): the 2*pi terms cancel; z = mu + sigma * eps.
+            log_ratio = (-0.5 * z_k.square() + 0.5 * eps.square() + 0.5 * post.logvar).flatten(1).sum(1)
+            log_w.append(log_ratio - nll_of(z_k))
+        iw = -(torch.logsumexp(torch.stack(log_w), dim=0) - math.log(iw_samples))
+    return SequenceBounds(nll=nll, kl=post.kl(), n_tokens=n_tokens, reuse=reuse, iw=iw, z=z, nll_prior=nll_prior)
 
 
 def perplexity(bound: torch.Tensor, n_tokens: torch.Tensor) -> float:
@@ -113,9 +140,12 @@ def evaluate_bounds(model: LatentThoughtModel, batches: Iterable[torch.Tensor], 
     """Bounds over a fixed evaluation set, as metrics named `{prefix}/...`.
 
     Keys: nll and kl (nats per token), ppl_bound (fresh-noise ELBO), ppl_bound_seqmean,
-    ppl_reuse (released-code scoring, optimistic), ppl_iw (when iw_samples > 0).
-    Sequence i of the whole set always gets seed `seed + i`, so results do not depend on batching.
+    ppl_reuse (released-code scoring, optimistic), ppl_iw (when iw_samples > 0); for an LTM also
+    kl_floor, nll_swap (given sequence i + N/2's sample, N sequences; needs N >= 2) and nll_prior,
+    in nats per token. Sequence i of the whole set always gets seed `seed + i`, so results do not
+    depend on batching.
     """
+    batches = list(batches)
     parts: list[SequenceBounds] = []
     offset = 0
     for batch in batches:
@@ -129,14 +159,36 @@ def evaluate_bounds(model: LatentThoughtModel, batches: Iterable[torch.Tensor], 
         return torch.cat([getattr(p, name) for p in parts]).double()
 
     n = cat("n_tokens")
+    tokens = n.sum().item()
     nll, kl = cat("nll"), cat("kl")
     metrics = {
-        f"{prefix}/nll": nll.sum().item() / n.sum().item(),
-        f"{prefix}/kl": kl.sum().item() / n.sum().item(),
+        f"{prefix}/nll": nll.sum().item() / tokens,
+        f"{prefix}/kl": kl.sum().item() / tokens,
         f"{prefix}/ppl_bound": perplexity(nll + kl, n),
         f"{prefix}/ppl_bound_seqmean": perplexity_seqmean(nll + kl, n),
-        f"{prefix}/ppl_reuse": perplexity(cat("nll_reuse") + kl, n),
+        f"{prefix}/ppl_reuse": perplexity(cat("reuse"), n),
     }
     if iw_samples:
         metrics[f"{prefix}/ppl_iw"] = perplexity(cat("iw"), n)
+    if model.cfg.kind == "ltm":
+        mcfg = model.cfg
+        metrics[f"{prefix}/kl_floor"] = kl_floor(cfg, mcfg.n_latents, mcfg.d_model) * len(n) / tokens
+        metrics[f"{prefix}/nll_prior"] = cat("nll_prior").sum().item() / tokens
+        if len(n) >= 2:
+            metrics[f"{prefix}/nll_swap"] = _swapped_nll(model, batches, parts) / tokens
     return metrics
+
+
+def _swapped_nll(model: LatentThoughtModel, batches: list[torch.Tensor], parts: list[SequenceBounds]) -> float:
+    """Summed NLL of each sequence i given the posterior sample of sequence (i + N/2) mod N.
+
+    Half the set apart rather than the next one: neighbouring evaluation blocks are consecutive
+    pieces of one stream and can share a document, and a shared document's z would carry real
+    information about the other block."""
+    z = torch.cat([p.z for p in parts])
+    z = z.roll(-(len(z) // 2), dims=0)
+    total, offset = 0.0, 0
+    for batch in batches:
+        total += sequence_nll(model, batch, z[offset:offset + len(batch)]).double().sum().item()
+        offset += len(batch)
+    return total

@@ -226,9 +226,13 @@ class LatentThoughtModel(nn.Module):
         positions = torch.arange(start, start + length, device=device)
         return rope_angles(self.cfg.head_dim, positions, self.cfg.rope_theta)
 
+    def latent_positions(self) -> torch.Tensor:
+        """Released-code pseudo-positions of a layer's latents (latent_rope=True): latent j sits at
+        j * (ctx // n_latents), n_latents the total over all layers, the same in every layer."""
+        return torch.arange(self.cfg.latents_per_layer) * (self.cfg.ctx // self.cfg.n_latents)
+
     def _latent_rope(self, device: torch.device):
-        m = self.cfg.latents_per_layer
-        positions = torch.arange(m, device=device) * (self.cfg.ctx // m)
+        positions = self.latent_positions().to(device)
         return rope_angles(self.cfg.head_dim, positions, self.cfg.rope_theta)
 
     def _attn_mask(self, T: int, device: torch.device) -> torch.Tensor | None:

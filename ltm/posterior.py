@@ -118,7 +118,7 @@ def infer_posterior(model: LatentThoughtModel, tokens: torch.Tensor, cfg: Infere
             else:
                 grads = torch.autograd.grad(objective.sum(), params)
             trace.append(objective.detach())
-            _adamw_step(params, grads, exp_avg, exp_avg_sq, step + 1, cfg.lr(step), beta1, beta2,
+            adamw_step(params, grads, exp_avg, exp_avg_sq, step + 1, cfg.lr(step), beta1, beta2,
                         cfg.eps, cfg.weight_decay)
 
     mu, logvar = mu.detach(), logvar.detach()
@@ -139,9 +139,12 @@ def _masked_sum(nll: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
 
 
 @torch.no_grad()
-def _adamw_step(params, grads, exp_avg, exp_avg_sq, step, lr, beta1, beta2, eps, weight_decay) -> None:
-    # Exactly torch.optim.AdamW's update (decoupled decay, bias-corrected moments), written
-    # out so the lr can change every step without optimiser objects in the hot loop.
+def adamw_step(params: list[torch.Tensor], grads: Sequence[torch.Tensor], exp_avg: list[torch.Tensor],
+               exp_avg_sq: list[torch.Tensor], step: int, lr: float, beta1: float, beta2: float, eps: float,
+               weight_decay: float) -> None:
+    """One in-place AdamW update of `params` (step counts from 1): exactly torch.optim.AdamW's
+    (decoupled decay, bias-corrected moments), written out so the lr can change every step
+    without optimiser objects in the hot loop. The KL floor (`ltm.kl_floor`) runs the same update."""
     bias1, bias2_sqrt = 1 - beta1**step, (1 - beta2**step) ** 0.5
     for p, g, m, v in zip(params, grads, exp_avg, exp_avg_sq):
         p.mul_(1 - lr * weight_decay)

@@ -494,6 +494,16 @@ def _train(cfg: RunConfig, model_cfg: ModelConfig, model, optimizer, train_block
     return RunResult("FINISHED", run_id, last_metrics, run_dir)
 
 
+def bound_summary(metrics: dict[str, float], prefix: str = "val") -> str:
+    """One line that reads an LTM bound: NLL given z, KL above the floor, the floor, and the
+    information the decoder takes from z (nats per token)."""
+    m = {k.removeprefix(f"{prefix}/"): v for k, v in metrics.items()}
+    return (f"bound {m['nll'] + m['kl']:.3f} nats/token = NLL given z {m['nll']:.3f} + KL above the floor "
+            f"{m['kl'] - m['kl_floor']:.3f} + KL floor {m['kl_floor']:.3f}; the decoder takes "
+            f"{m['nll_swap'] - m['nll']:.3f} nats/token from z ({prefix}/nll_swap - {prefix}/nll; "
+            f"NLL given a prior sample {m['nll_prior']:.3f})")
+
+
 def _crossed(tokens: int, per_step: int, every: int) -> bool:
     """Whether the update that reached `tokens` crossed a multiple of `every`."""
     return tokens // every > (tokens - per_step) // every
@@ -544,6 +554,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{result.status}: run {cfg.run_key()} (MLflow run {result.run_id})" + (f": {result.reason}" if result.reason else ""))
         for k, v in sorted(result.metrics.items()):
             print(f"  {k:24s} {v:.6g}")
+        if "val/nll_swap" in result.metrics:
+            print(bound_summary(result.metrics))
     return {"FINISHED": EXIT_FINISHED, "SKIPPED": EXIT_FINISHED, "KILLED": EXIT_INTERRUPTED}.get(result.status, EXIT_FAILED)
 
 

@@ -51,11 +51,16 @@ def test_a_replayed_step_keeps_its_last_value():
 def test_plot_scaling_writes_figures_tables_and_an_analysis_run(tracked, tmp_path):
     assert plot_scaling.main(["--runs-dir", str(tracked), "--experiment", "a", "--out", str(tmp_path),
                               "--bootstrap", "10"]) == 0
-    for name in ("inference_scaling", "sample_efficiency", "compute_efficiency"):
+    for name in ("inference_scaling", "bound_decomposition", "sample_efficiency", "compute_efficiency"):
         assert (tmp_path / f"{name}.png").stat().st_size > 10_000 and (tmp_path / f"{name}.pdf").exists()
     fits = pd.read_csv(tmp_path / "fits.csv")
     assert set(fits["parameter"]) == {"E", "A", "gamma"} and fits["ci_low"].notna().all()
-    assert len(pd.read_csv(tmp_path / "runs.csv")) == 5
+    table = pd.read_csv(tmp_path / "runs.csv")
+    assert len(table) == 5
+    ltm_rows = table[table["model.kind"] == "ltm"]
+    assert ltm_rows[["kl_floor", "nll_swap", "nll_prior", "z_info", "reuse_gap"]].notna().all().all()
+    assert (ltm_rows["kl_above_floor"] == ltm_rows["kl"] - ltm_rows["kl_floor"]).all()
+    assert table.loc[table["model.kind"] == "ar", ["kl_floor", "nll_swap"]].isna().all().all()
     client = MlflowClient(default_tracking_uri(tracked))
     analysis = client.search_runs([client.get_experiment_by_name("a").experiment_id],
                                   filter_string="tags.`ltm.analysis` = 'plot_scaling'")

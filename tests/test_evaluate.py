@@ -5,7 +5,8 @@ import pytest
 import torch
 
 import ltm
-from ltm.evaluate import evaluate_bounds, perplexity, perplexity_seqmean, sequence_bounds
+from ltm.evaluate import evaluate_bounds, perplexity, perplexity_seqmean, sequence_bounds, sequence_nll
+from ltm.kl_floor import kl_floor
 from ltm.model import token_nll
 
 
@@ -59,21 +60,117 @@ def test_evaluation_is_reproducible_from_its_seed(smoke_model, tokens):
     assert a == b and a != c
 
 
-def test_metric_names_follow_the_design(smoke_model, tokens):
+def test_metric_names_follow_the_design(smoke_model, smoke_cfg, tokens):
+    bounds = {"val/nll", "val/kl", "val/ppl_bound", "val/ppl_bound_seqmean", "val/ppl_reuse", "val/ppl_iw"}
     metrics = evaluate_bounds(smoke_model, [tokens], ltm.InferenceConfig(steps=1), iw_samples=2, prefix="val")
-    assert set(metrics) == {"val/nll", "val/kl", "val/ppl_bound", "val/ppl_bound_seqmean", "val/ppl_reuse", "val/ppl_iw"}
+    assert set(metrics) == bounds | {"val/kl_floor", "val/nll_swap", "val/nll_prior"}
     assert metrics["val/ppl_bound"] == pytest.approx(math.exp(metrics["val/nll"] + metrics["val/kl"]))
+    ar = ltm.build_model(dataclasses.replace(smoke_cfg, kind="ar"))
+    assert set(evaluate_bounds(ar, [tokens], ltm.InferenceConfig(steps=1), iw_samples=2)) == bounds
 
 
-def test_token_weighted_and_sequence_mean_perplexities_differ_as_defined():
-    bound = torch.tensor([10.0, 40.0])
-    n = torch.tensor([10.0, 20.0])
-    assert perplexity(bound, n) == pytest.approx(math.exp(50 / 30))
-    assert perplexity_seqmean(bound, n) == pytest.approx((math.exp(1) + math.exp(2)) / 2)
+def z_blind(model):
+    """The same decoder with every cross-attention output zeroed: the NLL no longer depends on z."""
+    for block in model.blocks:
+        torch.nn.init.zeros_(block.cross.o.weight)
+    return model
 
 
-def test_bad_evaluation_input_is_rejected(smoke_model, tokens):
-    with pytest.raises(ValueError, match="no batches"):
-        evaluate_bounds(smoke_model, [], ltm.InferenceConfig(steps=1))
-    with pytest.raises(ValueError, match="iw_samples must be >= 0"):
-        sequence_bounds(smoke_model, tokens, ltm.InferenceConfig(steps=1), seeds=[0, 1, 2], iw_samples=-1)
+@pytest.mark.parametrize("steps", [1, 4, 16, 32, 64])
+def test_kl_floor_is_what_the_inner_loop_reaches_when_z_carries_nothing(steps):
+    cfg = ltm.model_preset("micro")
+    torch.manual_seed(0)
+    model = z_blind(ltm.build_model(cfg))
+    tokens = torch.randint(0, cfg.vocab_size, (8, cfg.ctx + 1), generator=torch.Generator().manual_seed(0))
+    icfg = ltm.InferenceConfig(steps=steps)
+    kl = ltm.infer_posterior(model, tokens, icfg, seeds=range(8)).kl().mean().item()
+    floor = kl_floor(icfg, cfg.n_latents, cfg.d_model)
+    # within 1 %; at T=64 the floor is ~0.01 nats per sequence, so an absolute tolerance there
+    assert kl == pytest.approx(floor, rel=0.01, abs=1e-3)
+
+
+def test_kl_floor_follows_the_inner_loop_options():
+    base = ltm.InferenceConfig(steps=16)
+    per_dim = kl_floor(base, 1, 1)
+    assert kl_floor(base, 8, 128) == pytest.approx(per_dim * 8 * 128)
+    assert kl_floor(dataclasses.replace(base, steps=32), 1, 1) < per_dim  # more steps, lower floor
+    assert kl_floor(dataclasses.replace(base, lr_max=0.034), 1, 1) > per_dim  # smaller steps, higher floor
+    # fixed variance: logvar stays at -5, so its KL term (exp(-5) - 1 + 5) / 2 stays in full
+    fixed = kl_floor(dataclasses.replace(base, fixed_variance=True), 1, 1)
+    assert fixed >= 0.5 * (math.exp(-5) - 1 + 5)
+    # the reuse-noise and decoder-gradient options do not touch the KL term
+    assert kl_floor(dataclasses.replace(base, reuse_noise=True, decoder_grad="trajectory"), 1, 1) == per_dim
+    with pytest.raises(ValueError, match="n_latents >= 1"):
+        kl_floor(base, 0, 128)
+
+
+def test_z_blind_decoder_takes_no_information_from_z(smoke_model, tokens):
+    metrics = evaluate_bounds(z_blind(smoke_model), [tokens], ltm.InferenceConfig(steps=4))
+    assert metrics["val/nll_swap"] == pytest.approx(metrics["val/nll"], rel=1e-6)
+    assert metrics["val/nll_prior"] == pytest.approx(metrics["val/nll"], rel=1e-6)
+    assert metrics["val/kl"] == pytest.approx(metrics["val/kl_floor"], rel=0.05)  # 3 x 128 dimensions only
+
+
+def test_swap_scores_each_sequence_with_another_sequences_sample(smoke_model, smoke_cfg):
+    tokens = torch.randint(0, smoke_cfg.vocab_size, (5, smoke_cfg.ctx + 1), generator=torch.Generator().manual_seed(2))
+    cfg = ltm.InferenceConfig(steps=3)
+    metrics = evaluate_bounds(smoke_model, [tokens[:2], tokens[2:]], cfg, seed=7)
+    z = torch.cat([sequence_bounds(smoke_model, part, cfg, seeds=seeds).z
+                   for part, seeds in ((tokens[:2], [7, 8]), (tokens[2:], [9, 10, 11]))])
+    partner = [(i + 2) % 5 for i in range(5)]  # i + N // 2: no sequence keeps its own
+    expected = sequence_nll(smoke_model, tokens, z[partner]).sum().item() / tokens[:, 1:].numel()
+    assert metrics["val/nll_swap"] == pytest.approx(expected, rel=1e-5)
+    # one sequence has no other to swap with
+    assert "val/nll_swap" not in evaluate_bounds(smoke_model, [tokens[:1]], cfg)
+
+
+def test_reuse_score_is_a_reuse_noise_posterior_at_its_own_noise(smoke_model, tokens):
+    cfg = ltm.InferenceConfig(steps=4)  # the default, fresh-noise inner loop
+    bounds = sequence_bounds(smoke_model, tokens, cfg, seeds=[0, 1, 2])
+    reused = ltm.infer_posterior(smoke_model, tokens, dataclasses.replace(cfg, reuse_noise=True), seeds=[0, 1, 2])
+    torch.testing.assert_close(reused.z, reused.mu + reused.eps * (0.5 * reused.logvar).exp())
+    expected = sequence_nll(smoke_model, tokens, reused.z) + reused.kl()
+    torch.testing.assert_close(bounds.reuse, expected)
+    assert not torch.allclose(bounds.reuse, bounds.elbo)
+    # a reuse-noise run scores its own posterior
+    own = sequence_bounds(smoke_model, tokens, dataclasses.replace(cfg, reuse_noise=True), seeds=[0, 1, 2])
+    torch.testing.assert_close(own.reuse, expected)
+
+
+class ReadsZ(torch.nn.Module):
+    """A decoder whose every prediction is a linear read-out of z: the optimiser of a reuse-noise
+    loop can tune z = mu + eps * sigma to its one draw of eps."""
+
+    def __init__(self, vocab: int = 16, n_latents: int = 2, d: int = 8, gain: float = 20.0) -> None:
+        super().__init__()
+        self.cfg = ltm.ModelConfig(kind="ltm", vocab_size=vocab, n_layers=1, d_model=d, n_heads=2, ctx=32,
+                                   window=None, n_latents=n_latents)
+        self.readout = torch.randn(n_latents * d, vocab, generator=torch.Generator().manual_seed(0)) * gain
+
+    def stem(self, tokens):
+        return tokens
+
+    def forward_from_stem(self, stem, z):
+        return (z.flatten(1) @ self.readout)[:, None, :].expand(-1, stem.shape[1], -1)
+
+    def forward(self, tokens, z):
+        return self.forward_from_stem(tokens, z)
+
+
+def test_reuse_scoring_is_optimistic_when_the_decoder_reads_z():
+    model = ReadsZ()
+    tokens = torch.randint(0, 16, (16, 33), generator=torch.Generator().manual_seed(1))
+
+    def own_and_fresh(reuse_noise: bool):
+        post = ltm.infer_posterior(model, tokens, ltm.InferenceConfig(steps=16, reuse_noise=reuse_noise),
+                                   seeds=range(16))
+        sigma = (0.5 * post.logvar).exp()
+        own = sequence_nll(model, tokens, post.mu + post.eps * sigma)
+        fresh = torch.stack([sequence_nll(model, tokens, post.mu + torch.randn(post.mu.shape, generator=g) * sigma)
+                             for g in [torch.Generator().manual_seed(100 + k) for k in range(8)]]).mean(0)
+        return own, fresh
+
+    own, fresh = own_and_fresh(reuse_noise=True)
+    assert (own < fresh).all() and own.mean() < 0.8 * fresh.mean()  # the artefact: tuned to its one draw
+    own, fresh = own_and_fresh(reuse_noise=False)  # the default loop's z_T noise is a fresh draw: no edge
+    assert 0.25 < (own < fresh).float().mean() < 0.75

@@ -107,6 +107,18 @@ def test_latent_rope_option_changes_the_cross_attention(smoke_cfg, tokens):
     assert not torch.allclose(plain(x, z), rotated(x, z))
 
 
+def test_latent_rope_places_latents_as_the_released_code(tokens):
+    # ctx 128 with 8 latents over 2 layers: latent j of every layer at j * (128 // 8), not j * (128 // 4)
+    cfg = dataclasses.replace(ltm.model_preset("micro"), latent_rope=True)
+    torch.manual_seed(0)
+    model = ltm.build_model(cfg)
+    assert model.latent_positions().tolist() == [0, 16, 32, 48]
+    x, z = tokens[:, :-1] % cfg.vocab_size, latents(cfg, 3)
+    before = model(x, z)
+    model.latent_positions = lambda: torch.arange(4) * 32  # the per-layer spacing this option used to have
+    assert not torch.allclose(before, model(x, z))
+
+
 def test_residual_output_projections_get_the_scaled_init():
     torch.manual_seed(0)
     model = ltm.build_model(ltm.model_preset("micro-m"))

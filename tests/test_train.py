@@ -18,7 +18,9 @@ from ltm.tracking import RUN_KEY_TAG, TrackingError, default_tracking_uri
 
 ROOT = Path(__file__).resolve().parents[1]
 EXPECTED_METRICS = {"train/loss", "train/ppl_bound", "val/nll", "val/kl", "val/ppl_bound", "val/ppl_iw",
-                    "tokens", "flops", "flops_paper", "tokens_per_s"}
+                    "val/ppl_reuse", "tokens", "flops", "flops_paper", "tokens_per_s"}
+LATENT_METRICS = {"val/kl_floor", "val/nll_swap", "val/nll_prior"}
+"""What an LTM evaluation adds to decompose its bound; an AR run logs none of them."""
 
 
 def smoke(tmp_path, *overrides):
@@ -49,7 +51,11 @@ def test_smoke_run_logs_everything_and_a_second_call_skips_it(tmp_path):
     client = MlflowClient(default_tracking_uri(tmp_path / "runs"))
     run = client.get_run(result.run_id)
     assert run.info.status == "FINISHED"
-    assert EXPECTED_METRICS <= set(run.data.metrics)
+    assert EXPECTED_METRICS | LATENT_METRICS <= set(run.data.metrics)
+    for step, _ in history(client.tracking_uri, result.run_id, "val/kl"):  # at every evaluation, beside val/kl
+        assert {k: [s for s, _ in history(client.tracking_uri, result.run_id, k)].count(step)
+                for k in LATENT_METRICS} == dict.fromkeys(LATENT_METRICS, 1)
+    assert 0 < result.metrics["val/kl_floor"] <= result.metrics["val/kl"]
     assert run.data.params["inference.steps"] == "4" and run.data.params["model.kind"] == "ltm"
     assert int(run.data.params["n_params"]) > int(run.data.params["n_params_nonembedding"])
     assert run.data.tags[RUN_KEY_TAG] == cfg.run_key()
@@ -72,6 +78,7 @@ def test_ar_run_trains_and_scores_exactly(tmp_path):
     result = train.run(smoke(tmp_path, "model.kind=ar"), runs_dir=tmp_path / "runs", progress=False)
     assert result.status == "FINISHED"
     assert result.metrics["val/kl"] == 0 and result.metrics["val/ppl_iw"] == pytest.approx(result.metrics["val/ppl_bound"])
+    assert not LATENT_METRICS & set(result.metrics)
 
 
 def test_gradient_accumulation_matches_the_full_batch(tmp_path):
