@@ -16,6 +16,7 @@ All written to --out and logged to an MLflow run named "analysis" in the same ex
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import sys
 from pathlib import Path
 
@@ -41,7 +42,7 @@ def _size_label(row) -> str:
 
 
 def _label(row) -> str:
-    return "AR" if row["model.kind"] == "ar" else f"LTM T={row['inference.steps']}"
+    return _ar_label(row) if row["model.kind"] == "ar" else f"LTM T={row['inference.steps']}"
 
 
 def _style() -> None:
@@ -65,7 +66,9 @@ def _fit_rows(law: str, group: str, result, params: list[str]) -> list[dict]:
 
 
 def optimal_reference(runs: pd.DataFrame, tracking_uri: str) -> dict[str, float]:
-    """Bayes-optimal perplexities of the synthetic corpus on the validation blocks the runs evaluated."""
+    """Bayes-optimal perplexities of the synthetic corpus on the validation blocks the runs evaluated:
+    with the whole block as context, and for a predictor limited to each receptive field
+    n_layers * (window - 1) + 1 among the runs (what a decoder without latents can at best reach)."""
     synthetic = runs[runs["data.name"] == "synthetic"]
     if synthetic.empty:
         return {}
@@ -75,9 +78,18 @@ def optimal_reference(runs: pd.DataFrame, tracking_uri: str) -> dict[str, float]
     cfg = RunConfig.from_dict(_config_of(tracking_uri, synthetic.iloc[0]["run_id"]))
     blocks = load_blocks(cfg.data, cfg.model.ctx, "validation")
     n = min(cfg.train.eval_blocks, len(blocks))
-    window = cfg.model.attn_window
-    return {"optimum, full context": optimal_ppl(blocks, n_blocks=n),
-            f"optimum, {window}-token window": optimal_ppl(blocks, window=window, n_blocks=n)}
+    refs = {"optimum, full context": optimal_ppl(blocks, n_blocks=n)}
+    fields = {_receptive_field(cfg.model, row) for _, row in synthetic.iterrows()} - {cfg.model.ctx}
+    for field in sorted(fields):
+        refs[f"optimum, {field}-token receptive field"] = optimal_ppl(blocks, window=field, n_blocks=n)
+    return refs
+
+
+def _receptive_field(model, row) -> int:
+    """The run's receptive field: the model config with the run's layers and window."""
+    window = row.get("model.window", model.window)
+    window = None if window in (None, "None") or pd.isna(window) else int(window)
+    return dataclasses.replace(model, kind="ar", n_layers=int(row["model.n_layers"]), window=window).receptive_field
 
 
 def _config_of(tracking_uri: str, run_id: str) -> dict:
@@ -102,11 +114,14 @@ def _markdown(df: pd.DataFrame) -> str:
 
 def plot_inference_scaling(runs: pd.DataFrame, refs: dict, out: Path, bootstrap: int) -> tuple[list, list]:
     """Final bound vs inference steps, a line per (size, N_z): colour by N_z, marker by size; fitted
-    L(T) = E + A T^-gamma where a line has 4 or more T values."""
+    L(T) = E + A T^-gamma where a line has 4 or more T values. Runs with the released code's decoder
+    gradient are crosses beside the lines, not part of them."""
     ltm_runs = runs[(runs["model.kind"] == "ltm") & (runs["inference.steps"] > 0)].copy()
     rows: list[dict] = []
     if ltm_runs.empty:
         return [], rows
+    trajectory = ltm_runs.get("inference.decoder_grad", pd.Series("final", index=ltm_runs.index)) == "trajectory"
+    ltm_runs, released = ltm_runs[~trajectory].copy(), ltm_runs[trajectory]
     ltm_runs["size"] = ltm_runs.apply(_size_label, axis=1)
     ltm_runs["N_z"] = ltm_runs["model.n_latents"].astype(str)
     fig, ax = plt.subplots(figsize=(6.4, 4.2))
@@ -129,11 +144,16 @@ def plot_inference_scaling(runs: pd.DataFrame, refs: dict, out: Path, bootstrap:
         joint = fit.fit_inference_law_joint(finals["inference.steps"], np.log(finals[f"final/{METRIC}"]),
                                             finals["size"] + " N_z=" + finals["N_z"], bootstrap=bootstrap)
         rows += _fit_rows("log ppl = E_g + A_g T^-gamma (shared gamma)", "all groups", joint, ["gamma"])
-    for (name, value), ls in zip(refs.items(), (":", "-.")):
+    for nz, g in released.groupby(released["model.n_latents"].astype(str)):
+        g = g.groupby("inference.steps")[f"final/{METRIC}"].mean()
+        ax.plot(g.index, g.to_numpy(), "X", ms=8, mec="black", color=palette.get(nz, "tab:red"),
+                label=f"N_z={nz}, decoder_grad=trajectory")
+    for (name, value), ls in zip(refs.items(), (":", "-.", "--", (0, (1, 3)))):
         ax.axhline(value, color="0.3", ls=ls, lw=1, label=f"{name}: {value:.2f}")
     ar = runs[runs["model.kind"] == "ar"]
-    if not ar.empty:
-        ax.axhline(ar[f"final/{METRIC}"].min(), color="black", lw=1, label="best AR baseline")
+    for (label, a), colour in zip(ar.assign(label=ar.apply(_ar_label, axis=1)).groupby("label") if not ar.empty else [],
+                                  ("black", "#8c564b", "#2ca02c")):
+        ax.axhline(a[f"final/{METRIC}"].min(), color=colour, lw=1, label=f"best {label}")
     ax.set(xscale="log", yscale="log", xlabel="inference steps T", ylabel="validation perplexity bound (ELBO)",
            title="Inference-time scaling")
     steps = sorted(ltm_runs["inference.steps"].unique())
@@ -144,7 +164,7 @@ def plot_inference_scaling(runs: pd.DataFrame, refs: dict, out: Path, bootstrap:
 
 
 def _variant(row) -> str:
-    """What sets an LTM run apart beyond size, N_z and T: a non-default decoder gradient or window."""
+    """What sets an LTM run apart beyond size and T: its N_z, and the released code's decoder gradient."""
     parts = [f"N_z={row['model.n_latents']}"]
     if row.get("inference.decoder_grad") == "trajectory":
         parts.append("decoder_grad=trajectory")
@@ -187,7 +207,7 @@ def plot_bound_decomposition(runs: pd.DataFrame, refs: dict, out: Path) -> list:
             ax.bar(left, height, width=right - left, bottom=bottom, align="edge",
                    color=colours[name], edgecolor="white", lw=0.5, label=name)
             bottom += height
-        for (name, value), ls in zip(refs.items(), (":", "-.")):
+        for (name, value), ls in zip(refs.items(), (":", "-.", "--", (0, (1, 3)))):
             ax.axhline(np.log(value), color="0.2", ls=ls, lw=1, label=f"{name}: {np.log(value):.2f}")
         same = ar[(ar["size"] == size) & (ar["train.tokens"] == g["train.tokens"].max())] if not ar.empty else ar
         for (label, a), colour in zip(same.groupby("label"), ("black", "#8c564b", "#2ca02c")):
@@ -206,7 +226,8 @@ def plot_bound_decomposition(runs: pd.DataFrame, refs: dict, out: Path) -> list:
 
 
 def _curves(hist: pd.DataFrame, runs: pd.DataFrame, x: str) -> pd.DataFrame:
-    cols = ["run_id", "model.kind", "inference.steps", "model.n_layers", "model.d_model", "model.n_latents"]
+    cols = ["run_id", "model.kind", "inference.steps", "model.n_layers", "model.d_model", "model.n_latents",
+            "model.window"]
     h = hist.dropna(subset=[METRIC, x]).merge(runs[[c for c in cols if c in runs]], on="run_id")
     h["label"] = h.apply(_label, axis=1)
     h["size"] = h.apply(_size_label, axis=1)
@@ -215,14 +236,14 @@ def _curves(hist: pd.DataFrame, runs: pd.DataFrame, x: str) -> pd.DataFrame:
 
 def plot_efficiency(hist: pd.DataFrame, runs: pd.DataFrame, out: Path, x: str, name: str, xlabel: str,
                     frontier: bool) -> list:
-    """Validation bound against training tokens or FLOPs: a curve per run, coloured by T (AR in black),
-    with a line style per latent count N_z when the LTM runs differ in it."""
+    """Validation bound against training tokens or FLOPs: a curve per run, coloured by T (AR in dark
+    colours, one per window), with a line style per latent count N_z when the LTM runs differ in it."""
     h = _curves(hist, runs, x)
     if h.empty:
         return []
-    labels = sorted(h["label"].unique(), key=lambda s: (s != "AR", int(s.split("=")[1]) if "=" in s else 0))
-    colours = dict(zip([lab for lab in labels if lab != "AR"], sns.color_palette("flare", len(labels))))
-    colours["AR"] = (0, 0, 0)
+    labels = sorted(h["label"].unique(), key=lambda s: (not s.startswith("AR"), int(s.split("=")[1]) if "=" in s else 0))
+    colours = dict(zip([lab for lab in labels if not lab.startswith("AR")], sns.color_palette("flare", len(labels))))
+    colours.update(zip([lab for lab in labels if lab.startswith("AR")], ["black", "#8c564b", "#2ca02c", "0.4"]))
     latents = sorted(h.loc[h["model.kind"] == "ltm", "model.n_latents"].unique()) if "model.n_latents" in h else []
     styles = dict(zip(latents, ["-", "--", ":", "-."] * 4))
     sizes = sorted(h["size"].unique())
@@ -232,8 +253,9 @@ def plot_efficiency(hist: pd.DataFrame, runs: pd.DataFrame, out: Path, x: str, n
         for (label, run_id), g in hs.groupby(["label", "run_id"]):
             g = g.sort_values(x)
             nz = g["model.n_latents"].iloc[0] if latents else None
-            style = styles.get(nz, "-") if label != "AR" else "-"
-            legend = f"{label}, N_z={nz}" if label != "AR" and len(latents) > 1 else label
+            is_ar = label.startswith("AR")
+            style = "-" if is_ar else styles.get(nz, "-")
+            legend = f"{label}, N_z={nz}" if not is_ar and len(latents) > 1 else label
             ax.plot(g[x], g[METRIC], style, marker="o", ms=2.5, lw=1.2, color=colours[label], label=legend)
         if frontier:
             idx = fit.compute_frontier(hs[x].to_numpy(), hs[METRIC].to_numpy())
@@ -248,14 +270,15 @@ def plot_efficiency(hist: pd.DataFrame, runs: pd.DataFrame, out: Path, x: str, n
     return _save(fig, out, name)
 
 
-def curve_power_laws(hist: pd.DataFrame, runs: pd.DataFrame, flops_key: str) -> list[dict]:
-    """log ppl = E + A x^-alpha along each run's validation curve, x = tokens and x = FLOPs."""
+def curve_power_laws(hist: pd.DataFrame, runs: pd.DataFrame, flops_key: str, bootstrap: int = 0) -> list[dict]:
+    """log ppl = E + A x^-alpha along each run's validation curve, x = tokens and x = FLOPs, with
+    bootstrap intervals over the curve's points (wide for a short curve: that is the honest answer)."""
     rows: list[dict] = []
     for x in ("tokens", flops_key):
         for run_id, g in _curves(hist, runs, x).groupby("run_id"):
             if g[x].nunique() < 5:  # three parameters need a curve with room to spare
                 continue
-            law = fit.fit_power_law(g[x], np.log(g[METRIC]))
+            law = fit.fit_power_law(g[x], np.log(g[METRIC]), bootstrap=bootstrap)
             rows += _fit_rows(f"log ppl = E + A {x}^-alpha", f"{g['label'].iloc[0]}, {g['size'].iloc[0]}, run {run_id[:8]}",
                               law, ["E", "A", "alpha"])
     return rows
@@ -364,7 +387,7 @@ def main(argv: list[str] | None = None) -> int:
         figures += plot_efficiency(hist, runs, out, flops_key, "compute_efficiency",
                                    f"training FLOPs ({args.flops_convention} convention)", True)
         figure4, fits4 = plot_model_size(runs, out, args.bootstrap)
-        tables += write_tables(runs, fits1 + fits4 + curve_power_laws(hist, runs, flops_key), out)
+        tables += write_tables(runs, fits1 + fits4 + curve_power_laws(hist, runs, flops_key, args.bootstrap), out)
 
     tracker = Tracker(uri, args.experiment)
     run_id = tracker.client.create_run(tracker.experiment_id, run_name="analysis",

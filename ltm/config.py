@@ -86,6 +86,12 @@ class ModelConfig:
         """The effective self-attention window in tokens."""
         return self.ctx if self.window is None else self.window
 
+    @property
+    def receptive_field(self) -> int:
+        """Tokens a prediction can depend on through the self-attention stack alone:
+        n_layers * (window - 1) + 1, at most the context."""
+        return min(self.ctx, self.n_layers * (self.attn_window - 1) + 1)
+
 
 @dataclass(frozen=True)
 class InferenceConfig:
@@ -144,6 +150,10 @@ MODEL_PRESETS: dict[str, ModelConfig] = {
     "ltm-l": ModelConfig(n_layers=12, **_PAPER),
 }
 MODEL_PRESETS["micro"] = MODEL_PRESETS["micro-s"]
+# Where latents can pay (docs/RESULTS.md): 2 layers of an 8-token window see 15 tokens, while the
+# micro-rf corpus repeats each document's plan every ~40 tokens, inside a 128-token block.
+MODEL_PRESETS["micro-rf"] = ModelConfig(vocab_size=128, n_layers=2, d_model=64, n_heads=4, ctx=128, window=8,
+                                        n_latents=4)
 
 
 def model_preset(name: str, **overrides) -> ModelConfig:
@@ -178,8 +188,17 @@ class DataConfig:
     synthetic_vocab: int = 512
     """Vocabulary of the synthetic corpus (the model's vocab_size is taken from the data)."""
     synthetic_slots: int = 16
-    """Slots in a synthetic document's plan; a slot recurs about every 5 * slots tokens, so set it
-    near window / 4 for the latent to matter beyond the attention window (16 for window 64)."""
+    """Slots in a synthetic document's plan; a slot recurs about every slots * (1 + p) / p tokens (p the
+    event probability; 80 tokens for 16 slots), so set it so that this exceeds the model's receptive
+    field n_layers * (window - 1) + 1 while staying inside the block, for the latent to matter."""
+    synthetic_topics: int = 8
+    """Topics of the synthetic corpus: each a sparse bigram chain over the words."""
+    synthetic_branching: int = 8
+    """Successors per word in a topic's chain (fewer: an easier short-range structure to learn)."""
+    synthetic_event_prob: float = 0.25
+    """Probability that a slot marker (then its value) follows a word or value."""
+    synthetic_doc_len: float = 300.0
+    """Mean synthetic document length in tokens (BOS and EOS included)."""
     seed: int = 0
     """Seed of the corpus itself (synthetic generation, shuffles); independent of the run seed."""
     cache_dir: str | None = None
@@ -198,14 +217,20 @@ class DataConfig:
             raise ConfigError("data.val_name is empty; use None or a source like data.name")
         if self.synthetic_tokens < 2:
             raise ConfigError(f"data.synthetic_tokens must be >= 2, got {self.synthetic_tokens}")
-        if self.synthetic_slots < 1:
-            raise ConfigError(f"data.synthetic_slots must be >= 1, got {self.synthetic_slots}")
+        for name in ("synthetic_slots", "synthetic_topics", "synthetic_branching"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"data.{name} must be >= 1, got {getattr(self, name)}")
+        if not 0 < self.synthetic_event_prob < 1:
+            raise ConfigError(f"data.synthetic_event_prob must be in (0, 1), got {self.synthetic_event_prob}")
+        if self.synthetic_doc_len < 4:
+            raise ConfigError(f"data.synthetic_doc_len must be >= 4 tokens, got {self.synthetic_doc_len}")
         # the synthetic vocabulary is words + slot markers + vocab // 4 values + EOS + BOS
         words = self.synthetic_vocab - 2 - self.synthetic_slots - self.synthetic_vocab // 4
-        if words < 8:
+        if words < max(8, self.synthetic_branching):
             raise ConfigError(
                 f"data.synthetic_vocab={self.synthetic_vocab} leaves {words} word tokens with "
-                f"{self.synthetic_slots} slots; need >= 8: raise synthetic_vocab or lower synthetic_slots")
+                f"{self.synthetic_slots} slots; need >= max(8, synthetic_branching={self.synthetic_branching}): "
+                "raise synthetic_vocab or lower synthetic_slots")
 
 
 @dataclass(frozen=True)
@@ -370,19 +395,29 @@ def _run_presets() -> dict[str, RunConfig]:
         data=DataConfig(synthetic_tokens=2_000_000, val_blocks=64),
         train=TrainConfig(tokens=400_000, batch_size=16, lr=2e-3, min_lr=2e-4, warmup_steps=20,
                           eval_blocks=32, iw_samples=8, eval_every=100_000, checkpoint_every=100_000))
+    # The corpus of the micro studies: a plan of 8 slots over 32 values, recurring every ~40 tokens,
+    # and 4 topics of a 4-successor word chain, simple enough for an AR of the same window to come
+    # within 1.3x of its receptive-field optimum in a few hundred thousand tokens.
+    micro_rf = RunConfig(
+        model=MODEL_PRESETS["micro-rf"], inference=InferenceConfig(steps=16),
+        data=DataConfig(synthetic_tokens=2_000_000, synthetic_vocab=128, synthetic_slots=8, synthetic_topics=4,
+                        synthetic_branching=4, val_blocks=64),
+        train=TrainConfig(tokens=600_000, batch_size=8, lr=4e-3, min_lr=4e-4, warmup_steps=20,
+                          eval_blocks=32, iw_samples=8, eval_every=150_000, checkpoint_every=150_000))
     paper = {size: RunConfig(
         model=MODEL_PRESETS[size], inference=InferenceConfig(steps=16), data=DataConfig(name="openwebtext", val_blocks=256),
         train=TrainConfig(tokens=3_000_000_000, batch_size=512, micro_batch_size=32, eval_every=50_000_000,
                           eval_blocks=256, checkpoint_every=50_000_000, log_every=5_242_880))
         for size in ("ltm-s", "ltm-m", "ltm-l")}
-    return {"smoke": smoke, "micro": micro, **paper}
+    return {"smoke": smoke, "micro": micro, "micro-rf": micro_rf, **paper}
 
 
 RUN_PRESETS: dict[str, RunConfig] = _run_presets()
 
 
 def run_preset(name: str) -> RunConfig:
-    """A named run recipe: "smoke" (seconds on a CPU), "micro" (minutes on a laptop), "ltm-s|m|l" (paper)."""
+    """A named run recipe: "smoke" (seconds on a CPU), "micro" (minutes on a laptop), "micro-rf" (the
+    micro studies' receptive-field-limited regime), "ltm-s|m|l" (paper)."""
     try:
         return RUN_PRESETS[name.lower()]
     except KeyError:

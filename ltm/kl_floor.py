@@ -7,7 +7,7 @@ logvar = -5, AdamW lifts logvar by at most the sum of the inner learning rates, 
 large part of the KL is this floor, not information about the sequence.
 
 `kl_floor(cfg, n_latents, d_model)` is its expectation over the initialisation, per sequence.
-Printed as a table (per dimension, and in nats/token for the micro and paper shapes):
+Printed as a table (per dimension, and in nats/token for the micro, micro-rf and LTM-L shapes):
 
     python -m ltm.kl_floor [--steps 1,4,16,32,64,128]
 """
@@ -65,6 +65,7 @@ def kl_floor(cfg: InferenceConfig, n_latents: int, d_model: int) -> float:
 
 def _table(steps: list[int]) -> str:
     shapes = {"micro (N_z=8, d=128, ctx 128)": model_preset("micro"),
+              "micro-rf (N_z=4, d=64, ctx 128)": model_preset("micro-rf"),
               "LTM-L (N_z=24, d=512, ctx 1024)": model_preset("ltm-l")}
     head = ["T", "KL floor per dim (nats)"] + [f"{name}: nats/token" for name in shapes]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]

@@ -92,3 +92,25 @@ def test_evaluations_of_checkpoints_get_a_table_and_are_not_training_runs(tracke
     assert plot_scaling.main(["--runs-dir", str(tracked), "--experiment", "e", "--out", str(tmp_path)]) == 0
     table = pd.read_csv(tmp_path / "eval_generation.csv")
     assert len(table) == 2 and table["gen/cond/entropy"].notna().all() and not (tmp_path / "runs.csv").exists()
+
+
+def test_compare_scores_two_runs_on_the_same_blocks(tracked, tmp_path, capsys):
+    from analysis import compare
+
+    base = run_preset("smoke").with_overrides([f"data.cache_dir={tracked.parent / 'cache'}", "train.tokens=4096",
+                                               "train.eval_every=2048"])
+    ltm_key, ar_key = base.with_overrides(["inference.steps=4"]).run_key(), base.with_overrides(["model.kind=ar"]).run_key()
+    out = tmp_path / "compare.csv"
+    assert compare.main([ltm_key, ar_key, "--runs-dir", str(tracked), "--blocks", "8", "--bootstrap", "200",
+                         "--out", str(out)]) == 0
+    row = pd.read_csv(out).iloc[0]
+    assert row["B_kl"] == 0 and row["A_kl"] > 0 and row["blocks"] == 8
+    assert row["bound_A_minus_B"] == pytest.approx(row["A_bound"] - row["B_bound"])
+    assert row["bound_ci_low"] <= row["bound_A_minus_B"] <= row["bound_ci_high"]
+    assert row["nll_ci_low"] <= row["nll_A_minus_B"] <= row["nll_ci_high"]
+    # a run against itself: no difference, and no spread to bootstrap
+    assert compare.main([ar_key, ar_key, "--runs-dir", str(tracked), "--blocks", "8", "--out", str(out)]) == 0
+    same = pd.read_csv(out).iloc[0]
+    assert same["bound_A_minus_B"] == 0 and same["bound_ci_low"] == same["bound_ci_high"] == 0
+    assert compare.main(["no-such-run", ar_key, "--runs-dir", str(tracked)]) == 2
+    assert "neither a checkpoint path nor a run key" in capsys.readouterr().err

@@ -62,3 +62,11 @@ def test_inner_learning_rate_is_a_cosine_from_max_to_min():
     assert cfg.lr(0) == pytest.approx(0.34)
     assert cfg.lr(8) == pytest.approx((0.34 + 0.034) / 2)
     assert cfg.lr(15) > 0.034 and cfg.lr(15) < cfg.lr(14)
+
+
+def test_receptive_field_of_a_windowed_stack():
+    micro = ltm.model_preset("micro")  # 2 layers of window 64 in a 128-token context
+    assert micro.receptive_field == 2 * 63 + 1
+    assert dataclasses.replace(micro, window=8).receptive_field == 15
+    assert dataclasses.replace(micro, n_layers=4, window=64).receptive_field == 128  # capped at ctx
+    assert dataclasses.replace(micro, window=None).receptive_field == 128

@@ -16,6 +16,7 @@ from ltm.data import (
     GPT2_ENV, DataError, DataNotFoundError, SyntheticCorpus, SyntheticSpec, check_data, gpt2_tokenizer,
     load_blocks, load_tokenizer, optimal_ppl, resolve_source,
 )
+from ltm.data.blocks import synthetic_spec
 from ltm.data.sources import split_text_file
 
 SHARED = Path(__file__).resolve().parents[1] / ".." / "shared" / "data"
@@ -217,6 +218,21 @@ def test_folder_without_text_files_is_an_error(tmp_path):
 def test_synthetic_config_errors_say_what_to_change():
     with pytest.raises(ConfigError, match="raise synthetic_vocab or lower synthetic_slots"):
         DataConfig(synthetic_vocab=16, synthetic_slots=4)
+    with pytest.raises(ConfigError, match="synthetic_branching=40"):
+        DataConfig(synthetic_vocab=64, synthetic_branching=40)
+    with pytest.raises(ConfigError, match="synthetic_event_prob must be in"):
+        DataConfig(synthetic_event_prob=1.0)
+    with pytest.raises(ConfigError, match="synthetic_doc_len must be >= 4"):
+        DataConfig(synthetic_doc_len=2)
+    with pytest.raises(ConfigError, match="synthetic_topics must be >= 1"):
+        DataConfig(synthetic_topics=0)
+
+
+def test_every_synthetic_knob_reaches_the_corpus():
+    cfg = DataConfig(synthetic_vocab=128, synthetic_slots=8, synthetic_topics=4, synthetic_branching=4,
+                     synthetic_event_prob=0.2, synthetic_doc_len=120.0, seed=5)
+    assert synthetic_spec(cfg) == SyntheticSpec(vocab_size=128, n_slots=8, n_topics=4, branching=4,
+                                                event_prob=0.2, doc_len=120.0, seed=5)
     with pytest.raises(DataError, match="own vocabulary"):
         load_tokenizer(DataConfig(tokenizer="gpt2"))
 
@@ -332,8 +348,15 @@ def _brute_force_log_probs(c: SyntheticCorpus, seqs: np.ndarray) -> np.ndarray:
     return out
 
 
-def test_forward_algorithm_matches_brute_force_enumeration():
-    c = SyntheticCorpus(TINY)
+# A second tiny instance with every knob the DataConfig exposes moved: one topic, three slots
+# cycling, shorter documents, rarer events (the shape of the regime corpus, in miniature).
+TINY_VARIANT = SyntheticSpec(vocab_size=12, n_slots=3, n_topics=1, branching=3, doc_len=20,
+                             event_prob=0.2, copy_noise=0.1, seed=4)
+
+
+@pytest.mark.parametrize("spec", [TINY, TINY_VARIANT], ids=["tiny", "tiny-variant"])
+def test_forward_algorithm_matches_brute_force_enumeration(spec):
+    c = SyntheticCorpus(spec)
     stream = c.stream(4000, "train").astype(np.int64)
     seqs = np.stack([stream[i:i + 10] for i in range(0, 1200, 29)])
     first = seqs[:, 0]

@@ -174,3 +174,15 @@ def test_reuse_scoring_is_optimistic_when_the_decoder_reads_z():
     assert (own < fresh).all() and own.mean() < 0.8 * fresh.mean()  # the artefact: tuned to its one draw
     own, fresh = own_and_fresh(reuse_noise=False)  # the default loop's z_T noise is a fresh draw: no edge
     assert 0.25 < (own < fresh).float().mean() < 0.75
+
+
+def test_kl_floor_table_command(capsys):
+    from ltm import kl_floor as floor_module
+
+    assert floor_module.main(["--steps", "16,64"]) == 0
+    rows = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| 16 ") or line.startswith("| 64 ")]
+    assert rows[0].split("|")[2].strip() == f"{floor_module.kl_floor_per_dim(ltm.InferenceConfig(steps=16)):.3f}"
+    assert rows[1].split("|")[2].strip() == "0.000"
+    with pytest.raises(SystemExit):
+        floor_module.main(["--steps", "16,sixty-four"])
+    assert "takes integers separated by commas" in capsys.readouterr().err

@@ -42,7 +42,7 @@ def test_flat_params_use_the_design_names():
 
 
 def test_unknown_run_preset_lists_the_known_ones():
-    with pytest.raises(ConfigError, match="known presets: smoke, micro, ltm-s"):
+    with pytest.raises(ConfigError, match="known presets: smoke, micro, micro-rf, ltm-s"):
         run_preset("huge")
 
 

@@ -284,3 +284,31 @@ def test_slurm_preemption_signal_checkpoints_requeues_and_resumes_the_same_run(t
     assert_complete(runs, 4)
     logs = "".join(p.read_text() for p in (runs / "slurm").glob(f"*/{victim}/*.out"))
     assert "Requeued job" in logs and "resuming run" in logs, logs[-3000:]
+
+
+def test_micro_presets_sit_where_the_latents_can_pay(tmp_path):
+    """The micro grids (docs/RESULTS.md): the decoder's receptive field is shorter than the corpus's
+    plan period, which fits in the block; the exact optimum of that receptive field is >= 0.3 nats
+    per token worse than full context; T spans 4..64 with two latent counts, both decoder-gradient
+    modes are trained, and the AR baselines have the same window and full context."""
+    import math
+
+    from ltm.config import RunConfig
+    from ltm.data import load_blocks, optimal_ppl
+
+    points = [RunConfig.from_dict(p["config"]) for p in build_points(INFERENCE_SCALING, "micro", [0], None, [])]
+    ltm_runs = [c for c in points if c.model.kind == "ltm"]
+    assert {4, 16, 32, 64} <= {c.inference.steps for c in ltm_runs}
+    assert len({c.model.n_latents for c in ltm_runs}) >= 2
+    assert {c.inference.decoder_grad for c in ltm_runs} == {"final", "trajectory"}
+    assert {c.model.window for c in points if c.model.kind == "ar"} == {8, None}
+    cfg = ltm_runs[0]
+    period = cfg.data.synthetic_slots * (1 + cfg.data.synthetic_event_prob) / cfg.data.synthetic_event_prob
+    assert cfg.model.receptive_field < period < cfg.model.ctx
+    data = cfg.with_overrides({"data.cache_dir": str(tmp_path)}).data
+    blocks = load_blocks(data, cfg.model.ctx, "validation")
+    gap = math.log(optimal_ppl(blocks, window=cfg.model.receptive_field, n_blocks=32) / optimal_ppl(blocks, n_blocks=32))
+    assert gap >= 0.3, gap
+    efficiency = [RunConfig.from_dict(p["config"]) for p in build_points(SAMPLE_EFFICIENCY, "micro", [0], None, [])]
+    assert {c.model.window for c in efficiency if c.model.kind == "ar"} == {8, None}
+    assert all(c.data.synthetic_tokens > c.train.tokens for c in efficiency)  # no epoch repeats

@@ -138,7 +138,10 @@ def load_tokenizer(data_cfg: DataConfig) -> TextTokenizer:
 
 def synthetic_spec(data_cfg: DataConfig) -> SyntheticSpec:
     """The synthetic process a data configuration describes."""
-    return SyntheticSpec(vocab_size=data_cfg.synthetic_vocab, n_slots=data_cfg.synthetic_slots, seed=data_cfg.seed)
+    d = data_cfg
+    return SyntheticSpec(vocab_size=d.synthetic_vocab, n_slots=d.synthetic_slots, n_topics=d.synthetic_topics,
+                         branching=d.synthetic_branching, event_prob=d.synthetic_event_prob,
+                         doc_len=d.synthetic_doc_len, seed=d.seed)
 
 
 def cache_dir(data_cfg: DataConfig) -> Path:
