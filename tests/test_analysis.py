@@ -114,3 +114,17 @@ def test_compare_scores_two_runs_on_the_same_blocks(tracked, tmp_path, capsys):
     assert same["bound_A_minus_B"] == 0 and same["bound_ci_low"] == same["bound_ci_high"] == 0
     assert compare.main(["no-such-run", ar_key, "--runs-dir", str(tracked)]) == 2
     assert "neither a checkpoint path nor a run key" in capsys.readouterr().err
+
+
+def test_bayes_references_use_each_runs_receptive_field(tracked):
+    from ltm.data import load_blocks, optimal_ppl
+
+    uri = default_tracking_uri(tracked)
+    runs = load_runs(uri, "a")
+    refs = plot_scaling.optimal_reference(runs, uri)
+    # smoke: 2 layers of a 16-token window see 2 * 15 + 1 = 31 of the 32 context tokens
+    assert list(refs) == ["optimum, full context", "optimum, 31-token receptive field"]
+    cfg = run_preset("smoke").with_overrides([f"data.cache_dir={tracked.parent / 'cache'}"])
+    blocks = load_blocks(cfg.data, cfg.model.ctx, "validation")
+    assert refs["optimum, 31-token receptive field"] == pytest.approx(optimal_ppl(blocks, window=31, n_blocks=8))
+    assert refs["optimum, 31-token receptive field"] >= refs["optimum, full context"]
