@@ -278,6 +278,10 @@ class TrainConfig:
                               f"train.micro_batch_size={self.micro_batch_size}")
         if not 0 <= self.min_lr <= self.lr:
             raise ConfigError(f"need 0 <= train.min_lr <= train.lr, got {self.min_lr} and {self.lr}")
+        if not self.grad_clip > 0:
+            raise ConfigError(f"train.grad_clip must be > 0 (the largest gradient norm), got {self.grad_clip}")
+        if len(self.betas) != 2 or not all(0 <= b < 1 for b in self.betas):
+            raise ConfigError(f"train.betas must be two numbers in [0, 1), got {self.betas}")
         if self.precision not in ("auto", "fp32", "bf16"):
             raise ConfigError(f"train.precision must be 'auto', 'fp32' or 'bf16', got {self.precision!r}")
 

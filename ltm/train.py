@@ -99,6 +99,15 @@ def peak_flops(device: torch.device, configured: float) -> float:
 
 # -- processes -------------------------------------------------------------------------------
 
+def resolve_device(device: str | None, local_rank: int, cuda_available: bool) -> torch.device:
+    """The device of this process: None picks this process's GPU (or the CPU), and a bare "cuda"
+    means this process's GPU, cuda:<local rank>, as torch.cuda.set_device needs an index."""
+    if device is None:
+        device = "cuda" if cuda_available else "cpu"
+    dev = torch.device(device)
+    return torch.device("cuda", local_rank) if dev.type == "cuda" and dev.index is None else dev
+
+
 @dataclass
 class Processes:
     """This process's place among the torchrun processes of a run (rank 0 of 1 without torchrun)."""
@@ -111,9 +120,7 @@ class Processes:
     def from_env(cls, device: str | None = None) -> "Processes":
         world = int(os.environ.get("WORLD_SIZE", "1"))
         local = int(os.environ.get("LOCAL_RANK", "0"))
-        if device is None:
-            device = f"cuda:{local}" if torch.cuda.is_available() else "cpu"
-        dev = torch.device(device)
+        dev = resolve_device(device, local, torch.cuda.is_available())
         if dev.type == "cuda":
             torch.cuda.set_device(dev)
         if world > 1 and not dist.is_initialized():
@@ -152,6 +159,24 @@ def all_reduce_gradients(model: torch.nn.Module, procs: Processes) -> None:
 
 
 # -- checkpoints -----------------------------------------------------------------------------
+
+# Checkpoints hold tensors and plain Python values only, so they load with weights_only=True and
+# a checkpoint file can never run code; numpy's RNG state is stored as a list for that reason.
+
+def _plain_numpy_state(state: tuple) -> tuple:
+    name, keys, pos, has_gauss, gauss = state
+    return name, keys.tolist(), int(pos), int(has_gauss), float(gauss)
+
+
+def _numpy_state(state: tuple) -> tuple:
+    name, keys, pos, has_gauss, gauss = state
+    return name, np.asarray(keys, dtype=np.uint32), pos, has_gauss, gauss
+
+
+def _load(path: Path, map_location) -> dict:
+    """A checkpoint's state, unpickling only tensors and plain values (never arbitrary objects)."""
+    return torch.load(path, map_location=map_location, weights_only=True)
+
 
 def _sha256(path: Path) -> str:
     h = hashlib.sha256()
@@ -195,7 +220,7 @@ def load_latest_checkpoint(run_dir: Path, map_location="cpu") -> dict | None:
         try:
             if not sidecar.exists() or sidecar.read_text().strip() != _sha256(path):
                 raise ValueError("checksum mismatch")
-            return torch.load(path, map_location=map_location, weights_only=False)
+            return _load(path, map_location)
         except Exception as err:  # any unreadable file: fall back to the previous checkpoint
             warnings.warn(f"checkpoint {path} is corrupt ({err}); falling back to the previous one", stacklevel=2)
     return None
@@ -204,8 +229,7 @@ def load_latest_checkpoint(run_dir: Path, map_location="cpu") -> dict | None:
 def load_model(path: str | Path, device: str = "cpu") -> tuple[LatentThoughtModel, RunConfig]:
     """A trained model and its run config, from a checkpoint file or a run's checkpoint folder."""
     path = Path(path)
-    state = load_latest_checkpoint(path, device) if path.is_dir() else torch.load(path, map_location=device,
-                                                                                  weights_only=False)
+    state = load_latest_checkpoint(path, device) if path.is_dir() else _load(path, device)
     if state is None:
         raise FileNotFoundError(f"no readable checkpoint in {path}")
     cfg = RunConfig.from_dict(state["config"])
@@ -227,7 +251,7 @@ class RunResult:
 
 
 class _Interrupt:
-    """SIGTERM / SIGUSR2 set a flag; the loop checkpoints at the next update and exits."""
+    """SIGTERM / SIGUSR2 / SIGINT (Ctrl-C) set a flag; the loop checkpoints at the next update and exits."""
 
     def __init__(self) -> None:
         self.signal: int | None = None
@@ -235,7 +259,7 @@ class _Interrupt:
 
     def __enter__(self):
         if threading.current_thread() is threading.main_thread():
-            for sig in (signal.SIGTERM, signal.SIGUSR2):
+            for sig in (signal.SIGTERM, signal.SIGUSR2, signal.SIGINT):
                 self._previous[sig] = signal.signal(sig, self._handle)
         return self
 
@@ -321,7 +345,7 @@ def run(cfg: RunConfig, *, tracking_uri: str | None = None, experiment: str = "l
         optimizer.load_state_dict(state["optimizer"])
         step, samples = state["step"], state["samples"]
         torch.set_rng_state(state["rng"]["torch"])
-        np.random.set_state(state["rng"]["numpy"])
+        np.random.set_state(_numpy_state(state["rng"]["numpy"]))
         random.setstate(state["rng"]["python"])
         if procs.is_main:
             print(f"resuming run {key} (MLflow {run_id}) from {state['tokens']:,} tokens")
@@ -416,7 +440,7 @@ def _train(cfg: RunConfig, model_cfg: ModelConfig, model, optimizer, train_block
                 "model": model.state_dict(), "optimizer": optimizer.state_dict(), "step": step, "samples": samples,
                 "tokens": tokens, "run_id": run_id, "run_key": cfg.run_key(), "config": cfg.to_dict(),
                 "model_overrides": {"vocab_size": model_cfg.vocab_size},
-                "rng": {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()},
+                "rng": {"torch": torch.get_rng_state(), "numpy": _plain_numpy_state(np.random.get_state()), "python": random.getstate()},
             })
 
     from tqdm import tqdm

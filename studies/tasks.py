@@ -73,7 +73,7 @@ def resolve_checkpoint(ref: str, tracking_uri: str, runs_dir: Path) -> dict:
         raise ConfigError(f"no checkpoint (ckpt-*.pt) in {path}")
     import torch
 
-    state = torch.load(files[-1], map_location="cpu", weights_only=False)
+    state = torch.load(files[-1], map_location="cpu", weights_only=True)  # tensors and plain values only
     if run_id is None:
         run_id = _training_run(tracking_uri, RunConfig.from_dict(state["config"]).run_key())
     return {"checkpoint": str(path.resolve()), "run_id": run_id, "config": state["config"],

@@ -49,3 +49,11 @@ def test_unknown_run_preset_lists_the_known_ones():
 def test_train_config_errors_carry_the_numbers():
     with pytest.raises(ConfigError, match="batch_size=10 is not a multiple of train.micro_batch_size=4"):
         run_preset("smoke").with_overrides(["train.batch_size=10", "train.micro_batch_size=4"])
+
+
+@pytest.mark.parametrize("override,message", [("train.grad_clip=-1", "train.grad_clip must be > 0"),
+                                              ("train.grad_clip=0", "train.grad_clip must be > 0"),
+                                              ("train.betas=1.5,0.9", r"train.betas must be two numbers in \[0, 1\)")])
+def test_train_options_that_would_corrupt_training_are_rejected(override, message):
+    with pytest.raises(ConfigError, match=message):
+        run_preset("smoke").with_overrides([override])

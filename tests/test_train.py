@@ -133,7 +133,8 @@ def test_resume_after_sigkill_matches_an_uninterrupted_run(tmp_path):
 
 
 @pytest.mark.slow
-def test_sigterm_checkpoints_and_leaves_the_run_resumable(tmp_path):
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
+def test_a_stop_signal_checkpoints_and_leaves_the_run_resumable(tmp_path, sig):
     args = ["--set", "train.tokens=65536", "--set", "train.checkpoint_every=2048", "--experiment", "s"]
     proc = subprocess.Popen(cli(tmp_path, *args), cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     uri = default_tracking_uri(tmp_path / "runs")
@@ -141,16 +142,60 @@ def test_sigterm_checkpoints_and_leaves_the_run_resumable(tmp_path):
     started = wait_for(lambda: bool(list((tmp_path / "runs" / "checkpoints").glob("*/ckpt-*.sha256"))) or
                        proc.poll() is not None)
     assert started and proc.poll() is None, proc.communicate()[1][-3000:]
-    proc.send_signal(signal.SIGTERM)
+    proc.send_signal(sig)
     out, err = proc.communicate(timeout=120)
     assert proc.returncode == train.EXIT_INTERRUPTED, err
     client = MlflowClient(uri)
     run = client.search_runs([client.get_experiment_by_name("s").experiment_id])[0]
-    assert run.info.status == "KILLED" and "SIGTERM" in run.data.tags["ltm.status_reason"]
+    assert run.info.status == "KILLED" and sig.name in run.data.tags["ltm.status_reason"]
     assert list((tmp_path / "runs" / "checkpoints").glob("*/ckpt-*.pt"))
     again = subprocess.run(cli(tmp_path, *args), capture_output=True, text=True, cwd=ROOT)
     assert again.returncode == 0 and "resuming run" in again.stdout
     assert client.get_run(run.info.run_id).info.status == "FINISHED"
+
+
+def test_a_bare_cuda_device_means_this_processs_gpu():
+    assert train.resolve_device("cuda", 3, cuda_available=True) == torch.device("cuda", 3)
+    assert train.resolve_device("cuda:1", 3, cuda_available=True) == torch.device("cuda", 1)
+    assert train.resolve_device(None, 2, cuda_available=True) == torch.device("cuda", 2)
+    assert train.resolve_device(None, 2, cuda_available=False) == torch.device("cpu")
+    assert train.resolve_device("cpu", 2, cuda_available=True) == torch.device("cpu")
+
+
+class _Payload:
+    """Unpickling this object would run a shell command: what a hostile checkpoint file carries."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))
+
+
+def test_a_checkpoint_that_would_run_code_is_refused_not_executed(tmp_path):
+    marker = tmp_path / "pwned"
+    hostile = tmp_path / "ckpt-000000000000001.pt"
+    torch.save({"config": {}, "model": _Payload(marker)}, hostile)
+    with pytest.raises(Exception, match="Weights only load failed"):
+        train.load_model(hostile)
+    assert not marker.exists()
+    # in a run's folder it is skipped as unreadable, with a warning, and nothing runs either
+    (tmp_path / "ckpt-000000000000001.sha256").write_text(train._sha256(hostile))
+    with pytest.warns(UserWarning, match="corrupt"):
+        assert train.load_latest_checkpoint(tmp_path) is None
+    assert not marker.exists()
+
+
+def test_checkpoints_hold_only_plain_values_and_resume_the_rng(tmp_path):
+    cfg = smoke(tmp_path, "train.tokens=2048")
+    result = train.run(cfg, runs_dir=tmp_path / "runs", progress=False)
+    state = train.load_latest_checkpoint(result.run_dir)  # weights_only=True: would raise otherwise
+    np_state = train._numpy_state(state["rng"]["numpy"])
+    import numpy as np
+
+    rng = np.random.RandomState()
+    rng.set_state(np_state)
+    assert isinstance(state["rng"]["numpy"][1], list) and len(np_state[1]) == 624
 
 
 def test_non_finite_loss_marks_the_run_failed_and_keeps_the_last_checkpoint(tmp_path, monkeypatch):
