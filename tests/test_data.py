@@ -413,3 +413,21 @@ def test_optimal_ppl_needs_the_synthetic_corpus(tmp_path):
     blocks = load_blocks(_cfg(tmp_path, str(_stories_file(tmp_path)), val_blocks=1), 8, "validation")
     with pytest.raises(DataError, match="only for the synthetic corpus"):
         optimal_ppl(blocks)
+
+
+@pytest.mark.parametrize("damage", ["odd size", "empty", "random bytes", "no metadata"])
+def test_a_damaged_token_cache_names_its_file_and_the_fix(tmp_path, damage):
+    cfg = DataConfig(synthetic_tokens=5_000, synthetic_vocab=64, synthetic_slots=4, cache_dir=str(tmp_path))
+    load_blocks(cfg, 32, "train")
+    (path,) = (tmp_path / "tokens").glob("synthetic-train-*.uint16")
+    if damage == "odd size":
+        path.write_bytes(path.read_bytes()[:-1])
+    elif damage == "empty":
+        path.write_bytes(b"")
+    elif damage == "random bytes":
+        path.write_bytes(np.random.default_rng(0).integers(0, 256, path.stat().st_size, dtype=np.uint8).tobytes())
+    else:
+        path.with_suffix(".json").unlink()
+    with pytest.raises(DataError, match="delete .* to tokenise again") as err:
+        load_blocks(cfg, 32, "train")
+    assert str(path) in str(err.value)

@@ -226,8 +226,41 @@ def _cached(data_cfg: DataConfig, name: str, split: str, key: dict, tok: TextTok
             raise DataError(f"no text in the {split} split of {name}: every document is empty; check the "
                             "path and data.text_field")
         os.chmod(f.name, 0o644)  # temp files are private; the cache may be shared
+        # The metadata first, each atomically: a reader that sees the tokens sees their metadata.
+        meta = path.with_suffix(".json")
+        meta_tmp = meta.with_name(f"{meta.name}.{os.getpid()}.tmp")
+        meta_tmp.write_text(json.dumps({**full_key, "n_tokens": n}, indent=1))
+        os.replace(meta_tmp, meta)
         os.replace(f.name, path)  # atomic: readers see a complete file or none
-        path.with_suffix(".json").write_text(json.dumps({**full_key, "n_tokens": n}, indent=1))
+    return _checked_cache(path, dtype, tok.vocab_size)
+
+
+_VERIFIED: set[tuple] = set()
+"""Cache files already checked in this process, by path, size and the file's and its metadata's
+modification times: each is scanned once unless one of them changes."""
+
+
+def _checked_cache(path: Path, dtype, vocab_size: int) -> np.ndarray:
+    """The cache file as a memmap, once its length matches its metadata and every id is < vocab."""
+    stat, meta = path.stat(), path.with_suffix(".json")
+    identity = (str(path), stat.st_size, stat.st_mtime_ns, meta.stat().st_mtime_ns if meta.exists() else None)
+    if identity not in _VERIFIED:
+        fix = f"delete {path} and {meta} to tokenise again"
+        try:
+            expected = json.loads(meta.read_text())["n_tokens"]
+        except (OSError, ValueError, KeyError):
+            raise DataError(f"token cache {path} has no readable metadata ({meta.name}); it may be left from an "
+                            f"interrupted write: {fix}") from None
+        itemsize = np.dtype(dtype).itemsize
+        if stat.st_size % itemsize or stat.st_size // itemsize != expected or expected == 0:
+            raise DataError(f"token cache {path} holds {stat.st_size} bytes, not the {expected:,} tokens of "
+                            f"{itemsize} bytes its metadata records: the file is damaged; {fix}")
+        tokens = np.memmap(path, dtype=dtype, mode="r")
+        top = max(int(tokens[i:i + (1 << 24)].max()) for i in range(0, len(tokens), 1 << 24))
+        if top >= vocab_size:
+            raise DataError(f"token cache {path} holds token id {top}, outside the tokenizer's vocabulary of "
+                            f"{vocab_size}: the file is damaged or from another tokenizer; {fix}")
+        _VERIFIED.add(identity)
     return np.memmap(path, dtype=dtype, mode="r")
 
 
