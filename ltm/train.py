@@ -335,23 +335,23 @@ def run(cfg: RunConfig, *, tracking_uri: str | None = None, experiment: str = "l
         return RunResult("SKIPPED", decision["run_id"], decision["metrics"], run_dir)
     run_id = decision["run_id"]
 
-    torch.manual_seed(cfg.seed)
-    model = build_model(model_cfg).to(procs.device)
-    optimizer = make_optimizer(model, cfg.train)
-    state = load_latest_checkpoint(run_dir, procs.device) if decision["resume"] else None
-    step, samples = 0, 0
-    if state is not None:
-        model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        step, samples = state["step"], state["samples"]
-        torch.set_rng_state(state["rng"]["torch"])
-        np.random.set_state(_numpy_state(state["rng"]["numpy"]))
-        random.setstate(state["rng"]["python"])
-        if procs.is_main:
-            print(f"resuming run {key} (MLflow {run_id}) from {state['tokens']:,} tokens")
-
-    monitor = _system_metrics(run_id, tracking_uri, resumed=state is not None) if procs.is_main else None
-    try:
+    monitor = None
+    try:  # from here on the MLflow run exists: any failure marks it FAILED with the reason
+        torch.manual_seed(cfg.seed)
+        model = build_model(model_cfg).to(procs.device)
+        optimizer = make_optimizer(model, cfg.train)
+        state = load_latest_checkpoint(run_dir, procs.device) if decision["resume"] else None
+        step, samples = 0, 0
+        if state is not None:
+            model.load_state_dict(state["model"])
+            optimizer.load_state_dict(state["optimizer"])
+            step, samples = state["step"], state["samples"]
+            torch.set_rng_state(state["rng"]["torch"])
+            np.random.set_state(_numpy_state(state["rng"]["numpy"]))
+            random.setstate(state["rng"]["python"])
+            if procs.is_main:
+                print(f"resuming run {key} (MLflow {run_id}) from {state['tokens']:,} tokens")
+        monitor = _system_metrics(run_id, tracking_uri, resumed=state is not None) if procs.is_main else None
         with _Interrupt() as interrupt:
             return _train(cfg, model_cfg, model, optimizer, train_blocks, val_blocks, procs, tracker, run_id,
                           run_dir, step, samples, interrupt, progress, skip_logged=decision["logged_step"])

@@ -154,6 +154,18 @@ def test_a_stop_signal_checkpoints_and_leaves_the_run_resumable(tmp_path, sig):
     assert client.get_run(run.info.run_id).info.status == "FINISHED"
 
 
+def test_a_failure_after_the_run_is_created_marks_it_failed(tmp_path, monkeypatch):
+    def broken(*args, **kwargs):
+        raise RuntimeError("no memory for the optimiser")
+
+    monkeypatch.setattr(train, "make_optimizer", broken)
+    with pytest.raises(RuntimeError, match="no memory"):
+        train.run(smoke(tmp_path), runs_dir=tmp_path / "runs", experiment="f", progress=False)
+    client = MlflowClient(default_tracking_uri(tmp_path / "runs"))
+    (run,) = client.search_runs([client.get_experiment_by_name("f").experiment_id])
+    assert run.info.status == "FAILED" and "no memory for the optimiser" in run.data.tags["ltm.status_reason"]
+
+
 def test_a_bare_cuda_device_means_this_processs_gpu():
     assert train.resolve_device("cuda", 3, cuda_available=True) == torch.device("cuda", 3)
     assert train.resolve_device("cuda:1", 3, cuda_available=True) == torch.device("cuda", 1)
