@@ -1,14 +1,20 @@
 """MLflow: run identity, params, metrics keyed by tokens seen, artifacts, resuming the same run.
 
 Everything goes through an explicit `MlflowClient` (no global "active run"), so one process can
-track several runs and Ray or SLURM workers never depend on the fluent API's state.
+track several runs and Ray or SLURM workers never depend on the fluent API's state. Metrics are
+sent by a background thread that retries until the store answers, so a tracking server that goes
+away for a while neither stops training nor loses a metric; `outage()` says how long it has been
+unreachable and `spool` keeps what could not be sent for the next start.
 """
 
 from __future__ import annotations
 
+import json
 import os
+import threading
 import time
 import urllib.error
+import urllib.parse
 import urllib.request
 from pathlib import Path
 
@@ -28,14 +34,50 @@ def default_tracking_uri(runs_dir: str | Path) -> str:
     return f"sqlite:///{Path(runs_dir).resolve() / 'mlflow.db'}"
 
 
+def redact(uri: str) -> str:
+    """The URI with any user:password replaced by ***, for messages and files others can read."""
+    parts = urllib.parse.urlsplit(uri)
+    if parts.password is None and parts.username is None:
+        return uri
+    return urllib.parse.urlunsplit(parts._replace(netloc="***@" + parts.netloc.rpartition("@")[2]))
+
+
+def split_credentials(uri: str) -> tuple[str, tuple[str, str] | None]:
+    """(the URI without user:password, (user, password) or None)."""
+    parts = urllib.parse.urlsplit(uri)
+    if parts.username is None:
+        return uri, None
+    bare = urllib.parse.urlunsplit(parts._replace(netloc=parts.netloc.rpartition("@")[2]))
+    return bare, (urllib.parse.unquote(parts.username), urllib.parse.unquote(parts.password or ""))
+
+
+def write_credentials(path: Path, user: str, password: str) -> Path:
+    """A credentials file readable only by this user (mode 600), for the jobs of a study."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as f:
+        json.dump({"username": user, "password": password}, f)
+    os.chmod(path, 0o600)
+    return path
+
+
+def use_credentials(path: str | Path | None) -> None:
+    """Authenticate this process's MLflow requests with the credentials file (basic auth)."""
+    if not path:
+        return
+    creds = json.loads(Path(path).read_text())
+    os.environ["MLFLOW_TRACKING_USERNAME"] = creds["username"]
+    os.environ["MLFLOW_TRACKING_PASSWORD"] = creds["password"]
+
+
 def check_tracking_uri(uri: str, timeout: float = 5.0) -> None:
     """Fail early, with a fix, when the tracking store is unreachable or unusable."""
     if uri.startswith(("http://", "https://")):
         try:
-            urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=timeout).read()
+            urllib.request.urlopen(split_credentials(uri)[0].rstrip("/") + "/health", timeout=timeout).read()
         except (urllib.error.URLError, OSError) as err:
             raise TrackingError(
-                f"cannot reach the MLflow tracking server at {uri} ({err}); start one with "
+                f"cannot reach the MLflow tracking server at {redact(uri)} ({err}); start one with "
                 f"`mlflow server --backend-store-uri sqlite:///$PWD/runs/mlflow.db --port 5000`, or pass "
                 f"--tracking-uri sqlite:///<absolute path>/mlflow.db to track in a local file") from None
     elif uri.startswith("sqlite:///"):
@@ -48,7 +90,71 @@ def check_tracking_uri(uri: str, timeout: float = 5.0) -> None:
         except OSError as err:
             raise TrackingError(f"cannot create the folder for the tracking database {path}: {err}") from None
     elif "://" in uri and not uri.startswith(("file://", "databricks")):
-        raise TrackingError(f"unsupported tracking URI {uri!r}; use sqlite:////abs/path/mlflow.db or http://host:port")
+        raise TrackingError(f"unsupported tracking URI {redact(uri)!r}; use sqlite:////abs/path/mlflow.db or http://host:port")
+
+
+class _MetricSender(threading.Thread):
+    """Sends logged metrics in order, retrying (with backoff) until the store takes them.
+
+    A metric carries the time it was logged, so a batch sent twice (the server took it but the
+    answer was lost) is stored once: MLflow drops exact duplicates.
+    """
+
+    def __init__(self, client: MlflowClient) -> None:
+        super().__init__(name="mlflow-metric-sender", daemon=True)
+        self.client = client
+        self.pending: list[tuple[str, Metric]] = []
+        self.down_since: float | None = None
+        self.last_error = ""
+        self._cv = threading.Condition()
+        self._sending = 0
+        self.start()
+
+    def put(self, run_id: str, metrics: list[Metric]) -> None:
+        with self._cv:
+            self.pending.extend((run_id, m) for m in metrics)
+            self._cv.notify_all()
+
+    def run(self) -> None:
+        backoff = 0.5
+        while True:
+            with self._cv:
+                while not self.pending:
+                    self._cv.wait()
+                run_id = self.pending[0][0]
+                batch = []
+                for rid, m in self.pending:
+                    if rid != run_id or len(batch) == 1000:  # MLflow takes 1000 metrics per batch
+                        break
+                    batch.append(m)
+                self._sending = len(batch)
+            try:
+                self.client.log_batch(run_id, metrics=batch)
+            except Exception as err:  # unreachable, or a store busy: keep the batch and try again
+                with self._cv:
+                    self.down_since = self.down_since or time.time()
+                    self.last_error = f"{type(err).__name__}: {str(err)[:300]}"
+                    self._sending = 0
+                time.sleep(backoff)
+                backoff = min(2 * backoff, 10.0)
+                continue
+            with self._cv:
+                del self.pending[:len(batch)]
+                self._sending, self.down_since, backoff = 0, None, 0.5
+                self._cv.notify_all()
+
+    def wait_sent(self, timeout: float) -> bool:
+        """Whether everything logged so far was sent within `timeout` seconds."""
+        deadline = time.time() + timeout
+        with self._cv:
+            while self.pending and time.time() < deadline:
+                self._cv.wait(timeout=min(1.0, max(0.0, deadline - time.time())))
+            return not self.pending
+
+    def take_unsent(self) -> list[tuple[str, Metric]]:
+        with self._cv:
+            unsent, self.pending = self.pending, []
+            return unsent
 
 
 class Tracker:
@@ -56,11 +162,16 @@ class Tracker:
 
     def __init__(self, uri: str, experiment: str, artifact_root: str | Path | None = None) -> None:
         check_tracking_uri(uri)
-        # A dead server should fail in seconds, not after MLflow's default minutes of retries.
+        uri, creds = split_credentials(uri)
+        if creds:  # MLflow reads basic-auth credentials from the environment, never from the URI
+            os.environ["MLFLOW_TRACKING_USERNAME"], os.environ["MLFLOW_TRACKING_PASSWORD"] = creds
+        # A dead server should fail in seconds, not after MLflow's default minutes of retries: the
+        # metric sender retries for as long as the run is willing to wait.
         os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "2")
         os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "30")
         self.uri = uri
         self.client = MlflowClient(uri)
+        self._sender: _MetricSender | None = None
         found = self.client.get_experiment_by_name(experiment)
         if found is None:
             location = None
@@ -100,9 +211,52 @@ class Tracker:
         if REASON_TAG in self.client.get_run(run_id).data.tags:
             self.client.delete_tag(run_id, REASON_TAG)
 
-    def log_metrics(self, run_id: str, metrics: dict[str, float], step: int) -> None:
-        now = int(time.time() * 1000)
-        self.client.log_batch(run_id, metrics=[Metric(k, float(v), now, int(step)) for k, v in metrics.items()])
+    def log_metrics(self, run_id: str, metrics: dict[str, float], step: int, timestamp_ms: int | None = None) -> None:
+        """Queue the metrics for the sender thread; returns at once, whether or not the store answers."""
+        now = timestamp_ms or int(time.time() * 1000)
+        if self._sender is None:
+            self._sender = _MetricSender(self.client)
+        self._sender.put(run_id, [Metric(k, float(v), now, int(step)) for k, v in metrics.items()])
+
+    def outage(self) -> float:
+        """Seconds the store has refused the oldest unsent metrics (0 when everything goes through)."""
+        since = self._sender.down_since if self._sender is not None else None
+        return time.time() - since if since else 0.0
+
+    @property
+    def last_error(self) -> str:
+        """Why the store last refused metrics ("" if it never did)."""
+        return self._sender.last_error if self._sender is not None else ""
+
+    def flush(self, timeout: float) -> bool:
+        """Wait up to `timeout` s until every logged metric is stored; whether they all were."""
+        return self._sender is None or self._sender.wait_sent(timeout)
+
+    def spool(self, path: Path) -> int:
+        """Write the metrics not yet stored to `path` (JSON lines) for the next start; how many."""
+        unsent = self._sender.take_unsent() if self._sender is not None else []
+        if unsent:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            with open(path, "a") as f:
+                for run_id, m in unsent:
+                    f.write(json.dumps([run_id, m.key, m.value, m.timestamp, m.step]) + "\n")
+        return len(unsent)
+
+    def send_spooled(self, path: Path, timeout: float) -> None:
+        """Log the metrics a previous start spooled to `path`, then remove it."""
+        if not path.exists():
+            return
+        by_step: dict[tuple, dict] = {}
+        for line in path.read_text().splitlines():
+            if line.strip():
+                run_id, key, value, ts, step = json.loads(line)
+                by_step.setdefault((run_id, step, ts), {})[key] = value
+        for (run_id, step, ts), metrics in by_step.items():
+            self.log_metrics(run_id, metrics, step, timestamp_ms=ts)
+        if not self.flush(timeout):
+            raise TrackingError(f"could not send the metrics spooled in {path} to {redact(self.uri)}: "
+                                f"{self.last_error}")
+        path.unlink()
 
     def set_tags(self, run_id: str, tags: dict) -> None:
         self.client.log_batch(run_id, tags=[RunTag(k, str(v)) for k, v in tags.items()])
@@ -115,8 +269,25 @@ class Tracker:
         history = self.client.get_metric_history(run_id, key)
         return max((m.step for m in history), default=-1)
 
-    def finish(self, run_id: str, status: str, reason: str | None = None) -> None:
-        """End a run as FINISHED, FAILED or KILLED, with the reason as a tag."""
-        if reason:
-            self.set_tags(run_id, {REASON_TAG: reason[:5000]})
-        self.client.set_terminated(run_id, status=status)
+    def finish(self, run_id: str, status: str, reason: str | None = None, patience: float = 600.0) -> None:
+        """Send what is queued, then end the run as FINISHED, FAILED or KILLED with the reason as a tag.
+
+        Waits up to `patience` s for an unreachable store; raises TrackingError if it never answers
+        (the queued metrics stay in the sender: `spool` them).
+        """
+        deadline = time.time() + patience
+        if not self.flush(patience):
+            raise TrackingError(f"the tracking store {redact(self.uri)} did not answer for {patience:.0f} s "
+                                f"({self.last_error}); run {run_id} could not be marked {status}")
+        while True:
+            try:
+                if reason:
+                    self.set_tags(run_id, {REASON_TAG: reason[:5000]})
+                self.client.set_terminated(run_id, status=status)
+                return
+            except Exception as err:
+                if time.time() > deadline:
+                    raise TrackingError(f"the tracking store {redact(self.uri)} did not answer for {patience:.0f} s "
+                                        f"({type(err).__name__}: {err}); run {run_id} could not be marked "
+                                        f"{status}") from None
+                time.sleep(2.0)

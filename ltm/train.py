@@ -42,7 +42,11 @@ from ltm.posterior import infer_posterior
 EVAL_SEED = 20_250_000
 """Every evaluation of every run uses the same noise seeds, so curves are not jittered by them."""
 
-EXIT_FINISHED, EXIT_FAILED, EXIT_INTERRUPTED = 0, 1, 3
+EXIT_FINISHED, EXIT_FAILED, EXIT_INTERRUPTED, EXIT_BUSY = 0, 1, 3, 4
+CONFIG_FILE = "config.json"
+"""Beside the checkpoints: the run's config as plain JSON, readable without loading a checkpoint."""
+UNSENT_FILE = "unsent-metrics.jsonl"
+"""Beside the checkpoints: metrics the tracking store did not take before the run stopped; sent at the next start."""
 
 
 def decoder_loss(model: LatentThoughtModel, tokens: torch.Tensor, cfg: InferenceConfig | None,
@@ -187,19 +191,35 @@ def _sha256(path: Path) -> str:
 
 
 def _write_atomically(path: Path, write) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as f:
-        write(f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    """Write through <name>.<pid>.tmp, then rename: readers see the old file or the new one, and a
+    failed write (a full disk) leaves nothing behind."""
+    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
+    try:
+        with open(tmp, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def _remove_stale_temporaries(run_dir: Path) -> None:
+    """Temporary files of writers that died mid-write (only called by the run's lock holder)."""
+    for tmp in run_dir.glob("*.tmp") if run_dir.is_dir() else []:
+        tmp.unlink(missing_ok=True)
 
 
 def save_checkpoint(run_dir: Path, state: dict, keep: int = 2) -> Path:
     """Write ckpt-<tokens>.pt atomically with its sha256 beside it; keep the newest `keep`."""
     run_dir.mkdir(parents=True, exist_ok=True)
     path = run_dir / f"ckpt-{state['tokens']:015d}.pt"
-    _write_atomically(path, lambda f: torch.save(state, f))
+    try:
+        _write_atomically(path, lambda f: torch.save(state, f))
+    except OSError as err:
+        raise OSError(f"cannot write checkpoint {path} ({err.strerror or err}); free space in {run_dir.parent} "
+                      "and run the same command again: it resumes from the previous checkpoint") from err
     digest = _sha256(path).encode()
     _write_atomically(path.with_suffix(".sha256"), lambda f: f.write(digest))
     for old in checkpoints(run_dir)[:-keep]:
@@ -226,6 +246,14 @@ def load_latest_checkpoint(run_dir: Path, map_location="cpu") -> dict | None:
     return None
 
 
+def write_run_config(run_dir: Path, cfg: RunConfig, model_cfg: ModelConfig, run_id: str) -> None:
+    """<run dir>/config.json: the run config, its key, MLflow run and the vocabulary taken from the data."""
+    run_dir.mkdir(parents=True, exist_ok=True)
+    blob = json.dumps({"run_key": cfg.run_key(), "run_id": run_id, "config": cfg.to_dict(),
+                       "model_overrides": {"vocab_size": model_cfg.vocab_size}}, indent=1).encode()
+    _write_atomically(run_dir / CONFIG_FILE, lambda f: f.write(blob))
+
+
 def load_model(path: str | Path, device: str = "cpu") -> tuple[LatentThoughtModel, RunConfig]:
     """A trained model and its run config, from a checkpoint file or a run's checkpoint folder."""
     path = Path(path)
@@ -250,12 +278,20 @@ class RunResult:
     reason: str = ""
 
 
+class _Stopped(Exception):
+    """A signal arrived during an evaluation (which can outlast SLURM's signal delay): abandon it."""
+
+
 class _Interrupt:
-    """SIGTERM / SIGUSR2 / SIGINT (Ctrl-C) set a flag; the loop checkpoints at the next update and exits."""
+    """SIGTERM / SIGUSR2 / SIGINT (Ctrl-C) set a flag; the loop checkpoints at the next update and exits.
+
+    Inside `stoppable()` (evaluations) a signal raises _Stopped at once instead.
+    """
 
     def __init__(self) -> None:
         self.signal: int | None = None
         self._previous = {}
+        self._raise = False
 
     def __enter__(self):
         if threading.current_thread() is threading.main_thread():
@@ -265,6 +301,18 @@ class _Interrupt:
 
     def _handle(self, signum, frame) -> None:
         self.signal = signum
+        if self._raise:
+            raise _Stopped(signal.Signals(signum).name)
+
+    @contextlib.contextmanager
+    def stoppable(self):
+        if self.signal is not None:
+            raise _Stopped(signal.Signals(self.signal).name)
+        self._raise = True
+        try:
+            yield
+        finally:
+            self._raise = False
 
     def __exit__(self, *exc) -> None:
         for sig, handler in self._previous.items():
@@ -306,20 +354,51 @@ def _git_commit() -> str:
 
 def run(cfg: RunConfig, *, tracking_uri: str | None = None, experiment: str = "ltm", runs_dir: str | Path = "runs",
         force: bool = False, parent_run_id: str | None = None, tags: dict | None = None,
-        progress: bool = True, device: str | None = None) -> RunResult:
-    """Train one run to its token budget (or resume it), tracked in MLflow; see the module docstring."""
-    from ltm.data import check_data, load_blocks
-    from ltm.tracking import Tracker, check_tracking_uri, default_tracking_uri
+        progress: bool = True, device: str | None = None, tracking_patience: float = 600.0) -> RunResult:
+    """Train one run to its token budget (or resume it), tracked in MLflow; see the module docstring.
 
+    Raises RunBusy when another live process holds the run. If the tracking store stops answering
+    for `tracking_patience` seconds the run checkpoints, keeps the unsent metrics and returns KILLED.
+    """
+    from ltm.data import check_data
+    from ltm.runlock import RunBusy, RunLock
+    from ltm.tracking import check_tracking_uri, default_tracking_uri
+
+    if tracking_patience <= 0:
+        raise ValueError(f"tracking_patience must be > 0 seconds, got {tracking_patience}")
     procs = Processes.from_env(device)
     runs_dir = Path(runs_dir).resolve()
     tracking_uri = tracking_uri or default_tracking_uri(runs_dir)
     key = cfg.run_key()
-    run_dir = runs_dir / "checkpoints" / key
     check_data(cfg.data)  # cheap checks first: nothing is tokenised or created for a doomed run
     if procs.is_main:
         check_tracking_uri(tracking_uri)
+    lock, busy = None, None
+    if procs.is_main:  # one writer per run key, from before the skip/resume decision to the end
+        try:
+            lock = RunLock(runs_dir, key, "trained")
+        except RunBusy as err:
+            busy = str(err)
+    busy = procs.broadcast(busy)
+    if busy:
+        raise RunBusy(busy)
+    try:
+        return _run_locked(cfg, procs, tracking_uri, experiment, runs_dir, force, parent_run_id, tags or {},
+                           progress, tracking_patience)
+    finally:
+        if lock is not None:
+            lock.release()
 
+
+def _run_locked(cfg: RunConfig, procs: Processes, tracking_uri: str, experiment: str, runs_dir: Path, force: bool,
+                parent_run_id: str | None, tags: dict, progress: bool, patience: float) -> RunResult:
+    from ltm.data import load_blocks
+    from ltm.tracking import Tracker, TrackingError
+
+    key = cfg.run_key()
+    run_dir = runs_dir / "checkpoints" / key
+    if procs.is_main:
+        _remove_stale_temporaries(run_dir)
     train_blocks = load_blocks(cfg.data, cfg.model.ctx, "train")
     val_blocks = load_blocks(cfg.data, cfg.model.ctx, "validation")
     model_cfg = dataclasses.replace(cfg.model, vocab_size=train_blocks.vocab_size)
@@ -327,7 +406,7 @@ def run(cfg: RunConfig, *, tracking_uri: str | None = None, experiment: str = "l
     tracker = Tracker(tracking_uri, experiment, artifact_root=runs_dir / "artifacts") if procs.is_main else None
     decision = None
     if procs.is_main:
-        decision = _decide(tracker, cfg, key, run_dir, model_cfg, force, parent_run_id, tags or {}, procs)
+        decision = _decide(tracker, cfg, key, run_dir, model_cfg, force, parent_run_id, tags, procs)
     decision = procs.broadcast(decision)
     if decision["status"] == "SKIPPED":
         if procs.is_main:
@@ -337,15 +416,18 @@ def run(cfg: RunConfig, *, tracking_uri: str | None = None, experiment: str = "l
 
     monitor = None
     try:  # from here on the MLflow run exists: any failure marks it FAILED with the reason
+        if procs.is_main:
+            tracker.send_spooled(run_dir / UNSENT_FILE, timeout=patience)
+            write_run_config(run_dir, cfg, model_cfg, run_id)
         torch.manual_seed(cfg.seed)
         model = build_model(model_cfg).to(procs.device)
         optimizer = make_optimizer(model, cfg.train)
         state = load_latest_checkpoint(run_dir, procs.device) if decision["resume"] else None
-        step, samples = 0, 0
+        step, samples, eval_pending = 0, 0, False
         if state is not None:
             model.load_state_dict(state["model"])
             optimizer.load_state_dict(state["optimizer"])
-            step, samples = state["step"], state["samples"]
+            step, samples, eval_pending = state["step"], state["samples"], state.get("eval_pending", False)
             torch.set_rng_state(state["rng"]["torch"])
             np.random.set_state(_numpy_state(state["rng"]["numpy"]))
             random.setstate(state["rng"]["python"])
@@ -354,10 +436,14 @@ def run(cfg: RunConfig, *, tracking_uri: str | None = None, experiment: str = "l
         monitor = _system_metrics(run_id, tracking_uri, resumed=state is not None) if procs.is_main else None
         with _Interrupt() as interrupt:
             return _train(cfg, model_cfg, model, optimizer, train_blocks, val_blocks, procs, tracker, run_id,
-                          run_dir, step, samples, interrupt, progress, skip_logged=decision["logged_step"])
+                          run_dir, step, samples, interrupt, progress, skip_logged=decision["logged_step"],
+                          eval_pending=eval_pending, patience=patience)
     except Exception as err:
         if procs.is_main:
-            tracker.finish(run_id, "FAILED", f"{type(err).__name__}: {err}")
+            try:
+                tracker.finish(run_id, "FAILED", f"{type(err).__name__}: {err}", patience=min(patience, 60.0))
+            except TrackingError as tracking_err:  # the original error matters more
+                print(f"warning: {tracking_err}", file=sys.stderr)
         raise
     finally:
         if monitor is not None:
@@ -402,7 +488,9 @@ def _decide(tracker, cfg: RunConfig, key: str, run_dir: Path, model_cfg: ModelCo
 
 def _train(cfg: RunConfig, model_cfg: ModelConfig, model, optimizer, train_blocks, val_blocks, procs: Processes,
            tracker, run_id: str, run_dir: Path, step: int, samples: int, interrupt: _Interrupt, progress: bool,
-           skip_logged: int) -> RunResult:
+           skip_logged: int, eval_pending: bool, patience: float) -> RunResult:
+    from ltm.tracking import TrackingError
+
     tc, icfg = cfg.train, cfg.inference
     ctx = model_cfg.ctx
     tokens_per_step = tc.batch_size * ctx
@@ -425,30 +513,57 @@ def _train(cfg: RunConfig, model_cfg: ModelConfig, model, optimizer, train_block
         if procs.is_main and tokens > skip_logged:  # a resumed run does not log replayed steps twice
             tracker.log_metrics(run_id, metrics, step=tokens)
 
-    def evaluate(tokens: int) -> dict:
+    def evaluate(tokens: int) -> dict | None:
+        """The validation metrics; None when a signal stopped the evaluation (it is redone on resume)."""
         if not procs.is_main:
             return {}
         model.eval()
-        with _autocast(procs.device, tc.precision):
-            metrics = evaluate_bounds(model, val_batches, icfg, seed=EVAL_SEED, iw_samples=tc.iw_samples)
-        model.train()
-        return metrics
+        try:
+            with interrupt.stoppable(), _autocast(procs.device, tc.precision):
+                return evaluate_bounds(model, val_batches, icfg, seed=EVAL_SEED, iw_samples=tc.iw_samples)
+        except _Stopped:
+            return None
+        finally:
+            model.train()
 
-    def checkpoint(tokens: int) -> None:
+    def checkpoint(tokens: int, eval_pending: bool = False) -> None:
         if procs.is_main:
             save_checkpoint(run_dir, {
                 "model": model.state_dict(), "optimizer": optimizer.state_dict(), "step": step, "samples": samples,
                 "tokens": tokens, "run_id": run_id, "run_key": cfg.run_key(), "config": cfg.to_dict(),
-                "model_overrides": {"vocab_size": model_cfg.vocab_size},
+                "model_overrides": {"vocab_size": model_cfg.vocab_size}, "eval_pending": eval_pending,
                 "rng": {"torch": torch.get_rng_state(), "numpy": _plain_numpy_state(np.random.get_state()), "python": random.getstate()},
             })
+
+    def close(status: str, tokens: int, reason: str = "") -> RunResult:
+        """End the MLflow run; if the store never answers, keep the unsent metrics and say how to finish."""
+        if procs.is_main:
+            try:
+                tracker.finish(run_id, status, reason or None, patience=patience)
+            except TrackingError as err:
+                kept = tracker.spool(run_dir / UNSENT_FILE)
+                note = (f"{err}; checkpointed at {tokens:,} tokens, {kept} unsent metrics kept in {run_dir / UNSENT_FILE}; "
+                        "run the same command again once the store answers")
+                return RunResult("FAILED" if status == "FAILED" else "KILLED", run_id, last_metrics, run_dir,
+                                 f"{reason}; {note}" if reason else note)
+        return RunResult(status, run_id, last_metrics, run_dir, reason)
+
+    last_metrics: dict[str, float] = {}
+    if eval_pending:  # a signal stopped the evaluation at this step before: do it now, then go on
+        tokens = step * tokens_per_step
+        metrics = evaluate(tokens)
+        if procs.broadcast(metrics is None):  # rank 0 evaluates; every process stops with it
+            return close("KILLED", tokens, f"interrupted during the evaluation at {tokens:,} tokens; run the same "
+                                           "command again to resume")
+        if procs.is_main:
+            tracker.log_metrics(run_id, metrics, step=tokens)
+        last_metrics.update(metrics)
 
     from tqdm import tqdm
 
     bar = tqdm(total=total_steps * tokens_per_step, initial=step * tokens_per_step, unit="tok", unit_scale=True,
                disable=not (progress and procs.is_main), dynamic_ncols=True)
     window = {"loss": 0.0, "kl": 0.0, "steps": 0, "time": 0.0}
-    last_metrics: dict[str, float] = {}
     while step < total_steps:
         started = time.perf_counter()
         for group in optimizer.param_groups:
@@ -467,10 +582,8 @@ def _train(cfg: RunConfig, model_cfg: ModelConfig, model, optimizer, train_block
         mean_loss = loss_sum[0].item() / tc.batch_size
         if not math.isfinite(mean_loss):
             reason = f"non-finite training loss ({mean_loss}) at update {step}; the last good checkpoint is kept"
-            if procs.is_main:
-                tracker.finish(run_id, "FAILED", reason)
             bar.close()
-            return RunResult("FAILED", run_id, last_metrics, run_dir, reason)
+            return close("FAILED", step * tokens_per_step, reason)
         torch.nn.utils.clip_grad_norm_(model.parameters(), tc.grad_clip)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
@@ -495,27 +608,35 @@ def _train(cfg: RunConfig, model_cfg: ModelConfig, model, optimizer, train_block
                 point["mfu"] = tps * fpt / peak
             bar.set_postfix(loss=f"{point['train/loss']:.3f}")
             window = {"loss": 0.0, "kl": 0.0, "steps": 0, "time": 0.0}
+        eval_pending = False
         if last or (tc.eval_every and _crossed(tokens, tokens_per_step, tc.eval_every)):
-            point.update(evaluate(tokens))
+            metrics = evaluate(tokens)
+            eval_pending = metrics is None
+            point.update(metrics or {})
         if point:
             point.update({"tokens": tokens, "flops": tokens * fpt, "flops_paper": tokens * fpt_paper})
             log(point, tokens)
             last_metrics.update(point)
-        stop = torch.tensor([float(interrupt.signal is not None)], device=procs.device)
-        if last or procs.all_sum(stop).item() or (tc.checkpoint_every and _crossed(tokens, tokens_per_step,
-                                                                                  tc.checkpoint_every)):
-            checkpoint(tokens)
-        if not last and stop.item():
+        outage = procs.is_main and tracker.outage() > patience
+        stop = procs.all_sum(torch.tensor([float(interrupt.signal is not None), float(outage)], device=procs.device))
+        if last or stop.any().item() or (tc.checkpoint_every and _crossed(tokens, tokens_per_step, tc.checkpoint_every)):
+            checkpoint(tokens, eval_pending=eval_pending)
+        if stop[1].item():  # the store is gone: keep what it did not take, stop while nothing is lost
+            bar.close()
+            reason = f"the tracking store did not answer for {patience:.0f} s"
+            if procs.is_main:
+                kept = tracker.spool(run_dir / UNSENT_FILE)
+                reason += (f" ({tracker.last_error}); checkpointed at {tokens:,} tokens, {kept} unsent metrics "
+                           f"kept in {run_dir / UNSENT_FILE}; run the same command again once the store answers")
+            return RunResult("KILLED", run_id, last_metrics, run_dir, reason)
+        if stop[0].item() and (not last or eval_pending):
             bar.close()
             name = signal.Signals(interrupt.signal).name if interrupt.signal else "signal"
-            reason = f"interrupted by {name} at {tokens:,} tokens; run the same command again to resume"
-            if procs.is_main:
-                tracker.finish(run_id, "KILLED", reason)
-            return RunResult("KILLED", run_id, last_metrics, run_dir, reason)
+            during = " during the evaluation" if eval_pending else ""
+            return close("KILLED", tokens, f"interrupted by {name}{during} at {tokens:,} tokens; run the same "
+                                           "command again to resume")
     bar.close()
-    if procs.is_main:
-        tracker.finish(run_id, "FINISHED")
-    return RunResult("FINISHED", run_id, last_metrics, run_dir)
+    return close("FINISHED", step * tokens_per_step)
 
 
 def bound_summary(metrics: dict[str, float], prefix: str = "val") -> str:
@@ -540,7 +661,8 @@ def build_parser() -> argparse.ArgumentParser:
         prog="python -m ltm.train", description="Train one LTM or AR run, tracked in MLflow and resumable.",
         epilog="Run the same command again to resume an interrupted run or to skip a finished one. "
                "Several processes: torchrun --nproc-per-node N -m ltm.train ... "
-               "Exit status: 0 finished (or skipped), 1 failed, 3 interrupted (resumable).")
+               "Exit status: 0 finished (or skipped), 1 failed, 3 interrupted (resumable), 4 another process "
+               "is running this run.")
     parser.add_argument("--preset", default="micro", help="run preset: smoke, micro, ltm-s, ltm-m, ltm-l (default micro)")
     parser.add_argument("--config", help="a JSON run config (as logged in config.json) instead of a preset")
     parser.add_argument("--data", help="data.name: 'synthetic', a hub name or a local path")
@@ -553,6 +675,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--device", help="cpu, cuda, cuda:1 (default: cuda if available)")
     parser.add_argument("--force", action="store_true", help="rerun even if this config already FINISHED")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    parser.add_argument("--tracking-patience", type=float, default=600.0, metavar="SECONDS",
+                        help="how long training goes on while the tracking store does not answer (metrics are kept "
+                             "and sent when it is back); after that the run checkpoints and exits 3 (default 600)")
     return parser
 
 
@@ -566,12 +691,18 @@ def config_from_args(args: argparse.Namespace) -> RunConfig:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from ltm.runlock import RunBusy
+
     args = build_parser().parse_args(argv)
     try:
         cfg = config_from_args(args)
         result = run(cfg, tracking_uri=args.tracking_uri, experiment=args.experiment, runs_dir=args.runs_dir,
-                     force=args.force, progress=not args.no_progress, device=args.device)
-    except (ValueError, FileNotFoundError, RuntimeError) as err:
+                     force=args.force, progress=not args.no_progress, device=args.device,
+                     tracking_patience=args.tracking_patience)
+    except RunBusy as err:
+        print(f"error: {err}", file=sys.stderr)
+        return EXIT_BUSY
+    except (ValueError, FileNotFoundError, RuntimeError, OSError) as err:
         print(f"error: {err}", file=sys.stderr)
         return EXIT_FAILED
     if int(os.environ.get("RANK", "0")) == 0:

@@ -246,9 +246,22 @@ class Plan:
         return {STUDY_TAG: self.study.name, STUDY_KEY_TAG: self.study_key, "ltm.preset": self.preset,
                 "ltm.backend": self.cluster}
 
-    def common(self, tracking_uri: str | None = None) -> dict:
-        """What every trial needs besides its spec (JSON-able, absolute paths)."""
-        return {"tracking_uri": tracking_uri or self.tracking_uri, "experiment": self.experiment,
+    @property
+    def credentials_file(self) -> str | None:
+        """A user:password given in --tracking-uri, moved to a file only this user can read."""
+        from ltm.tracking import split_credentials, write_credentials
+
+        creds = split_credentials(self.tracking_uri)[1]
+        return str(write_credentials(self.runs_dir / "mlflow-credentials.json", *creds)) if creds else None
+
+    def common(self, tracking_uri: str | None = None, credentials_file: str | Path | None = None) -> dict:
+        """What every trial needs besides its spec (JSON-able, absolute paths; no password: trials read
+        the credentials file, so specs and logs never hold one)."""
+        from ltm.tracking import split_credentials
+
+        uri = split_credentials(tracking_uri or self.tracking_uri)[0]
+        creds = credentials_file or self.credentials_file
+        return {"tracking_uri": uri, "credentials_file": str(creds) if creds else None, "experiment": self.experiment,
                 "runs_dir": str(self.runs_dir), "parent_run_id": self.parent_run_id, "tags": self.tags,
                 "cpus": self.cpus, "gpus": self.gpus}
 
@@ -355,7 +368,7 @@ def load_profile(name: str) -> dict:
         known = sorted(p.stem for p in PROFILES_DIR.glob("*.yaml"))
         raise UsageError(f"no SLURM profile {name!r} ({path}); known: {', '.join(known)} or a YAML path")
     profile = yaml.safe_load(path.read_text()) or {}
-    allowed = {"partition", "cpus_per_task", "gpus_per_task", "mem_gb", "time_min", "setup", "array_parallelism",
+    allowed = {"one_node", "partition", "cpus_per_task", "gpus_per_task", "mem_gb", "time_min", "setup", "array_parallelism",
                "signal_delay_s", "max_num_timeout", "account", "qos", "constraint", "additional_parameters"}
     bad = set(profile) - allowed
     if bad:
@@ -367,6 +380,7 @@ def load_profile(name: str) -> dict:
 
 def open_parent(plan_: Plan):
     """Find or create the study's parent run (RUNNING); mark children left RUNNING by dead workers KILLED."""
+    from ltm.runlock import holder
     from ltm.tracking import RUN_KEY_TAG, Tracker
 
     tracker = Tracker(plan_.tracking_uri, plan_.experiment, artifact_root=plan_.runs_dir / "artifacts")
@@ -387,7 +401,7 @@ def open_parent(plan_: Plan):
     keys = {p["key"] for p in plan_.points}
     stale = client.search_runs([tracker.experiment_id], filter_string="attributes.status = 'RUNNING'", max_results=5000)
     for run in stale:
-        if run.data.tags.get(RUN_KEY_TAG) in keys and not _alive_elsewhere(plan_.runs_dir, run.data.tags[RUN_KEY_TAG]):
+        if run.data.tags.get(RUN_KEY_TAG) in keys and holder(plan_.runs_dir, run.data.tags[RUN_KEY_TAG]) is None:
             tracker.finish(run.info.run_id, "KILLED", "left RUNNING by a worker that died; the study driver marked it "
                                                       "KILLED and resumes it from its last checkpoint")
             print(f"marked run {run.data.tags[RUN_KEY_TAG]} KILLED (left RUNNING by a dead worker); it will resume")
@@ -416,51 +430,41 @@ def summary(tracker, plan_: Plan):
 
 # -- one trial: a worker process around ltm.train.run --------------------------------------------
 
-def _lock_path(runs_dir: Path, key: str) -> Path:
-    return Path(runs_dir) / "locks" / f"{key}.json"
+def _held_here(runs_dir: Path, key: str) -> dict | None:
+    """The live process of this host that holds the point's run lock (`ltm.runlock`), if any."""
+    from ltm.runlock import holder
 
-
-def _alive_elsewhere(runs_dir: Path, key: str) -> bool:
-    """Whether a live process on this host holds the point (a worker of an earlier start still checkpointing)."""
-    try:
-        lock = json.loads(_lock_path(runs_dir, key).read_text())
-    except (OSError, ValueError):
-        return False
-    if lock.get("host") != socket.gethostname():
-        return False
-    try:
-        os.kill(int(lock["pid"]), 0)
-        return True
-    except OSError:
-        return False
+    who = holder(runs_dir, key)
+    return who if who is not None and who.get("host") == socket.gethostname() else None
 
 
 def wait_for_stragglers(runs_dir: Path, keys, timeout: float = 90.0) -> None:
     """Wait (bounded) until workers of an earlier start on this host have checkpointed and exited."""
     deadline = time.time() + timeout
-    busy = [k for k in keys if _alive_elsewhere(runs_dir, k)]
+    busy = [k for k in keys if _held_here(runs_dir, k) is not None]
     if busy:
         print(f"waiting for {len(busy)} worker(s) of an earlier start to checkpoint and exit ...")
     while busy and time.time() < deadline:
         time.sleep(0.5)
-        busy = [k for k in busy if _alive_elsewhere(runs_dir, k)]
+        busy = [k for k in busy if _held_here(runs_dir, k) is not None]
 
 
 def run_point(point: dict, common: dict) -> dict:
     """Run one grid point in this process (the main thread, so SIGTERM/SIGUSR2 checkpoint it).
 
     A point trains a run (`ltm.train.run`), or, when it names a `task`, runs that evaluation
-    task of `studies.tasks` (which trains its checkpoint first when the point says how).
+    task of `studies.tasks` (which trains its checkpoint first when the point says how). Either
+    holds the point's run lock while it works: a point another live process holds is BUSY.
     """
     import torch
 
     from ltm.config import RunConfig
+    from ltm.runlock import RunBusy
+    from ltm.tracking import use_credentials
     from ltm.train import run
 
     torch.set_num_threads(max(1, int(common.get("cpus") or 1)))
-    lock = _lock_path(Path(common["runs_dir"]), point["key"])
-    lock.parent.mkdir(parents=True, exist_ok=True)
-    lock.write_text(json.dumps({"pid": os.getpid(), "host": socket.gethostname()}))
+    use_credentials(common.get("credentials_file"))
     try:
         if point.get("task"):
             from studies.tasks import run_task
@@ -469,8 +473,8 @@ def run_point(point: dict, common: dict) -> dict:
         result = run(RunConfig.from_dict(point["config"]), tracking_uri=common["tracking_uri"],
                      experiment=common["experiment"], runs_dir=common["runs_dir"],
                      parent_run_id=common["parent_run_id"], tags=common["tags"], progress=False)
-    finally:
-        lock.unlink(missing_ok=True)
+    except RunBusy as busy:
+        return {"status": "BUSY", "run_id": None, "reason": str(busy), "metrics": {}}
     metrics = {k: float(v) for k, v in result.metrics.items() if isinstance(v, (int, float))}
     return {"status": result.status, "run_id": result.run_id, "reason": result.reason, "metrics": metrics}
 
@@ -579,6 +583,8 @@ def _ray_trial(config: dict, points: dict, common: dict) -> None:
     from ray import tune
 
     result = run_point_subprocess(points[config["key"]], common)
+    if result["status"] == "BUSY":  # another live process runs this point: no retry, no duplicate
+        print(f"point {config['key']}: {result['reason']}")
     if result["status"] in ("ERROR", "KILLED"):
         # An exception (FailureConfig retries it) or an interruption: an errored trial is rerun by
         # Tuner.restore when the study is started again, and resumes from its checkpoint.
@@ -699,7 +705,7 @@ def sbatch_preview(plan_: Plan) -> str:
             text = inner._make_submission_file_text("python -u -m submitit.core._submit <folder>", "preview")
         except Exception as err:
             return f"(preview unavailable: {err})\n" + json.dumps(slurm_parameters(plan_), indent=2)
-    folder = str(plan_.runs_dir / "slurm" / f"{plan_.study.name}-{plan_.preset}-{plan_.study_key}" / "%j")
+    folder = str(slurm_folder(plan_) / "%j")
     return "\n".join(line.replace(tmp, folder) for line in text.splitlines() if line.startswith("#SBATCH"))
 
 
@@ -718,22 +724,54 @@ def _own_group_dying_with_parent() -> None:
     _die_with_parent()  # and it does not outlive a driver killed with SIGKILL
 
 
-class MlflowServer:
-    """`mlflow server` for a sqlite store, on this node, for the duration of a SLURM study."""
+def node_address() -> str:
+    """This node's address on the network its jobs use (the interface of the default route)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        try:
+            s.connect(("10.255.255.255", 1))  # no packet is sent: this only picks the outgoing interface
+            return s.getsockname()[0]
+        except OSError:
+            return socket.gethostbyname(socket.gethostname())
 
-    def __init__(self, sqlite_uri: str, log: Path) -> None:
+
+class MlflowServer:
+    """`mlflow server` for a sqlite store, on this node, for the duration of a SLURM study.
+
+    It listens on 127.0.0.1 when every job runs on this node (profile `one_node: true`), else on
+    the node's own address; it accepts only that Host, and only requests with the study's
+    credentials (MLflow's basic-auth app; a fresh password per start, in a file only this user
+    can read, which the jobs are pointed to: the password is never in a URI, a spec or a log).
+    """
+
+    USER = "ltm-study"
+
+    def __init__(self, sqlite_uri: str, folder: Path, one_node: bool) -> None:
+        import secrets
+
+        from ltm.tracking import TrackingError, check_tracking_uri, write_credentials
+
+        self.host = "127.0.0.1" if one_node else node_address()
         with socket.socket() as s:
-            s.bind(("", 0))
+            s.bind((self.host, 0))
             self.port = s.getsockname()[1]
-        host = socket.gethostname()
-        self.uri = f"http://{host}:{self.port}"
-        log.parent.mkdir(parents=True, exist_ok=True)
+        self.uri = f"http://{self.host}:{self.port}"
+        password = secrets.token_urlsafe(24)
+        self.credentials = write_credentials(folder / "mlflow-credentials.json", self.USER, password)
+        auth_db = folder / "mlflow-auth.db"
+        auth_db.unlink(missing_ok=True)  # it keeps the first admin password: start from the new one
+        ini = folder / "mlflow-auth.ini"
+        ini.write_text(f"[mlflow]\ndefault_permission = NO_PERMISSIONS\ndatabase_uri = sqlite:///{auth_db}\n"
+                       f"admin_username = {self.USER}\n"
+                       "authorization_function = mlflow.server.auth:authenticate_request_basic_auth\n")
+        env = {**os.environ, "MLFLOW_AUTH_CONFIG_PATH": str(ini), "MLFLOW_AUTH_ADMIN_PASSWORD": password,
+               "MLFLOW_FLASK_SERVER_SECRET_KEY": secrets.token_hex(16)}
+        log = folder / "mlflow-server.log"
         self._log = open(log, "ab")
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", sqlite_uri, "--host", "0.0.0.0",
-             "--port", str(self.port), "--workers", "1", "--allowed-hosts", "*"],
-            stdout=self._log, stderr=subprocess.STDOUT, preexec_fn=_own_group_dying_with_parent)
-        from ltm.tracking import TrackingError, check_tracking_uri
+            [sys.executable, "-m", "mlflow", "server", "--app-name", "basic-auth", "--backend-store-uri", sqlite_uri,
+             "--host", self.host, "--port", str(self.port), "--workers", "1",
+             "--allowed-hosts", f"{self.host}:{self.port},{self.host}"],
+            stdout=self._log, stderr=subprocess.STDOUT, env=env, preexec_fn=_own_group_dying_with_parent)
 
         deadline = time.time() + 120
         while True:
@@ -743,7 +781,8 @@ class MlflowServer:
             except TrackingError:
                 if self.proc.poll() is not None or time.time() > deadline:
                     self.stop()
-                    raise TrackingError(f"the mlflow server for {sqlite_uri} did not start; see {log}") from None
+                    raise TrackingError(f"the mlflow server for {sqlite_uri} did not start; see {log} (the basic-auth "
+                                        "app needs `pip install mlflow[auth]`)") from None
                 time.sleep(0.5)
 
     def stop(self) -> None:
@@ -767,29 +806,45 @@ def _squeue_ids(job_ids: list[str]) -> set[str] | None:
     return {line.strip() for line in proc.stdout.split()}
 
 
+def slurm_folder(plan_: Plan) -> Path:
+    return plan_.runs_dir / "slurm" / f"{plan_.study.name}-{plan_.preset}-{plan_.study_key}"
+
+
+def check_earlier_jobs(plan_: Plan) -> None:
+    """Refuse to start while jobs of an earlier start may still run (checked before any run status
+    is touched): their runs are alive, not stale, and they must not be submitted twice."""
+    jobs_file = slurm_folder(plan_) / "jobs.json"
+    if not jobs_file.exists():
+        return
+    old = json.loads(jobs_file.read_text())
+    alive = _squeue_ids(old)
+    if alive is None:
+        raise UsageError(f"cannot tell whether the jobs of an earlier start ({', '.join(old[:4])} ...) still run: "
+                         "squeue did not answer; check `squeue` (is slurmctld up?) and start again")
+    if alive:
+        raise UsageError(f"{len(alive)} job(s) of an earlier start of this study are still queued or running "
+                         f"({', '.join(sorted(alive)[:4])} ...); wait for them or `scancel` them, then start again")
+
+
 def run_slurm(plan_: Plan, tracker) -> bool:
     """Submit the points not yet FINISHED as one submitit job array and wait; returns False if interrupted."""
     from tqdm import tqdm
 
-    folder = plan_.runs_dir / "slurm" / f"{plan_.study.name}-{plan_.preset}-{plan_.study_key}"
+    folder = slurm_folder(plan_)
     folder.mkdir(parents=True, exist_ok=True)
     jobs_file = folder / "jobs.json"
-    if jobs_file.exists():  # an earlier driver's jobs must not run twice
-        old = json.loads(jobs_file.read_text())
-        alive = _squeue_ids(old) or set()
-        if alive:
-            raise UsageError(f"{len(alive)} job(s) of an earlier start of this study are still queued or running "
-                             f"({', '.join(sorted(alive)[:4])} ...); wait for them or `scancel` them, then start again")
     todo = [p for p in plan_.points if (run := tracker.find_run(p["key"])) is None or run.info.status != "FINISHED"]
     if not todo:
         print("every point already FINISHED; nothing to submit")
         return True
     server = None
     tracking_uri = plan_.tracking_uri
+    credentials = plan_.credentials_file
     if tracking_uri.startswith("sqlite:") and plan_.args.mlflow_server == "auto":
-        server = MlflowServer(tracking_uri, folder / "mlflow-server.log")
-        tracking_uri = server.uri
-        print(f"serving {plan_.tracking_uri} at {tracking_uri} for the workers (mlflow server on {socket.gethostname()})")
+        server = MlflowServer(tracking_uri, folder, one_node=bool(plan_.profile.get("one_node")))
+        tracking_uri, credentials = server.uri, server.credentials
+        print(f"serving {plan_.tracking_uri} at {tracking_uri} for the workers (mlflow server on {socket.gethostname()}, "
+              f"basic auth, credentials in {credentials})")
     elif tracking_uri.startswith("sqlite:"):
         print("workers write the sqlite store directly (--mlflow-server off): safe only on one node's local disk")
     try:
@@ -798,10 +853,12 @@ def run_slurm(plan_: Plan, tracker) -> bool:
         params = slurm_parameters(plan_)
         executor.update_parameters(slurm_setup=params["slurm_setup"] + [
             f"export PYTHONPATH={code}:$PYTHONPATH", f"export OMP_NUM_THREADS={params['cpus_per_task']}"])
-        common = plan_.common(tracking_uri)
+        common = plan_.common(tracking_uri, credentials)
         jobs = executor.map_array(SlurmTrial(), todo, [common] * len(todo))
         ids = [j.job_id for j in jobs]
-        jobs_file.write_text(json.dumps(ids))
+        tmp = jobs_file.with_name(f"jobs.json.{os.getpid()}.tmp")  # whole or absent, even if the driver dies now
+        tmp.write_text(json.dumps(ids))
+        os.replace(tmp, jobs_file)
         print(f"submitted array {ids[0].split('_')[0]} ({len(ids)} tasks) from {folder}")
         if plan_.args.no_wait:
             return True
@@ -846,14 +903,18 @@ _ACTIVE: Plan | None = None
 
 
 def stop_local_workers(runs_dir: Path, keys, timeout: float = 90.0) -> None:
-    """SIGTERM the workers of this host (they checkpoint and mark their runs KILLED) and wait for them."""
+    """SIGTERM the workers of this host (they checkpoint and mark their runs KILLED) and wait for them.
+
+    Only a process that holds a run lock now is signalled: a held lock belongs to a live process,
+    so a recorded pid is never a stale one that the system gave to something else.
+    """
     for key in keys:
-        try:
-            lock = json.loads(_lock_path(runs_dir, key).read_text())
-            if lock.get("host") == socket.gethostname():
-                os.kill(int(lock["pid"]), signal.SIGTERM)
-        except (OSError, ValueError, KeyError):
-            pass
+        who = _held_here(runs_dir, key)
+        if who and who.get("pid"):
+            try:
+                os.kill(int(who["pid"]), signal.SIGTERM)
+            except OSError:
+                pass
     wait_for_stragglers(runs_dir, keys, timeout)
 
 
@@ -874,13 +935,15 @@ def _on_sigterm(signum, frame) -> None:
 def print_plan(plan_: Plan) -> None:
     import pandas as pd
 
+    from ltm.tracking import redact
+
     with pd.option_context("display.max_rows", 500, "display.width", 200):
         print(grid_table(plan_.points).to_string(index=False))
     at_once = plan_.max_concurrent or (slurm_parameters(plan_)["slurm_array_parallelism"] if plan_.cluster == "slurm"
                                        else "unlimited")
     print(f"\n{plan_.study.name} / {plan_.preset}: {len(plan_.points)} points, backend {plan_.cluster}, "
           f"{plan_.cpus:g} CPU + {plan_.gpus:g} GPU per trial, at most {at_once} at once")
-    print(f"tracking {plan_.tracking_uri}, experiment {plan_.experiment}, runs folder {plan_.runs_dir}")
+    print(f"tracking {redact(plan_.tracking_uri)}, experiment {plan_.experiment}, runs folder {plan_.runs_dir}")
     task = plan_.points[0].get("task") if plan_.points else None
     if task:
         sources = "the checkpoints given" if "checkpoint" in plan_.points[0]["source"] else "each point's model, trained first"
@@ -894,7 +957,7 @@ def main(study: Study, argv: list[str] | None = None) -> int:
     """Run a study from the command line; returns the exit status."""
     global _INTERRUPTED
     from ltm.config import ConfigError
-    from ltm.tracking import TrackingError
+    from ltm.tracking import TrackingError, redact
 
     try:
         plan_ = plan(study, argv)
@@ -914,6 +977,8 @@ def main(study: Study, argv: list[str] | None = None) -> int:
     tracker = None
     try:
         print_plan(plan_)
+        if plan_.cluster == "slurm":
+            check_earlier_jobs(plan_)
         wait_for_stragglers(plan_.runs_dir, [p["key"] for p in plan_.points])
         tracker = open_parent(plan_)
         print(f"study parent run {plan_.parent_run_id} (key {plan_.study_key})\n")
@@ -941,7 +1006,7 @@ def main(study: Study, argv: list[str] | None = None) -> int:
         print("\n" + table.to_string(index=False))
     print(f"\n{study.name}: {', '.join(f'{v} {k}' for k, v in counts.items())} of {len(plan_.points)} points "
           f"in {time.time() - started:.0f} s; parent run {plan_.parent_run_id}")
-    print(f"browse: mlflow ui --backend-store-uri {plan_.tracking_uri}")
+    print(f"browse: mlflow ui --backend-store-uri {redact(plan_.tracking_uri)}")
     if all_done:
         return EXIT_OK
     if _INTERRUPTED or not completed:

@@ -27,12 +27,12 @@ class _Stopped(Exception):
 
 
 class _StopOnSignal:
-    """SIGTERM / SIGUSR2 abort the evaluation (it has no state worth a checkpoint)."""
+    """SIGTERM / SIGUSR2 / SIGINT abort the evaluation (it has no state worth a checkpoint)."""
 
     def __enter__(self):
         self.previous = {}
         if threading.current_thread() is threading.main_thread():
-            for sig in (signal.SIGTERM, signal.SIGUSR2):
+            for sig in (signal.SIGTERM, signal.SIGUSR2, signal.SIGINT):
                 self.previous[sig] = signal.signal(sig, self._raise)
         return self
 
@@ -50,7 +50,7 @@ class _StopOnSignal:
 def resolve_checkpoint(ref: str, tracking_uri: str, runs_dir: Path) -> dict:
     """{checkpoint, run_id, config} for a checkpoint file/folder or the MLflow run id of a training run."""
     from ltm.config import ConfigError, RunConfig
-    from ltm.train import checkpoints
+    from ltm.train import CONFIG_FILE, checkpoints
 
     path = Path(ref).expanduser()
     run_id = None
@@ -71,12 +71,16 @@ def resolve_checkpoint(ref: str, tracking_uri: str, runs_dir: Path) -> dict:
     files = checkpoints(path) if path.is_dir() else [path]
     if not files:
         raise ConfigError(f"no checkpoint (ckpt-*.pt) in {path}")
-    import torch
+    beside = files[-1].parent / CONFIG_FILE
+    if beside.is_file():  # plain JSON: nothing is unpickled to plan an evaluation
+        config = json.loads(beside.read_text())["config"]
+    else:  # a checkpoint copied on its own: tensors and plain values only
+        import torch
 
-    state = torch.load(files[-1], map_location="cpu", weights_only=True)  # tensors and plain values only
+        config = torch.load(files[-1], map_location="cpu", weights_only=True)["config"]
     if run_id is None:
-        run_id = _training_run(tracking_uri, RunConfig.from_dict(state["config"]).run_key())
-    return {"checkpoint": str(path.resolve()), "run_id": run_id, "config": state["config"],
+        run_id = _training_run(tracking_uri, RunConfig.from_dict(config).run_key())
+    return {"checkpoint": str(path.resolve()), "run_id": run_id, "config": config,
             "identity": f"{files[-1].resolve()}:{files[-1].stat().st_size}"}
 
 
@@ -151,7 +155,17 @@ def _key(identity: str, task: dict) -> str:
 # -- running one point ---------------------------------------------------------------------------
 
 def run_task(point: dict, common: dict) -> dict:
-    """Train the point's checkpoint if needed, evaluate it, track the evaluation; the launcher's result dict."""
+    """Train the point's checkpoint if needed, evaluate it, track the evaluation; the launcher's result dict.
+
+    Holds the evaluation's run lock throughout (raises RunBusy when another process holds it).
+    """
+    from ltm.runlock import RunLock
+
+    with RunLock(common["runs_dir"], point["key"], "evaluated"):
+        return _run_task_locked(point, common)
+
+
+def _run_task_locked(point: dict, common: dict) -> dict:
     from ltm.config import RunConfig
     from ltm.tracking import Tracker
     from ltm.train import load_model, run

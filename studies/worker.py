@@ -8,7 +8,7 @@ worker then exits: the trial is being stopped), and with exactly the trial's CPU
 
 `python -m studies.worker SPEC.json RESULT.json` runs one point, e.g. again from the spec a trial
 left in <runs>/logs/<key>.spec.json. Exit status as `python -m ltm.train`: 0 finished or skipped,
-1 failed, 3 interrupted.
+1 failed, 3 interrupted, 4 another process holds the point.
 """
 
 import json
@@ -17,7 +17,7 @@ import sys
 import traceback
 from pathlib import Path
 
-EXIT_INTERRUPTED = 3
+EXIT_INTERRUPTED, EXIT_BUSY = 3, 4
 
 
 def main(spec_path: str, result_path: str) -> int:
@@ -32,7 +32,7 @@ def main(spec_path: str, result_path: str) -> int:
     tmp = Path(result_path + ".tmp")
     tmp.write_text(json.dumps(result))
     tmp.replace(result_path)
-    return {"FINISHED": 0, "SKIPPED": 0, "KILLED": EXIT_INTERRUPTED}.get(result["status"], 1)
+    return {"FINISHED": 0, "SKIPPED": 0, "KILLED": EXIT_INTERRUPTED, "BUSY": EXIT_BUSY}.get(result["status"], 1)
 
 
 def serve() -> int:

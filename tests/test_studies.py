@@ -202,6 +202,12 @@ def test_slurm_smoke_study_finishes_and_a_second_start_adds_nothing(tmp_path):
     assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]
     assert "mlflow server" in first.stdout  # a sqlite store is served to the workers over http
     assert_complete(runs, 4)
+    # ... with basic auth: the password is in a file only this user reads, and in no other file or output.
+    (creds,) = runs.glob("slurm/*/mlflow-credentials.json")
+    assert creds.stat().st_mode & 0o077 == 0
+    password = json.loads(creds.read_text())["password"].encode()
+    leaks = [f for f in runs.rglob("*") if f.is_file() and f != creds and password in f.read_bytes()]
+    assert not leaks and password.decode() not in first.stdout + first.stderr
     ids = {c.info.run_id for c in child_runs(runs)}
     again = study(runs, "--cluster", "slurm")
     assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]

@@ -151,7 +151,12 @@ def test_a_stop_signal_checkpoints_and_leaves_the_run_resumable(tmp_path, sig):
     assert list((tmp_path / "runs" / "checkpoints").glob("*/ckpt-*.pt"))
     again = subprocess.run(cli(tmp_path, *args), capture_output=True, text=True, cwd=ROOT)
     assert again.returncode == 0 and "resuming run" in again.stdout
-    assert client.get_run(run.info.run_id).info.status == "FINISHED"
+    resumed = client.get_run(run.info.run_id)
+    assert resumed.info.status == "FINISHED"
+    straight = train.run(smoke(tmp_path, "train.tokens=65536", "train.checkpoint_every=2048"),
+                         runs_dir=tmp_path / "straight", experiment="s", progress=False)
+    for key in ("val/ppl_bound", "val/ppl_iw", "train/loss"):  # the same numbers as without the signal
+        assert resumed.data.metrics[key] == pytest.approx(straight.metrics[key], rel=1e-4), key
 
 
 def test_a_failure_after_the_run_is_created_marks_it_failed(tmp_path, monkeypatch):
