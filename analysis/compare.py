@@ -22,9 +22,10 @@ import pandas as pd
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from ltm.checkpoint import load_model  # noqa: E402
 from ltm.data import load_blocks  # noqa: E402
 from ltm.evaluate import sequence_bounds  # noqa: E402
-from ltm.train import EVAL_SEED, load_model  # noqa: E402
+from ltm.train import EVAL_SEED  # noqa: E402
 
 
 def block_bounds(ref: str, runs_dir: Path, n_blocks: int, batch_size: int = 16) -> tuple[pd.DataFrame, torch.Tensor]:

@@ -1,7 +1,12 @@
 """Regenerate the scaling figures and fitted laws from the tracked runs.
 
-    python analysis/plot_scaling.py [--tracking-uri URI] [--experiment NAME] [--parent-run ID]
+    python analysis/plot_scaling.py [--runs-dir DIR] [--tracking-uri URI]
+                                    [--study NAME | --parent-run ID | --experiment NAME]
                                     [--out DIR] [--flops-convention exact|paper] [--bootstrap N]
+
+The runs: by default those of the most recent study invocation in the store (a study's parent run
+and its children; printed); --study NAME the most recent invocation of that study, --parent-run ID
+one invocation, --experiment NAME every run of an experiment (`ltm`: python -m ltm.train's).
 
 Figures (PNG and PDF): inference_scaling (bound vs T, fitted L(T), the corpus optimum),
 bound_decomposition (each bound split into NLL given z, KL above the inner loop's floor, the floor),
@@ -10,7 +15,8 @@ the frontier), model_size (final loss vs parameters and the fitted L(N, D), with
 Tables (CSV and markdown): every run's final numbers, every fit with 95% bootstrap intervals, and
 one table per evaluation task (eval_gsm8k, eval_zero_shot, eval_generation) of the studies in
 studies/icl_gsm8k.py, zero_shot.py and generation.py.
-All written to --out and logged to an MLflow run named "analysis" in the same experiment.
+All written to --out (default <runs-dir>/figures/<study>, or /<experiment>) and logged to an MLflow
+run named "analysis" in the runs' experiment.
 """
 
 from __future__ import annotations
@@ -31,9 +37,11 @@ import seaborn as sns  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from analysis import fit  # noqa: E402
-from analysis.runs import NoRunsError, load_evaluations, load_histories, load_runs  # noqa: E402
+from analysis.runs import (NoRunsError, find_study, load_evaluations, load_histories, load_runs,  # noqa: E402
+                           parent_run)
+from ltm.names import VAL_PPL_BOUND  # noqa: E402
 
-METRIC = "val/ppl_bound"
+METRIC = VAL_PPL_BOUND
 
 
 def _size_label(row) -> str:
@@ -209,8 +217,9 @@ def plot_bound_decomposition(runs: pd.DataFrame, refs: dict, out: Path) -> list:
             bottom += height
         for (name, value), ls in zip(refs.items(), (":", "-.", "--", (0, (1, 3)))):
             ax.axhline(np.log(value), color="0.2", ls=ls, lw=1, label=f"{name}: {np.log(value):.2f}")
-        same = ar[(ar["size"] == size) & (ar["train.tokens"] == g["train.tokens"].max())] if not ar.empty else ar
-        for (label, a), colour in zip(same.groupby("label"), ("black", "#8c564b", "#2ca02c")):
+        same = ar[(ar["size"] == size) & (ar["train.tokens"] == g["train.tokens"].max())] if not ar.empty else None
+        for (label, a), colour in zip([] if same is None else same.groupby("label"),  # None: LTM runs only
+                                      ("black", "#8c564b", "#2ca02c")):
             ax.axhline(a["nll"].mean(), color=colour, lw=1.3, label=f"{label} NLL: {a['nll'].mean():.2f}")
         ax.set(xscale="log", title=f"{size}, {variant}\n({g['train.tokens'].max():,} tokens)", xlabel="inference steps T")
         ax.set_xticks(t, [str(int(x)) for x in t])
@@ -351,13 +360,26 @@ def write_evaluation_tables(evals: pd.DataFrame, out: Path) -> list[Path]:
     return paths
 
 
+def select(uri: str, study: str | None, experiment: str | None, parent: str | None) -> tuple[str, str | None, str]:
+    """(experiment, parent run or None for the whole experiment, output folder name) the options choose."""
+    if experiment and not (study or parent):
+        return experiment, None, experiment
+    chosen = parent_run(uri, parent) if parent else find_study(uri, study, experiment)
+    if not parent:  # chosen for the user: say which, and how to choose otherwise
+        which = "invocation of that study" if study else "study in the store"
+        print(f"analysing {chosen}, parent run {chosen.parent_run_id}: the most recent {which} "
+              "(others: --study, --parent-run, --experiment)")
+    return chosen.experiment, chosen.parent_run_id, chosen.name or chosen.experiment
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--runs-dir", default="runs", help="the studies' runs folder (default: runs)")
     parser.add_argument("--tracking-uri", help="default sqlite:///<runs-dir>/mlflow.db")
-    parser.add_argument("--experiment", default="ltm")
-    parser.add_argument("--parent-run", help="only the child runs of this study invocation")
-    parser.add_argument("--out", help="default <runs-dir>/figures/<experiment>")
+    parser.add_argument("--study", help="the most recent invocation of this study (default: of any study)")
+    parser.add_argument("--parent-run", help="the child runs of this study invocation (its parent run's id)")
+    parser.add_argument("--experiment", help="every run of this experiment (with --study: that study's runs in it)")
+    parser.add_argument("--out", help="default <runs-dir>/figures/<study>, or /<experiment> without a study")
     parser.add_argument("--flops-convention", choices=["exact", "paper"], default="exact")
     parser.add_argument("--bootstrap", type=int, default=200, help="bootstrap refits per law (0 for none)")
     args = parser.parse_args(argv)
@@ -366,16 +388,18 @@ def main(argv: list[str] | None = None) -> int:
 
     runs_dir = Path(args.runs_dir).resolve()
     uri = args.tracking_uri or default_tracking_uri(runs_dir)
-    out = Path(args.out or runs_dir / "figures" / args.experiment).resolve()
-    out.mkdir(parents=True, exist_ok=True)
-    evals = load_evaluations(uri, args.experiment, parent_run_id=args.parent_run)
+    evals = pd.DataFrame()
     try:
-        runs = load_runs(uri, args.experiment, parent_run_id=args.parent_run)
+        experiment, parent, name = select(uri, args.study, args.experiment, args.parent_run)
+        evals = load_evaluations(uri, experiment, parent_run_id=parent)
+        runs = load_runs(uri, experiment, parent_run_id=parent)
     except NoRunsError as err:
         if evals.empty:
             print(f"error: {err}", file=sys.stderr)
             return 2
         runs = pd.DataFrame()  # only evaluations of checkpoints trained elsewhere: their tables
+    out = Path(args.out or runs_dir / "figures" / name).resolve()
+    out.mkdir(parents=True, exist_ok=True)
     figures, figure4, tables = [], [], write_evaluation_tables(evals, out) if not evals.empty else []
     if not runs.empty:
         hist = load_histories(uri, runs, cache_dir=runs_dir / "cache" / "histories")
@@ -389,7 +413,7 @@ def main(argv: list[str] | None = None) -> int:
         figure4, fits4 = plot_model_size(runs, out, args.bootstrap)
         tables += write_tables(runs, fits1 + fits4 + curve_power_laws(hist, runs, flops_key, args.bootstrap), out)
 
-    tracker = Tracker(uri, args.experiment)
+    tracker = Tracker(uri, experiment)
     run_id = tracker.client.create_run(tracker.experiment_id, run_name="analysis",
                                        tags={"ltm.analysis": "plot_scaling", "ltm.n_runs": str(len(runs))}).info.run_id
     for path in figures + figure4 + tables:
@@ -397,7 +421,7 @@ def main(argv: list[str] | None = None) -> int:
     tracker.finish(run_id, "FINISHED")
     print(f"{len(runs)} training runs and {len(evals)} evaluations -> {len(figures + figure4)} figure files and "
           f"{len(tables)} tables in {out}")
-    print(f"logged to MLflow run {run_id} ('analysis') in experiment {args.experiment!r}")
+    print(f"logged to MLflow run {run_id} ('analysis') in experiment {experiment!r}")
     return 0
 
 

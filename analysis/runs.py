@@ -7,14 +7,19 @@ logging a step again) are deduplicated: the last value logged for a step wins.
 
 from __future__ import annotations
 
+import dataclasses
+import datetime
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 from mlflow.tracking import MlflowClient
 
-HISTORY_KEYS = ("tokens", "flops", "flops_paper", "train/loss", "train/ppl_bound",
-                "val/nll", "val/kl", "val/ppl_bound", "val/ppl_iw", "val/kl_floor", "val/nll_swap")
+from ltm import names
+from ltm.names import ROLE_EVAL, ROLE_STUDY, ROLE_TAG, RUN_KEY_TAG, SOURCE_RUN_TAG, STUDY_TAG, TASK_TAG
+
+HISTORY_KEYS = (names.TOKENS, names.FLOPS, names.FLOPS_PAPER, names.TRAIN_LOSS, names.TRAIN_PPL_BOUND, names.VAL_NLL,
+                names.VAL_KL, names.VAL_PPL_BOUND, names.VAL_PPL_IW, names.VAL_KL_FLOOR, names.VAL_NLL_SWAP)
 """The metric histories the figures need."""
 
 _PARAMS = {"model.kind": str, "model.n_layers": int, "model.d_model": int, "model.n_latents": int,
@@ -23,7 +28,67 @@ _PARAMS = {"model.kind": str, "model.n_layers": int, "model.d_model": int, "mode
 
 
 class NoRunsError(LookupError):
-    """Nothing to analyse; the message says which study to run first."""
+    """Nothing to analyse; the message says which study to run first, or what exists."""
+
+
+@dataclasses.dataclass(frozen=True)
+class StudyRun:
+    """One invocation of a study: its parent run (the training runs are its children)."""
+
+    name: str | None  # None: a run that is not a study's parent
+    experiment: str
+    parent_run_id: str
+    time: int  # ms: when it last started or ended (a study started again reuses its parent run)
+
+    def __str__(self) -> str:
+        when = datetime.datetime.fromtimestamp(self.time / 1000).strftime("%Y-%m-%d %H:%M")
+        return f"{self.name or 'run'} (experiment {self.experiment!r}, {when})"
+
+
+def study_runs(tracking_uri: str) -> list[StudyRun]:
+    """Every study parent run in the store, most recent first."""
+    client = MlflowClient(tracking_uri)
+    experiments = {e.experiment_id: e.name for e in client.search_experiments()}
+    runs = client.search_runs(list(experiments), filter_string=f"tags.`{ROLE_TAG}` = '{ROLE_STUDY}'", max_results=50_000)
+    return sorted((_study_run(r, experiments[r.info.experiment_id]) for r in runs), key=lambda s: s.time, reverse=True)
+
+
+def _study_run(run, experiment: str) -> StudyRun:
+    return StudyRun(run.data.tags.get(STUDY_TAG), experiment, run.info.run_id,
+                    max(run.info.start_time or 0, run.info.end_time or 0))
+
+
+def find_study(tracking_uri: str, name: str | None = None, experiment: str | None = None) -> StudyRun:
+    """The most recent invocation of study `name` (of any study if None), in `experiment` if given."""
+    studies = study_runs(tracking_uri)
+    for study in studies:
+        if name in (None, study.name) and experiment in (None, study.experiment):
+            return study
+    what = "study" + (f" {name!r}" if name else "") + (f" in experiment {experiment!r}" if experiment else "")
+    if not studies:
+        raise NoRunsError(f"no {what} in {tracking_uri} (experiments: {', '.join(experiment_names(tracking_uri))}); "
+                          "run a study first, e.g. `python studies/inference_scaling.py --preset smoke`, "
+                          "or choose runs with --experiment NAME")
+    latest: dict[tuple, StudyRun] = {}
+    for study in studies:  # most recent first: keep each (study, experiment)'s latest invocation
+        latest.setdefault((study.name, study.experiment), study)
+    raise NoRunsError(f"no {what} in {tracking_uri}; studies, latest first: {', '.join(map(str, latest.values()))}")
+
+
+def parent_run(tracking_uri: str, run_id: str) -> StudyRun:
+    """The run `run_id` as a study invocation (its experiment, and its study if it is one's parent)."""
+    from mlflow.exceptions import MlflowException
+
+    client = MlflowClient(tracking_uri)
+    try:
+        run = client.get_run(run_id)
+    except MlflowException:
+        raise NoRunsError(f"no run {run_id!r} in {tracking_uri}") from None
+    return _study_run(run, client.get_experiment(run.info.experiment_id).name)
+
+
+def experiment_names(tracking_uri: str) -> list[str]:
+    return sorted(e.name for e in MlflowClient(tracking_uri).search_experiments())
 
 
 def load_runs(tracking_uri: str, experiment: str, *, parent_run_id: str | None = None,
@@ -32,7 +97,8 @@ def load_runs(tracking_uri: str, experiment: str, *, parent_run_id: str | None =
     client = MlflowClient(tracking_uri)
     exp = client.get_experiment_by_name(experiment)
     if exp is None:
-        raise NoRunsError(f"no experiment {experiment!r} in {tracking_uri}; run a study first, e.g. "
+        raise NoRunsError(f"no experiment {experiment!r} in {tracking_uri} (experiments: "
+                          f"{', '.join(experiment_names(tracking_uri))}); run a study first, e.g. "
                           f"`python studies/inference_scaling.py --preset smoke --experiment {experiment}`")
     query = "tags.`ltm.run_key` != ''"
     if parent_run_id:
@@ -40,9 +106,9 @@ def load_runs(tracking_uri: str, experiment: str, *, parent_run_id: str | None =
     runs = client.search_runs([exp.experiment_id], filter_string=query, max_results=50_000)
     rows = []
     for r in runs:
-        if r.info.status != "FINISHED" and not include_unfinished or r.data.tags.get("ltm.role") == "eval":
+        if r.info.status != "FINISHED" and not include_unfinished or r.data.tags.get(ROLE_TAG) == ROLE_EVAL:
             continue
-        row = {"run_id": r.info.run_id, "status": r.info.status, "run_key": r.data.tags.get("ltm.run_key"),
+        row = {"run_id": r.info.run_id, "status": r.info.status, "run_key": r.data.tags.get(RUN_KEY_TAG),
                "end_time": r.info.end_time}
         for key, kind in _PARAMS.items():
             if key in r.data.params:
@@ -50,7 +116,8 @@ def load_runs(tracking_uri: str, experiment: str, *, parent_run_id: str | None =
         row.update({f"final/{k}": v for k, v in r.data.metrics.items()})
         rows.append(row)
     if not rows:
-        raise NoRunsError(f"experiment {experiment!r} has no finished training runs; run a study first, e.g. "
+        where = f"parent run {parent_run_id}" if parent_run_id else f"experiment {experiment!r}"
+        raise NoRunsError(f"{where} has no finished training runs; run a study first, e.g. "
                           f"`python studies/inference_scaling.py --preset smoke --experiment {experiment}`")
     return decompose(pd.DataFrame(rows))
 
@@ -86,8 +153,8 @@ def load_evaluations(tracking_uri: str, experiment: str, *, parent_run_id: str |
         query += f" and tags.`mlflow.parentRunId` = '{parent_run_id}'"
     rows = []
     for r in client.search_runs([exp.experiment_id], filter_string=query, max_results=50_000):
-        row = {"run_id": r.info.run_id, "task": r.data.tags.get("ltm.task"),
-               "source_run_id": r.data.tags.get("ltm.source_run_id", ""),
+        row = {"run_id": r.info.run_id, "task": r.data.tags.get(TASK_TAG),
+               "source_run_id": r.data.tags.get(SOURCE_RUN_TAG, ""),
                "checkpoint": r.data.params.get("source.checkpoint", "")}
         for key, kind in _PARAMS.items():
             if key in r.data.params:

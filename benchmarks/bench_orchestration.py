@@ -41,7 +41,9 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from studies.launcher import Preset, Study, build_points, main  # noqa: E402
+from studies.launcher import main  # noqa: E402
+from studies.points import build_points  # noqa: E402
+from studies.study import Preset, Study  # noqa: E402
 
 TOKENS_PER_SECOND_1T = 1500  # micro-s, T=16, one thread, on the development CPU (measured: 51,200 tok in ~34 s)
 
@@ -96,7 +98,7 @@ def bare(study: Study, seeds: list[int], runs: Path) -> dict:
     for point in build_points(study, "bench", seeds, None, []):
         with mlflow_timer() as spent:
             t = time.perf_counter()
-            result = run(RunConfig.from_dict(point["config"]), runs_dir=runs, experiment="bare", progress=False)
+            result = run(RunConfig.from_dict(point.config), runs_dir=runs, experiment="bare", progress=False)
             walls.append(time.perf_counter() - t)
         assert result.status == "FINISHED", result
         mlflow_s.append(spent["s"])

@@ -36,6 +36,7 @@ import torch
 from ltm.config import InferenceConfig
 from ltm.kl_floor import kl_floor
 from ltm.model import LatentThoughtModel, token_nll
+from ltm.names import VAL
 from ltm.posterior import NoiseSource, infer_posterior
 
 # Seed offsets keep each kind of scoring noise independent of the inference noise of the same sequence.
@@ -136,7 +137,7 @@ def perplexity_seqmean(bound: torch.Tensor, n_tokens: torch.Tensor) -> float:
 
 
 def evaluate_bounds(model: LatentThoughtModel, batches: Iterable[torch.Tensor], cfg: InferenceConfig, *,
-                    seed: int = 0, iw_samples: int = 0, prefix: str = "val") -> dict[str, float]:
+                    seed: int = 0, iw_samples: int = 0, prefix: str = VAL) -> dict[str, float]:
     """Bounds over a fixed evaluation set, as metrics named `{prefix}/...`.
 
     Keys: nll and kl (nats per token), ppl_bound (fresh-noise ELBO), ppl_bound_seqmean,

@@ -21,8 +21,8 @@ from pathlib import Path
 from mlflow.entities import Metric, Param, RunTag
 from mlflow.tracking import MlflowClient
 
-RUN_KEY_TAG = "ltm.run_key"
-REASON_TAG = "ltm.status_reason"
+from ltm.names import PARENT_TAG, REASON_TAG, RUN_KEY_TAG
+
 
 
 class TrackingError(RuntimeError):
@@ -198,7 +198,7 @@ class Tracker:
         """A new RUNNING run with its params and tags; returns its id."""
         tags = {RUN_KEY_TAG: run_key, **tags}
         if parent_run_id:
-            tags["mlflow.parentRunId"] = parent_run_id
+            tags[PARENT_TAG] = parent_run_id
         run = self.client.create_run(self.experiment_id, run_name=run_name, tags={k: str(v) for k, v in tags.items()})
         items = [Param(k, str(v)[:6000]) for k, v in sorted(params.items())]
         for i in range(0, len(items), 100):  # MLflow takes at most 100 params per batch

@@ -14,37 +14,40 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
-import hashlib
 import json
 import math
 import os
-import random
 import signal
 import sys
 import threading
 import time
-import warnings
-from collections.abc import Sequence
-from dataclasses import dataclass, field
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
 
+from ltm.checkpoint import (load_latest_checkpoint, remove_checkpoints, remove_stale_temporaries, restore_rng,
+                            rng_state, save_checkpoint, write_run_config)
 from ltm.config import InferenceConfig, ModelConfig, RunConfig, run_preset
 from ltm.evaluate import evaluate_bounds
 from ltm.flops import flops_per_token
 from ltm.model import LatentThoughtModel, build_model
+from ltm import names
+from ltm.names import EXIT_OF, Exit, Status
 from ltm.posterior import infer_posterior
+from ltm.processes import Processes, all_reduce_gradients
+
+if TYPE_CHECKING:
+    from ltm.data import TokenBlocks
+    from ltm.tracking import Tracker
 
 EVAL_SEED = 20_250_000
 """Every evaluation of every run uses the same noise seeds, so curves are not jittered by them."""
 
-EXIT_FINISHED, EXIT_FAILED, EXIT_INTERRUPTED, EXIT_BUSY = 0, 1, 3, 4
-CONFIG_FILE = "config.json"
-"""Beside the checkpoints: the run's config as plain JSON, readable without loading a checkpoint."""
 UNSENT_FILE = "unsent-metrics.jsonl"
 """Beside the checkpoints: metrics the tracking store did not take before the run stopped; sent at the next start."""
 
@@ -99,171 +102,6 @@ def peak_flops(device: torch.device, configured: float) -> float:
         name = torch.cuda.get_device_name(device)
         return next((v for k, v in _GPU_PEAKS.items() if k in name), 0.0)
     return 0.0
-
-
-# -- processes -------------------------------------------------------------------------------
-
-def resolve_device(device: str | None, local_rank: int, cuda_available: bool) -> torch.device:
-    """The device of this process: None picks this process's GPU (or the CPU), and a bare "cuda"
-    means this process's GPU, cuda:<local rank>, as torch.cuda.set_device needs an index."""
-    if device is None:
-        device = "cuda" if cuda_available else "cpu"
-    dev = torch.device(device)
-    return torch.device("cuda", local_rank) if dev.type == "cuda" and dev.index is None else dev
-
-
-@dataclass
-class Processes:
-    """This process's place among the torchrun processes of a run (rank 0 of 1 without torchrun)."""
-
-    rank: int = 0
-    world: int = 1
-    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
-
-    @classmethod
-    def from_env(cls, device: str | None = None) -> "Processes":
-        world = int(os.environ.get("WORLD_SIZE", "1"))
-        local = int(os.environ.get("LOCAL_RANK", "0"))
-        dev = resolve_device(device, local, torch.cuda.is_available())
-        if dev.type == "cuda":
-            torch.cuda.set_device(dev)
-        if world > 1 and not dist.is_initialized():
-            dist.init_process_group("nccl" if dev.type == "cuda" else "gloo")
-        return cls(rank=dist.get_rank() if world > 1 else 0, world=world, device=dev)
-
-    @property
-    def is_main(self) -> bool:
-        return self.rank == 0
-
-    def all_sum(self, tensor: torch.Tensor) -> torch.Tensor:
-        if self.world > 1:
-            dist.all_reduce(tensor)
-        return tensor
-
-    def broadcast(self, obj):
-        """rank 0's value of a picklable object, on every process."""
-        if self.world == 1:
-            return obj
-        box = [obj]
-        dist.broadcast_object_list(box, src=0)
-        return box[0]
-
-
-def all_reduce_gradients(model: torch.nn.Module, procs: Processes) -> None:
-    """Sum every gradient over the processes with one coalesced all-reduce."""
-    if procs.world == 1:
-        return
-    grads = [p.grad for p in model.parameters() if p.grad is not None]
-    flat = torch.cat([g.flatten() for g in grads])
-    dist.all_reduce(flat)
-    offset = 0
-    for g in grads:
-        g.copy_(flat[offset:offset + g.numel()].view_as(g))
-        offset += g.numel()
-
-
-# -- checkpoints -----------------------------------------------------------------------------
-
-# Checkpoints hold tensors and plain Python values only, so they load with weights_only=True and
-# a checkpoint file can never run code; numpy's RNG state is stored as a list for that reason.
-
-def _plain_numpy_state(state: tuple) -> tuple:
-    name, keys, pos, has_gauss, gauss = state
-    return name, keys.tolist(), int(pos), int(has_gauss), float(gauss)
-
-
-def _numpy_state(state: tuple) -> tuple:
-    name, keys, pos, has_gauss, gauss = state
-    return name, np.asarray(keys, dtype=np.uint32), pos, has_gauss, gauss
-
-
-def _load(path: Path, map_location) -> dict:
-    """A checkpoint's state, unpickling only tensors and plain values (never arbitrary objects)."""
-    return torch.load(path, map_location=map_location, weights_only=True)
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
-def _write_atomically(path: Path, write) -> None:
-    """Write through <name>.<pid>.tmp, then rename: readers see the old file or the new one, and a
-    failed write (a full disk) leaves nothing behind."""
-    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
-    try:
-        with open(tmp, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-
-
-def _remove_stale_temporaries(run_dir: Path) -> None:
-    """Temporary files of writers that died mid-write (only called by the run's lock holder)."""
-    for tmp in run_dir.glob("*.tmp") if run_dir.is_dir() else []:
-        tmp.unlink(missing_ok=True)
-
-
-def save_checkpoint(run_dir: Path, state: dict, keep: int = 2) -> Path:
-    """Write ckpt-<tokens>.pt atomically with its sha256 beside it; keep the newest `keep`."""
-    run_dir.mkdir(parents=True, exist_ok=True)
-    path = run_dir / f"ckpt-{state['tokens']:015d}.pt"
-    try:
-        _write_atomically(path, lambda f: torch.save(state, f))
-    except OSError as err:
-        raise OSError(f"cannot write checkpoint {path} ({err.strerror or err}); free space in {run_dir.parent} "
-                      "and run the same command again: it resumes from the previous checkpoint") from err
-    digest = _sha256(path).encode()
-    _write_atomically(path.with_suffix(".sha256"), lambda f: f.write(digest))
-    for old in checkpoints(run_dir)[:-keep]:
-        old.unlink(missing_ok=True)
-        old.with_suffix(".sha256").unlink(missing_ok=True)
-    return path
-
-
-def checkpoints(run_dir: Path) -> list[Path]:
-    """The run's checkpoint files, oldest first."""
-    return sorted(run_dir.glob("ckpt-*.pt")) if run_dir.is_dir() else []
-
-
-def load_latest_checkpoint(run_dir: Path, map_location="cpu") -> dict | None:
-    """The newest checkpoint whose checksum verifies; a corrupt one is skipped with a warning."""
-    for path in reversed(checkpoints(run_dir)):
-        sidecar = path.with_suffix(".sha256")
-        try:
-            if not sidecar.exists() or sidecar.read_text().strip() != _sha256(path):
-                raise ValueError("checksum mismatch")
-            return _load(path, map_location)
-        except Exception as err:  # any unreadable file: fall back to the previous checkpoint
-            warnings.warn(f"checkpoint {path} is corrupt ({err}); falling back to the previous one", stacklevel=2)
-    return None
-
-
-def write_run_config(run_dir: Path, cfg: RunConfig, model_cfg: ModelConfig, run_id: str) -> None:
-    """<run dir>/config.json: the run config, its key, MLflow run and the vocabulary taken from the data."""
-    run_dir.mkdir(parents=True, exist_ok=True)
-    blob = json.dumps({"run_key": cfg.run_key(), "run_id": run_id, "config": cfg.to_dict(),
-                       "model_overrides": {"vocab_size": model_cfg.vocab_size}}, indent=1).encode()
-    _write_atomically(run_dir / CONFIG_FILE, lambda f: f.write(blob))
-
-
-def load_model(path: str | Path, device: str = "cpu") -> tuple[LatentThoughtModel, RunConfig]:
-    """A trained model and its run config, from a checkpoint file or a run's checkpoint folder."""
-    path = Path(path)
-    state = load_latest_checkpoint(path, device) if path.is_dir() else _load(path, device)
-    if state is None:
-        raise FileNotFoundError(f"no readable checkpoint in {path}")
-    cfg = RunConfig.from_dict(state["config"])
-    model = build_model(ModelConfig(**{**dataclasses.asdict(cfg.model), **state["model_overrides"]}))
-    model.load_state_dict(state["model"])
-    return model.to(device), cfg
 
 
 # -- the run ---------------------------------------------------------------------------------
@@ -354,11 +192,13 @@ def _git_commit() -> str:
 
 def run(cfg: RunConfig, *, tracking_uri: str | None = None, experiment: str = "ltm", runs_dir: str | Path = "runs",
         force: bool = False, parent_run_id: str | None = None, tags: dict | None = None,
-        progress: bool = True, device: str | None = None, tracking_patience: float = 600.0) -> RunResult:
+        progress: bool = True, device: str | None = None, tracking_patience: float = 600.0,
+        on_log: Callable[[dict[str, float]], None] | None = None) -> RunResult:
     """Train one run to its token budget (or resume it), tracked in MLflow; see the module docstring.
 
     Raises RunBusy when another live process holds the run. If the tracking store stops answering
     for `tracking_patience` seconds the run checkpoints, keeps the unsent metrics and returns KILLED.
+    `on_log` receives every set of metrics logged (e.g. a launcher's progress report).
     """
     from ltm.data import check_data
     from ltm.runlock import RunBusy, RunLock
@@ -384,21 +224,21 @@ def run(cfg: RunConfig, *, tracking_uri: str | None = None, experiment: str = "l
         raise RunBusy(busy)
     try:
         return _run_locked(cfg, procs, tracking_uri, experiment, runs_dir, force, parent_run_id, tags or {},
-                           progress, tracking_patience)
+                           progress, tracking_patience, on_log)
     finally:
         if lock is not None:
             lock.release()
 
 
 def _run_locked(cfg: RunConfig, procs: Processes, tracking_uri: str, experiment: str, runs_dir: Path, force: bool,
-                parent_run_id: str | None, tags: dict, progress: bool, patience: float) -> RunResult:
+                parent_run_id: str | None, tags: dict, progress: bool, patience: float, on_log) -> RunResult:
     from ltm.data import load_blocks
     from ltm.tracking import Tracker, TrackingError
 
     key = cfg.run_key()
     run_dir = runs_dir / "checkpoints" / key
     if procs.is_main:
-        _remove_stale_temporaries(run_dir)
+        remove_stale_temporaries(run_dir)
     train_blocks = load_blocks(cfg.data, cfg.model.ctx, "train")
     val_blocks = load_blocks(cfg.data, cfg.model.ctx, "validation")
     model_cfg = dataclasses.replace(cfg.model, vocab_size=train_blocks.vocab_size)
@@ -422,22 +262,16 @@ def _run_locked(cfg: RunConfig, procs: Processes, tracking_uri: str, experiment:
         torch.manual_seed(cfg.seed)
         model = build_model(model_cfg).to(procs.device)
         optimizer = make_optimizer(model, cfg.train)
+        loop = _Loop(cfg, model_cfg, procs, tracker, run_id, run_dir, model, optimizer, train_blocks, val_blocks,
+                     skip_logged=decision["logged_step"], patience=patience, on_log=on_log)
         state = load_latest_checkpoint(run_dir, procs.device) if decision["resume"] else None
-        step, samples, eval_pending = 0, 0, False
         if state is not None:
-            model.load_state_dict(state["model"])
-            optimizer.load_state_dict(state["optimizer"])
-            step, samples, eval_pending = state["step"], state["samples"], state.get("eval_pending", False)
-            torch.set_rng_state(state["rng"]["torch"])
-            np.random.set_state(_numpy_state(state["rng"]["numpy"]))
-            random.setstate(state["rng"]["python"])
+            loop.resume(state)
             if procs.is_main:
                 print(f"resuming run {key} (MLflow {run_id}) from {state['tokens']:,} tokens")
         monitor = _system_metrics(run_id, tracking_uri, resumed=state is not None) if procs.is_main else None
         with _Interrupt() as interrupt:
-            return _train(cfg, model_cfg, model, optimizer, train_blocks, val_blocks, procs, tracker, run_id,
-                          run_dir, step, samples, interrupt, progress, skip_logged=decision["logged_step"],
-                          eval_pending=eval_pending, patience=patience)
+            return _train(loop, interrupt, progress)
     except Exception as err:
         if procs.is_main:
             try:
@@ -471,9 +305,7 @@ def _decide(tracker, cfg: RunConfig, key: str, run_dir: Path, model_cfg: ModelCo
         tracker.reopen(existing.info.run_id)
         return {"status": "RUNNING", "run_id": existing.info.run_id, "resume": True,
                 "logged_step": tracker.max_logged_step(existing.info.run_id)}
-    for old in checkpoints(run_dir):  # --force, or no run yet: start clean
-        old.unlink()
-        old.with_suffix(".sha256").unlink(missing_ok=True)
+    remove_checkpoints(run_dir)  # --force, or no run yet: start clean
     with torch.device("meta"):
         counted = build_model(model_cfg)
     params = {**cfg.flat(), "model.vocab_size": model_cfg.vocab_size, "n_params": counted.num_params(),
@@ -486,11 +318,56 @@ def _decide(tracker, cfg: RunConfig, key: str, run_dir: Path, model_cfg: ModelCo
     return {"status": "RUNNING", "run_id": run_id, "resume": False, "logged_step": -1}
 
 
-def _train(cfg: RunConfig, model_cfg: ModelConfig, model, optimizer, train_blocks, val_blocks, procs: Processes,
-           tracker, run_id: str, run_dir: Path, step: int, samples: int, interrupt: _Interrupt, progress: bool,
-           skip_logged: int, eval_pending: bool, patience: float) -> RunResult:
+@dataclass
+class _Loop:
+    """What the training loop works on, and where it stands: step, samples and eval_pending advance
+    as it goes, and a checkpoint holds them with the model, the optimizer and the RNGs."""
+
+    cfg: RunConfig
+    model_cfg: ModelConfig
+    procs: Processes
+    tracker: Tracker | None
+    """rank 0's; None on the other processes."""
+    run_id: str
+    run_dir: Path
+    model: LatentThoughtModel
+    optimizer: torch.optim.Optimizer
+    train_blocks: TokenBlocks
+    val_blocks: TokenBlocks
+    skip_logged: int
+    """The last step the MLflow run already has metrics at: a resumed run does not log replayed steps twice."""
+    patience: float
+    """Seconds the loop goes on while the tracking store does not answer."""
+    on_log: Callable[[dict[str, float]], None] | None = None
+    step: int = 0
+    samples: int = 0
+    """Training sequences consumed."""
+    eval_pending: bool = False
+    """A signal stopped the evaluation at this step: it is done first on resume."""
+
+    def save(self, tokens: int) -> None:
+        """Checkpoint the loop (rank 0 writes it)."""
+        if self.procs.is_main:
+            save_checkpoint(self.run_dir, {
+                "model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(), "step": self.step,
+                "samples": self.samples, "tokens": tokens, "run_id": self.run_id, "run_key": self.cfg.run_key(),
+                "config": self.cfg.to_dict(), "model_overrides": {"vocab_size": self.model_cfg.vocab_size},
+                "eval_pending": self.eval_pending, "rng": rng_state(),
+            })
+
+    def resume(self, state: dict) -> None:
+        """Continue from a checkpoint's state."""
+        self.model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.step, self.samples, self.eval_pending = state["step"], state["samples"], state.get("eval_pending", False)
+        restore_rng(state["rng"])
+
+
+def _train(loop: _Loop, interrupt: _Interrupt, progress: bool) -> RunResult:
     from ltm.tracking import TrackingError
 
+    cfg, procs, model, optimizer, tracker = loop.cfg, loop.procs, loop.model, loop.optimizer, loop.tracker
+    run_id, run_dir, model_cfg = loop.run_id, loop.run_dir, loop.model_cfg
     tc, icfg = cfg.train, cfg.inference
     ctx = model_cfg.ctx
     tokens_per_step = tc.batch_size * ctx
@@ -501,17 +378,19 @@ def _train(cfg: RunConfig, model_cfg: ModelConfig, model, optimizer, train_block
     micro = tc.micro_batch_size or local
     if local % micro:
         raise ValueError(f"per-process batch {local} is not a multiple of train.micro_batch_size={micro}")
-    order = _BlockOrder(len(train_blocks), cfg.seed)
+    order = _BlockOrder(len(loop.train_blocks), cfg.seed)
     fpt = flops_per_token(model_cfg, icfg.steps, decoder_grad=icfg.decoder_grad)
     fpt_paper = flops_per_token(model_cfg, icfg.steps, convention="paper")
     peak = peak_flops(procs.device, tc.peak_flops)
-    n_val = min(tc.eval_blocks, len(val_blocks))
-    val_batches = [val_blocks.batch(list(range(i, min(i + tc.eval_batch_size, n_val)))).to(procs.device)
+    n_val = min(tc.eval_blocks, len(loop.val_blocks))
+    val_batches = [loop.val_blocks.batch(list(range(i, min(i + tc.eval_batch_size, n_val)))).to(procs.device)
                    for i in range(0, n_val, tc.eval_batch_size)]
 
     def log(metrics: dict, tokens: int) -> None:
-        if procs.is_main and tokens > skip_logged:  # a resumed run does not log replayed steps twice
+        if procs.is_main and tokens > loop.skip_logged:  # a resumed run does not log replayed steps twice
             tracker.log_metrics(run_id, metrics, step=tokens)
+            if loop.on_log is not None:
+                loop.on_log(metrics)
 
     def evaluate(tokens: int) -> dict | None:
         """The validation metrics; None when a signal stopped the evaluation (it is redone on resume)."""
@@ -526,20 +405,11 @@ def _train(cfg: RunConfig, model_cfg: ModelConfig, model, optimizer, train_block
         finally:
             model.train()
 
-    def checkpoint(tokens: int, eval_pending: bool = False) -> None:
-        if procs.is_main:
-            save_checkpoint(run_dir, {
-                "model": model.state_dict(), "optimizer": optimizer.state_dict(), "step": step, "samples": samples,
-                "tokens": tokens, "run_id": run_id, "run_key": cfg.run_key(), "config": cfg.to_dict(),
-                "model_overrides": {"vocab_size": model_cfg.vocab_size}, "eval_pending": eval_pending,
-                "rng": {"torch": torch.get_rng_state(), "numpy": _plain_numpy_state(np.random.get_state()), "python": random.getstate()},
-            })
-
     def close(status: str, tokens: int, reason: str = "") -> RunResult:
         """End the MLflow run; if the store never answers, keep the unsent metrics and say how to finish."""
         if procs.is_main:
             try:
-                tracker.finish(run_id, status, reason or None, patience=patience)
+                tracker.finish(run_id, status, reason or None, patience=loop.patience)
             except TrackingError as err:
                 kept = tracker.spool(run_dir / UNSENT_FILE)
                 note = (f"{err}; checkpointed at {tokens:,} tokens, {kept} unsent metrics kept in {run_dir / UNSENT_FILE}; "
@@ -549,8 +419,8 @@ def _train(cfg: RunConfig, model_cfg: ModelConfig, model, optimizer, train_block
         return RunResult(status, run_id, last_metrics, run_dir, reason)
 
     last_metrics: dict[str, float] = {}
-    if eval_pending:  # a signal stopped the evaluation at this step before: do it now, then go on
-        tokens = step * tokens_per_step
+    if loop.eval_pending:  # a signal stopped the evaluation at this step before: do it now, then go on
+        tokens = loop.step * tokens_per_step
         metrics = evaluate(tokens)
         if procs.broadcast(metrics is None):  # rank 0 evaluates; every process stops with it
             return close("KILLED", tokens, f"interrupted during the evaluation at {tokens:,} tokens; run the same "
@@ -558,21 +428,22 @@ def _train(cfg: RunConfig, model_cfg: ModelConfig, model, optimizer, train_block
         if procs.is_main:
             tracker.log_metrics(run_id, metrics, step=tokens)
         last_metrics.update(metrics)
+        loop.eval_pending = False
 
     from tqdm import tqdm
 
-    bar = tqdm(total=total_steps * tokens_per_step, initial=step * tokens_per_step, unit="tok", unit_scale=True,
+    bar = tqdm(total=total_steps * tokens_per_step, initial=loop.step * tokens_per_step, unit="tok", unit_scale=True,
                disable=not (progress and procs.is_main), dynamic_ncols=True)
     window = {"loss": 0.0, "kl": 0.0, "steps": 0, "time": 0.0}
-    while step < total_steps:
+    while loop.step < total_steps:
         started = time.perf_counter()
         for group in optimizer.param_groups:
-            group["lr"] = lr_at(step, total_steps, tc)
-        mine = order.indices(samples, tc.batch_size)[procs.rank * local:(procs.rank + 1) * local]
+            group["lr"] = lr_at(loop.step, total_steps, tc)
+        mine = order.indices(loop.samples, tc.batch_size)[procs.rank * local:(procs.rank + 1) * local]
         loss_sum = torch.zeros(2, device=procs.device)  # (sum of per-sequence mean CE, sum of KL)
         for i in range(0, local, micro):
-            batch = train_blocks.batch(mine[i:i + micro]).to(procs.device)
-            seeds = [sample_seed(cfg.seed, samples + procs.rank * local + i + j) for j in range(len(batch))]
+            batch = loop.train_blocks.batch(mine[i:i + micro]).to(procs.device)
+            seeds = [sample_seed(cfg.seed, loop.samples + procs.rank * local + i + j) for j in range(len(batch))]
             with _autocast(procs.device, tc.precision):
                 loss, kl = decoder_loss(model, batch, icfg, seeds)
             (loss * len(batch) / tc.batch_size).backward()
@@ -581,62 +452,62 @@ def _train(cfg: RunConfig, model_cfg: ModelConfig, model, optimizer, train_block
         procs.all_sum(loss_sum)
         mean_loss = loss_sum[0].item() / tc.batch_size
         if not math.isfinite(mean_loss):
-            reason = f"non-finite training loss ({mean_loss}) at update {step}; the last good checkpoint is kept"
+            reason = f"non-finite training loss ({mean_loss}) at update {loop.step}; the last good checkpoint is kept"
             bar.close()
-            return close("FAILED", step * tokens_per_step, reason)
+            return close("FAILED", loop.step * tokens_per_step, reason)
         torch.nn.utils.clip_grad_norm_(model.parameters(), tc.grad_clip)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-        step += 1
-        samples += tc.batch_size
-        tokens = step * tokens_per_step
+        loop.step += 1
+        loop.samples += tc.batch_size
+        tokens = loop.step * tokens_per_step
         bar.update(tokens_per_step)
 
         window["loss"] += mean_loss
         window["kl"] += loss_sum[1].item() / (tc.batch_size * ctx)
         window["steps"] += 1
         window["time"] += time.perf_counter() - started
-        last = step == total_steps
+        last = loop.step == total_steps
         point: dict[str, float] = {}  # everything logged at this step, in one call
         if last or _crossed(tokens, tokens_per_step, tc.log_every or tokens_per_step):
             n = window["steps"]
             tps = n * tokens_per_step / window["time"]
-            point.update({"train/loss": window["loss"] / n,
-                          "train/ppl_bound": math.exp((window["loss"] + window["kl"]) / n),
-                          "train/lr": optimizer.param_groups[0]["lr"], "tokens_per_s": tps})
+            point.update({names.TRAIN_LOSS: window["loss"] / n,
+                          names.TRAIN_PPL_BOUND: math.exp((window["loss"] + window["kl"]) / n),
+                          names.TRAIN_LR: optimizer.param_groups[0]["lr"], names.TOKENS_PER_S: tps})
             if peak:
-                point["mfu"] = tps * fpt / peak
+                point[names.MFU] = tps * fpt / peak
             bar.set_postfix(loss=f"{point['train/loss']:.3f}")
             window = {"loss": 0.0, "kl": 0.0, "steps": 0, "time": 0.0}
-        eval_pending = False
+        loop.eval_pending = False
         if last or (tc.eval_every and _crossed(tokens, tokens_per_step, tc.eval_every)):
             metrics = evaluate(tokens)
-            eval_pending = metrics is None
+            loop.eval_pending = metrics is None
             point.update(metrics or {})
         if point:
-            point.update({"tokens": tokens, "flops": tokens * fpt, "flops_paper": tokens * fpt_paper})
+            point.update({names.TOKENS: tokens, names.FLOPS: tokens * fpt, names.FLOPS_PAPER: tokens * fpt_paper})
             log(point, tokens)
             last_metrics.update(point)
-        outage = procs.is_main and tracker.outage() > patience
+        outage = procs.is_main and tracker.outage() > loop.patience
         stop = procs.all_sum(torch.tensor([float(interrupt.signal is not None), float(outage)], device=procs.device))
         if last or stop.any().item() or (tc.checkpoint_every and _crossed(tokens, tokens_per_step, tc.checkpoint_every)):
-            checkpoint(tokens, eval_pending=eval_pending)
+            loop.save(tokens)
         if stop[1].item():  # the store is gone: keep what it did not take, stop while nothing is lost
             bar.close()
-            reason = f"the tracking store did not answer for {patience:.0f} s"
+            reason = f"the tracking store did not answer for {loop.patience:.0f} s"
             if procs.is_main:
                 kept = tracker.spool(run_dir / UNSENT_FILE)
                 reason += (f" ({tracker.last_error}); checkpointed at {tokens:,} tokens, {kept} unsent metrics "
                            f"kept in {run_dir / UNSENT_FILE}; run the same command again once the store answers")
             return RunResult("KILLED", run_id, last_metrics, run_dir, reason)
-        if stop[0].item() and (not last or eval_pending):
+        if stop[0].item() and (not last or loop.eval_pending):
             bar.close()
             name = signal.Signals(interrupt.signal).name if interrupt.signal else "signal"
-            during = " during the evaluation" if eval_pending else ""
+            during = " during the evaluation" if loop.eval_pending else ""
             return close("KILLED", tokens, f"interrupted by {name}{during} at {tokens:,} tokens; run the same "
                                            "command again to resume")
     bar.close()
-    return close("FINISHED", step * tokens_per_step)
+    return close("FINISHED", loop.step * tokens_per_step)
 
 
 def bound_summary(metrics: dict[str, float], prefix: str = "val") -> str:
@@ -701,17 +572,17 @@ def main(argv: list[str] | None = None) -> int:
                      tracking_patience=args.tracking_patience)
     except RunBusy as err:
         print(f"error: {err}", file=sys.stderr)
-        return EXIT_BUSY
+        return Exit.BUSY
     except (ValueError, FileNotFoundError, RuntimeError, OSError) as err:
         print(f"error: {err}", file=sys.stderr)
-        return EXIT_FAILED
+        return Exit.FAILED
     if int(os.environ.get("RANK", "0")) == 0:
         print(f"{result.status}: run {cfg.run_key()} (MLflow run {result.run_id})" + (f": {result.reason}" if result.reason else ""))
         for k, v in sorted(result.metrics.items()):
             print(f"  {k:24s} {v:.6g}")
         if "val/nll_swap" in result.metrics:
             print(bound_summary(result.metrics))
-    return {"FINISHED": EXIT_FINISHED, "SKIPPED": EXIT_FINISHED, "KILLED": EXIT_INTERRUPTED}.get(result.status, EXIT_FAILED)
+    return EXIT_OF[Status(result.status)]
 
 
 if __name__ == "__main__":

@@ -14,7 +14,8 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from studies.launcher import Preset, Study, main  # noqa: E402
+from studies.launcher import main  # noqa: E402
+from studies.study import Preset, Study  # noqa: E402
 
 
 def data_option(source: str) -> tuple[dict, dict]:

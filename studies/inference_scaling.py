@@ -6,7 +6,7 @@ inside 128-token blocks, with T over the paper's range past the inner loop's KL 
 counts, one point with the released code's decoder gradient, and the two AR baselines (the same
 window, and full context) at the same budget.
 
-    python studies/inference_scaling.py                      # micro: this machine, under 30 minutes
+    python studies/inference_scaling.py                      # micro: 22 min on 2 CPU cores (measured)
     python studies/inference_scaling.py --preset smoke       # about a minute, for tests
     python studies/inference_scaling.py --preset paper --cluster slurm --profile gpu
 """
@@ -15,7 +15,8 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from studies.launcher import Preset, Study, grid, main  # noqa: E402
+from studies.launcher import main  # noqa: E402
+from studies.study import Preset, Study, grid  # noqa: E402
 
 TOKENS = {"train.tokens": 600_000, "train.eval_every": 150_000, "train.checkpoint_every": 150_000}
 # Most expensive first, so the two CPUs stay busy to the end (a trial's cost grows with T).
@@ -31,7 +32,7 @@ STUDY = Study(
         "smoke": Preset("smoke", grid({"inference.steps": [1, 4]}, {"model.n_latents": [2, 4]}),
                         description="4 tiny runs, about a minute"),
         "micro": Preset("micro-rf", MICRO, description="micro-rf: T in 4..64 x N_z in 4,16, a trajectory point, "
-                                                    "AR baselines; 600k tokens each (2 CPUs, ~25 min)"),
+                                                    "AR baselines; 600k tokens each (2 CPUs: 22 min)"),
         "paper": Preset("ltm-s", [{"model.n_layers": n, **point} for n in (3, 6, 12)
                                   for point in grid({"inference.steps": [16, 32, 64, 128]},
                                                     {"model.n_latents": [24, 48, 96, 192]})],

@@ -20,7 +20,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from ltm.config import run_preset  # noqa: E402
 from ltm.flops import flops_per_token  # noqa: E402
-from studies.launcher import Preset, Study, main  # noqa: E402
+from studies.launcher import main  # noqa: E402
+from studies.study import Preset, Study  # noqa: E402
 
 MODELS = {"ar": {"model.kind": "ar", "inference.steps": 0}}  # the baseline: the same decoder, no latents
 
@@ -61,7 +62,7 @@ STUDY = Study(
     presets={
         "smoke": Preset("smoke", points({"smoke": {}}, [2], [8_192, 16_384]), description="4 tiny runs"),
         "micro": Preset("micro-rf", MICRO, description="micro-rf: LTM T in 16,32,64, AR same window and full "
-                                                    "context to 1M tokens, a compute-matched AR (2 CPUs, ~25 min)"),
+                                                    "context to 1M tokens, a compute-matched AR (2 CPUs: 26 min)"),
         "paper": Preset("ltm-s", points({"ltm-s": {"model.n_layers": 3}, "ltm-m": {"model.n_layers": 6},
                                          "ltm-l": {"model.n_layers": 12}},
                                         [16, 64], [750_000_000, 1_500_000_000, 3_000_000_000]),

@@ -19,7 +19,9 @@ import threading
 import time
 from pathlib import Path
 
-ROLE_EVAL = "eval"
+from ltm.checkpoint import load_model, resolve
+from ltm.names import ROLE_EVAL, ROLE_TAG, SOURCE_RUN_TAG, TASK_TAG, Status
+from studies.messages import Point, Result, TrialContext
 
 
 class _Stopped(Exception):
@@ -46,43 +48,6 @@ class _StopOnSignal:
 
 
 # -- building the points -------------------------------------------------------------------------
-
-def resolve_checkpoint(ref: str, tracking_uri: str, runs_dir: Path) -> dict:
-    """{checkpoint, run_id, config} for a checkpoint file/folder or the MLflow run id of a training run."""
-    from ltm.config import ConfigError, RunConfig
-    from ltm.train import CONFIG_FILE, checkpoints
-
-    path = Path(ref).expanduser()
-    run_id = None
-    if not path.exists():
-        from mlflow.tracking import MlflowClient
-
-        try:
-            run = MlflowClient(tracking_uri).get_run(ref)
-        except Exception:
-            raise ConfigError(f"--checkpoint {ref!r} is neither a checkpoint file or folder nor a run id in "
-                              f"{tracking_uri}; pass a path like runs/checkpoints/<key> or a training run's id") from None
-        key = run.data.tags.get("ltm.run_key")
-        path = Path(runs_dir) / "checkpoints" / str(key)
-        if run.data.tags.get("ltm.role") == ROLE_EVAL or not checkpoints(path):
-            raise ConfigError(f"run {ref} has no checkpoint under {path}; pass the checkpoint path instead, or "
-                              "--runs-dir of the study that trained it")
-        run_id = ref
-    files = checkpoints(path) if path.is_dir() else [path]
-    if not files:
-        raise ConfigError(f"no checkpoint (ckpt-*.pt) in {path}")
-    beside = files[-1].parent / CONFIG_FILE
-    if beside.is_file():  # plain JSON: nothing is unpickled to plan an evaluation
-        config = json.loads(beside.read_text())["config"]
-    else:  # a checkpoint copied on its own: tensors and plain values only
-        import torch
-
-        config = torch.load(files[-1], map_location="cpu", weights_only=True)["config"]
-    if run_id is None:
-        run_id = _training_run(tracking_uri, RunConfig.from_dict(config).run_key())
-    return {"checkpoint": str(path.resolve()), "run_id": run_id, "config": config,
-            "identity": f"{files[-1].resolve()}:{files[-1].stat().st_size}"}
-
 
 def check_task(task: dict, tracking_uri: str, runs_dir: Path) -> dict:
     """The task with local paths made absolute; raises ConfigError (DataError) on what would fail later."""
@@ -116,35 +81,19 @@ def check_task(task: dict, tracking_uri: str, runs_dir: Path) -> dict:
         for corpus in task["corpora"]:
             resolve_source(corpus)
     elif task.get("reference"):
-        task["reference"] = resolve_checkpoint(str(task["reference"]), tracking_uri, runs_dir)["checkpoint"]
+        task["reference"] = resolve(str(task["reference"]), tracking_uri, runs_dir)["checkpoint"]
     return task
 
 
-def _training_run(tracking_uri: str, run_key: str) -> str | None:
-    """The id of the training run with this run key in the store, if it is there."""
-    from mlflow.tracking import MlflowClient
-
-    client = MlflowClient(tracking_uri)
-    experiments = [e.experiment_id for e in client.search_experiments()]
-    runs = client.search_runs(experiments, filter_string=f"tags.`ltm.run_key` = '{run_key}'", max_results=1,
-                              order_by=["attributes.start_time DESC"]) if experiments else []
-    return runs[0].info.run_id if runs else None
-
-
-def task_points(train_points: list[dict], task: dict, sources: list[dict]) -> list[dict]:
-    """One evaluation point per checkpoint source, or per training point when no source is given."""
-    points = []
+def task_points(train_points: list[Point], task: dict, sources: list[dict]) -> list[Point]:
+    """One evaluation point per checkpoint source (`ltm.checkpoint.resolve`), or per training point
+    when no source is given."""
     if sources:
-        for s in sources:
-            identity = s["identity"]
-            points.append({"key": _key(identity, task), "config": s["config"], "task": task,
-                           "source": {"checkpoint": s["checkpoint"], "run_id": s["run_id"]},
-                           "label": {"checkpoint": s["run_id"] or s["checkpoint"]}})
-    else:
-        for p in train_points:
-            points.append({"key": _key(p["key"], task), "config": p["config"], "task": task,
-                           "source": {"train": True, "train_key": p["key"]}, "label": p["label"]})
-    return points
+        return [Point(key=_key(s["identity"], task), config=s["config"], task=task,
+                      source={"checkpoint": s["checkpoint"], "run_id": s["run_id"]},
+                      label={"checkpoint": s["run_id"] or s["checkpoint"]}) for s in sources]
+    return [Point(key=_key(p.key, task), config=p.config, task=task, source={"train": True, "train_key": p.key},
+                  label=p.label) for p in train_points]
 
 
 def _key(identity: str, task: dict) -> str:
@@ -154,61 +103,57 @@ def _key(identity: str, task: dict) -> str:
 
 # -- running one point ---------------------------------------------------------------------------
 
-def run_task(point: dict, common: dict) -> dict:
-    """Train the point's checkpoint if needed, evaluate it, track the evaluation; the launcher's result dict.
+def run_task(point: Point, context: TrialContext) -> Result:
+    """Train the point's checkpoint if needed, evaluate it, track the evaluation.
 
     Holds the evaluation's run lock throughout (raises RunBusy when another process holds it).
     """
     from ltm.runlock import RunLock
 
-    with RunLock(common["runs_dir"], point["key"], "evaluated"):
-        return _run_task_locked(point, common)
+    with RunLock(context.runs_dir, point.key, "evaluated"):
+        return _run_task_locked(point, context)
 
 
-def _run_task_locked(point: dict, common: dict) -> dict:
+def _run_task_locked(point: Point, context: TrialContext) -> Result:
     from ltm.config import RunConfig
     from ltm.tracking import Tracker
-    from ltm.train import load_model, run
+    from ltm.train import run
 
-    runs_dir = Path(common["runs_dir"])
-    tracker = Tracker(common["tracking_uri"], common["experiment"], artifact_root=runs_dir / "artifacts")
-    existing = tracker.find_run(point["key"])
-    if existing is not None and existing.info.status == "FINISHED":
-        return {"status": "SKIPPED", "run_id": existing.info.run_id, "reason": "",
-                "metrics": dict(existing.data.metrics)}
-    source = point["source"]
+    runs_dir = Path(context.runs_dir)
+    tracker = Tracker(context.tracking_uri, context.experiment, artifact_root=runs_dir / "artifacts")
+    existing = tracker.find_run(point.key)
+    if existing is not None and existing.info.status == Status.FINISHED.value:
+        return Result(Status.SKIPPED, existing.info.run_id, metrics=dict(existing.data.metrics))
+    source = point.source
     if source.get("train"):
-        trained = run(RunConfig.from_dict(point["config"]), tracking_uri=common["tracking_uri"],
-                      experiment=common["experiment"], runs_dir=runs_dir, parent_run_id=common["parent_run_id"],
-                      tags=common["tags"], progress=False)
-        if trained.status not in ("FINISHED", "SKIPPED"):
-            return {"status": trained.status, "run_id": trained.run_id, "reason": f"training: {trained.reason}",
-                    "metrics": {}}
+        trained = run(RunConfig.from_dict(point.config), tracking_uri=context.tracking_uri,
+                      experiment=context.experiment, runs_dir=runs_dir, parent_run_id=context.parent_run_id,
+                      tags=context.tags, progress=False)
+        if trained.status not in (Status.FINISHED.value, Status.SKIPPED.value):
+            return Result(Status(trained.status), trained.run_id, f"training: {trained.reason}")
         checkpoint, source_run = trained.run_dir, trained.run_id
     else:
         checkpoint, source_run = source["checkpoint"], source.get("run_id")
     model, cfg = load_model(checkpoint)
-    task = point["task"]
+    task = point.task
     if existing is not None:
         tracker.reopen(existing.info.run_id)
         run_id = existing.info.run_id
     else:
-        from studies.launcher import ROLE_TAG
-
         params = {**cfg.flat(), **{f"task.{k}": v for k, v in task.items()}, "source.checkpoint": str(checkpoint)}
-        tags = {**common["tags"], ROLE_TAG: ROLE_EVAL, "ltm.task": task["name"], "ltm.source_run_id": source_run or "",
+        tags = {**context.tags, ROLE_TAG: ROLE_EVAL, TASK_TAG: task["name"], SOURCE_RUN_TAG: source_run or "",
                 "model.kind": cfg.model.kind}
         name = f"{task['name']}-{cfg.model.kind}-L{cfg.model.n_layers}-T{cfg.inference.steps}"
-        run_id = tracker.create_run(point["key"], name, params, tags, common["parent_run_id"])
+        run_id = tracker.create_run(point.key, name, params, tags, context.parent_run_id)
     started = time.time()
     try:
         with _StopOnSignal():
             metrics, artifacts = EVALUATORS[task["name"]](model, cfg, task)
     except _Stopped as stop:
-        tracker.finish(run_id, "KILLED", f"{stop}; start the study again to rerun this evaluation")
-        return {"status": "KILLED", "run_id": run_id, "reason": str(stop), "metrics": {}}
+        tracker.finish(run_id, Status.KILLED.value, f"{stop}; start the study again to rerun this evaluation")
+        return Result(Status.KILLED, run_id, str(stop))
     except Exception as err:
-        tracker.finish(run_id, "FAILED", f"{type(err).__name__}: {err}")
+        tracker.finish(run_id, Status.FAILED.value, f"{type(err).__name__}: {err}")
         raise
     metrics[f"{task['name']}/seconds"] = time.time() - started
     tracker.log_metrics(run_id, metrics, step=0)
@@ -216,8 +161,8 @@ def _run_task_locked(point: dict, common: dict) -> dict:
         for name, content in artifacts.items():
             (Path(tmp) / name).write_text(content)
         tracker.client.log_artifacts(run_id, tmp)
-    tracker.finish(run_id, "FINISHED")
-    return {"status": "FINISHED", "run_id": run_id, "reason": "", "metrics": metrics}
+    tracker.finish(run_id, Status.FINISHED.value)
+    return Result(Status.FINISHED, run_id, metrics=metrics)
 
 
 # -- the evaluators: (model, run config, task) -> (metrics, artifacts {file name: text}) -----------------
@@ -259,7 +204,6 @@ def _generation(model, cfg, task: dict) -> tuple[dict, dict]:
     from ltm.data import load_blocks, load_tokenizer
     from ltm.downstream import (check_same_tokenizer, conditional_samples, generative_perplexity,
                                 unconditional_samples, unigram_entropy)
-    from ltm.train import load_model
 
     tok = load_tokenizer(cfg.data)
     seed, n, length = int(task.get("seed", 0)), int(task["samples"]), int(task["length"])

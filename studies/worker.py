@@ -1,14 +1,14 @@
 """Grid points in a process of their own: `python -m studies.worker --serve`, or one point by hand.
 
-The launcher's Ray trials keep one `--serve` worker per Ray actor: it reads one JSON line
-`[SPEC, RESULT, LOG]` per point from stdin, runs the point with its stdout and stderr redirected
-to LOG, writes the result to RESULT and answers with the point's exit status on a line of its
-stdout. Points run in the main thread, so SIGTERM and SIGUSR2 checkpoint the running one (the
-worker then exits: the trial is being stopped), and with exactly the trial's CPUs.
+The Ray backend keeps one `--serve` worker per Ray actor: it reads one JSON line
+`[SPEC, RESULT, LOG, PROGRESS]` per point from stdin, runs the point with its stdout and stderr
+redirected to LOG (and its latest logged numbers in PROGRESS), writes the result to RESULT and
+answers with the point's exit status on a line of its stdout. Points run in the main thread, so
+SIGTERM and SIGUSR2 checkpoint the running one (the worker then exits: the trial is being
+stopped), and with exactly the trial's CPUs.
 
 `python -m studies.worker SPEC.json RESULT.json` runs one point, e.g. again from the spec a trial
-left in <runs>/logs/<key>.spec.json. Exit status as `python -m ltm.train`: 0 finished or skipped,
-1 failed, 3 interrupted, 4 another process holds the point.
+left in <runs>/logs/<key>.spec.json. Exit status as `python -m ltm.train` (`ltm.names.Exit`).
 """
 
 import json
@@ -17,22 +17,24 @@ import sys
 import traceback
 from pathlib import Path
 
-EXIT_INTERRUPTED, EXIT_BUSY = 3, 4
+from ltm.names import EXIT_OF, Exit, Status
+from studies.messages import Point, Result, TrialContext
 
 
-def main(spec_path: str, result_path: str) -> int:
-    from studies.launcher import run_point
+def main(spec_path: str, result_path: str, progress_path: str | None = None) -> int:
+    from studies.point import run_point
 
     spec = json.loads(Path(spec_path).read_text())
     try:
-        result = run_point(spec["point"], spec["common"])
+        result = run_point(Point.from_dict(spec["point"]), TrialContext.from_dict(spec["context"]),
+                           progress=Path(progress_path) if progress_path else None)
     except Exception as err:  # reported to the trial, which raises so that Ray retries it
         traceback.print_exc()
-        result = {"status": "ERROR", "run_id": None, "reason": f"{type(err).__name__}: {err}", "metrics": {}}
-    tmp = Path(result_path + ".tmp")
-    tmp.write_text(json.dumps(result))
+        result = Result(Status.ERROR, reason=f"{type(err).__name__}: {err}")
+    tmp = Path(f"{result_path}.{os.getpid()}.tmp")
+    tmp.write_text(json.dumps(result.to_dict()))
     tmp.replace(result_path)
-    return {"FINISHED": 0, "SKIPPED": 0, "KILLED": EXIT_INTERRUPTED, "BUSY": EXIT_BUSY}.get(result["status"], 1)
+    return EXIT_OF[result.status]
 
 
 def serve() -> int:
@@ -41,23 +43,23 @@ def serve() -> int:
     idle_out, idle_err = os.open(os.devnull, os.O_WRONLY), os.dup(2)
     os.dup2(idle_out, 1)  # stray output between points must not corrupt the replies
     while line := sys.stdin.readline():
-        spec, result, log = json.loads(line)
+        spec, result, log, progress = json.loads(line)
         with open(log, "ab") as f:
             sys.stdout.flush()
             sys.stderr.flush()
             os.dup2(f.fileno(), 1)
             os.dup2(f.fileno(), 2)
             try:
-                code = main(spec, result)
+                code = main(spec, result, progress)
             finally:
                 sys.stdout.flush()
                 sys.stderr.flush()
                 os.dup2(idle_out, 1)
                 os.dup2(idle_err, 2)
-        replies.write(f"{code}\n")
-        if code == EXIT_INTERRUPTED:
+        replies.write(f"{int(code)}\n")
+        if code == Exit.INTERRUPTED:
             return code
-    return 0
+    return Exit.OK
 
 
 if __name__ == "__main__":

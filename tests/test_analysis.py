@@ -1,5 +1,7 @@
 """Runs to frames to figures: analysis/plot_scaling.py end to end on tracked smoke runs."""
 
+import re
+
 import pandas as pd
 import pytest
 from mlflow.tracking import MlflowClient
@@ -8,7 +10,7 @@ import ltm.train as train
 from analysis import plot_scaling
 from analysis.runs import NoRunsError, dedupe, load_histories, load_runs
 from ltm.config import run_preset
-from ltm.tracking import default_tracking_uri
+from ltm.tracking import Tracker, default_tracking_uri
 
 
 @pytest.fixture(scope="module")
@@ -22,6 +24,102 @@ def tracked(tmp_path_factory):
         result = train.run(base.with_overrides(overrides), runs_dir=tmp / "runs", experiment="a", progress=False)
         assert result.status == "FINISHED"
     return tmp / "runs"
+
+
+@pytest.fixture(scope="module")
+def studies(tmp_path_factory):
+    """A store as the README's paths leave it: sample_efficiency, then inference_scaling twice (the later
+    invocation with T = 2, 4), each a parent run tagged as studies/launcher.py tags it with its runs as
+    children, and last a quick-start run (`python -m ltm.train`, experiment `ltm`). Returns
+    (runs dir, parent run id by (study, invocation))."""
+    tmp = tmp_path_factory.mktemp("studies")
+    runs_dir = tmp / "runs"
+    base = run_preset("smoke").with_overrides([f"data.cache_dir={tmp / 'cache'}", "train.tokens=2048",
+                                               "train.eval_every=2048"])
+    parents = {}
+    for study, invocation, points in (("sample_efficiency", "old", [["model.kind=ar"]]),
+                                      ("inference_scaling", "old", [["inference.steps=1"]]),
+                                      ("inference_scaling", "new", [["inference.steps=2"], ["inference.steps=4"]])):
+        tracker = Tracker(default_tracking_uri(runs_dir), study, artifact_root=runs_dir / "artifacts")
+        parent = tracker.client.create_run(tracker.experiment_id, tags={
+            "ltm.role": "study", "ltm.study": study, "ltm.study_key": f"{study}-{invocation}"}).info.run_id
+        for overrides in points:
+            result = train.run(base.with_overrides(overrides), runs_dir=runs_dir, experiment=study,
+                               parent_run_id=parent, progress=False)
+            assert result.status == "FINISHED"
+        tracker.client.set_terminated(parent)
+        parents[study, invocation] = parent
+    quick_start = train.run(base.with_overrides(["inference.steps=3"]), runs_dir=runs_dir, progress=False)
+    assert quick_start.status == "FINISHED"
+    return runs_dir, parents
+
+
+def _error_line(err: str) -> str:
+    return next(line for line in err.splitlines() if line.startswith("error: "))
+
+
+def test_plot_scaling_plots_the_latest_study_by_default_not_the_quick_start_run(studies, capsys):
+    runs_dir, parents = studies
+    assert plot_scaling.main(["--runs-dir", str(runs_dir), "--bootstrap", "0"]) == 0
+    out = capsys.readouterr().out
+    assert "analysing inference_scaling (experiment 'inference_scaling', " in out
+    assert f"parent run {parents['inference_scaling', 'new']}: the most recent study in the store" in out
+    figures = runs_dir / "figures" / "inference_scaling"
+    assert (figures / "inference_scaling.png").exists() and (figures / "sample_efficiency.png").exists()
+    table = pd.read_csv(figures / "runs.csv")  # the latest invocation's children only: no T=1, no quick start
+    assert sorted(table["inference.steps"]) == [2, 4]
+    assert not (runs_dir / "figures" / "ltm").exists()
+    client = MlflowClient(default_tracking_uri(runs_dir))
+    analysis = client.search_runs([client.get_experiment_by_name("inference_scaling").experiment_id],
+                                  filter_string="tags.`ltm.analysis` = 'plot_scaling'")
+    assert len(analysis) == 1 and analysis[0].data.tags["ltm.n_runs"] == "2"
+
+
+def test_a_study_by_name_is_its_latest_invocation_and_experiment_and_parent_run_still_work(studies, capsys, tmp_path):
+    runs_dir, parents = studies
+    uri = default_tracking_uri(runs_dir)
+    assert plot_scaling.select(uri, "inference_scaling", None, None) == (
+        "inference_scaling", parents["inference_scaling", "new"], "inference_scaling")
+    assert plot_scaling.select(uri, "sample_efficiency", None, None) == (
+        "sample_efficiency", parents["sample_efficiency", "old"], "sample_efficiency")
+    assert "the most recent invocation of that study" in capsys.readouterr().out
+    # --parent-run: that invocation, in its own experiment; --experiment: every run of it, no study chosen
+    assert plot_scaling.select(uri, None, None, parents["inference_scaling", "old"]) == (
+        "inference_scaling", parents["inference_scaling", "old"], "inference_scaling")
+    assert plot_scaling.select(uri, None, "ltm", None) == ("ltm", None, "ltm")
+    assert capsys.readouterr().out == ""
+    assert plot_scaling.main(["--runs-dir", str(runs_dir), "--study", "sample_efficiency", "--bootstrap", "0"]) == 0
+    assert list(pd.read_csv(runs_dir / "figures" / "sample_efficiency" / "runs.csv")["model.kind"]) == ["ar"]
+    assert plot_scaling.main(["--runs-dir", str(runs_dir), "--experiment", "ltm", "--out", str(tmp_path),
+                              "--bootstrap", "0"]) == 0
+    assert list(pd.read_csv(tmp_path / "runs.csv")["inference.steps"]) == [3]  # the quick start alone
+
+
+def test_wrong_study_or_experiment_names_exit_2_listing_what_exists(studies, capsys):
+    runs_dir, _ = studies
+    assert plot_scaling.main(["--runs-dir", str(runs_dir), "--study", "inference_scalin"]) == 2
+    line = _error_line(capsys.readouterr().err)
+    assert "no study 'inference_scalin'" in line
+    when = r"\d{4}-\d\d-\d\d \d\d:\d\d"
+    # each study once (its latest invocation), latest first, with its experiment and date
+    assert re.search(rf"inference_scaling \(experiment 'inference_scaling', {when}\), "
+                     rf"sample_efficiency \(experiment 'sample_efficiency', {when}\)$", line)
+    assert plot_scaling.main(["--runs-dir", str(runs_dir), "--study", "inference_scaling", "--experiment", "ltm"]) == 2
+    assert "no study 'inference_scaling' in experiment 'ltm'" in _error_line(capsys.readouterr().err)
+    assert plot_scaling.main(["--runs-dir", str(runs_dir), "--experiment", "inference_scalin"]) == 2
+    line = _error_line(capsys.readouterr().err)
+    assert "no experiment 'inference_scalin'" in line
+    assert "experiments: Default, inference_scaling, ltm, sample_efficiency)" in line
+    assert plot_scaling.main(["--runs-dir", str(runs_dir), "--parent-run", "0" * 32]) == 2
+    assert f"no run '{'0' * 32}'" in _error_line(capsys.readouterr().err)
+    assert not (runs_dir / "figures" / "inference_scalin").exists()
+
+
+def test_without_a_study_the_default_says_so_and_names_the_experiments(tracked, capsys):
+    assert plot_scaling.main(["--runs-dir", str(tracked)]) == 2  # only runs of `python -m ltm.train` here
+    line = _error_line(capsys.readouterr().err)
+    assert "no study in" in line and re.search(r"\(experiments: Default, a[,)]", line)
+    assert "python studies/inference_scaling.py" in line and "--experiment NAME" in line
 
 
 def test_runs_load_with_params_and_final_metrics(tracked):
@@ -77,16 +175,19 @@ def test_no_runs_says_which_study_to_run(tmp_path, capsys):
 
 
 def test_evaluations_of_checkpoints_get_a_table_and_are_not_training_runs(tracked, tmp_path):
-    from studies.tasks import check_task, resolve_checkpoint, run_task, task_points
+    from ltm.checkpoint import resolve
+    from ltm.names import Status
+    from studies.messages import TrialContext
+    from studies.tasks import check_task, run_task, task_points
 
     uri = default_tracking_uri(tracked)
     task = check_task({"name": "generation", "samples": 2, "length": 4, "prefix": 4, "prior_temperatures": [1.0],
                        "top_p": None, "reference": None, "steps": None, "seed": 0}, uri, tracked)
-    sources = [resolve_checkpoint(str(c), uri, tracked) for c in sorted((tracked / "checkpoints").iterdir())[:2]]
-    common = {"tracking_uri": uri, "experiment": "e", "runs_dir": str(tracked), "parent_run_id": None, "tags": {}}
+    sources = [resolve(str(c), uri, tracked) for c in sorted((tracked / "checkpoints").iterdir())[:2]]
+    context = TrialContext(tracking_uri=uri, experiment="e", runs_dir=str(tracked), parent_run_id=None)
     for point in task_points([], task, sources):
-        assert run_task(point, common)["status"] == "FINISHED"
-        assert run_task(point, common)["status"] == "SKIPPED"  # a finished evaluation is not repeated
+        assert run_task(point, context).status == Status.FINISHED
+        assert run_task(point, context).status == Status.SKIPPED  # a finished evaluation is not repeated
     with pytest.raises(NoRunsError):
         load_runs(uri, "e")  # evaluations are not training runs
     assert plot_scaling.main(["--runs-dir", str(tracked), "--experiment", "e", "--out", str(tmp_path)]) == 0

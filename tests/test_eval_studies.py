@@ -10,7 +10,8 @@ import pytest
 
 from studies.generation import STUDY as GENERATION
 from studies.icl_gsm8k import STUDY as ICL_GSM8K
-from studies.launcher import EXIT_USAGE, main
+from ltm.names import Exit
+from studies.launcher import main
 from studies.zero_shot import STUDY as ZERO_SHOT
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -128,7 +129,7 @@ def test_bad_evaluation_options_fail_before_launch(tmp_path, capsys, study_def, 
         (folder / f"{split}.jsonl").write_text(json.dumps({"question": "1 + 1?", "answer": "1 + 1 = 2\n#### 2"}) + "\n")
     args = [a.replace("{gsm8k}", str(folder)) for a in args]
     code = main(study_def, ["--preset", "smoke", "--runs-dir", str(tmp_path / "runs"), *args])
-    assert code == EXIT_USAGE
+    assert code == Exit.USAGE
     assert message in capsys.readouterr().err
     assert not (tmp_path / "runs" / "ray").exists()
 

@@ -12,7 +12,7 @@ import pytest
 from slurm_available import slurm_unavailable_reason
 
 from studies.inference_scaling import STUDY as INFERENCE_SCALING
-from studies.launcher import build_points
+from studies.points import build_points
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -48,7 +48,7 @@ def test_smoke_study_on_a_ray_cluster_inside_a_slurm_job(tmp_path):
     children = {r.data.tags["ltm.run_key"]: r for r in found if "ltm.run_key" in r.data.tags}
     assert len(parents) == 1 and parents[0].info.status == "FINISHED"
     assert parents[0].data.tags["ltm.backend"] == "ray"
-    assert set(children) == {p["key"] for p in build_points(INFERENCE_SCALING, "smoke", [0], None, [])}
+    assert set(children) == {p.key for p in build_points(INFERENCE_SCALING, "smoke", [0], None, [])}
     assert {r.info.status for r in children.values()} == {"FINISHED"}
     assert {r.data.tags["mlflow.parentRunId"] for r in children.values()} == {parents[0].info.run_id}
     assert not (Path.home() / ".ray" / f"study-{job}").exists()  # the job's token is gone

@@ -17,10 +17,12 @@ from pathlib import Path
 import pytest
 from mlflow.tracking import MlflowClient
 
+import ltm.checkpoint as checkpoint
 import ltm.train as train
 from ltm.config import RunConfig, run_preset
+from ltm.names import REASON_TAG, RUN_KEY_TAG, Exit, Status
 from ltm.runlock import RunBusy, RunLock, holder, lock_path
-from ltm.tracking import RUN_KEY_TAG, REASON_TAG, Tracker, redact, default_tracking_uri
+from ltm.tracking import Tracker, default_tracking_uri, redact
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -57,7 +59,7 @@ def test_a_second_launch_of_a_running_run_is_refused_and_one_run_finishes(tmp_pa
     assert wait_for(lambda: holder(runs, key) or first.poll() is not None), first.communicate()
     assert first.poll() is None
     second = subprocess.run(cli(tmp_path, *args), cwd=ROOT, capture_output=True, text=True, timeout=120)
-    assert second.returncode == train.EXIT_BUSY, second.stderr
+    assert second.returncode == Exit.BUSY, second.stderr
     assert f"run {key} is already being trained by process {first.pid}" in second.stderr
     out, err = first.communicate(timeout=300)
     assert first.returncode == 0, err
@@ -70,7 +72,7 @@ def test_a_second_launch_of_a_running_run_is_refused_and_one_run_finishes(tmp_pa
 
 
 def test_a_lock_dies_with_its_holder_and_a_stale_pid_is_never_signalled(tmp_path):
-    from studies.launcher import stop_local_workers
+    from studies.interrupt import stop_local_workers
 
     holder_proc = subprocess.Popen([sys.executable, "-c", "import sys, time; from ltm.runlock import RunLock; "
                                     f"l = RunLock({str(tmp_path)!r}, 'k', 'trained'); print('held', flush=True); "
@@ -94,13 +96,13 @@ def test_a_lock_dies_with_its_holder_and_a_stale_pid_is_never_signalled(tmp_path
 
 
 def test_an_evaluation_point_holds_its_own_lock(tmp_path):
-    from studies.launcher import run_point
+    from studies.messages import Point, TrialContext
+    from studies.point import run_point
 
-    point = {"key": "evalkey", "task": {"name": "zero_shot"}, "config": {}, "source": {}}
+    point = Point(key="evalkey", config={}, label={}, task={"name": "zero_shot"}, source={})
     with RunLock(tmp_path, "evalkey", "evaluated"):
-        result = run_point(point, {"runs_dir": str(tmp_path), "tracking_uri": default_tracking_uri(tmp_path),
-                                   "experiment": "e", "cpus": 1})
-    assert result["status"] == "BUSY" and "already being evaluated" in result["reason"]
+        result = run_point(point, TrialContext(default_tracking_uri(tmp_path), "e", str(tmp_path), None))
+    assert result.status == Status.BUSY and "already being evaluated" in result.reason
 
 
 # -- files: config, temporaries, a full disk -------------------------------------------------------
@@ -112,19 +114,17 @@ def test_the_config_is_plain_json_beside_the_checkpoints_and_stale_temporaries_g
     (run_dir / "ckpt-000000000008192.pt.4242.tmp").write_bytes(b"half a checkpoint of a dead writer")
     result = train.run(cfg, runs_dir=tmp_path / "runs", experiment="c", progress=False)
     assert not list(run_dir.glob("*.tmp"))
-    saved = json.loads((run_dir / train.CONFIG_FILE).read_text())
+    saved = json.loads((run_dir / checkpoint.CONFIG_FILE).read_text())
     assert saved["run_key"] == cfg.run_key() and saved["run_id"] == result.run_id
     assert RunConfig.from_dict(saved["config"]) == cfg and saved["model_overrides"]["vocab_size"] > 0
 
     import torch
 
-    from studies.tasks import resolve_checkpoint
-
     def refuse(*a, **k):
         raise AssertionError("planning an evaluation must not load a checkpoint")
 
     monkeypatch.setattr(torch, "load", refuse)
-    resolved = resolve_checkpoint(str(run_dir), default_tracking_uri(tmp_path / "runs"), tmp_path / "runs")
+    resolved = checkpoint.resolve(str(run_dir), default_tracking_uri(tmp_path / "runs"), tmp_path / "runs")
     assert RunConfig.from_dict(resolved["config"]) == cfg and resolved["run_id"] == result.run_id
 
 
@@ -164,7 +164,7 @@ def test_a_signal_during_an_evaluation_stops_it_at_once_and_the_resume_redoes_it
     cfg = smoke(tmp_path, *overrides)
     stopped = train.run(cfg, runs_dir=tmp_path / "runs", experiment="e", progress=False)
     assert stopped.status == "KILLED" and "SIGUSR2 during the evaluation at 8,192 tokens" in stopped.reason
-    state = train.load_latest_checkpoint(stopped.run_dir)
+    state = checkpoint.load_latest_checkpoint(stopped.run_dir)
     assert state["tokens"] == 8192 and state["eval_pending"]
     monkeypatch.setattr(train, "evaluate_bounds", real)
     resumed = train.run(cfg, runs_dir=tmp_path / "runs", experiment="e", progress=False)
@@ -259,12 +259,12 @@ def test_a_tracking_server_that_stays_away_gets_a_checkpoint_and_a_clear_exit(tm
     proc = subprocess.Popen(cli(tmp_path, *args), cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     key = smoke(tmp_path, "train.tokens=131072", "train.eval_every=16384").run_key()
     run_dir = tmp_path / "runs" / "checkpoints" / key
-    assert wait_for(lambda: (run_dir / train.CONFIG_FILE).exists() or proc.poll() is not None)
+    assert wait_for(lambda: (run_dir / checkpoint.CONFIG_FILE).exists() or proc.poll() is not None)
     server.stop()
     out, err = proc.communicate(timeout=300)
-    assert proc.returncode == train.EXIT_INTERRUPTED, err[-3000:]
+    assert proc.returncode == Exit.INTERRUPTED, err[-3000:]
     assert "did not answer for 3 s" in out and "run the same command again once the store answers" in out
-    assert train.load_latest_checkpoint(run_dir)["tokens"] < 131072  # stopped mid-run, not at the end
+    assert checkpoint.load_latest_checkpoint(run_dir)["tokens"] < 131072  # stopped mid-run, not at the end
     assert (run_dir / train.UNSENT_FILE).exists()
     server.start()
     again = subprocess.run(cli(tmp_path, *args), cwd=ROOT, capture_output=True, text=True, timeout=600)
@@ -299,7 +299,7 @@ def test_metrics_logged_while_the_store_is_down_are_sent_when_it_answers(tmp_pat
 
 @pytest.mark.slow
 def test_the_study_server_listens_locally_and_only_answers_the_study(tmp_path):
-    from studies.launcher import MlflowServer, node_address
+    from studies.mlflow_server import MlflowServer, node_address
 
     server = MlflowServer(f"sqlite:///{tmp_path / 'm.db'}", tmp_path, one_node=True)
     try:
@@ -345,7 +345,8 @@ def test_the_study_server_listens_locally_and_only_answers_the_study(tmp_path):
 
 def test_passwords_in_a_tracking_uri_are_never_printed_or_stored(tmp_path, capsys):
     from studies.inference_scaling import STUDY
-    from studies.launcher import main, plan
+    from studies.launcher import main
+    from studies.plan import plan
 
     uri = "http://alice:hunter2@127.0.0.1:9/"
     assert redact(uri) == "http://***@127.0.0.1:9/"
@@ -354,9 +355,9 @@ def test_passwords_in_a_tracking_uri_are_never_printed_or_stored(tmp_path, capsy
     plan_ = plan(STUDY, ["--preset", "smoke", "--runs-dir", str(tmp_path),
                          "--tracking-uri", f"sqlite:///{tmp_path / 'm.db'}", "--dry-run"])
     plan_.tracking_uri = uri  # as if the server had answered
-    common = plan_.common()
-    assert "hunter2" not in json.dumps(common) and common["tracking_uri"] == "http://127.0.0.1:9/"
-    saved = Path(common["credentials_file"])
+    context = plan_.context()
+    assert "hunter2" not in json.dumps(context.to_dict()) and context.tracking_uri == "http://127.0.0.1:9/"
+    saved = Path(context.credentials_file)
     assert json.loads(saved.read_text()) == {"username": "alice", "password": "hunter2"}
     assert stat.S_IMODE(saved.stat().st_mode) == 0o600
 
@@ -366,19 +367,21 @@ def test_passwords_in_a_tracking_uri_are_never_printed_or_stored(tmp_path, capsy
 @pytest.mark.parametrize("answer, message", [(None, "cannot tell whether the jobs"), ({"77_0"}, "still queued or running")],
                          ids=["squeue-unanswered", "jobs-alive"])
 def test_a_slurm_restart_touches_no_run_while_earlier_jobs_may_live(tmp_path, monkeypatch, capsys, answer, message):
-    import studies.launcher as launcher
+    import studies.plan
+    import studies.slurm_backend as slurm
     from studies.inference_scaling import STUDY
+    from studies.launcher import main
 
     argv = ["--preset", "smoke", "--runs-dir", str(tmp_path), "--cluster", "slurm"]
-    monkeypatch.setattr(launcher.shutil, "which", lambda name: "/usr/bin/" + name)
-    plan_ = launcher.plan(STUDY, argv)
+    monkeypatch.setattr(studies.plan.shutil, "which", lambda name: "/usr/bin/" + name)
+    plan_ = studies.plan.plan(STUDY, argv)
     tracker = Tracker(plan_.tracking_uri, plan_.experiment)
-    running = tracker.create_run(plan_.points[0]["key"], "alive in a job", {}, {})
-    folder = launcher.slurm_folder(plan_)
+    running = tracker.create_run(plan_.points[0].key, "alive in a job", {}, {})
+    folder = slurm.slurm_folder(plan_)
     folder.mkdir(parents=True)
     (folder / "jobs.json").write_text(json.dumps(["77_0", "77_1"]))
-    monkeypatch.setattr(launcher, "_squeue_ids", lambda ids: answer)
-    assert launcher.main(STUDY, argv) == launcher.EXIT_USAGE
+    monkeypatch.setattr(slurm, "_squeue_ids", lambda ids: answer)
+    assert main(STUDY, argv) == Exit.USAGE
     assert message in capsys.readouterr().err
     assert tracker.client.get_run(running).info.status == "RUNNING"  # not marked KILLED under a live job
 

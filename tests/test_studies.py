@@ -15,9 +15,13 @@ from pathlib import Path
 
 import pytest
 
+from ltm.config import RunConfig
 from studies.inference_scaling import STUDY as INFERENCE_SCALING
 from slurm_available import slurm_unavailable_reason
-from studies.launcher import build_points, grid, main, study_key
+from studies.launcher import main
+from studies.messages import Point
+from studies.points import build_points, study_key
+from studies.study import grid
 from studies.sample_efficiency import STUDY as SAMPLE_EFFICIENCY
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -78,8 +82,10 @@ def test_grid_is_a_product_of_zipped_axes():
 def test_every_preset_builds_valid_distinct_points(study_def, preset):
     points = build_points(study_def, preset, seeds=[0, 1], data=None, extra=[])
     assert len(points) == 2 * len(study_def.presets[preset].points)
-    assert len({p["key"] for p in points}) == len(points)
-    json.dumps(points)  # plain JSON-able specs
+    assert len({p.key for p in points}) == len(points)
+    for p in points:  # a point crosses a process boundary as JSON and comes back the same run
+        back = Point.from_dict(json.loads(json.dumps(p.to_dict())))
+        assert back.key == p.key and RunConfig.from_dict(back.config).run_key() == p.key and back.label == p.label
 
 
 def test_study_key_depends_on_the_grid_not_its_order():
@@ -132,6 +138,12 @@ def test_local_smoke_study_finishes_and_a_second_start_adds_nothing(tmp_path):
     assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]
     assert "4 FINISHED of 4 points" in first.stdout
     assert_complete(runs, 4)
+    # Tune's table shows every trial's point and numbers (tokens, tok/s, val ppl bound), not just its state
+    assert "val ppl bound" in first.stdout
+    for child in child_runs(runs):
+        row = next(line for line in first.stdout.splitlines()
+                   if child.data.tags["ltm.run_key"] in line and "TERMINATED" in line)
+        assert f"{int(child.data.metrics['tokens'])}" in row and "FINISHED" in row
     ids = {c.info.run_id for c in child_runs(runs)}
     again = study(runs)
     assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
@@ -181,8 +193,8 @@ def test_a_run_left_running_by_a_dead_worker_is_marked_killed_and_resumed(tmp_pa
     runs = tmp_path / "runs"
     points = build_points(INFERENCE_SCALING, "smoke", [0], None, [])
     tracker = Tracker(f"sqlite:///{runs / 'mlflow.db'}", "inference_scaling", artifact_root=runs / "artifacts")
-    key = points[0]["key"]
-    assert RunConfig.from_dict(points[0]["config"]).run_key() == key
+    key = points[0].key
+    assert RunConfig.from_dict(points[0].config).run_key() == key
     orphan = tracker.create_run(key, "orphan", {}, {})  # RUNNING, its worker long gone
     result = study(runs)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
@@ -244,7 +256,7 @@ def _running(task: str) -> bool:
 def test_slurm_scancel_of_one_task_then_restart_completes_only_that_point(tmp_path):
     runs = tmp_path / "runs"
     longer = ["--set", "train.tokens=131072", "--set", "train.checkpoint_every=16384"]
-    first_key = build_points(INFERENCE_SCALING, "smoke", [0], None, longer[1::2])[0]["key"]
+    first_key = build_points(INFERENCE_SCALING, "smoke", [0], None, longer[1::2])[0].key
     proc = subprocess.Popen([sys.executable, str(SCRIPT), "--preset", "smoke", "--runs-dir", str(runs), "--cluster",
                              "slurm", *longer], cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
@@ -273,7 +285,7 @@ def test_slurm_scancel_of_one_task_then_restart_completes_only_that_point(tmp_pa
 def test_slurm_preemption_signal_checkpoints_requeues_and_resumes_the_same_run(tmp_path):
     runs = tmp_path / "runs"
     longer = ["--set", "train.tokens=131072", "--set", "train.checkpoint_every=16384"]
-    first_key = build_points(INFERENCE_SCALING, "smoke", [0], None, longer[1::2])[0]["key"]
+    first_key = build_points(INFERENCE_SCALING, "smoke", [0], None, longer[1::2])[0].key
     proc = subprocess.Popen([sys.executable, str(SCRIPT), "--preset", "smoke", "--runs-dir", str(runs), "--cluster",
                              "slurm", "--seeds", "0", *longer], cwd=tmp_path, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True)
@@ -302,7 +314,7 @@ def test_micro_presets_sit_where_the_latents_can_pay(tmp_path):
     from ltm.config import RunConfig
     from ltm.data import load_blocks, optimal_ppl
 
-    points = [RunConfig.from_dict(p["config"]) for p in build_points(INFERENCE_SCALING, "micro", [0], None, [])]
+    points = [RunConfig.from_dict(p.config) for p in build_points(INFERENCE_SCALING, "micro", [0], None, [])]
     ltm_runs = [c for c in points if c.model.kind == "ltm"]
     assert {4, 16, 32, 64} <= {c.inference.steps for c in ltm_runs}
     assert len({c.model.n_latents for c in ltm_runs}) >= 2
@@ -315,6 +327,6 @@ def test_micro_presets_sit_where_the_latents_can_pay(tmp_path):
     blocks = load_blocks(data, cfg.model.ctx, "validation")
     gap = math.log(optimal_ppl(blocks, window=cfg.model.receptive_field, n_blocks=32) / optimal_ppl(blocks, n_blocks=32))
     assert gap >= 0.3, gap
-    efficiency = [RunConfig.from_dict(p["config"]) for p in build_points(SAMPLE_EFFICIENCY, "micro", [0], None, [])]
+    efficiency = [RunConfig.from_dict(p.config) for p in build_points(SAMPLE_EFFICIENCY, "micro", [0], None, [])]
     assert {c.model.window for c in efficiency if c.model.kind == "ar"} == {8, None}
     assert all(c.data.synthetic_tokens > c.train.tokens for c in efficiency)  # no epoch repeats

@@ -12,9 +12,12 @@ import pytest
 import torch
 from mlflow.tracking import MlflowClient
 
+import ltm.checkpoint as checkpoint
 import ltm.train as train
-from ltm.config import run_preset
-from ltm.tracking import RUN_KEY_TAG, TrackingError, default_tracking_uri
+from ltm.config import ConfigError, run_preset
+from ltm.names import RUN_KEY_TAG, Exit
+from ltm.processes import resolve_device
+from ltm.tracking import TrackingError, default_tracking_uri
 
 ROOT = Path(__file__).resolve().parents[1]
 EXPECTED_METRICS = {"train/loss", "train/ppl_bound", "val/nll", "val/kl", "val/ppl_bound", "val/ppl_iw",
@@ -144,7 +147,7 @@ def test_a_stop_signal_checkpoints_and_leaves_the_run_resumable(tmp_path, sig):
     assert started and proc.poll() is None, proc.communicate()[1][-3000:]
     proc.send_signal(sig)
     out, err = proc.communicate(timeout=120)
-    assert proc.returncode == train.EXIT_INTERRUPTED, err
+    assert proc.returncode == Exit.INTERRUPTED, err
     client = MlflowClient(uri)
     run = client.search_runs([client.get_experiment_by_name("s").experiment_id])[0]
     assert run.info.status == "KILLED" and sig.name in run.data.tags["ltm.status_reason"]
@@ -172,11 +175,11 @@ def test_a_failure_after_the_run_is_created_marks_it_failed(tmp_path, monkeypatc
 
 
 def test_a_bare_cuda_device_means_this_processs_gpu():
-    assert train.resolve_device("cuda", 3, cuda_available=True) == torch.device("cuda", 3)
-    assert train.resolve_device("cuda:1", 3, cuda_available=True) == torch.device("cuda", 1)
-    assert train.resolve_device(None, 2, cuda_available=True) == torch.device("cuda", 2)
-    assert train.resolve_device(None, 2, cuda_available=False) == torch.device("cpu")
-    assert train.resolve_device("cpu", 2, cuda_available=True) == torch.device("cpu")
+    assert resolve_device("cuda", 3, cuda_available=True) == torch.device("cuda", 3)
+    assert resolve_device("cuda:1", 3, cuda_available=True) == torch.device("cuda", 1)
+    assert resolve_device(None, 2, cuda_available=True) == torch.device("cuda", 2)
+    assert resolve_device(None, 2, cuda_available=False) == torch.device("cpu")
+    assert resolve_device("cpu", 2, cuda_available=True) == torch.device("cpu")
 
 
 class _Payload:
@@ -194,25 +197,26 @@ def test_a_checkpoint_that_would_run_code_is_refused_not_executed(tmp_path):
     hostile = tmp_path / "ckpt-000000000000001.pt"
     torch.save({"config": {}, "model": _Payload(marker)}, hostile)
     with pytest.raises(Exception, match="Weights only load failed"):
-        train.load_model(hostile)
+        checkpoint.load_model(hostile)
     assert not marker.exists()
     # in a run's folder it is skipped as unreadable, with a warning, and nothing runs either
-    (tmp_path / "ckpt-000000000000001.sha256").write_text(train._sha256(hostile))
+    (tmp_path / "ckpt-000000000000001.sha256").write_text(checkpoint._sha256(hostile))
     with pytest.warns(UserWarning, match="corrupt"):
-        assert train.load_latest_checkpoint(tmp_path) is None
+        assert checkpoint.load_latest_checkpoint(tmp_path) is None
     assert not marker.exists()
 
 
 def test_checkpoints_hold_only_plain_values_and_resume_the_rng(tmp_path):
     cfg = smoke(tmp_path, "train.tokens=2048")
     result = train.run(cfg, runs_dir=tmp_path / "runs", progress=False)
-    state = train.load_latest_checkpoint(result.run_dir)  # weights_only=True: would raise otherwise
-    np_state = train._numpy_state(state["rng"]["numpy"])
-    import numpy as np
-
-    rng = np.random.RandomState()
-    rng.set_state(np_state)
-    assert isinstance(state["rng"]["numpy"][1], list) and len(np_state[1]) == 624
+    state = checkpoint.load_latest_checkpoint(result.run_dir)  # weights_only=True: would raise otherwise
+    assert isinstance(state["rng"]["numpy"][1], list) and len(state["rng"]["numpy"][1]) == 624
+    before = checkpoint.rng_state()
+    checkpoint.restore_rng(state["rng"])
+    restored = checkpoint.rng_state()
+    checkpoint.restore_rng(before)
+    assert restored["numpy"] == tuple(state["rng"]["numpy"]) and restored["python"] == state["rng"]["python"]
+    assert torch.equal(restored["torch"], state["rng"]["torch"])
 
 
 def test_non_finite_loss_marks_the_run_failed_and_keeps_the_last_checkpoint(tmp_path, monkeypatch):
@@ -230,31 +234,49 @@ def test_non_finite_loss_marks_the_run_failed_and_keeps_the_last_checkpoint(tmp_
     assert result.status == "FAILED" and "non-finite training loss" in result.reason
     run = MlflowClient(default_tracking_uri(tmp_path / "runs")).get_run(result.run_id)
     assert run.info.status == "FAILED" and "non-finite" in run.data.tags["ltm.status_reason"]
-    state = train.load_latest_checkpoint(result.run_dir)
+    state = checkpoint.load_latest_checkpoint(result.run_dir)
     assert state["step"] == 16  # the last good checkpoint (2048 tokens per 8 updates), not the poisoned state
     assert all(torch.isfinite(v).all() for v in state["model"].values())
 
 
 def test_corrupt_latest_checkpoint_falls_back_to_the_previous(tmp_path):
     for tokens in (100, 200):
-        train.save_checkpoint(tmp_path, {"tokens": tokens, "step": tokens})
-    latest = train.checkpoints(tmp_path)[-1]
+        checkpoint.save_checkpoint(tmp_path, {"tokens": tokens, "step": tokens})
+    latest = checkpoint.checkpoints(tmp_path)[-1]
     latest.write_bytes(latest.read_bytes()[:-10] + b"corrupted!")
     with pytest.warns(UserWarning, match="corrupt"):
-        state = train.load_latest_checkpoint(tmp_path)
+        state = checkpoint.load_latest_checkpoint(tmp_path)
     assert state["tokens"] == 100
+
+
+def test_planning_an_evaluation_names_the_checkpoint_that_loads_when_the_newest_is_corrupt(tmp_path):
+    cfg = run_preset("smoke")
+    checkpoint.write_run_config(tmp_path, cfg, cfg.model, "r")
+    for tokens in (100, 200):
+        checkpoint.save_checkpoint(tmp_path, {"tokens": tokens, "config": cfg.to_dict()})
+    previous, newest = checkpoint.checkpoints(tmp_path)
+    newest.write_bytes(newest.read_bytes()[:-10] + b"corrupted!")
+    uri = default_tracking_uri(tmp_path / "runs")
+    with pytest.warns(UserWarning, match="corrupt"):
+        resolved = checkpoint.resolve(str(tmp_path), uri, tmp_path / "runs")
+    with pytest.warns(UserWarning, match="corrupt"):
+        assert checkpoint.load_latest_checkpoint(tmp_path)["tokens"] == 100
+    assert resolved["identity"] == f"{previous.resolve()}:{previous.stat().st_size}"
+    previous.write_bytes(b"corrupted too")
+    with pytest.warns(UserWarning, match="corrupt"), pytest.raises(ConfigError, match="all are corrupt"):
+        checkpoint.resolve(str(tmp_path), uri, tmp_path / "runs")
 
 
 def test_only_the_last_two_checkpoints_are_kept(tmp_path):
     for tokens in (1, 2, 3, 4):
-        train.save_checkpoint(tmp_path, {"tokens": tokens})
-    assert [p.name for p in train.checkpoints(tmp_path)] == ["ckpt-000000000000003.pt", "ckpt-000000000000004.pt"]
+        checkpoint.save_checkpoint(tmp_path, {"tokens": tokens})
+    assert [p.name for p in checkpoint.checkpoints(tmp_path)] == ["ckpt-000000000000003.pt", "ckpt-000000000000004.pt"]
     assert not list(tmp_path.glob("*.tmp"))
 
 
 def test_trained_model_reloads_from_its_checkpoint(tmp_path):
     result = train.run(smoke(tmp_path, "train.tokens=2048"), runs_dir=tmp_path / "runs", progress=False)
-    model, cfg = train.load_model(result.run_dir)
+    model, cfg = checkpoint.load_model(result.run_dir)
     assert cfg.inference.steps == 4 and model.cfg.kind == "ltm"
 
 
@@ -270,13 +292,13 @@ def test_unreachable_tracking_server_fails_before_training(tmp_path):
 ])
 def test_bad_data_fails_with_a_clear_message_on_the_command_line(tmp_path, data, message):
     out = subprocess.run(cli(tmp_path, "--data", data), capture_output=True, text=True, cwd=ROOT)
-    assert out.returncode == train.EXIT_FAILED
+    assert out.returncode == Exit.FAILED
     assert message in out.stderr and "Traceback" not in out.stderr
 
 
 def test_bad_overrides_fail_on_the_command_line(tmp_path):
     out = subprocess.run(cli(tmp_path, "--set", "inference.step=3"), capture_output=True, text=True, cwd=ROOT)
-    assert out.returncode == train.EXIT_FAILED and "unknown config key 'inference.step'" in out.stderr
+    assert out.returncode == Exit.FAILED and "unknown config key 'inference.step'" in out.stderr
 
 
 @pytest.mark.slow
@@ -288,7 +310,7 @@ def test_two_processes_give_the_one_process_result(tmp_path):
                           str(29500 + os.getpid() % 1000), *cli(tmp_path, *args, runs="two")[1:]],
                          capture_output=True, text=True, cwd=ROOT)
     assert two.returncode == 0, two.stderr[-3000:]
-    a, _ = train.load_model(next((tmp_path / "one" / "checkpoints").iterdir()))
-    b, _ = train.load_model(next((tmp_path / "two" / "checkpoints").iterdir()))
+    a, _ = checkpoint.load_model(next((tmp_path / "one" / "checkpoints").iterdir()))
+    b, _ = checkpoint.load_model(next((tmp_path / "two" / "checkpoints").iterdir()))
     for (name, p), q in zip(a.named_parameters(), b.parameters()):
         torch.testing.assert_close(p, q, rtol=1e-3, atol=1e-5, msg=name)

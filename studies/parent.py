@@ -1,0 +1,64 @@
+"""A study's MLflow parent run: found or created per study identity, its stale children, its summary."""
+
+from __future__ import annotations
+
+from ltm.names import (BACKEND_TAG, COUNT_TAG_PREFIX, POINTS_TAG, ROLE_STUDY, ROLE_TAG, RUN_KEY_TAG, STUDY_KEY_TAG,
+                       TOKENS, Status)
+from studies.plan import Plan
+from studies.points import grid_table
+
+
+def open_parent(plan: Plan):
+    """Find or create the study's parent run (RUNNING); mark children left RUNNING by dead workers KILLED.
+
+    A child counts as dead only when nobody holds its run lock (`ltm.runlock`): a held lock is a
+    live process, wherever it runs. Returns the Tracker, with plan.parent_run_id set.
+    """
+    from ltm.runlock import holder
+    from ltm.tracking import Tracker
+
+    tracker = Tracker(plan.tracking_uri, plan.experiment, artifact_root=plan.runs_dir / "artifacts")
+    client = tracker.client
+    found = client.search_runs([tracker.experiment_id], filter_string=f"tags.`{STUDY_KEY_TAG}` = '{plan.study_key}' "
+                                                                       f"and tags.`{ROLE_TAG}` = '{ROLE_STUDY}'",
+                               order_by=["attributes.start_time ASC"], max_results=1)
+    if found:
+        parent = found[0].info.run_id
+        client.update_run(parent, status="RUNNING")
+        client.set_tag(parent, BACKEND_TAG, plan.cluster)
+    else:
+        run = client.create_run(tracker.experiment_id, run_name=f"{plan.study.name}-{plan.preset}",
+                                tags={**plan.tags, ROLE_TAG: ROLE_STUDY, POINTS_TAG: str(len(plan.points))})
+        parent = run.info.run_id
+        client.log_dict(parent, {"study": plan.study.name, "preset": plan.preset,
+                                 "points": [p.to_dict() for p in plan.points]}, "grid.json")
+    plan.parent_run_id = parent
+    keys = {p.key for p in plan.points}
+    stale = client.search_runs([tracker.experiment_id], filter_string="attributes.status = 'RUNNING'", max_results=5000)
+    for run in stale:
+        key = run.data.tags.get(RUN_KEY_TAG)
+        if key in keys and holder(plan.runs_dir, key) is None:
+            tracker.finish(run.info.run_id, Status.KILLED.value, "left RUNNING by a worker that died; the study driver "
+                                                                 "marked it KILLED and resumes it from its last checkpoint")
+            print(f"marked run {key} KILLED (left RUNNING by a dead worker); it will resume")
+    return tracker
+
+
+def finish_parent(tracker, parent_run_id: str, status: str, counts: dict) -> None:
+    tracker.set_tags(parent_run_id, {f"{COUNT_TAG_PREFIX}{k}": v for k, v in counts.items()})
+    tracker.client.set_terminated(parent_run_id, status=status)
+
+
+def summary(tracker, plan: Plan):
+    """One row per point: the grid's axes, its MLflow status and the study's headline metrics."""
+    import fnmatch
+
+    patterns = ([] if plan.is_evaluation else [TOKENS]) + list(plan.study.summary_metrics)
+    runs = [tracker.find_run(p.key) for p in plan.points]
+    metrics = [run.data.metrics if run else {} for run in runs]
+    names = [n for pattern in patterns for n in sorted({k for m in metrics for k in m if fnmatch.fnmatch(k, pattern)})]
+    columns: dict[str, list] = {"status": [run.info.status if run else "MISSING" for run in runs]}
+    for n in dict.fromkeys(names):
+        columns[n] = [None if n not in m else int(m[n]) if n == TOKENS else round(m[n], 4) for m in metrics]
+    columns["mlflow_run"] = [run.info.run_id[:8] if run else "" for run in runs]
+    return grid_table(plan.points, columns)

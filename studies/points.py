@@ -1,0 +1,75 @@
+"""A study's grid as run specs: one validated `Point` per (grid entry, seed), the study's identity,
+and the table that shows them."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+from studies.messages import Point
+from studies.study import Study
+
+
+def build_points(study: Study, preset: str, seeds: list[int], data: str | None, extra: list[str]) -> list[Point]:
+    """Every grid point of the preset, one per seed; raises ConfigError on a bad point."""
+    from ltm.config import ConfigError, run_preset
+
+    if preset not in study.presets:
+        raise ConfigError(f"unknown preset {preset!r} for study {study.name}; known: {', '.join(study.presets)}")
+    base = run_preset(study.presets[preset].base)
+    points, seen = [], set()
+    for overrides in study.presets[preset].points:
+        for seed in seeds:
+            cfg = base.with_overrides({**overrides, "seed": seed})
+            if data:
+                cfg = cfg.with_overrides(study.data_option(data)[0] if study.data_option else {"data.name": data})
+            if extra:
+                cfg = cfg.with_overrides(extra)
+            cfg = _absolute_paths(cfg)
+            key = cfg.run_key()
+            if key in seen:
+                continue
+            seen.add(key)
+            points.append(Point(key=key, config=cfg.to_dict(), label={**overrides, "seed": seed}))
+    return points
+
+
+def _absolute_paths(cfg):
+    """Local data paths made absolute: trials run in other working directories."""
+    data = cfg.data
+    fix = {f"data.{k}": str(Path(v).resolve()) for k in ("name", "val_name", "cache_dir")
+           if isinstance(v := getattr(data, k), str) and v != "synthetic" and (k == "cache_dir" or Path(v).exists())}
+    return cfg.with_overrides(fix) if fix else cfg
+
+
+def study_key(study: Study, preset: str, points: list[Point]) -> str:
+    """The identity of a study invocation: its name, preset and the run keys of its points."""
+    blob = json.dumps([study.name, preset, sorted(p.key for p in points)]).encode()
+    return hashlib.sha256(blob).hexdigest()[:12]
+
+
+def varying_columns(points: list[Point]) -> list[str]:
+    """Dotted config keys whose values differ between points (the grid's axes), plus seed."""
+    from ltm.config import RunConfig
+
+    flats = [RunConfig.from_dict(p.config).flat() for p in points]
+    keys = [k for k in flats[0] if len({json.dumps(f[k], default=str) for f in flats}) > 1]
+    return keys or ["seed"]
+
+
+def grid_table(points: list[Point], extra_columns: dict[str, list] | None = None):
+    """A DataFrame with one row per point: run key and the varying config values."""
+    import pandas as pd
+    from ltm.config import RunConfig
+
+    cols = varying_columns(points)
+    rows = []
+    for i, p in enumerate(points):
+        flat = RunConfig.from_dict(p.config).flat()
+        row = {"key": p.key, **{c.replace("model.", "").replace("inference.", "").replace("train.", ""): flat[c]
+                                for c in cols}}
+        for name, values in (extra_columns or {}).items():
+            row[name] = values[i]
+        rows.append(row)
+    return pd.DataFrame(rows)

@@ -1,0 +1,209 @@
+"""Backend `local` / `ray`: the grid as Ray Tune trials, each point in a persistent worker process.
+
+Ray Tune gives resources per trial, retries (`FailureConfig`), storage under the runs folder and
+`Tuner.restore` of an interrupted study. Each Ray actor keeps one `python -m studies.worker
+--serve` process and runs its trials there one after another, so torch, MLflow and ltm are
+imported once per actor instead of once per trial (about 3-4 s each). While a point runs, the
+trial reports its progress (tokens, the latest validation bound, tokens/s) to Tune's table.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import select
+import subprocess
+import sys
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+from ltm.names import TOKENS, TOKENS_PER_S, VAL_PPL_BOUND, Exit, Status
+from studies.interrupt import Interruption, die_with_parent, stop_local_workers
+from studies.messages import Point, Result, TrialContext
+from studies.plan import ROOT, Plan, UsageError
+
+REPORT_EVERY_S = 5.0
+"""How often a running trial reads its point's progress file and reports it to Tune."""
+
+
+def _pythonpath() -> str:
+    return os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]).rstrip(os.pathsep)
+
+
+class PointWorker:
+    """A persistent `python -m studies.worker --serve` process that runs points one after another.
+
+    Each point runs in the worker's main thread (SIGTERM / SIGUSR2 checkpoint it) with the trial's
+    threads and logs to its own file.
+    """
+
+    def __init__(self, runs_dir: Path, threads: int, spawner: ThreadPoolExecutor) -> None:
+        self.identity = (str(runs_dir), threads)
+        env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads),
+               "PYTHONPATH": _pythonpath()}
+        self.proc = spawner.submit(
+            subprocess.Popen, [sys.executable, "-m", "studies.worker", "--serve"], cwd=runs_dir, env=env,
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, preexec_fn=die_with_parent).result()
+
+    def alive(self) -> bool:
+        return self.proc.poll() is None
+
+    def run(self, spec: Path, out: Path, log: Path, progress: Path) -> int | None:
+        """Run one point, reporting its progress file meanwhile; its exit status, None if the worker died."""
+        try:
+            self.proc.stdin.write(json.dumps([str(spec), str(out), str(log), str(progress)]) + "\n")
+            self.proc.stdin.flush()
+            while not select.select([self.proc.stdout], [], [], REPORT_EVERY_S)[0]:
+                _report_progress(progress)
+            reply = self.proc.stdout.readline()
+        except BrokenPipeError:
+            reply = ""
+        except BaseException:
+            self.stop()  # the trial is being stopped: checkpoint, then go
+            raise
+        return int(reply) if reply.strip() else None
+
+    def stop(self, timeout: float = 60) -> None:
+        if self.alive():
+            self.proc.terminate()
+        try:
+            self.proc.wait(timeout=timeout)
+        except BaseException:
+            self.proc.kill()
+
+
+def _report_progress(progress: Path) -> None:
+    """The point's latest logged numbers into Tune's status table (nothing if it logged none yet)."""
+    from ray import tune
+
+    try:
+        latest = json.loads(progress.read_text())
+    except (OSError, ValueError):
+        return
+    tune.report({"status": "RUNNING", TOKENS: latest.get(TOKENS, 0.0), "tokens_per_s": latest.get(TOKENS_PER_S, 0.0),
+                 "val_ppl_bound": latest.get(VAL_PPL_BOUND, float("nan"))})
+
+
+class _ActorState:
+    """What one Ray actor process keeps between the trials it runs (Tune reuses actors): its worker,
+    and the one thread that spawns workers. A thread's exit would deliver PR_SET_PDEATHSIG to a
+    worker it spawned, and Tune runs each trial in a new thread."""
+
+    worker: PointWorker | None = None
+    spawner = ThreadPoolExecutor(max_workers=1, thread_name_prefix="point-worker-spawner")
+
+
+def run_point_subprocess(point: Point, context: TrialContext) -> Result:
+    """Run the point in this actor's worker (started, or restarted if it died, on demand).
+
+    The spec and the result are files in <runs>/logs/ (`python -m studies.worker SPEC RESULT` reruns
+    a point by hand); the point's output goes to <runs>/logs/<key>.log.
+    """
+    logs = Path(context.runs_dir) / "logs"
+    logs.mkdir(parents=True, exist_ok=True)
+    spec, out = logs / f"{point.key}.spec.json", logs / f"{point.key}.result.json"
+    log, progress = logs / f"{point.key}.log", logs / f"{point.key}.progress.json"
+    spec.write_text(json.dumps({"point": point.to_dict(), "context": context.to_dict()}))
+    out.unlink(missing_ok=True)
+    progress.unlink(missing_ok=True)
+    worker = _ActorState.worker
+    if worker is None or not worker.alive() or worker.identity != (context.runs_dir, context.threads):
+        if worker is not None:
+            worker.stop()
+        worker = _ActorState.worker = PointWorker(Path(context.runs_dir), context.threads, _ActorState.spawner)
+    try:
+        code = worker.run(spec, out, log, progress)
+    except BaseException:
+        _ActorState.worker = None
+        raise
+    if code is None or code == Exit.INTERRUPTED:  # died, or exits after an interruption: the next point gets a new one
+        worker.stop()
+        _ActorState.worker = None
+    if out.exists():
+        return Result.from_dict(json.loads(out.read_text()))
+    raise RuntimeError(f"worker for point {point.key} exited with status {worker.proc.returncode} without a "
+                       f"result; see {log}")
+
+
+def _trial(config: dict, points: dict, context: dict) -> None:
+    from ray import tune
+
+    result = run_point_subprocess(Point.from_dict(points[config["key"]]), TrialContext.from_dict(context))
+    if result.status == Status.BUSY:  # another live process runs this point: no retry, no duplicate
+        print(f"point {config['key']}: {result.reason}")
+    if result.status in (Status.ERROR, Status.KILLED):
+        # An exception (FailureConfig retries it) or an interruption: an errored trial is rerun by
+        # Tuner.restore when the study is started again, and resumes from its checkpoint.
+        raise RuntimeError(f"point {config['key']}: {result.status.value}: {result.reason}")
+    m = result.metrics
+    tune.report({"status": result.status.value, "run_id": result.run_id or "", TOKENS: m.get(TOKENS, 0.0),
+                 "tokens_per_s": m.get(TOKENS_PER_S, 0.0), "val_ppl_bound": m.get(VAL_PPL_BOUND, float("nan"))})
+
+
+def _progress_table():
+    """Tune's status table: a row per trial with its point and the numbers `_report_progress` sends."""
+    from ray.tune import CLIReporter
+
+    return CLIReporter(parameter_columns={"key": "point"}, max_report_frequency=int(REPORT_EVERY_S),
+                       metric_columns={TOKENS: "tokens", "tokens_per_s": "tok/s", "val_ppl_bound": "val ppl bound",
+                                       "status": "run"})
+
+
+def before_start(plan: Plan) -> None:
+    """Nothing to check before the parent run is opened."""
+
+
+def run(plan: Plan, tracker, interruption: Interruption) -> bool:
+    """Run the grid as Ray Tune trials; returns False if the study was interrupted."""
+    import signal
+
+    import ray
+    from ray import tune
+
+    os.environ["PYTHONPATH"] = _pythonpath()
+    os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
+    if plan.cluster == "ray":
+        try:
+            ray.init(address=plan.address, include_dashboard=False, log_to_driver=False)
+        except ConnectionError as err:
+            # A cluster with token authentication rejects a driver given an address unless told to
+            # authenticate: `ray start` turns tokens on by itself when ~/.ray/auth_token exists.
+            raise UsageError(f"{err}; wrong address, or the cluster uses token authentication: set RAY_AUTH_MODE=token "
+                             f"and RAY_AUTH_TOKEN_PATH to its token (as slurm/ray_study.sbatch does)") from None
+    else:
+        ray.init(num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=False,
+                 configure_logging=True, logging_level="WARNING")
+
+    def checkpoint_trials() -> None:
+        # Ray kills an actor's child processes with SIGKILL when the actor goes: tell the workers
+        # first and wait for their checkpoints, then break out of Tune.
+        print("SIGTERM: checkpointing the running trials ...", flush=True)
+        stop_local_workers(plan.runs_dir, [p.key for p in plan.points])
+        raise KeyboardInterrupt
+
+    interruption.on_request = checkpoint_trials
+    signal.signal(signal.SIGTERM, interruption.handle)  # ray.init installs its own (it aborts the driver)
+    try:
+        storage = plan.runs_dir / "ray"
+        name = f"{plan.study.name}-{plan.preset}-{plan.study_key}"
+        points = {p.key: p.to_dict() for p in plan.points}
+        trainable = tune.with_resources(tune.with_parameters(_trial, points=points, context=plan.context().to_dict()),
+                                        {"cpu": plan.cpus, "gpu": plan.gpus})
+        path = storage / name
+        if not plan.fresh and tune.Tuner.can_restore(str(path)):
+            print(f"restoring the Tune experiment {path}")
+            tuner = tune.Tuner.restore(str(path), trainable, resume_unfinished=True, resume_errored=True)
+        else:
+            tuner = tune.Tuner(
+                trainable, param_space={"key": tune.grid_search(list(points))},
+                tune_config=tune.TuneConfig(max_concurrent_trials=plan.max_concurrent or None,
+                                             reuse_actors=True),  # keeps each actor's PointWorker
+                run_config=tune.RunConfig(name=name, storage_path=str(storage), verbose=2,
+                                          progress_reporter=_progress_table(),
+                                          failure_config=tune.FailureConfig(max_failures=plan.max_failures),
+                                          checkpoint_config=tune.CheckpointConfig(num_to_keep=1)))
+        tuner.fit()
+    finally:
+        interruption.on_request = None
+        ray.shutdown()
+    return not interruption.requested

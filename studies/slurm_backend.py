@@ -1,0 +1,209 @@
+"""Backend `slurm`: the grid as one submitit job array, with requeue on timeout or preemption.
+
+Each array task runs one point (`studies.point.run_point`); SIGUSR2 before the time limit
+checkpoints it and submitit requeues it into the same MLflow run. The driver serves a sqlite store
+to the jobs (`studies.mlflow_server`) and polls squeue until every task has left the queue.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import time
+from pathlib import Path
+
+from ltm.names import Status
+from studies.interrupt import Interruption
+from studies.messages import Point, Result, TrialContext
+from studies.plan import ROOT, Plan, UsageError
+
+
+class SlurmTrial:
+    """The submitit callable: one grid point per array task; requeues itself on SIGUSR2."""
+
+    def __call__(self, point: Point, context: TrialContext) -> Result:
+        from studies.point import run_point
+
+        result = run_point(point, context)
+        if result.status == Status.KILLED and "SIGUSR2" in result.reason:
+            # Timeout or preemption: run() has checkpointed and restored submitit's handler; hand the
+            # signal to it so it calls checkpoint() below and requeues this task (same point, same run).
+            os.kill(os.getpid(), signal.SIGUSR2)
+            time.sleep(5)
+        return result
+
+    def checkpoint(self, point: Point, context: TrialContext):
+        import submitit
+
+        return submitit.helpers.DelayedSubmission(SlurmTrial(), point, context)
+
+
+def slurm_executor(plan: Plan, folder) -> "submitit.AutoExecutor":
+    """A submitit AutoExecutor for the study's array (requeues after a timeout: the profile's max_num_timeout)."""
+    import submitit
+
+    executor = submitit.AutoExecutor(folder=folder, cluster="slurm",
+                                     slurm_max_num_timeout=int(plan.profile.get("max_num_timeout", 10)))
+    executor.update_parameters(**slurm_parameters(plan))
+    return executor
+
+
+def slurm_parameters(plan: Plan) -> dict:
+    """submitit AutoExecutor parameters from the profile and the plan's resources per trial."""
+    p = plan.profile
+    params = {
+        "name": f"{plan.study.name}-{plan.preset}",
+        "slurm_partition": p.get("partition", "debug"),
+        "cpus_per_task": max(1, round(plan.cpus)),
+        "timeout_min": int(p.get("time_min", 60)),
+        "slurm_array_parallelism": int(plan.max_concurrent or p.get("array_parallelism", 64)),
+        "slurm_signal_delay_s": int(p.get("signal_delay_s", 90)),
+        "nodes": 1, "tasks_per_node": 1,
+    }
+    if plan.gpus:
+        params["slurm_gpus_per_task"] = int(plan.gpus)
+    if p.get("mem_gb"):
+        params["mem_gb"] = p["mem_gb"]
+    for key in ("account", "qos", "constraint"):
+        if p.get(key):
+            params[f"slurm_{key}"] = p[key]
+    if p.get("additional_parameters"):
+        params["slurm_additional_parameters"] = dict(p["additional_parameters"])
+    params["slurm_setup"] = list(p.get("setup") or [])
+    return params
+
+
+def sbatch_preview(plan: Plan) -> str:
+    """The #SBATCH lines submitit would write for this study's array (nothing is submitted)."""
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as tmp:
+        inner = slurm_executor(plan, tmp)._executor  # private, for display only; fall back to the parameters
+        try:
+            inner.parameters["map_count"] = len(plan.points)
+            text = inner._make_submission_file_text("python -u -m submitit.core._submit <folder>", "preview")
+        except Exception as err:
+            return f"(preview unavailable: {err})\n" + json.dumps(slurm_parameters(plan), indent=2)
+    folder = str(slurm_folder(plan) / "%j")
+    return "\n".join(line.replace(tmp, folder) for line in text.splitlines() if line.startswith("#SBATCH"))
+
+
+def snapshot_code(dest: Path) -> Path:
+    """Copy ltm/ and studies/ into the submission folder, so editing the tree does not change queued jobs."""
+    code = dest / "code"
+    if code.exists():
+        shutil.rmtree(code)
+    for pkg in ("ltm", "studies"):
+        shutil.copytree(ROOT / pkg, code / pkg, ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
+    return code
+
+
+def _squeue_ids(job_ids: list[str]) -> set[str] | None:
+    """The array tasks still pending or running (requeued tasks count as pending); None if squeue failed."""
+    ids = sorted({j.split("_")[0] for j in job_ids})
+    proc = subprocess.run(["squeue", "-h", "-r", "-o", "%i", "-j", ",".join(ids)], capture_output=True, text=True)
+    if proc.returncode != 0:
+        if "Invalid job id" in proc.stderr:
+            return set()
+        return None
+    return {line.strip() for line in proc.stdout.split()}
+
+
+def slurm_folder(plan: Plan) -> Path:
+    return plan.runs_dir / "slurm" / f"{plan.study.name}-{plan.preset}-{plan.study_key}"
+
+
+def check_earlier_jobs(plan: Plan) -> None:
+    """Refuse to start while jobs of an earlier start may still run (checked before any run status
+    is touched): their runs are alive, not stale, and they must not be submitted twice."""
+    jobs_file = slurm_folder(plan) / "jobs.json"
+    if not jobs_file.exists():
+        return
+    old = json.loads(jobs_file.read_text())
+    alive = _squeue_ids(old)
+    if alive is None:
+        raise UsageError(f"cannot tell whether the jobs of an earlier start ({', '.join(old[:4])} ...) still run: "
+                         "squeue did not answer; check `squeue` (is slurmctld up?) and start again")
+    if alive:
+        raise UsageError(f"{len(alive)} job(s) of an earlier start of this study are still queued or running "
+                         f"({', '.join(sorted(alive)[:4])} ...); wait for them or `scancel` them, then start again")
+
+
+def before_start(plan: Plan) -> None:
+    check_earlier_jobs(plan)
+
+
+def run(plan: Plan, tracker, interruption: Interruption) -> bool:
+    """Submit the points not yet FINISHED as one submitit job array and wait; returns False if interrupted."""
+    from tqdm import tqdm
+
+    folder = slurm_folder(plan)
+    folder.mkdir(parents=True, exist_ok=True)
+    jobs_file = folder / "jobs.json"
+    todo = [p for p in plan.points if (run := tracker.find_run(p.key)) is None or run.info.status != "FINISHED"]
+    if not todo:
+        print("every point already FINISHED; nothing to submit")
+        return True
+    server = None
+    tracking_uri = plan.tracking_uri
+    credentials = plan.credentials_file
+    if tracking_uri.startswith("sqlite:") and plan.mlflow_server == "auto":
+        from studies.mlflow_server import MlflowServer
+
+        server = MlflowServer(tracking_uri, folder, one_node=bool(plan.profile.get("one_node")))
+        tracking_uri, credentials = server.uri, server.credentials
+        print(f"serving {plan.tracking_uri} at {tracking_uri} for the workers (mlflow server on {socket.gethostname()}, "
+              f"basic auth, credentials in {credentials})")
+    elif tracking_uri.startswith("sqlite:"):
+        print("workers write the sqlite store directly (--mlflow-server off): safe only on one node's local disk")
+    try:
+        code = snapshot_code(folder)
+        executor = slurm_executor(plan, folder / "%j")
+        params = slurm_parameters(plan)
+        executor.update_parameters(slurm_setup=params["slurm_setup"] + [
+            f"export PYTHONPATH={code}:$PYTHONPATH", f"export OMP_NUM_THREADS={params['cpus_per_task']}"])
+        context = plan.context(tracking_uri, credentials)
+        jobs = executor.map_array(SlurmTrial(), todo, [context] * len(todo))
+        ids = [j.job_id for j in jobs]
+        tmp = jobs_file.with_name(f"jobs.json.{os.getpid()}.tmp")  # whole or absent, even if the driver dies now
+        tmp.write_text(json.dumps(ids))
+        os.replace(tmp, jobs_file)
+        print(f"submitted array {ids[0].split('_')[0]} ({len(ids)} tasks) from {folder}")
+        if plan.no_wait:
+            return True
+        bar = tqdm(total=len(ids), unit="point", desc=plan.study.name, dynamic_ncols=True)
+        finished: set[str] = set()
+        misses = 0
+        while len(finished) < len(ids):
+            try:
+                time.sleep(2)
+            except KeyboardInterrupt:  # Ctrl-C: as SIGTERM
+                interruption.requested = True
+            if interruption.requested:
+                array = ids[0].split("_")[0]
+                print("interrupted: cancelling pending tasks; running ones checkpoint on SIGTERM ...", flush=True)
+                subprocess.run(["scancel", "--state=PENDING", array], check=False)
+                subprocess.run(["scancel", "--signal=TERM", array], check=False)  # the steps, not the batch shell
+                deadline = time.time() + 120
+                while time.time() < deadline and (_squeue_ids(ids) or set()):
+                    time.sleep(1)
+                subprocess.run(["scancel", array], check=False)  # whatever did not stop in time
+                return False
+            alive = _squeue_ids(ids)
+            if alive is None:
+                misses += 1
+                if misses > 30:
+                    raise RuntimeError("squeue keeps failing; is the SLURM controller up?")
+            else:
+                done = {i for i in ids if i not in alive} - finished
+                finished |= done
+                bar.update(len(done))
+        bar.close()
+        return True
+    finally:
+        if server is not None:
+            server.stop()
