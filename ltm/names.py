@@ -28,6 +28,8 @@ TASK_TAG = "ltm.task"
 SOURCE_RUN_TAG = "ltm.source_run_id"
 """The training run an evaluation scored."""
 PARENT_TAG = "mlflow.parentRunId"
+NOTE_TAG = "mlflow.note.content"
+"""An MLflow experiment's (or run's) description, shown in the UI."""
 
 # -- metrics (step = tokens seen) -------------------------------------------------------------------
 TOKENS = "tokens"

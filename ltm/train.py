@@ -315,6 +315,10 @@ def _decide(tracker, cfg: RunConfig, key: str, run_dir: Path, model_cfg: ModelCo
     name = f"{cfg.model.kind}-L{cfg.model.n_layers}-d{cfg.model.d_model}-T{cfg.inference.steps}-s{cfg.seed}"
     run_id = tracker.create_run(key, name, params, run_tags, parent_run_id)
     tracker.log_dict(run_id, cfg.to_dict(), "config.json")
+    data = {k: v for k, v in dataclasses.asdict(cfg.data).items() if k != "cache_dir"}
+    source_type = ("synthetic" if cfg.data.name == "synthetic" else "local" if Path(cfg.data.name).exists()
+                   else "hugging_face")
+    tracker.log_dataset(run_id, Path(cfg.data.name).name, data, source_type, cfg.data.name)
     return {"status": "RUNNING", "run_id": run_id, "resume": False, "logged_step": -1}
 
 
@@ -520,6 +524,18 @@ def bound_summary(metrics: dict[str, float], prefix: str = "val") -> str:
             f"NLL given a prior sample {m['nll_prior']:.3f})")
 
 
+def corpus_optimum(cfg: RunConfig) -> str:
+    """The synthetic corpus's Bayes-optimal perplexity on the run's evaluation blocks, with the whole
+    block and within the model's receptive field: the floor the run's numbers are read against."""
+    from ltm.data import load_blocks, optimal_ppl
+
+    blocks = load_blocks(cfg.data, cfg.model.ctx, "validation")
+    n = cfg.train.eval_blocks
+    full, seen = optimal_ppl(blocks, n_blocks=n), optimal_ppl(blocks, window=cfg.model.receptive_field, n_blocks=n)
+    return (f"this corpus's Bayes-optimal perplexity on the same {min(n, len(blocks))} blocks: {full:.3f} with the "
+            f"whole block, {seen:.3f} within the model's {cfg.model.receptive_field}-token receptive field")
+
+
 def _crossed(tokens: int, per_step: int, every: int) -> bool:
     """Whether the update that reached `tokens` crossed a multiple of `every`."""
     return tokens // every > (tokens - per_step) // every
@@ -582,6 +598,8 @@ def main(argv: list[str] | None = None) -> int:
             print(f"  {k:24s} {v:.6g}")
         if "val/nll_swap" in result.metrics:
             print(bound_summary(result.metrics))
+        if cfg.data.name == "synthetic" and result.metrics:
+            print(corpus_optimum(cfg))
     return EXIT_OF[Status(result.status)]
 
 

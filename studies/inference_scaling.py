@@ -33,7 +33,7 @@ STUDY = Study(
                         description="4 tiny runs, about a minute"),
         "micro": Preset("micro-rf", MICRO, description="micro-rf: T in 4..64 x N_z in 4,16, a trajectory point, "
                                                     "AR baselines; 600k tokens each (2 CPUs: 22 min)"),
-        "paper": Preset("ltm-s", [{"model.n_layers": n, **point} for n in (3, 6, 12)
+        "paper": Preset("ltm-s", [{"recipe": size, **point} for size in ("ltm-s", "ltm-m", "ltm-l")
                                   for point in grid({"inference.steps": [16, 32, 64, 128]},
                                                     {"model.n_latents": [24, 48, 96, 192]})],
                         description="LTM-S/M/L, T in 16..128, N_z in 24..192, OpenWebText (GPUs)",

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from ltm.names import (BACKEND_TAG, COUNT_TAG_PREFIX, POINTS_TAG, ROLE_STUDY, ROLE_TAG, RUN_KEY_TAG, STUDY_KEY_TAG,
-                       TOKENS, Status)
+from ltm.names import (BACKEND_TAG, COUNT_TAG_PREFIX, NOTE_TAG, POINTS_TAG, ROLE_STUDY, ROLE_TAG, RUN_KEY_TAG,
+                       STUDY_KEY_TAG, TOKENS, Status)
 from studies.plan import Plan
 from studies.points import grid_table
 
@@ -19,6 +19,8 @@ def open_parent(plan: Plan):
 
     tracker = Tracker(plan.tracking_uri, plan.experiment, artifact_root=plan.runs_dir / "artifacts")
     client = tracker.client
+    if plan.experiment == plan.study.name:  # the study's own experiment: describe it in the UI
+        client.set_experiment_tag(tracker.experiment_id, NOTE_TAG, plan.study.description)
     found = client.search_runs([tracker.experiment_id], filter_string=f"tags.`{STUDY_KEY_TAG}` = '{plan.study_key}' "
                                                                        f"and tags.`{ROLE_TAG}` = '{ROLE_STUDY}'",
                                order_by=["attributes.start_time ASC"], max_results=1)
@@ -28,7 +30,8 @@ def open_parent(plan: Plan):
         client.set_tag(parent, BACKEND_TAG, plan.cluster)
     else:
         run = client.create_run(tracker.experiment_id, run_name=f"{plan.study.name}-{plan.preset}",
-                                tags={**plan.tags, ROLE_TAG: ROLE_STUDY, POINTS_TAG: str(len(plan.points))})
+                                tags={**plan.tags, ROLE_TAG: ROLE_STUDY, POINTS_TAG: str(len(plan.points)),
+                                      NOTE_TAG: plan.study.description})
         parent = run.info.run_id
         client.log_dict(parent, {"study": plan.study.name, "preset": plan.preset,
                                  "points": [p.to_dict() for p in plan.points]}, "grid.json")

@@ -8,7 +8,7 @@ import json
 from pathlib import Path
 
 from studies.messages import Point
-from studies.study import Study
+from studies.study import RECIPE, Study
 
 
 def build_points(study: Study, preset: str, seeds: list[int], data: str | None, extra: list[str]) -> list[Point]:
@@ -17,9 +17,11 @@ def build_points(study: Study, preset: str, seeds: list[int], data: str | None, 
 
     if preset not in study.presets:
         raise ConfigError(f"unknown preset {preset!r} for study {study.name}; known: {', '.join(study.presets)}")
-    base = run_preset(study.presets[preset].base)
     points, seen = [], set()
-    for overrides in study.presets[preset].points:
+    for entry in study.presets[preset].points:
+        # A point may name its own run recipe ("recipe": "ltm-m"); the preset's base otherwise.
+        overrides = {k: v for k, v in entry.items() if k != RECIPE}
+        base = run_preset(entry.get(RECIPE, study.presets[preset].base))
         for seed in seeds:
             cfg = base.with_overrides({**overrides, "seed": seed})
             if data:
@@ -31,7 +33,7 @@ def build_points(study: Study, preset: str, seeds: list[int], data: str | None, 
             if key in seen:
                 continue
             seen.add(key)
-            points.append(Point(key=key, config=cfg.to_dict(), label={**overrides, "seed": seed}))
+            points.append(Point(key=key, config=cfg.to_dict(), label={**entry, "seed": seed}))
     return points
 
 

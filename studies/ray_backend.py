@@ -145,6 +145,7 @@ def _progress_table():
     from ray.tune import CLIReporter
 
     return CLIReporter(parameter_columns={"key": "point"}, max_report_frequency=int(REPORT_EVERY_S),
+                       print_intermediate_tables=True,
                        metric_columns={TOKENS: "tokens", "tokens_per_s": "tok/s", "val_ppl_bound": "val ppl bound",
                                        "status": "run"})
 
@@ -198,7 +199,7 @@ def run(plan: Plan, tracker, interruption: Interruption) -> bool:
                 trainable, param_space={"key": tune.grid_search(list(points))},
                 tune_config=tune.TuneConfig(max_concurrent_trials=plan.max_concurrent or None,
                                              reuse_actors=True),  # keeps each actor's PointWorker
-                run_config=tune.RunConfig(name=name, storage_path=str(storage), verbose=2,
+                run_config=tune.RunConfig(name=name, storage_path=str(storage), verbose=1,
                                           progress_reporter=_progress_table(),
                                           failure_config=tune.FailureConfig(max_failures=plan.max_failures),
                                           checkpoint_config=tune.CheckpointConfig(num_to_keep=1)))

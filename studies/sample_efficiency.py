@@ -26,11 +26,11 @@ from studies.study import Preset, Study  # noqa: E402
 MODELS = {"ar": {"model.kind": "ar", "inference.steps": 0}}  # the baseline: the same decoder, no latents
 
 
-def points(sizes: dict[str, dict], steps: list[int], budgets: list[int]) -> list[dict]:
-    """AR and LTM-at-each-T, for every model size and token budget; curves at 4 points per run."""
+def points(recipes: list[str], steps: list[int], budgets: list[int]) -> list[dict]:
+    """AR and LTM-at-each-T, for every model size (run recipe) and token budget; curves at 4 points per run."""
     models = [MODELS["ar"]] + [{"model.kind": "ltm", "inference.steps": t} for t in steps]
-    return [{**size, **model, "train.tokens": d, "train.eval_every": d // 4, "train.checkpoint_every": d // 4}
-            for size in sizes.values() for model in models for d in budgets]
+    return [{"recipe": recipe, **model, "train.tokens": d, "train.eval_every": d // 4, "train.checkpoint_every": d // 4}
+            for recipe in recipes for model in models for d in budgets]
 
 
 def _compute_matched(tokens: int, steps: int) -> int:
@@ -60,12 +60,11 @@ STUDY = Study(
     name="sample_efficiency",
     description="LTM (several T) against the AR baseline over model sizes and training-token budgets.",
     presets={
-        "smoke": Preset("smoke", points({"smoke": {}}, [2], [8_192, 16_384]), description="4 tiny runs"),
+        "smoke": Preset("smoke", points(["smoke"], [2], [8_192, 16_384]), description="4 tiny runs"),
         "micro": Preset("micro-rf", MICRO, description="micro-rf: LTM T in 16,32,64, AR same window and full "
                                                     "context to 1M tokens, a compute-matched AR (2 CPUs: 26 min)"),
-        "paper": Preset("ltm-s", points({"ltm-s": {"model.n_layers": 3}, "ltm-m": {"model.n_layers": 6},
-                                         "ltm-l": {"model.n_layers": 12}},
-                                        [16, 64], [750_000_000, 1_500_000_000, 3_000_000_000]),
+        "paper": Preset("ltm-s", points(["ltm-s", "ltm-m", "ltm-l"], [16, 64], [750_000_000, 1_500_000_000,
+                                                                                3_000_000_000]),
                         description="AR and LTM T in 16,64; LTM-S/M/L; 0.75B-3B OpenWebText tokens (GPUs)",
                         cpus=8, gpus=1, profile="gpu"),
     },

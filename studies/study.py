@@ -11,6 +11,9 @@ from typing import Callable
 
 from ltm.names import VAL_PPL_BOUND, VAL_PPL_IW
 
+RECIPE = "recipe"
+"""A grid point's key naming its run recipe (`ltm.config.run_preset`) instead of the preset's base."""
+
 
 @dataclass(frozen=True)
 class Preset:
@@ -19,7 +22,8 @@ class Preset:
     base: str
     """A run preset of `ltm.config.run_preset` (smoke, micro, micro-rf, ltm-s, ltm-m, ltm-l)."""
     points: list[dict]
-    """One dict of dotted-key overrides per grid point (see `grid`)."""
+    """One dict of dotted-key overrides per grid point (see `grid`); "recipe": NAME takes that run
+    recipe for the point instead of `base` (LTM-S/M/L are the recipes ltm-s, ltm-m, ltm-l)."""
     description: str = ""
     cpus: float = 1
     """CPUs per trial (Ray resources; SLURM cpus_per_task when the profile does not say)."""

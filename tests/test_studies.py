@@ -88,6 +88,20 @@ def test_every_preset_builds_valid_distinct_points(study_def, preset):
         assert back.key == p.key and RunConfig.from_dict(back.config).run_key() == p.key and back.label == p.label
 
 
+def test_a_point_names_its_run_recipe():
+    from ltm.config import run_preset
+    from studies.study import Preset, Study
+
+    mixed = Study("mixed", "two recipes", {"p": Preset("smoke", [{"recipe": "micro", "train.tokens": 1000}, {}])}, "p")
+    named, plain = build_points(mixed, "p", [3], None, [])
+    assert RunConfig.from_dict(named.config) == run_preset("micro").with_overrides({"train.tokens": 1000, "seed": 3})
+    assert RunConfig.from_dict(plain.config) == run_preset("smoke").with_overrides({"seed": 3})
+    assert named.label == {"recipe": "micro", "train.tokens": 1000, "seed": 3}
+    # LTM-S/M/L of the paper presets are the ltm-s/m/l recipes, one per size
+    layers = {RunConfig.from_dict(p.config).model.n_layers for p in build_points(INFERENCE_SCALING, "paper", [0], None, [])}
+    assert layers == {run_preset(r).model.n_layers for r in ("ltm-s", "ltm-m", "ltm-l")} == {3, 6, 12}
+
+
 def test_study_key_depends_on_the_grid_not_its_order():
     points = build_points(INFERENCE_SCALING, "smoke", [0], None, [])
     assert study_key(INFERENCE_SCALING, "smoke", points) == study_key(INFERENCE_SCALING, "smoke", points[::-1])
@@ -138,6 +152,10 @@ def test_local_smoke_study_finishes_and_a_second_start_adds_nothing(tmp_path):
     assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]
     assert "4 FINISHED of 4 points" in first.stdout
     assert_complete(runs, 4)
+    from mlflow.tracking import MlflowClient
+
+    experiment = MlflowClient(f"sqlite:///{runs / 'mlflow.db'}").get_experiment_by_name("inference_scaling")
+    assert experiment.tags["mlflow.note.content"] == INFERENCE_SCALING.description  # the UI describes the study
     # Tune's table shows every trial's point and numbers (tokens, tok/s, val ppl bound), not just its state
     assert "val ppl bound" in first.stdout
     for child in child_runs(runs):

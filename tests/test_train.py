@@ -60,6 +60,11 @@ def test_smoke_run_logs_everything_and_a_second_call_skips_it(tmp_path):
                 for k in LATENT_METRICS} == dict.fromkeys(LATENT_METRICS, 1)
     assert 0 < result.metrics["val/kl_floor"] <= result.metrics["val/kl"]
     assert run.data.params["inference.steps"] == "4" and run.data.params["model.kind"] == "ltm"
+    (data,) = run.inputs.dataset_inputs  # lineage: the UI's Dataset column
+    assert (data.dataset.name, data.dataset.source_type) == ("synthetic", "synthetic")
+    other = train.run(cfg.with_overrides(["data.synthetic_tokens=150000"]), runs_dir=tmp_path / "runs", experiment="o",
+                      progress=False)  # other data: another digest
+    assert client.get_run(other.run_id).inputs.dataset_inputs[0].dataset.digest != data.dataset.digest
     assert int(run.data.params["n_params"]) > int(run.data.params["n_params_nonembedding"])
     assert run.data.tags[RUN_KEY_TAG] == cfg.run_key()
     assert {"git_commit", "torch_version", "device"} <= set(run.data.tags)
@@ -314,3 +319,14 @@ def test_two_processes_give_the_one_process_result(tmp_path):
     b, _ = checkpoint.load_model(next((tmp_path / "two" / "checkpoints").iterdir()))
     for (name, p), q in zip(a.named_parameters(), b.parameters()):
         torch.testing.assert_close(p, q, rtol=1e-3, atol=1e-5, msg=name)
+
+
+def test_the_command_line_reads_a_synthetic_run_against_its_corpus_optimum(tmp_path, capsys):
+    from ltm.data import load_blocks, optimal_ppl
+
+    assert train.main(["--preset", "smoke", "--runs-dir", str(tmp_path / "runs"), "--no-progress",
+                       "--set", f"data.cache_dir={tmp_path / 'cache'}"]) == 0
+    cfg = smoke(tmp_path)
+    blocks = load_blocks(cfg.data, cfg.model.ctx, "validation")
+    full = optimal_ppl(blocks, n_blocks=cfg.train.eval_blocks)
+    assert f"Bayes-optimal perplexity on the same {cfg.train.eval_blocks} blocks: {full:.3f}" in capsys.readouterr().out
