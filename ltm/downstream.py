@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import re
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -44,8 +45,10 @@ def corpus_blocks(cfg: RunConfig, corpus: str) -> TokenBlocks:
 
 
 def zero_shot(model: LatentThoughtModel, cfg: RunConfig, corpus: str, *, max_blocks: int = 64,
-              batch_size: int = 16, iw_samples: int = 8, seed: int = 0) -> dict[str, float]:
-    """Perplexity bounds of the checkpoint on the first `max_blocks` blocks of `corpus`.
+              batch_size: int = 16, iw_samples: int = 8, seed: int = 0,
+              progress: Callable[[int, int], None] | None = None) -> dict[str, float]:
+    """Perplexity bounds of the checkpoint on the first `max_blocks` blocks of `corpus`; `progress`
+    is told (blocks done, blocks) after each batch.
 
     Metrics `zeroshot/<label>/{nll, kl, ppl_bound, ppl_bound_seqmean, ppl_reuse, ppl_iw, blocks}`, and
     for an LTM `kl_floor`, `nll_swap`, `nll_prior` (see `evaluate_bounds`); for AR runs every bound
@@ -56,10 +59,15 @@ def zero_shot(model: LatentThoughtModel, cfg: RunConfig, corpus: str, *, max_blo
     if n < 1:
         raise DataError(f"{corpus} gives no block of {cfg.model.ctx + 1} tokens; use a longer corpus")
     device = next(model.parameters()).device
-    batches = (blocks.batch(range(i, min(i + batch_size, n))).to(device) for i in range(0, n, batch_size))
+    def batches():
+        for i in range(0, n, batch_size):
+            yield blocks.batch(range(i, min(i + batch_size, n))).to(device)
+            if progress is not None:  # the consumer came back for more: this batch is scored
+                progress(min(i + batch_size, n), n)
+
     prefix = f"zeroshot/{corpus_label(corpus)}"
     model.eval()
-    metrics = evaluate_bounds(model, batches, cfg.inference, seed=seed, iw_samples=iw_samples, prefix=prefix)
+    metrics = evaluate_bounds(model, batches(), cfg.inference, seed=seed, iw_samples=iw_samples, prefix=prefix)
     return {**metrics, f"{prefix}/blocks": float(n)}
 
 

@@ -195,8 +195,11 @@ def _zero_shot(model, cfg, task: dict) -> tuple[dict, dict]:
     cfg = _with_inference(cfg, task)
     metrics = {}
     for corpus in task["corpora"]:
+        def progress(done: int, total: int, corpus=corpus) -> None:
+            print(f"zero-shot {corpus}: {done}/{total} blocks", flush=True)
+
         metrics.update(zero_shot(model, cfg, corpus, max_blocks=int(task["max_blocks"]),
-                                 iw_samples=int(task["iw_samples"]), seed=int(task.get("seed", 0))))
+                                 iw_samples=int(task["iw_samples"]), seed=int(task.get("seed", 0)), progress=progress))
     return metrics, {"zero_shot.json": json.dumps(metrics, indent=1)}
 
 
@@ -208,10 +211,12 @@ def _generation(model, cfg, task: dict) -> tuple[dict, dict]:
     tok = load_tokenizer(cfg.data)
     seed, n, length = int(task.get("seed", 0)), int(task["samples"]), int(task["length"])
     top_p = task.get("top_p")
+    print(f"generation: {n} unconditional samples of {length} tokens per prior temperature ...", flush=True)
     sets = unconditional_samples(model, tok.bos_id, n=n, length=length, seed=seed,
                                  prior_temperatures=[float(s) for s in task["prior_temperatures"]], top_p=top_p)
     val = load_blocks(cfg.data, cfg.model.ctx, "validation")
     prefixes = val.batch(range(min(n, len(val))))[:, : int(task["prefix"])]
+    print(f"generation: {len(prefixes)} continuations of validation prefixes ...", flush=True)
     sets.append(conditional_samples(model, _inference(cfg, task), prefixes, length=length, seed=seed, top_p=top_p))
     reference = None
     if task.get("reference"):
@@ -219,7 +224,8 @@ def _generation(model, cfg, task: dict) -> tuple[dict, dict]:
         check_same_tokenizer(cfg, ref_cfg)
         reference.eval()
     metrics, text = {}, []
-    for s in sets:
+    for i, s in enumerate(sets, 1):
+        print(f"generation: scoring {s.name} ({i}/{len(sets)})", flush=True)
         generated = s.tokens[:, s.prompt_length:]
         metrics[f"gen/{s.name}/entropy"] = unigram_entropy(generated)
         if reference is not None:

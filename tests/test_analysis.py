@@ -174,7 +174,7 @@ def test_no_runs_says_which_study_to_run(tmp_path, capsys):
     assert "studies/inference_scaling.py" in capsys.readouterr().err
 
 
-def test_evaluations_of_checkpoints_get_a_table_and_are_not_training_runs(tracked, tmp_path):
+def test_evaluations_of_checkpoints_get_a_table_and_are_not_training_runs(tracked, tmp_path, capsys):
     from ltm.checkpoint import resolve
     from ltm.names import Status
     from studies.messages import TrialContext
@@ -188,6 +188,7 @@ def test_evaluations_of_checkpoints_get_a_table_and_are_not_training_runs(tracke
     for point in task_points([], task, sources):
         assert run_task(point, context).status == Status.FINISHED
         assert run_task(point, context).status == Status.SKIPPED  # a finished evaluation is not repeated
+    assert "generation: scoring cond (2/2)" in capsys.readouterr().out  # what a study's log shows meanwhile
     with pytest.raises(NoRunsError):
         load_runs(uri, "e")  # evaluations are not training runs
     assert plot_scaling.main(["--runs-dir", str(tracked), "--experiment", "e", "--out", str(tmp_path)]) == 0

@@ -49,7 +49,10 @@ def test_corpus_labels_are_metric_safe():
 def test_zero_shot_bounds_on_another_corpus(text_run):
     cfg, other = text_run
     model = _build(cfg, "ltm")
-    metrics = zero_shot(model, cfg, other, max_blocks=5, batch_size=2, iw_samples=2)
+    told = []
+    metrics = zero_shot(model, cfg, other, max_blocks=5, batch_size=2, iw_samples=2,
+                        progress=lambda done, total: told.append((done, total)))
+    assert told == [(2, 5), (4, 5), (5, 5)]  # after each batch is scored
     prefix = "zeroshot/other-eval"
     assert metrics[f"{prefix}/blocks"] == 5
     assert metrics[f"{prefix}/ppl_bound"] == pytest.approx(math.exp(metrics[f"{prefix}/nll"] + metrics[f"{prefix}/kl"]))
