@@ -48,7 +48,6 @@ VAL_PPL_BOUND = "val/ppl_bound"
 VAL_PPL_IW = "val/ppl_iw"
 VAL_KL_FLOOR = "val/kl_floor"
 VAL_NLL_SWAP = "val/nll_swap"
-VAL_NLL_PRIOR = "val/nll_prior"
 
 
 # -- outcomes -----------------------------------------------------------------------------------------

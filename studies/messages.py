@@ -46,7 +46,6 @@ class TrialContext:
     parent_run_id: str | None
     tags: dict = field(default_factory=dict)
     cpus: float = 1
-    gpus: float = 0
     credentials_file: str | None = None
 
     @property

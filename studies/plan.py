@@ -138,7 +138,7 @@ class Plan:
         creds = credentials_file or self.credentials_file
         return TrialContext(tracking_uri=split_credentials(tracking_uri or self.tracking_uri)[0],
                             experiment=self.experiment, runs_dir=str(self.runs_dir), parent_run_id=self.parent_run_id,
-                            tags=self.tags, cpus=self.cpus, gpus=self.gpus,
+                            tags=self.tags, cpus=self.cpus,
                             credentials_file=str(creds) if creds else None)
 
 
