@@ -154,6 +154,15 @@ def write_run_config(run_dir: Path, cfg: RunConfig, model_cfg: ModelConfig, run_
     _write_atomically(run_dir / CONFIG_FILE, lambda f: f.write(blob))
 
 
+def read_config(checkpoint: Path) -> dict:
+    """The run config (a dict) of a checkpoint file: from the config.json beside it, so nothing is
+    unpickled, else from the file itself (a checkpoint copied on its own: tensors and plain values only)."""
+    beside = checkpoint.parent / CONFIG_FILE
+    if beside.is_file():
+        return json.loads(beside.read_text())["config"]
+    return _load(checkpoint, "cpu")["config"]
+
+
 def load_model(path: str | Path, device: str = "cpu") -> tuple[LatentThoughtModel, RunConfig]:
     """A trained model and its run config, from a checkpoint file or a run's checkpoint folder."""
     path = Path(path)
@@ -197,11 +206,7 @@ def resolve(ref: str, tracking_uri: str, runs_dir: str | Path) -> dict:
             raise ConfigError(f"no checkpoint in {path} matches its checksum (.sha256); all are corrupt")
     else:
         file = path
-    beside = file.parent / CONFIG_FILE
-    if beside.is_file():  # plain JSON: nothing is unpickled to plan an evaluation
-        config = json.loads(beside.read_text())["config"]
-    else:  # a checkpoint copied on its own: tensors and plain values only
-        config = _load(file, "cpu")["config"]
+    config = read_config(file)
     if run_id is None:
         run_id = _training_run(tracking_uri, RunConfig.from_dict(config).run_key())
     return {"checkpoint": str(path.resolve()), "run_id": run_id, "config": config,

@@ -25,7 +25,8 @@ class ModelConfig:
     kind: Literal["ltm", "ar"] = "ltm"
     """"ltm" adds cross-attention to per-layer latent vectors z; "ar" is the same decoder without it."""
     vocab_size: int = 50258
-    """Token vocabulary; GPT-2 BPE plus one begin-of-text token in the paper."""
+    """Token vocabulary; GPT-2 BPE plus one begin-of-text token in the paper. Training takes it from
+    the data (the tokenizer's vocabulary), so it is not part of a run's identity."""
     n_layers: int = 6
     d_model: int = 512
     n_heads: int = 8
@@ -288,7 +289,7 @@ class TrainConfig:
 
 @dataclass(frozen=True)
 class RunConfig:
-    """Everything that defines one training run; its hash is the run's identity (run key)."""
+    """Everything that defines one training run; the hash of the fields it uses is its identity (run key)."""
 
     model: ModelConfig = ModelConfig()
     inference: InferenceConfig = InferenceConfig()
@@ -346,11 +347,25 @@ class RunConfig:
                 d[key] = value
         return RunConfig.from_dict(d)
 
+    def identity(self) -> dict:
+        """to_dict() without the fields the run ignores, so that changing one never makes a new run."""
+        d = self.to_dict()
+        d["data"].pop("cache_dir")  # where tokens are cached
+        d["model"].pop("vocab_size")  # always the data's vocabulary, which the data fields fix
+        if self.model.kind == "ar":  # no latents, so no inference loop
+            del d["inference"]
+            d["model"].pop("n_latents")
+            d["model"].pop("latent_rope")
+        if self.data.name != "synthetic":
+            for name in [k for k in d["data"] if k.startswith("synthetic_")]:
+                d["data"].pop(name)
+        if self.data.tokenizer != "bpe":
+            d["data"].pop("bpe_vocab_size")
+        return d
+
     def run_key(self) -> str:
-        """A stable 16-hex-digit hash of the whole config, seed included."""
-        identity = self.to_dict()
-        identity["data"].pop("cache_dir")  # where tokens are cached does not change the run
-        blob = json.dumps(identity, sort_keys=True, default=str).encode()
+        """A stable 16-hex-digit hash of identity(), seed included: the run's name everywhere."""
+        blob = json.dumps(self.identity(), sort_keys=True, default=str).encode()
         return hashlib.sha256(blob).hexdigest()[:16]
 
 

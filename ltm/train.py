@@ -312,9 +312,11 @@ def _decide(tracker, cfg: RunConfig, key: str, run_dir: Path, model_cfg: ModelCo
               "n_params_nonembedding": counted.num_params(non_embedding=True)}
     run_tags = {"git_commit": _git_commit(), "torch_version": torch.__version__, "device": str(procs.device),
                 "processes": procs.world, "model.kind": cfg.model.kind, **tags}
-    name = f"{cfg.model.kind}-L{cfg.model.n_layers}-d{cfg.model.d_model}-T{cfg.inference.steps}-s{cfg.seed}"
+    steps = f"-T{cfg.inference.steps}" if cfg.model.kind == "ltm" else ""
+    name = f"{cfg.model.kind}-L{cfg.model.n_layers}-d{cfg.model.d_model}{steps}-s{cfg.seed}"
     run_id = tracker.create_run(key, name, params, run_tags, parent_run_id)
-    tracker.log_dict(run_id, cfg.to_dict(), "config.json")
+    # the config as run: its vocabulary is the data's (the same run key: identity() leaves vocab_size out)
+    tracker.log_dict(run_id, dataclasses.replace(cfg, model=model_cfg).to_dict(), "config.json")
     data = {k: v for k, v in dataclasses.asdict(cfg.data).items() if k != "cache_dir"}
     source_type = ("synthetic" if cfg.data.name == "synthetic" else "local" if Path(cfg.data.name).exists()
                    else "hugging_face")

@@ -47,7 +47,11 @@ def _absolute_paths(cfg):
 
 def study_key(study: Study, preset: str, points: list[Point]) -> str:
     """The identity of a study invocation: its name, preset and the run keys of its points."""
-    blob = json.dumps([study.name, preset, sorted(p.key for p in points)]).encode()
+    return study_key_of(study.name, preset, [p.key for p in points])
+
+
+def study_key_of(name: str, preset: str, keys: list[str]) -> str:
+    blob = json.dumps([name, preset, sorted(keys)]).encode()
     return hashlib.sha256(blob).hexdigest()[:12]
 
 

@@ -89,14 +89,15 @@ def task_points(train_points: list[Point], task: dict, sources: list[dict]) -> l
     """One evaluation point per checkpoint source (`ltm.checkpoint.resolve`), or per training point
     when no source is given."""
     if sources:
-        return [Point(key=_key(s["identity"], task), config=s["config"], task=task,
+        return [Point(key=evaluation_key(s["identity"], task), config=s["config"], task=task,
                       source={"checkpoint": s["checkpoint"], "run_id": s["run_id"]},
                       label={"checkpoint": s["run_id"] or s["checkpoint"]}) for s in sources]
-    return [Point(key=_key(p.key, task), config=p.config, task=task, source={"train": True, "train_key": p.key},
+    return [Point(key=evaluation_key(p.key, task), config=p.config, task=task, source={"train": True, "train_key": p.key},
                   label=p.label) for p in train_points]
 
 
-def _key(identity: str, task: dict) -> str:
+def evaluation_key(identity: str, task: dict) -> str:
+    """An evaluation's run key: its checkpoint's identity (a training run key or "<file>:<size>") and task."""
     blob = json.dumps([identity, task], sort_keys=True).encode()
     return hashlib.sha256(blob).hexdigest()[:16]
 

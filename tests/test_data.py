@@ -5,6 +5,7 @@ from __future__ import annotations
 import itertools
 import json
 import math
+import re
 from pathlib import Path
 
 import numpy as np
@@ -164,6 +165,56 @@ def test_val_name_gives_a_separate_validation_source(tmp_path):
     assert whole.tokens[-1] == whole.eos_id  # nothing held out of the training stream
 
 
+class _FakeHub:
+    """Stands in for datasets.load_dataset: serves every hub load from a local .jsonl through the real
+    function (streamed when asked) and records the keyword arguments; `breaks` makes it fail like a
+    dropped connection: "on load", "on first read" or "mid-stream"."""
+
+    def __init__(self, monkeypatch, path: Path) -> None:
+        import datasets
+
+        self.real, self.path, self.calls, self.breaks = datasets.load_dataset, path, [], None
+        monkeypatch.setattr(datasets, "load_dataset", self)
+
+    def __call__(self, *args, **kwargs):
+        self.calls.append(kwargs)
+        if self.breaks == "on load":
+            raise ConnectionError("the hub is unreachable")
+        ds = self.real("json", data_files=str(self.path), split="train", streaming=kwargs.get("streaming", False))
+        return ds if self.breaks is None else self._broken(ds, 0 if self.breaks == "on first read" else 5)
+
+    @staticmethod
+    def _broken(records, n: int):
+        yield from itertools.islice(records, n)
+        raise ConnectionError("connection reset by peer")
+
+
+def test_hub_corpora_are_streamed_and_read_like_the_same_local_file(tmp_path, monkeypatch):
+    path = _stories_file(tmp_path)
+    hub = _FakeHub(monkeypatch, path)
+    assert list(resolve_source("openwebtext").documents("train")) == list(resolve_source(str(path)).documents("train"))
+    for split in ("train", "validation"):
+        from_hub = load_blocks(_cfg(tmp_path, "openwebtext", val_blocks=2), 16, split)
+        local = load_blocks(_cfg(tmp_path, str(path), val_blocks=2), 16, split)
+        assert np.array_equal(from_hub.tokens, local.tokens)
+    hub.path = _write_jsonl(tmp_path / "wiki.jsonl", [{"text": line} for line in
+                                                       [" = A = \n", " alpha . \n", " = B = \n", " beta . \n"]])
+    assert list(resolve_source("wikitext-2").documents("validation")) == [" = A = \n alpha . \n", " = B = \n beta . \n"]
+    assert hub.calls and all(kw["streaming"] is True for kw in hub.calls)
+    assert hub.calls[-1]["split"] == "validation"
+
+
+@pytest.mark.parametrize("breaks", ["on load", "on first read", "mid-stream"])
+def test_a_failing_hub_stream_is_a_data_error_and_leaves_no_token_cache(tmp_path, monkeypatch, breaks):
+    cfg = _cfg(tmp_path, "openwebtext", val_blocks=2)
+    hub = _FakeHub(monkeypatch, _stories_file(tmp_path))
+    load_tokenizer(cfg)  # the BPE trains on an unbroken stream; tokenising then fails
+    hub.breaks = breaks
+    with pytest.raises(DataError, match="could not stream 'openwebtext'.*ConnectionError.*pass a local path"):
+        load_blocks(cfg, 16, "train")
+    assert not list((tmp_path / "cache" / "tokens").glob("*"))  # no partial stream, temp file or metadata
+
+
 @pytest.mark.skipif(not (SHARED / "wikitext-2" / "valid.txt").is_file(), reason="../shared/data/wikitext-2 absent")
 def test_wikitext2_validation_has_60_articles():
     docs = list(resolve_source(str(SHARED / "wikitext-2" / "valid.txt")).documents("train"))
@@ -250,6 +301,18 @@ def test_bpe_round_trips_text_and_is_reused_from_disk(tmp_path):
     again = load_tokenizer(cfg)
     assert saved.stat().st_mtime_ns == mtime and again.cache_key == tok.cache_key
     assert again.encode(text) == tok.encode(text)
+
+
+def test_training_a_bpe_says_so_in_plain_lines_and_loading_one_says_nothing(tmp_path, capsys):
+    cfg = _cfg(tmp_path, str(_stories_file(tmp_path)))
+    load_tokenizer(cfg)
+    chars = sum(len(d) for d in _stories(20))
+    assert re.fullmatch(r"training a byte-level BPE \(vocab 300\) on the first [\d,]+ characters of "
+                        r"\S+stories.jsonl \.\.\.\n"
+                        rf"BPE trained: vocab \d+, {chars:,} characters read in [\d.]+ s, "
+                        r"saved to \S+bpe300-\S+\.json\n", capsys.readouterr().out)
+    load_tokenizer(cfg)
+    assert "BPE" not in "".join(capsys.readouterr())
 
 
 def test_gpt2_tokenizer_missing_gives_a_clear_error(tmp_path, monkeypatch):

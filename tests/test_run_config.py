@@ -34,6 +34,25 @@ def test_run_key_is_stable_and_changes_with_the_config_and_seed():
     assert a.run_key() == dataclasses.replace(a, data=dataclasses.replace(a.data, cache_dir="/elsewhere")).run_key()
 
 
+def test_run_key_ignores_only_what_the_run_does_not_use():
+    ltm_run = run_preset("smoke")
+    same = lambda cfg, *sets: cfg.run_key() == cfg.with_overrides(list(sets)).run_key()
+    # the vocabulary always comes from the data
+    assert same(ltm_run, "model.vocab_size=999")
+    # an AR has no latents and no inference loop: one baseline whatever T a grid gives it
+    ar = ltm_run.with_overrides(["model.kind=ar", "inference.steps=0"])
+    assert same(ar, "inference.steps=16", "inference.lr_max=1.0", "model.n_latents=8", "model.latent_rope=true")
+    assert not same(ar, "model.window=8") and not same(ar, "train.iw_samples=0")
+    # ... while an LTM uses every one of them
+    for field in ("inference.steps=16", "inference.lr_max=1.0", "model.n_latents=8", "model.latent_rope=true"):
+        assert not same(ltm_run, field), field
+    # corpus knobs count only for the corpus they shape, the BPE size only for a BPE
+    text = ltm_run.with_overrides(["data.name=/tmp/corpus.txt"])
+    assert same(text, "data.synthetic_slots=8", "data.bpe_vocab_size=300")
+    assert not same(ltm_run, "data.synthetic_slots=8")
+    assert not same(text.with_overrides(["data.tokenizer=bpe"]), "data.bpe_vocab_size=300")
+
+
 def test_flat_params_use_the_design_names():
     flat = run_preset("smoke").flat()
     for key in ("model.kind", "model.n_layers", "model.d_model", "model.n_latents", "inference.steps",

@@ -133,7 +133,7 @@ def load_tokenizer(data_cfg: DataConfig) -> TextTokenizer:
     source = resolve_source(data_cfg.name, data_cfg.text_field)
     digest = hashlib.sha256(source.key.encode()).hexdigest()[:16]
     path = cache_dir(data_cfg) / "tokenizers" / f"bpe{data_cfg.bpe_vocab_size}-{_slug(data_cfg.name)}-{digest}.json"
-    return bpe_tokenizer(path, data_cfg.bpe_vocab_size, source.documents("train"))
+    return bpe_tokenizer(path, data_cfg.bpe_vocab_size, source.documents("train"), data_cfg.name)
 
 
 def synthetic_spec(data_cfg: DataConfig) -> SyntheticSpec:

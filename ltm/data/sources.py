@@ -192,19 +192,36 @@ def _saved_documents(path: Path, split: str, text_field: str) -> Iterator[str]:
 
 
 def _hub_documents(name: str, split: str, text_field: str) -> Iterator[str]:
+    hub = HUB_DATASETS[name]
+    records = _hub_records(name, hub, "train" if split == "train" else hub.validation)
+    if name.startswith("wikitext"):  # one record per line; articles start at ` = Title = ` lines
+        yield from wikitext_articles(r["text"] for r in records)
+    else:
+        for record in records:
+            yield record_text(record, hub.text_field or text_field, hub.repo)
+
+
+def _hub_records(name: str, hub: HubDataset, split: str) -> Iterator[dict[str, Any]]:
+    """The split's records, streamed: read in one pass as they download, with no full download first.
+    Streaming reads the hub, not the datasets cache; the token cache makes later runs offline."""
     import datasets
 
-    hub = HUB_DATASETS[name]
-    hub_split = "train" if split == "train" else hub.validation
     try:
-        ds = datasets.load_dataset(hub.repo, hub.config, split=hub_split)
-    except Exception as e:  # offline, missing cache, hub changes: all mean "use a local copy"
-        raise DataError(
-            f"could not load {name!r} ({hub.repo}, {hub.config or 'default'}, split {hub_split}) from the "
-            f"Hugging Face hub or its cache: {type(e).__name__}: {e}. Download it where the hub is reachable "
-            "and pass a local path as data.name (.txt/.jsonl/.parquet, or a datasets.save_to_disk folder)") from e
-    if name.startswith("wikitext"):  # one record per line; articles start at ` = Title = ` lines
-        yield from wikitext_articles(r["text"] for r in ds)
-    else:
-        for record in ds:
-            yield record_text(record, hub.text_field or text_field, hub.repo)
+        records = iter(datasets.load_dataset(hub.repo, hub.config, split=split, streaming=True))
+    except Exception as e:  # offline, hub changes: all mean "use a local copy"
+        raise _hub_error(name, hub, split, e) from e
+    while True:
+        try:  # a stream fails on reading too; only the reading is guarded, not the consumer's work
+            record = next(records)
+        except StopIteration:
+            return
+        except Exception as e:
+            raise _hub_error(name, hub, split, e) from e
+        yield record
+
+
+def _hub_error(name: str, hub: HubDataset, split: str, e: Exception) -> DataError:
+    return DataError(
+        f"could not stream {name!r} ({hub.repo}, {hub.config or 'default'}, split {split}) from the Hugging "
+        f"Face hub: {type(e).__name__}: {e}. Download it where the hub is reachable and pass a local path "
+        "as data.name (.txt/.jsonl/.parquet, or a datasets.save_to_disk folder)")

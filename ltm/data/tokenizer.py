@@ -6,10 +6,12 @@ from __future__ import annotations
 import hashlib
 import os
 import tempfile
+import time
 from pathlib import Path
-from typing import Iterable, Protocol, Sequence
+from typing import Iterable, Iterator, Protocol, Sequence
 
 from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, trainers
+from tqdm import tqdm
 
 from ltm.data.errors import DataError, DataNotFoundError
 
@@ -92,32 +94,52 @@ def gpt2_tokenizer(path: Path | None = None) -> HFTokenizer:
     return HFTokenizer(tok, cache_key=f"gpt2+bos-{_file_key(path)}")
 
 
-def bpe_tokenizer(path: Path, vocab_size: int, train_texts: Iterable[str] | None = None) -> HFTokenizer:
-    """A byte-level BPE saved at path: loaded if it exists, else trained on train_texts and saved."""
+def bpe_tokenizer(path: Path, vocab_size: int, train_texts: Iterable[str] | None = None,
+                  source: str = "the training text") -> HFTokenizer:
+    """A byte-level BPE saved at path: loaded if it exists, else trained on train_texts (from source) and saved."""
     if not path.is_file():
         if train_texts is None:
             raise DataNotFoundError(f"no BPE tokenizer at {path} and no training text to build one")
-        tok = Tokenizer(models.BPE())
-        tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-        tok.decoder = decoders.ByteLevel()
-        trainer = trainers.BpeTrainer(
-            vocab_size=vocab_size, special_tokens=[EOS_TOKEN, BOS_TOKEN],
-            initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
-        tok.train_from_iterator(_first_chars(train_texts, BPE_TRAIN_CHARS), trainer)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        with tempfile.NamedTemporaryFile("w", dir=path.parent, suffix=".tmp", delete=False) as f:
-            tmp = f.name
-        tok.save(tmp)
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)  # atomic: concurrent trainers never leave a partial file
+        _train_bpe(path, vocab_size, train_texts, source)
     tok = Tokenizer.from_file(str(path))
     return HFTokenizer(tok, cache_key=f"bpe{tok.get_vocab_size()}-{_file_key(path)}")
 
 
-def _first_chars(texts: Iterable[str], limit: int) -> Iterable[str]:
-    used = 0
-    for text in texts:
-        if used >= limit:
-            return
-        used += len(text)
-        yield text
+def _train_bpe(path: Path, vocab_size: int, texts: Iterable[str], source: str) -> None:
+    """Train on the first BPE_TRAIN_CHARS characters of texts and save at path, saying so in plain lines:
+    the tokenizers library draws its progress only on a terminal, and a study's log is not one."""
+    print(f"training a byte-level BPE (vocab {vocab_size}) on the first {BPE_TRAIN_CHARS:,} characters "
+          f"of {source} ...", flush=True)
+    start = time.monotonic()
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size, special_tokens=[EOS_TOKEN, BOS_TOKEN],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    read = 0
+
+    def first_texts() -> Iterator[str]:
+        nonlocal read
+        with tqdm(total=BPE_TRAIN_CHARS, desc="reading text for the BPE", unit=" chars", unit_scale=True,
+                  disable=None, leave=False) as bar:
+            for text in texts:
+                if read >= BPE_TRAIN_CHARS:
+                    return
+                read += len(text)
+                bar.update(len(text))
+                yield text
+
+    tok.train_from_iterator(first_texts(), trainer)
+    _save(tok, path)
+    print(f"BPE trained: vocab {tok.get_vocab_size()}, {read:,} characters read in "
+          f"{time.monotonic() - start:.1f} s, saved to {path}", flush=True)
+
+
+def _save(tok: Tokenizer, path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.NamedTemporaryFile("w", dir=path.parent, suffix=".tmp", delete=False) as f:
+        tmp = f.name
+    tok.save(tmp)
+    os.chmod(tmp, 0o644)
+    os.replace(tmp, path)  # atomic: concurrent trainers never leave a partial file

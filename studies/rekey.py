@@ -1,0 +1,206 @@
+"""Give stored runs their current run keys: `python -m studies.rekey [--runs-dir runs] [--dry-run]`.
+
+A run key hashes the fields a run uses (`RunConfig.identity`). When that definition changes, the
+runs made before carry keys that no launch computes any more, so studies would train them again.
+This command re-keys what is stored, and running it again changes nothing:
+
+* a training run: its checkpoint folder runs/checkpoints/<old> becomes <new> (config.json updated)
+  and its MLflow runs, in every experiment of the store, get ltm.run_key=<new> and
+  ltm.previous_run_key=<old>; all under the run's lock, so a run being trained is left alone;
+* an evaluation of a training point: re-keyed when its task, read back from its params, gives its
+  old key (evaluations of a checkpoint path are not: a study reruns them, its training is kept);
+* a study's parent run: ltm.study_key of its grid (grid.json) with the new keys, when the old checks.
+
+Two old runs that map to one new key (an AR run that differed only in inference fields it never
+used) keep their data; the newest MLflow run is the one found, and a second folder stays where it is.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ast
+import json
+import sys
+import tempfile
+from pathlib import Path
+
+from ltm.names import ROLE_EVAL, ROLE_STUDY, ROLE_TAG, RUN_KEY_TAG, STUDY_KEY_TAG, Exit
+from studies.points import study_key_of
+from studies.tasks import evaluation_key
+
+PREVIOUS_KEY_TAG = "ltm.previous_run_key"
+PREVIOUS_STUDY_KEY_TAG = "ltm.previous_study_key"
+
+
+def new_key(config: dict) -> str:
+    from ltm.config import RunConfig
+
+    return RunConfig.from_dict(config).run_key()
+
+
+def folder_keys(runs_dir: Path) -> dict[str, str]:
+    """Old key -> current key of every checkpoint folder whose config reads without unpickling code
+    (config.json, else its latest checkpoint); the others go by their MLflow run's config."""
+    from ltm.checkpoint import latest_verified, read_config
+
+    found = {}
+    for folder in sorted((runs_dir / "checkpoints").glob("*")):
+        file = latest_verified(folder) if folder.is_dir() else None
+        try:
+            found[folder.name] = new_key(read_config(file))
+        except Exception:  # no checkpoint, or one saved before weights-only loading
+            continue
+    return found
+
+
+def _artifact_config(client, run_id: str) -> dict | None:
+    with tempfile.TemporaryDirectory() as tmp:
+        try:
+            return json.loads(Path(client.download_artifacts(run_id, "config.json", tmp)).read_text())
+        except Exception:  # no artifact (or unreadable): the checkpoint folder may still say
+            return None
+
+
+def _task_of(params: dict[str, str]) -> dict:
+    """The task dict as logged (task.<k> = str(v)): literals read back, everything else a string."""
+    task = {}
+    for name, text in params.items():
+        if name.startswith("task."):
+            try:
+                task[name[5:]] = ast.literal_eval(text)
+            except (ValueError, SyntaxError):
+                task[name[5:]] = text
+    return task
+
+
+class Rekey:
+    """One pass over a store and a runs folder; `dry_run` reports without changing anything."""
+
+    def __init__(self, runs_dir: Path, tracking_uri: str, dry_run: bool) -> None:
+        from mlflow.tracking import MlflowClient
+
+        self.runs_dir, self.dry_run = runs_dir, dry_run
+        self.client = MlflowClient(tracking_uri)
+        experiments = [e.experiment_id for e in self.client.search_experiments()]
+        self.runs = self.client.search_runs(experiments, filter_string=f"tags.`{RUN_KEY_TAG}` != ''",
+                                            max_results=50_000) if experiments else []
+        self.moved: dict[str, str] = {}  # old -> new, for what was (or, in a dry run, would be) re-keyed
+        # what an earlier (perhaps interrupted) pass moved, so its evaluations and studies follow
+        self.earlier = {r.data.tags[PREVIOUS_KEY_TAG]: r.data.tags[RUN_KEY_TAG] for r in self.runs
+                        if PREVIOUS_KEY_TAG in r.data.tags}
+        self.left: list[str] = []
+
+    def training(self) -> None:
+        mapping = folder_keys(self.runs_dir)
+        for run in self.runs:
+            key = run.data.tags[RUN_KEY_TAG]
+            if run.data.tags.get(ROLE_TAG) == ROLE_EVAL or key in mapping:
+                continue
+            config = _artifact_config(self.client, run.info.run_id)
+            if config is None:
+                self.left.append(f"training run {run.info.run_id} ({key}): no config.json artifact nor checkpoint")
+            else:
+                mapping[key] = new_key(config)
+        for old, new in sorted(mapping.items()):
+            if old != new:
+                self._move(old, new, [r for r in self.runs if r.data.tags[RUN_KEY_TAG] == old
+                                      and r.data.tags.get(ROLE_TAG) != ROLE_EVAL], folder=True)
+
+    def evaluations(self) -> None:
+        known = {**self.earlier, **self.moved}  # every old training key we know the new key of
+        for run in self.runs:
+            if run.data.tags.get(ROLE_TAG) != ROLE_EVAL:
+                continue
+            old, task = run.data.tags[RUN_KEY_TAG], _task_of(run.data.params)
+            trained = next((o for o in known if evaluation_key(o, task) == old), None)
+            if trained is not None:  # an evaluation of a training point whose key moved
+                self._move(old, evaluation_key(known[trained], task), [run], folder=False)
+
+    def studies(self) -> None:
+        experiments = [e.experiment_id for e in self.client.search_experiments()]
+        parents = self.client.search_runs(experiments, filter_string=f"tags.`{ROLE_TAG}` = '{ROLE_STUDY}'",
+                                          max_results=50_000) if experiments else []
+        for run in parents:
+            if STUDY_KEY_TAG not in run.data.tags:
+                continue
+            grid = self._grid(run.info.run_id)
+            if grid is None:
+                continue
+            keys = [p["key"] for p in grid["points"]]  # as the study was first started
+            tags = run.data.tags
+            first = tags.get(PREVIOUS_STUDY_KEY_TAG, tags[STUDY_KEY_TAG])
+            known = {**self.earlier, **self.moved}
+            new = study_key_of(grid["study"], grid["preset"], [known.get(k, k) for k in keys])
+            if new != tags[STUDY_KEY_TAG] and study_key_of(grid["study"], grid["preset"], keys) == first:
+                print(f"study {grid['study']}-{grid['preset']} ({run.info.run_id}): study key "
+                      f"{tags[STUDY_KEY_TAG]} -> {new}")
+                if not self.dry_run:
+                    self.client.set_tag(run.info.run_id, STUDY_KEY_TAG, new)
+                    self.client.set_tag(run.info.run_id, PREVIOUS_STUDY_KEY_TAG, first)
+
+    def _grid(self, run_id: str) -> dict | None:
+        with tempfile.TemporaryDirectory() as tmp:
+            try:
+                return json.loads(Path(self.client.download_artifacts(run_id, "grid.json", tmp)).read_text())
+            except Exception:
+                return None
+
+    def _move(self, old: str, new: str, runs: list, folder: bool) -> None:
+        from ltm.checkpoint import CONFIG_FILE
+        from ltm.runlock import RunBusy, RunLock
+
+        src, dst = self.runs_dir / "checkpoints" / old, self.runs_dir / "checkpoints" / new
+        rename = folder and src.is_dir()
+        if rename and dst.exists():
+            self.left.append(f"{src}: {dst} exists already (an older run with the same key); both kept")
+            rename = False
+        print(f"{old} -> {new}: {len(runs)} MLflow run(s)" + (f", folder {src.name}" if rename else ""))
+        self.moved[old] = new
+        if self.dry_run:
+            return
+        try:
+            lock = RunLock(self.runs_dir, old, "re-keyed")
+        except RunBusy as err:
+            self.left.append(f"{old}: {err}")
+            del self.moved[old]
+            return
+        with lock:
+            if rename:
+                src.rename(dst)
+                config = dst / CONFIG_FILE
+                if config.is_file():
+                    config.write_text(json.dumps({**json.loads(config.read_text()), "run_key": new}, indent=1))
+            for run in runs:
+                self.client.set_tag(run.info.run_id, RUN_KEY_TAG, new)
+                self.client.set_tag(run.info.run_id, PREVIOUS_KEY_TAG, old)
+
+
+def main(argv: list[str] | None = None) -> int:
+    import os
+
+    from ltm.tracking import default_tracking_uri
+
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # one bar per run read: noise
+
+    parser = argparse.ArgumentParser(prog="python -m studies.rekey", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--runs-dir", default="runs", help="the runs folder (checkpoints/, the default store)")
+    parser.add_argument("--tracking-uri", help="MLflow tracking URI (default sqlite:///<runs-dir>/mlflow.db)")
+    parser.add_argument("--dry-run", action="store_true", help="say what would change, change nothing")
+    args = parser.parse_args(argv)
+    runs_dir = Path(args.runs_dir).resolve()
+    if not runs_dir.is_dir():
+        print(f"error: no runs folder {runs_dir}; pass --runs-dir", file=sys.stderr)
+        return Exit.USAGE
+    rekey = Rekey(runs_dir, args.tracking_uri or default_tracking_uri(runs_dir), args.dry_run)
+    rekey.training()
+    rekey.evaluations()
+    rekey.studies()
+    verb = "would re-key" if args.dry_run else "re-keyed"
+    print(f"{verb} {len(rekey.moved)} run key(s)" + ("; nothing to do" if not rekey.moved else ""))
+    for line in rekey.left:
+        print(f"left: {line}")
+    return Exit.OK
+
+
+if __name__ == "__main__":
+    sys.exit(main())
