@@ -266,6 +266,10 @@ class TrainConfig:
     """Checkpoint every this many tokens (0: only on exit)."""
     peak_flops: float = 0.0
     """Hardware peak FLOP/s for the mfu metric (0: look it up for known GPUs, else no mfu)."""
+    compile: Literal["auto", "on", "off"] = "auto"
+    """torch.compile the inner loop and the decoder update. "auto": on CUDA; on a CPU for runs long
+    enough to repay the compile (benchmarks/RESULTS.md). Not part of the run's identity: the compiled
+    and eager programs compute the same numbers up to float rounding."""
 
     def __post_init__(self) -> None:
         for name in ("tokens", "batch_size", "eval_blocks", "eval_batch_size"):
@@ -283,6 +287,8 @@ class TrainConfig:
             raise ConfigError(f"train.grad_clip must be > 0 (the largest gradient norm), got {self.grad_clip}")
         if len(self.betas) != 2 or not all(0 <= b < 1 for b in self.betas):
             raise ConfigError(f"train.betas must be two numbers in [0, 1), got {self.betas}")
+        if self.compile not in ("auto", "on", "off"):
+            raise ConfigError(f"train.compile must be 'auto', 'on' or 'off', got {self.compile!r}")
         if self.precision not in ("auto", "fp32", "bf16"):
             raise ConfigError(f"train.precision must be 'auto', 'fp32' or 'bf16', got {self.precision!r}")
 
@@ -351,6 +357,7 @@ class RunConfig:
         """to_dict() without the fields the run ignores, so that changing one never makes a new run."""
         d = self.to_dict()
         d["data"].pop("cache_dir")  # where tokens are cached
+        d["train"].pop("compile")  # how the same program is executed
         d["model"].pop("vocab_size")  # always the data's vocabulary, which the data fields fix
         if self.model.kind == "ar":  # no latents, so no inference loop
             del d["inference"]

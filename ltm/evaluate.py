@@ -79,10 +79,11 @@ def sequence_nll(model: LatentThoughtModel, tokens: torch.Tensor, z: torch.Tenso
 
 def sequence_bounds(model: LatentThoughtModel, tokens: torch.Tensor, cfg: InferenceConfig, *,
                     seeds: Sequence[int], iw_samples: int = 0, loss_mask: torch.Tensor | None = None,
-                    reuse_score: bool = True) -> SequenceBounds:
+                    reuse_score: bool = True, compiled: bool = False) -> SequenceBounds:
     """Bounds on -log p(tokens[:, 1:] | tokens[:, 0]) for each sequence of a batch.
 
-    `reuse_score=False` skips the released code's score, which costs a second inference pass."""
+    `reuse_score=False` skips the released code's score, which costs a second inference pass;
+    `compiled` runs the inference loops through torch.compile."""
     if iw_samples < 0:
         raise ValueError(f"iw_samples must be >= 0, got {iw_samples}")
     n_tokens = (torch.full((tokens.shape[0],), tokens.shape[1] - 1, device=tokens.device, dtype=torch.float32)
@@ -94,7 +95,7 @@ def sequence_bounds(model: LatentThoughtModel, tokens: torch.Tensor, cfg: Infere
                               iw=nll if iw_samples else None)
 
     cfg = dataclasses.replace(cfg, decoder_grad="final")
-    post = infer_posterior(model, tokens, cfg, seeds=seeds, loss_mask=loss_mask)
+    post = infer_posterior(model, tokens, cfg, seeds=seeds, loss_mask=loss_mask, compiled=compiled)
     sigma = (0.5 * post.logvar).exp()
     shape = tuple(post.mu.shape[1:])
     with torch.no_grad():
@@ -110,7 +111,8 @@ def sequence_bounds(model: LatentThoughtModel, tokens: torch.Tensor, cfg: Infere
     reuse = None
     if reuse_score:
         reused = post if cfg.reuse_noise else infer_posterior(
-            model, tokens, dataclasses.replace(cfg, reuse_noise=True), seeds=seeds, loss_mask=loss_mask)
+            model, tokens, dataclasses.replace(cfg, reuse_noise=True), seeds=seeds, loss_mask=loss_mask,
+            compiled=compiled)
         reuse = nll_of(reused.z) + reused.kl()
     iw = None
     if iw_samples:
@@ -137,14 +139,14 @@ def perplexity_seqmean(bound: torch.Tensor, n_tokens: torch.Tensor) -> float:
 
 
 def evaluate_bounds(model: LatentThoughtModel, batches: Iterable[torch.Tensor], cfg: InferenceConfig, *,
-                    seed: int = 0, iw_samples: int = 0, prefix: str = VAL) -> dict[str, float]:
+                    seed: int = 0, iw_samples: int = 0, prefix: str = VAL, compiled: bool = False) -> dict[str, float]:
     """Bounds over a fixed evaluation set, as metrics named `{prefix}/...`.
 
     Keys: nll and kl (nats per token), ppl_bound (fresh-noise ELBO), ppl_bound_seqmean,
     ppl_reuse (released-code scoring, optimistic), ppl_iw (when iw_samples > 0); for an LTM also
     kl_floor, nll_swap (given sequence i + N/2's sample, N sequences; needs N >= 2) and nll_prior,
     in nats per token. Sequence i of the whole set always gets seed `seed + i`, so results do not
-    depend on batching.
+    depend on batching. `compiled`: the inference loops through torch.compile.
     """
     batches = list(batches)
     parts: list[SequenceBounds] = []
@@ -152,7 +154,7 @@ def evaluate_bounds(model: LatentThoughtModel, batches: Iterable[torch.Tensor], 
     for batch in batches:
         seeds = [seed + offset + i for i in range(batch.shape[0])]
         offset += batch.shape[0]
-        parts.append(sequence_bounds(model, batch, cfg, seeds=seeds, iw_samples=iw_samples))
+        parts.append(sequence_bounds(model, batch, cfg, seeds=seeds, iw_samples=iw_samples, compiled=compiled))
     if not parts:
         raise ValueError("evaluate_bounds got no batches to evaluate")
 

@@ -7,7 +7,8 @@ Two conventions:
 * "exact": what this project's code executes, counting 2 FLOPs per multiply-add of every matmul
   (the same ops torch.utils.flop_counter counts; norms, softmax and elementwise work are not counted):
   projections, attention scores and values over the key rectangle the kernel computes (the whole
-  sequence for masked or causal SDPA, every latent for cross-attention), the latent key/value
+  sequence for masked or causal SDPA; each block of queries' window for the windowed kernels of
+  `ltm.attention`, where they are used; every latent for cross-attention), the latent key/value
   projections, and the unembedding. Backward passes count what autograd runs:
 
   - inner step, decoder_grad="final": forward without the z-independent stem (which the loop
@@ -27,6 +28,7 @@ from typing import Literal
 import torch
 from torch.utils import flop_counter
 
+from ltm.attention import uses_window_kernel, windowed_keys
 from ltm.config import ModelConfig
 from ltm.model import build_model
 
@@ -48,12 +50,14 @@ class _Op:
 def _forward_ops(cfg: ModelConfig, S: int) -> list[_Op]:
     d, V, hid = cfg.d_model, cfg.vocab_size, cfg.mlp_hidden
     m = cfg.latents_per_layer
+    # the windowed kernels compute each query block's window; the dense mask, every key
+    keys = windowed_keys(S, cfg.attn_window) if uses_window_kernel(S, cfg.attn_window) else S
     ops: list[_Op] = []
     for layer in range(cfg.n_layers):
         stem = layer == 0
         ops += [
             _Op(2 * S * d * 3 * d, "linear", in_stem=stem),           # self-attention q, k, v
-            _Op(4 * S * S * d, "attention", in_stem=stem),            # scores and values, full S x S rectangle
+            _Op(4 * S * keys * d, "attention", in_stem=stem),         # scores and values over the kernel's keys
             _Op(2 * S * d * d, "linear", in_stem=stem),               # self-attention output
         ]
         if cfg.kind == "ltm":

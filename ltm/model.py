@@ -18,22 +18,29 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from ltm.attention import Window, plan_window, window_attention
 from ltm.config import ModelConfig
 
 
 def rope_angles(head_dim: int, positions: torch.Tensor, theta: float) -> torch.Tensor:
-    """Unit complex rotations e^(i * pos * freq), shape (len(positions), head_dim // 2)."""
+    """Rotations e^(i * pos * freq) as (cos, sin) pairs, shape (len(positions), head_dim // 2, 2)."""
     inv_freq = theta ** (-torch.arange(0, head_dim, 2, dtype=torch.float32, device=positions.device) / head_dim)
     angles = positions.float()[:, None] * inv_freq[None, :]
-    return torch.polar(torch.ones_like(angles), angles)
+    return torch.stack((angles.cos(), angles.sin()), dim=-1)
 
 
 def apply_rope(x: torch.Tensor, rotation: torch.Tensor) -> torch.Tensor:
     """Rotate consecutive pairs of x's last dimension (..., T, head_dim) by its T positions' rotations.
 
-    One complex multiply: several times faster on a CPU than the rotate-half form's split and cat."""
+    Eager: one complex multiply, several times faster on a CPU than the rotate-half form's split
+    and cat. Under torch.compile the same rotation in real arithmetic, which inductor fuses (it
+    has no complex kernels)."""
+    if torch.compiler.is_compiling():
+        cos, sin = rotation.unbind(-1)
+        even, odd = x.float().unflatten(-1, (-1, 2)).unbind(-1)
+        return torch.stack((even * cos - odd * sin, even * sin + odd * cos), dim=-1).flatten(-2).to(x.dtype)
     pairs = torch.view_as_complex(x.float().unflatten(-1, (-1, 2)))
-    return torch.view_as_real(pairs * rotation).flatten(-2).to(x.dtype)
+    return torch.view_as_real(pairs * torch.view_as_complex(rotation)).flatten(-2).to(x.dtype)
 
 
 class Stem(NamedTuple):
@@ -41,7 +48,7 @@ class Stem(NamedTuple):
 
     h: torch.Tensor
     rope: torch.Tensor
-    mask: torch.Tensor | None
+    window: Window | None
 
 
 class KVCache:
@@ -61,7 +68,7 @@ class SelfAttention(nn.Module):
         self.qkv = nn.Linear(cfg.d_model, 3 * cfg.d_model, bias=False)
         self.o = nn.Linear(cfg.d_model, cfg.d_model, bias=False)
 
-    def forward(self, x: torch.Tensor, rope: torch.Tensor, mask: torch.Tensor | None,
+    def forward(self, x: torch.Tensor, rope: torch.Tensor, window: Window | None,
                 cache: KVCache | None) -> torch.Tensor:
         B, T, d = x.shape
         qkv = self.qkv(x).view(B, T, 3, self.cfg.n_heads, self.cfg.head_dim).transpose(1, 3)  # (B, H, 3, T, Dh)
@@ -76,10 +83,10 @@ class SelfAttention(nn.Module):
                 k = torch.cat((past[0][:, :, past[0].shape[2] - keep:] if keep else past[0][:, :, :0], k), dim=2)
                 v = torch.cat((past[1][:, :, past[1].shape[2] - keep:] if keep else past[1][:, :, :0], v), dim=2)
             cache.self_kv[self.layer] = (k, v)
-        if mask is None and T > 1:
-            y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
-        else:  # a sliding-window mask, or a single query that may see every cached key
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+        if window is not None:
+            y = window_attention(q, k, v, window)
+        else:  # causal, or a single query that may see every cached key (the cache keeps the window)
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=T > 1)
         return self.o(y.transpose(1, 2).reshape(B, T, d))
 
 
@@ -136,8 +143,8 @@ class Block(nn.Module):
         self.norm_mlp = nn.RMSNorm(cfg.d_model, eps=1e-5)
         self.mlp = SwiGLU(cfg)
 
-    def self_attention(self, x, rope, mask, cache):
-        return x + self.attn(self.norm_attn(x), rope, mask, cache)
+    def self_attention(self, x, rope, window, cache):
+        return x + self.attn(self.norm_attn(x), rope, window, cache)
 
     def latent_and_mlp(self, h, z_l, rope, latent_rope, cache):
         if z_l is not None:
@@ -156,7 +163,9 @@ class LatentThoughtModel(nn.Module):
         self.norm_out = nn.RMSNorm(cfg.d_model, eps=1e-5)
         self.unembed = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
         self.unembed.weight = self.embed.weight  # weight tying
-        self._masks: dict[tuple, torch.Tensor | None] = {}
+        self.attention = "auto"
+        """How the sliding window is computed: "auto", "dense", "chunked", "flex" (`ltm.attention`)."""
+        self._windows: dict[tuple, Window | None] = {}
         self._init_weights()
 
     def _init_weights(self) -> None:
@@ -189,9 +198,9 @@ class LatentThoughtModel(nn.Module):
             raise ValueError(f"sequence of {T} tokens is longer than model.ctx={self.cfg.ctx}")
         start = cache.pos if cache is not None else 0
         rope = self._rope_angles(start, T, tokens.device)
-        mask = self._attn_mask(T, tokens.device) if start == 0 else None
-        h = self.blocks[0].self_attention(self.embed(tokens), rope, mask, cache)
-        return Stem(h, rope, mask)
+        window = self._window(T, tokens.device) if start == 0 else None
+        h = self.blocks[0].self_attention(self.embed(tokens), rope, window, cache)
+        return Stem(h, rope, window)
 
     def forward_from_stem(self, stem: Stem, z: torch.Tensor | None,
                           cache: KVCache | None = None) -> torch.Tensor:
@@ -202,7 +211,7 @@ class LatentThoughtModel(nn.Module):
         latent_rope = self._latent_rope(h.device) if cfg.latent_rope and cfg.kind == "ltm" else None
         for layer, block in enumerate(self.blocks):
             if layer > 0:
-                h = block.self_attention(h, stem.rope, stem.mask, cache)
+                h = block.self_attention(h, stem.rope, stem.window, cache)
             h = block.latent_and_mlp(h, zs[layer], stem.rope, latent_rope, cache)
         if cache is not None:
             cache.pos += h.shape[1]
@@ -235,17 +244,14 @@ class LatentThoughtModel(nn.Module):
         positions = self.latent_positions().to(device)
         return rope_angles(self.cfg.head_dim, positions, self.cfg.rope_theta)
 
-    def _attn_mask(self, T: int, device: torch.device) -> torch.Tensor | None:
-        """Boolean sliding-window mask (True = attend), or None when plain causal suffices."""
-        w = self.cfg.attn_window
-        if w >= T:
-            return None
-        key = (T, w, str(device))
-        if key not in self._masks:
-            i = torch.arange(T, device=device)
-            offset = i[:, None] - i[None, :]
-            self._masks[key] = (offset >= 0) & (offset < w)
-        return self._masks[key]
+    def _window(self, T: int, device: torch.device) -> Window | None:
+        """The sliding window of a length-T pass (made once per shape), or None when causal suffices."""
+        if torch.compiler.is_compiling():  # traced into the graph: no cache for dynamo to guard on
+            return plan_window(T, self.cfg.attn_window, self.cfg.n_heads, device, self.attention)
+        key = (T, str(device), self.attention)
+        if key not in self._windows:
+            self._windows[key] = plan_window(T, self.cfg.attn_window, self.cfg.n_heads, device, self.attention)
+        return self._windows[key]
 
 
 def build_model(cfg: ModelConfig) -> LatentThoughtModel:

@@ -8,13 +8,14 @@ per-sequence noise generators make its random draws independent of the batch too
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import contextlib
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
 import torch
 
 from ltm.config import InferenceConfig
-from ltm.model import LatentThoughtModel, token_nll
+from ltm.model import LatentThoughtModel, Stem, token_nll
 
 
 @dataclass
@@ -64,14 +65,16 @@ def draw_seeds(batch: int, generator: torch.Generator | None = None) -> list[int
 
 def infer_posterior(model: LatentThoughtModel, tokens: torch.Tensor, cfg: InferenceConfig, *,
                     seeds: Sequence[int] | torch.Tensor | None = None,
-                    loss_mask: torch.Tensor | None = None) -> Posterior:
+                    loss_mask: torch.Tensor | None = None, compiled: bool = False) -> Posterior:
     """Fit q(z) for each sequence of `tokens` (B, L) by cfg.steps steps of AdamW.
 
     The objective scores tokens[:, 1:] given tokens[:, :-1]; `loss_mask` (B, L-1), if given,
     selects which of those predictions count (e.g. to ignore padding). `seeds` fix each
     sequence's noise; by default they are drawn from torch's global RNG. With
-    decoder_grad="final" the decoder's .grad is left untouched and no work is spent on it;
-    "trajectory" accumulates every step's gradient into it, as the released code does.
+    decoder_grad="final" the decoder's parameters are frozen for the loop, so its backward computes
+    the gradients of mu and logvar only (eager or `compiled` with torch.compile alike) and .grad is
+    left untouched; "trajectory" accumulates every step's gradient into it, as the released code
+    does (always eager: it needs the weight gradients).
     """
     mcfg = model.cfg
     if mcfg.kind != "ltm":
@@ -99,23 +102,23 @@ def infer_posterior(model: LatentThoughtModel, tokens: torch.Tensor, cfg: Infere
     beta1, beta2 = cfg.betas
     trace = []
 
-    with torch.enable_grad():
+    with torch.enable_grad(), contextlib.nullcontext() if trajectory else frozen(model):
         # The stem does not depend on z: compute it once, outside the graph. The trajectory
         # mode needs the decoder's full graph at every step, so it recomputes it.
         stem = None if trajectory else _no_grad_stem(model, inputs)
+        objective_of = _compiled_objective if compiled and not trajectory else _objective
         for step in range(cfg.steps):
             if not cfg.reuse_noise:
                 eps = noise.draw()
-            z = mu + eps * (0.5 * logvar).exp()
-            logits = model(inputs, z) if trajectory else model.forward_from_stem(stem, z)
-            nll = _masked_sum(token_nll(logits, targets), loss_mask)
-            objective = nll + gaussian_kl(mu, logvar)
             if trajectory:
+                z = mu + eps * (0.5 * logvar).exp()
+                objective = _masked_sum(token_nll(model(inputs, z), targets), loss_mask) + gaussian_kl(mu, logvar)
                 objective.sum().backward()
                 grads = [p.grad for p in params]
                 for p in params:
                     p.grad = None
             else:
+                objective = objective_of(model, stem, mu, logvar, eps, targets, loss_mask)
                 grads = torch.autograd.grad(objective.sum(), params)
             trace.append(objective.detach())
             adamw_step(params, grads, exp_avg, exp_avg_sq, step + 1, cfg.lr(step), beta1, beta2,
@@ -127,6 +130,33 @@ def infer_posterior(model: LatentThoughtModel, tokens: torch.Tensor, cfg: Infere
     z = mu if cfg.fixed_variance else mu + eps * (0.5 * logvar).exp()
     trace = torch.stack(trace) if trace else torch.zeros(0, B, device=tokens.device)
     return Posterior(mu=mu, logvar=logvar, z=z, eps=eps, trace=trace)
+
+
+def _objective(model: LatentThoughtModel, stem: Stem, mu: torch.Tensor, logvar: torch.Tensor, eps: torch.Tensor,
+               targets: torch.Tensor, loss_mask: torch.Tensor | None) -> torch.Tensor:
+    """Each sequence's NLL(x | z) + KL at z = mu + eps * sigma, from the stem on."""
+    z = mu + eps * (0.5 * logvar).exp()
+    nll = _masked_sum(token_nll(model.forward_from_stem(stem, z), targets), loss_mask)
+    return nll + gaussian_kl(mu, logvar)
+
+
+# One graph per shape (fixed shapes: no recompilation per batch). The decoder is frozen while it
+# runs, so the compiled backward computes the gradients of mu and logvar and no weight gradient.
+_compiled_objective = torch.compile(_objective, dynamic=False)
+
+
+@contextlib.contextmanager
+def frozen(model: torch.nn.Module) -> Iterator[None]:
+    """The model's parameters with requires_grad=False for the block: a backward through it then
+    computes input gradients only (eager autograd and torch.compile's graphs alike)."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    for p in params:
+        p.requires_grad_(False)
+    try:
+        yield
+    finally:
+        for p in params:
+            p.requires_grad_(True)
 
 
 def _no_grad_stem(model: LatentThoughtModel, inputs: torch.Tensor):

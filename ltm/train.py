@@ -53,19 +53,35 @@ UNSENT_FILE = "unsent-metrics.jsonl"
 
 
 def decoder_loss(model: LatentThoughtModel, tokens: torch.Tensor, cfg: InferenceConfig | None,
-                 seeds: Sequence[int] | None) -> tuple[torch.Tensor, torch.Tensor]:
+                 seeds: Sequence[int] | None, compiled: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """(mean next-token cross-entropy at the inferred z_T, summed KL of the posteriors).
 
     For an LTM this runs the inference loop first (which, with decoder_grad="trajectory",
     already accumulates into the decoder's .grad); an AR model is scored directly (KL 0).
+    `compiled` runs both through torch.compile (one graph per shape).
     """
     if model.cfg.kind == "ltm":
-        post = infer_posterior(model, tokens, cfg, seeds=seeds)
+        post = infer_posterior(model, tokens, cfg, seeds=seeds, compiled=compiled)
         z, kl = post.z, post.kl().sum()
     else:
         z, kl = None, torch.zeros((), device=tokens.device)
+    return (_compiled_cross_entropy if compiled else _cross_entropy)(model, tokens, z), kl
+
+
+def _cross_entropy(model: LatentThoughtModel, tokens: torch.Tensor, z: torch.Tensor | None) -> torch.Tensor:
     logits = model(tokens[:, :-1], z)
-    return F.cross_entropy(logits.float().flatten(0, 1), tokens[:, 1:].flatten()), kl
+    return F.cross_entropy(logits.float().flatten(0, 1), tokens[:, 1:].flatten())
+
+
+_compiled_cross_entropy = torch.compile(_cross_entropy, dynamic=False)
+
+
+def use_compile(setting: str, device: torch.device, training_flops: float) -> bool:
+    """Whether train.compile=setting compiles: "auto" on CUDA, and on a CPU for runs of at least
+    CPU_COMPILE_MIN_FLOPS (below it the compile costs more than it saves; benchmarks/RESULTS.md)."""
+    if setting != "auto":
+        return setting == "on"
+    return device.type == "cuda" or training_flops >= CPU_COMPILE_MIN_FLOPS
 
 
 def sample_seed(run_seed: int, sample_index: int) -> int:
@@ -87,8 +103,12 @@ def make_optimizer(model: torch.nn.Module, cfg) -> torch.optim.AdamW:
     decay = [p for p in model.parameters() if p.dim() >= 2]
     no_decay = [p for p in model.parameters() if p.dim() < 2]
     groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    return torch.optim.AdamW(groups, lr=cfg.lr, betas=cfg.betas, foreach=True)
+    fused = next(model.parameters()).device.type == "cuda"  # one kernel for the whole update on a GPU
+    return torch.optim.AdamW(groups, lr=cfg.lr, betas=cfg.betas, **({"fused": True} if fused else {"foreach": True}))
 
+
+CPU_COMPILE_MIN_FLOPS = 1e13
+"""Training FLOPs (exact) from which "auto" compiles on a CPU; see use_compile."""
 
 # Dense bf16 peaks of GPUs this suite is likely to meet (FLOP/s), for the mfu metric.
 _GPU_PEAKS = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "L40S": 362e12, "A10G": 125e12}
@@ -388,6 +408,7 @@ def _train(loop: _Loop, interrupt: _Interrupt, progress: bool) -> RunResult:
     fpt = flops_per_token(model_cfg, icfg.steps, decoder_grad=icfg.decoder_grad)
     fpt_paper = flops_per_token(model_cfg, icfg.steps, convention="paper")
     peak = peak_flops(procs.device, tc.peak_flops)
+    compiled = use_compile(tc.compile, procs.device, fpt * total_steps * tokens_per_step)
     n_val = min(tc.eval_blocks, len(loop.val_blocks))
     val_batches = [loop.val_blocks.batch(list(range(i, min(i + tc.eval_batch_size, n_val)))).to(procs.device)
                    for i in range(0, n_val, tc.eval_batch_size)]
@@ -405,7 +426,8 @@ def _train(loop: _Loop, interrupt: _Interrupt, progress: bool) -> RunResult:
         model.eval()
         try:
             with interrupt.stoppable(), _autocast(procs.device, tc.precision):
-                return evaluate_bounds(model, val_batches, icfg, seed=EVAL_SEED, iw_samples=tc.iw_samples)
+                return evaluate_bounds(model, val_batches, icfg, seed=EVAL_SEED, iw_samples=tc.iw_samples,
+                                       compiled=compiled)
         except _Stopped:
             return None
         finally:
@@ -451,7 +473,7 @@ def _train(loop: _Loop, interrupt: _Interrupt, progress: bool) -> RunResult:
             batch = loop.train_blocks.batch(mine[i:i + micro]).to(procs.device)
             seeds = [sample_seed(cfg.seed, loop.samples + procs.rank * local + i + j) for j in range(len(batch))]
             with _autocast(procs.device, tc.precision):
-                loss, kl = decoder_loss(model, batch, icfg, seeds)
+                loss, kl = decoder_loss(model, batch, icfg, seeds, compiled)
             (loss * len(batch) / tc.batch_size).backward()
             loss_sum += torch.stack((loss.detach() * len(batch), kl.detach()))
         all_reduce_gradients(model, procs)

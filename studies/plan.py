@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ltm.names import BACKEND_TAG, PRESET_TAG, STUDY_KEY_TAG, STUDY_TAG
+from studies.costs import DEFAULT_MFU, DEFAULT_PEAK_TFLOPS
 from studies.messages import Point, TrialContext
 from studies.points import build_points, study_key
 from studies.study import Preset, Study
@@ -57,7 +58,13 @@ def build_parser(study: Study) -> argparse.ArgumentParser:
                         help="GPUs per trial, fractions allowed (default: the SLURM profile's gpus_per_task, else "
                              "the preset's)")
     parser.add_argument("--max-failures", type=int, default=1, help="retries of a crashed trial (default 1)")
-    parser.add_argument("--dry-run", action="store_true", help="print the grid, resources and sbatch parameters; launch nothing")
+    parser.add_argument("--dry-run", action="store_true", help="print the grid, its training FLOPs and GPU-hours, "
+                                                               "resources and sbatch parameters; launch nothing")
+    parser.add_argument("--mfu", type=float, default=DEFAULT_MFU,
+                        help=f"model FLOPs utilisation the GPU-hours assume, in (0, 1] (default {DEFAULT_MFU})")
+    parser.add_argument("--peak-tflops", type=float, default=DEFAULT_PEAK_TFLOPS,
+                        help=f"a GPU's peak TFLOP/s for the GPU-hours (default {DEFAULT_PEAK_TFLOPS:g}: H100/H200 "
+                             "dense bf16)")
     if any(p.task for p in study.presets.values()):
         task_group = parser.add_argument_group("evaluation")
         task_group.add_argument("--checkpoint", action="append", default=[], metavar="PATH_OR_RUN_ID",
@@ -100,6 +107,9 @@ class Plan:
     """Trials at once; 0: unlimited (SLURM: the profile's array_parallelism)."""
     max_failures: int
     dry_run: bool = False
+    mfu: float = DEFAULT_MFU
+    """The model FLOPs utilisation and the GPU peak that the printed GPU-hours assume."""
+    peak_tflops: float = DEFAULT_PEAK_TFLOPS
     address: str | None = None
     """Ray: the cluster to join."""
     fresh: bool = False
@@ -118,6 +128,12 @@ class Plan:
     def tags(self) -> dict:
         return {STUDY_TAG: self.study.name, STUDY_KEY_TAG: self.study_key, PRESET_TAG: self.preset,
                 BACKEND_TAG: self.cluster}
+
+    @property
+    def trials_at_once(self) -> int:
+        """Trials that run at once: --max-concurrent, SLURM's array_parallelism, else every point."""
+        limit = self.max_concurrent or (self.profile.get("array_parallelism", 64) if self.cluster == "slurm" else 0)
+        return min(limit, len(self.points)) if limit else len(self.points)
 
     @property
     def is_evaluation(self) -> bool:
@@ -159,6 +175,11 @@ def plan(study: Study, argv: list[str] | None = None) -> Plan:
         raise UsageError(f"--seeds takes comma-separated integers, got {args.seeds!r}") from None
     if not seeds:
         raise UsageError("--seeds is empty")
+    if not 0 < args.mfu <= 1:
+        raise UsageError(f"--mfu is a fraction of the peak in (0, 1], e.g. --mfu 0.4 for 40%; got {args.mfu:g}")
+    if not args.peak_tflops > 0:
+        raise UsageError(f"--peak-tflops must be > 0 (a GPU's peak TFLOP/s, e.g. 989 for an H100/H200 in bf16); "
+                         f"got {args.peak_tflops:g}")
     points = build_points(study, args.preset, seeds, args.data, args.overrides)
     preset = study.presets[args.preset]
     problem = None
@@ -194,6 +215,7 @@ def plan(study: Study, argv: list[str] | None = None) -> Plan:
         max_concurrent = max(1, int((os.cpu_count() or 1) // cpus))
     return Plan(study, args.preset, args.cluster, points, study_key(study, args.preset, points), runs_dir, uri,
                 args.experiment or study.name, cpus, gpus, max_concurrent, args.max_failures, dry_run=args.dry_run,
+                mfu=args.mfu, peak_tflops=args.peak_tflops,
                 address=args.address, fresh=args.fresh, profile=profile, mlflow_server=args.mlflow_server,
                 no_wait=args.no_wait, problem=problem)
 

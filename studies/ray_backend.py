@@ -30,6 +30,14 @@ def _pythonpath() -> str:
     return os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]).rstrip(os.pathsep)
 
 
+def _hide_gpus_unless_given() -> dict[str, str]:
+    """CUDA_VISIBLE_DEVICES="" for a trial given no GPU: Ray leaves the variable unset then
+    (ray-project/ray#54868), and the worker would train and evaluate on the node's GPUs."""
+    import ray
+
+    return {} if ray.get_gpu_ids() else {"CUDA_VISIBLE_DEVICES": ""}
+
+
 class PointWorker:
     """A persistent `python -m studies.worker --serve` process that runs points one after another.
 
@@ -40,7 +48,7 @@ class PointWorker:
     def __init__(self, runs_dir: Path, threads: int, spawner: ThreadPoolExecutor) -> None:
         self.identity = (str(runs_dir), threads)
         env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads),
-               "PYTHONPATH": _pythonpath()}
+               "PYTHONPATH": _pythonpath(), **_hide_gpus_unless_given()}
         self.proc = spawner.submit(
             subprocess.Popen, [sys.executable, "-m", "studies.worker", "--serve"], cwd=runs_dir, env=env,
             stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, preexec_fn=die_with_parent).result()

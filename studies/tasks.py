@@ -4,9 +4,11 @@ A task point names a checkpoint (a path or the MLflow run id of a training run) 
 config to train first (`ltm.train.run`: skipped when already FINISHED, resumed when interrupted),
 and a task: `gsm8k`, `zero_shot` or `generation`. Each point's evaluation is one MLflow run
 (a child of the study's parent) tagged `ltm.role=eval`, `ltm.task` and `ltm.source_run_id`, with
-the metrics at step 0 and its outputs (per-problem answers, samples) as artifacts. The point's key
-(from the checkpoint's identity and the task) makes a finished evaluation skip when the study is
-started again; an interrupted one (SIGTERM, SIGUSR2) is rerun from the start of the evaluation.
+the metrics at step 0 and its outputs (per-problem answers, samples) as artifacts. It runs on the
+trial's GPU when it was given one (`trial_device`, tagged `device`), under the checkpoint's training
+precision (bf16 autocast on CUDA by default). The point's key (from the checkpoint's identity and
+the task) makes a finished evaluation skip when the study is started again; an interrupted one
+(SIGTERM, SIGUSR2) is rerun from the start of the evaluation.
 """
 
 from __future__ import annotations
@@ -18,6 +20,8 @@ import tempfile
 import threading
 import time
 from pathlib import Path
+
+import torch
 
 from ltm.checkpoint import load_model, resolve
 from ltm.names import ROLE_EVAL, ROLE_TAG, SOURCE_RUN_TAG, TASK_TAG, Status
@@ -115,10 +119,18 @@ def run_task(point: Point, context: TrialContext) -> Result:
         return _run_task_locked(point, context)
 
 
+def trial_device() -> torch.device:
+    """Where a trial evaluates: its GPU when it sees one, else the CPU, as `ltm.train` picks for its
+    training (a trial sees the GPUs it was given: Ray and SLURM set CUDA_VISIBLE_DEVICES to them)."""
+    from ltm.processes import resolve_device
+
+    return resolve_device(None, 0, torch.cuda.is_available())
+
+
 def _run_task_locked(point: Point, context: TrialContext) -> Result:
     from ltm.config import RunConfig
     from ltm.tracking import Tracker
-    from ltm.train import run
+    from ltm.train import _autocast, run
 
     runs_dir = Path(context.runs_dir)
     tracker = Tracker(context.tracking_uri, context.experiment, artifact_root=runs_dir / "artifacts")
@@ -135,20 +147,23 @@ def _run_task_locked(point: Point, context: TrialContext) -> Result:
         checkpoint, source_run = trained.run_dir, trained.run_id
     else:
         checkpoint, source_run = source["checkpoint"], source.get("run_id")
-    model, cfg = load_model(checkpoint)
+    device = trial_device()
+    model, cfg = load_model(checkpoint, device=str(device))
     task = point.task
     if existing is not None:
         tracker.reopen(existing.info.run_id)
         run_id = existing.info.run_id
+        tracker.set_tags(run_id, {"device": str(device)})  # the rerun may have landed on another device
     else:
         params = {**cfg.flat(), **{f"task.{k}": v for k, v in task.items()}, "source.checkpoint": str(checkpoint)}
         tags = {**context.tags, ROLE_TAG: ROLE_EVAL, TASK_TAG: task["name"], SOURCE_RUN_TAG: source_run or "",
-                "model.kind": cfg.model.kind}
+                "model.kind": cfg.model.kind, "device": str(device)}
         name = f"{task['name']}-{cfg.model.kind}-L{cfg.model.n_layers}-T{cfg.inference.steps}"
         run_id = tracker.create_run(point.key, name, params, tags, context.parent_run_id)
     started = time.time()
     try:
-        with _StopOnSignal():
+        # The checkpoint's training precision ("auto": bf16 autocast on CUDA, fp32 on a CPU).
+        with _StopOnSignal(), _autocast(device, cfg.train.precision):
             metrics, artifacts = EVALUATORS[task["name"]](model, cfg, task)
     except _Stopped as stop:
         tracker.finish(run_id, Status.KILLED.value, f"{stop}; start the study again to rerun this evaluation")
@@ -215,24 +230,25 @@ def _generation(model, cfg, task: dict) -> tuple[dict, dict]:
     print(f"generation: {n} unconditional samples of {length} tokens per prior temperature ...", flush=True)
     sets = unconditional_samples(model, tok.bos_id, n=n, length=length, seed=seed,
                                  prior_temperatures=[float(s) for s in task["prior_temperatures"]], top_p=top_p)
+    device = next(model.parameters()).device
     val = load_blocks(cfg.data, cfg.model.ctx, "validation")
-    prefixes = val.batch(range(min(n, len(val))))[:, : int(task["prefix"])]
+    prefixes = val.batch(range(min(n, len(val))))[:, : int(task["prefix"])].to(device)
     print(f"generation: {len(prefixes)} continuations of validation prefixes ...", flush=True)
     sets.append(conditional_samples(model, _inference(cfg, task), prefixes, length=length, seed=seed, top_p=top_p))
     reference = None
     if task.get("reference"):
-        reference, ref_cfg = load_model(task["reference"])
+        reference, ref_cfg = load_model(task["reference"], device=str(device))
         check_same_tokenizer(cfg, ref_cfg)
         reference.eval()
     metrics, text = {}, []
     for i, s in enumerate(sets, 1):
         print(f"generation: scoring {s.name} ({i}/{len(sets)})", flush=True)
-        generated = s.tokens[:, s.prompt_length:]
-        metrics[f"gen/{s.name}/entropy"] = unigram_entropy(generated)
+        tokens = s.tokens.cpu()  # counted and decoded token by token
+        metrics[f"gen/{s.name}/entropy"] = unigram_entropy(tokens[:, s.prompt_length:])
         if reference is not None:
             metrics[f"gen/{s.name}/gen_ppl"] = generative_perplexity(reference, ref_cfg.inference, s, seed=seed)
         text.append(f"## {s.name}\n")
-        for row in s.tokens:
+        for row in tokens:
             prompt, cont = tok.decode(row[: s.prompt_length]), tok.decode(row[s.prompt_length:])
             text.append(f"* [{prompt}] {cont}\n")
     return metrics, {"samples.md": "\n".join(text)}

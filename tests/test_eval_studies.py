@@ -147,3 +147,54 @@ def test_dry_run_shows_the_evaluation(tmp_path, capsys):
     out = capsys.readouterr().out
     task = json.loads(out.split("evaluation on each point's model, trained first: ", 1)[1].splitlines()[0])
     assert task["length"] == 8 and task["name"] == "generation"
+
+
+def test_an_evaluation_runs_on_a_visible_gpu_else_the_cpu(monkeypatch):
+    import torch
+
+    from studies.tasks import trial_device
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert trial_device() == torch.device("cuda", 0)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert trial_device() == torch.device("cpu")
+
+
+def test_run_task_loads_the_model_on_the_trial_device_and_tags_the_run_with_it(tmp_path, monkeypatch):
+    import torch
+    from mlflow.tracking import MlflowClient
+
+    import studies.tasks as tasks
+    from ltm.checkpoint import save_checkpoint
+    from ltm.config import run_preset
+    from ltm.model import build_model
+    from ltm.names import Status
+    from ltm.tracking import default_tracking_uri
+    from studies.messages import Point, TrialContext
+
+    runs = tmp_path / "runs"
+    cfg = run_preset("smoke")
+    checkpoint = save_checkpoint(tmp_path / "untrained", {"tokens": 0, "config": cfg.to_dict(), "model_overrides": {},
+                                                          "model": build_model(cfg.model).state_dict()})
+    real_load_model, asked, seen = tasks.load_model, [], {}
+
+    def load_model(path, device):
+        asked.append(device)
+        return real_load_model(path, device)
+
+    def evaluator(model, cfg, task):
+        seen["device"] = next(model.parameters()).device
+        seen["autocast"] = torch.is_autocast_enabled("cpu")
+        return {"probe/value": 1.0}, {}
+
+    monkeypatch.setattr(tasks, "trial_device", lambda: torch.device("cpu"))
+    monkeypatch.setattr(tasks, "load_model", load_model)
+    monkeypatch.setitem(tasks.EVALUATORS, "generation", evaluator)
+    point = Point(key="probe", config=cfg.to_dict(), label={}, task={"name": "generation"},
+                  source={"checkpoint": str(checkpoint), "run_id": None})
+    context = TrialContext(tracking_uri=default_tracking_uri(runs), experiment="e", runs_dir=str(runs),
+                           parent_run_id=None)
+    result = tasks.run_task(point, context)
+    assert result.status == Status.FINISHED and result.metrics["probe/value"] == 1.0
+    assert asked == ["cpu"] and seen == {"device": torch.device("cpu"), "autocast": False}  # "auto": fp32 on a CPU
+    assert MlflowClient(context.tracking_uri).get_run(result.run_id).data.tags["device"] == "cpu"

@@ -36,6 +36,18 @@ def test_exact_convention_agrees_with_torchs_flop_counter(preset, kind, decoder_
     assert flops_per_token(cfg, 3, decoder_grad=decoder_grad) == pytest.approx(measured, rel=0.05)
 
 
+def test_exact_convention_counts_the_windowed_kernels_keys():
+    # ctx 512, window 128: each block of 128 queries sees 256 keys, half the dense mask's
+    cfg = ltm.ModelConfig(vocab_size=64, n_layers=2, d_model=32, n_heads=2, ctx=512, window=100, n_latents=2)
+    model = ltm.build_model(cfg)
+    tokens = torch.randint(0, cfg.vocab_size, (1, cfg.ctx + 1))
+    inference = ltm.InferenceConfig(steps=2)
+    assert flops_per_token(cfg, 2) == pytest.approx(measured_training_step(model, tokens, inference), rel=0.05)
+    model.attention = "dense"
+    dense = measured_training_step(model, tokens, inference)
+    assert flops_per_token(cfg, 2) < 0.9 * dense
+
+
 def test_an_inner_step_costs_about_two_forward_passes():
     cfg = ltm.model_preset("micro-s")
     forward = flops_per_token(dataclasses.replace(cfg), 0, phase="eval")

@@ -29,7 +29,7 @@ from ltm.config import DataConfig
 from ltm.data.errors import DataError
 from ltm.data.sources import SPLITS, TextSource, resolve_source
 from ltm.data.synthetic import SyntheticCorpus, SyntheticSpec
-from ltm.data.tokenizer import HFTokenizer, TextTokenizer, bpe_tokenizer, gpt2_tokenizer
+from ltm.data.tokenizer import GPT2_VOCAB, HFTokenizer, TextTokenizer, bpe_tokenizer, gpt2_tokenizer
 
 FORMAT_VERSION = 2
 """Part of every cache key; bump it when the packing format changes."""
@@ -134,6 +134,16 @@ def load_tokenizer(data_cfg: DataConfig) -> TextTokenizer:
     digest = hashlib.sha256(source.key.encode()).hexdigest()[:16]
     path = cache_dir(data_cfg) / "tokenizers" / f"bpe{data_cfg.bpe_vocab_size}-{_slug(data_cfg.name)}-{digest}.json"
     return bpe_tokenizer(path, data_cfg.bpe_vocab_size, source.documents("train"), data_cfg.name)
+
+
+def planned_vocab_size(data_cfg: DataConfig) -> int:
+    """The vocabulary `load_tokenizer` gives (the model's vocab_size), without reading text or files.
+
+    For tokenizer="bpe" the configured size: a BPE trained on very little text can come out smaller.
+    """
+    if data_cfg.name == "synthetic":
+        return data_cfg.synthetic_vocab
+    return data_cfg.bpe_vocab_size if data_cfg.tokenizer == "bpe" else GPT2_VOCAB
 
 
 def synthetic_spec(data_cfg: DataConfig) -> SyntheticSpec:

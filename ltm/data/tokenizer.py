@@ -19,6 +19,8 @@ GPT2_ENV = "LTM_GPT2_TOKENIZER"
 """Environment variable: path to GPT-2's tokenizer.json (or a folder holding it)."""
 EOS_TOKEN = "<|endoftext|>"
 BOS_TOKEN = "<|beginoftext|>"
+GPT2_VOCAB = 50258
+"""GPT-2's 50,257 tokens (EOS last) plus the added BOS."""
 BPE_TRAIN_CHARS = 200_000_000
 """Training text used for the BPE merges (a minute or so); more changes the merges little."""
 
