@@ -409,6 +409,8 @@ def _train(loop: _Loop, interrupt: _Interrupt, progress: bool) -> RunResult:
     fpt_paper = flops_per_token(model_cfg, icfg.steps, convention="paper")
     peak = peak_flops(procs.device, tc.peak_flops)
     compiled = use_compile(tc.compile, procs.device, fpt * total_steps * tokens_per_step)
+    if compiled:  # a worker trains run after run: start each from empty graph caches, far from dynamo's limit
+        torch._dynamo.reset()
     n_val = min(tc.eval_blocks, len(loop.val_blocks))
     val_batches = [loop.val_blocks.batch(list(range(i, min(i + tc.eval_batch_size, n_val)))).to(procs.device)
                    for i in range(0, n_val, tc.eval_batch_size)]
