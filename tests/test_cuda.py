@@ -23,7 +23,7 @@ from ltm.config import RunConfig, run_preset
 from ltm.names import Status
 from ltm.posterior import NoiseSource, infer_posterior
 from ltm.tracking import default_tracking_uri
-from ltm.train import RunResult, run
+from ltm.train import RunResult, decoder_loss, run
 from studies.messages import Point, TrialContext
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(),
@@ -186,3 +186,11 @@ def test_the_compiled_inner_loop_matches_eager_on_cuda(monkeypatch):
         compiled = infer_posterior(model, tokens, icfg, seeds=range(4), compiled=True)
         torch.testing.assert_close(compiled.mu, eager.mu, atol=1e-3, rtol=1e-3)
         torch.testing.assert_close(compiled.logvar, eager.logvar, atol=1e-3, rtol=1e-3)
+        # the decoder update traces the whole forward, FlexAttention's block mask included
+        grads = []
+        for mode in (False, True):
+            model.zero_grad(set_to_none=True)
+            decoder_loss(model, tokens, icfg, list(range(4)), compiled=mode)[0].backward()
+            grads.append([p.grad.clone() for p in model.parameters()])
+        for a, b in zip(*grads):
+            torch.testing.assert_close(b, a, atol=1e-3, rtol=1e-2)
