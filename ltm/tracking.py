@@ -12,6 +12,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import sys
 import threading
 import time
 import urllib.error
@@ -266,7 +267,19 @@ class Tracker:
 
         digest = hashlib.sha256(json.dumps(identity, sort_keys=True, default=str).encode()).hexdigest()[:16]
         dataset = Dataset(name=name, digest=digest, source_type=source_type, source=json.dumps({"uri": source}))
-        self.client.log_inputs(run_id, datasets=[DatasetInput(dataset, tags=[InputTag("mlflow.data.context", "training")])])
+        inputs = [DatasetInput(dataset, tags=[InputTag("mlflow.data.context", "training")])]
+        for wait in (0.5, 2.0, None):
+            try:
+                self.client.log_inputs(run_id, datasets=inputs)
+                return
+            except Exception as err:
+                # Runs that start together on the same data race to insert its dataset row (the store
+                # refuses the second with a UNIQUE constraint); once one is in, the retry links to it.
+                if wait is None:  # lineage only: the run goes on without it, and says so
+                    print(f"warning: the data of run {run_id} was not recorded as an MLflow dataset input: "
+                          f"{type(err).__name__}: {str(err)[:300]}", file=sys.stderr)
+                    return
+                time.sleep(wait)
 
     def set_tags(self, run_id: str, tags: dict) -> None:
         self.client.log_batch(run_id, tags=[RunTag(k, str(v)) for k, v in tags.items()])

@@ -194,7 +194,8 @@ class _BlockOrder:
         return out
 
 
-def _autocast(device: torch.device, precision: str):
+def autocast_for(device: torch.device, precision: str):
+    """bf16 autocast where train.precision asks for it ("auto": on CUDA), else nothing: training and evaluations."""
     use_bf16 = precision == "bf16" or (precision == "auto" and device.type == "cuda")
     return torch.autocast(device.type, dtype=torch.bfloat16) if use_bf16 else contextlib.nullcontext()
 
@@ -427,7 +428,7 @@ def _train(loop: _Loop, interrupt: _Interrupt, progress: bool) -> RunResult:
             return {}
         model.eval()
         try:
-            with interrupt.stoppable(), _autocast(procs.device, tc.precision):
+            with interrupt.stoppable(), autocast_for(procs.device, tc.precision):
                 return evaluate_bounds(model, val_batches, icfg, seed=EVAL_SEED, iw_samples=tc.iw_samples,
                                        compiled=compiled)
         except _Stopped:
@@ -474,7 +475,7 @@ def _train(loop: _Loop, interrupt: _Interrupt, progress: bool) -> RunResult:
         for i in range(0, local, micro):
             batch = loop.train_blocks.batch(mine[i:i + micro]).to(procs.device)
             seeds = [sample_seed(cfg.seed, loop.samples + procs.rank * local + i + j) for j in range(len(batch))]
-            with _autocast(procs.device, tc.precision):
+            with autocast_for(procs.device, tc.precision):
                 loss, kl = decoder_loss(model, batch, icfg, seeds, compiled)
             (loss * len(batch) / tc.batch_size).backward()
             loss_sum += torch.stack((loss.detach() * len(batch), kl.detach()))

@@ -53,11 +53,12 @@ def folder_keys(runs_dir: Path) -> dict[str, str]:
     return found
 
 
-def _artifact_config(client, run_id: str) -> dict | None:
+def _artifact_json(client, run_id: str, name: str) -> dict | None:
+    """A run's JSON artifact (config.json, grid.json), or None when it has none (or it is unreadable)."""
     with tempfile.TemporaryDirectory() as tmp:
         try:
-            return json.loads(Path(client.download_artifacts(run_id, "config.json", tmp)).read_text())
-        except Exception:  # no artifact (or unreadable): the checkpoint folder may still say
+            return json.loads(Path(client.download_artifacts(run_id, name, tmp)).read_text())
+        except Exception:
             return None
 
 
@@ -96,7 +97,7 @@ class Rekey:
             key = run.data.tags[RUN_KEY_TAG]
             if run.data.tags.get(ROLE_TAG) == ROLE_EVAL or key in mapping:
                 continue
-            config = _artifact_config(self.client, run.info.run_id)
+            config = _artifact_json(self.client, run.info.run_id, "config.json")
             if config is None:
                 self.left.append(f"training run {run.info.run_id} ({key}): no config.json artifact nor checkpoint")
             else:
@@ -123,7 +124,7 @@ class Rekey:
         for run in parents:
             if STUDY_KEY_TAG not in run.data.tags:
                 continue
-            grid = self._grid(run.info.run_id)
+            grid = _artifact_json(self.client, run.info.run_id, "grid.json")
             if grid is None:
                 continue
             keys = [p["key"] for p in grid["points"]]  # as the study was first started
@@ -137,13 +138,6 @@ class Rekey:
                 if not self.dry_run:
                     self.client.set_tag(run.info.run_id, STUDY_KEY_TAG, new)
                     self.client.set_tag(run.info.run_id, PREVIOUS_STUDY_KEY_TAG, first)
-
-    def _grid(self, run_id: str) -> dict | None:
-        with tempfile.TemporaryDirectory() as tmp:
-            try:
-                return json.loads(Path(self.client.download_artifacts(run_id, "grid.json", tmp)).read_text())
-            except Exception:
-                return None
 
     def _move(self, old: str, new: str, runs: list, folder: bool) -> None:
         from ltm.checkpoint import CONFIG_FILE

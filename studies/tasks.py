@@ -130,7 +130,7 @@ def trial_device() -> torch.device:
 def _run_task_locked(point: Point, context: TrialContext) -> Result:
     from ltm.config import RunConfig
     from ltm.tracking import Tracker
-    from ltm.train import _autocast, run
+    from ltm.train import autocast_for, run
 
     runs_dir = Path(context.runs_dir)
     tracker = Tracker(context.tracking_uri, context.experiment, artifact_root=runs_dir / "artifacts")
@@ -163,7 +163,7 @@ def _run_task_locked(point: Point, context: TrialContext) -> Result:
     started = time.time()
     try:
         # The checkpoint's training precision ("auto": bf16 autocast on CUDA, fp32 on a CPU).
-        with _StopOnSignal(), _autocast(device, cfg.train.precision):
+        with _StopOnSignal(), autocast_for(device, cfg.train.precision):
             metrics, artifacts = EVALUATORS[task["name"]](model, cfg, task)
     except _Stopped as stop:
         tracker.finish(run_id, Status.KILLED.value, f"{stop}; start the study again to rerun this evaluation")
