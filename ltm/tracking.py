@@ -153,6 +153,10 @@ class _MetricSender(threading.Thread):
                 self._cv.wait(timeout=min(1.0, max(0.0, deadline - time.time())))
             return not self.pending
 
+    def snapshot(self) -> list[tuple[str, Metric]]:
+        with self._cv:
+            return list(self.pending)
+
     def take_unsent(self) -> list[tuple[str, Metric]]:
         with self._cv:
             unsent, self.pending = self.pending, []
@@ -234,6 +238,23 @@ class Tracker:
         """Wait up to `timeout` s until every logged metric is stored; whether they all were."""
         return self._sender is None or self._sender.wait_sent(timeout)
 
+    def unsent(self) -> list[list]:
+        """The metrics logged but not yet confirmed stored, as [run_id, key, value, timestamp_ms, step]
+        records: a checkpoint keeps them, so a process killed before they went out loses none."""
+        pending = self._sender.snapshot() if self._sender is not None else []
+        return [[run_id, m.key, m.value, m.timestamp, m.step] for run_id, m in pending]
+
+    def relog(self, records: list[list], after_step: int = -1) -> int:
+        """Queue `unsent()` records again, those past `after_step` (the store has the rest), with their
+        original timestamps, so one the store already took is not stored twice; how many."""
+        by_step: dict[tuple, dict] = {}
+        for run_id, key, value, ts, step in records:
+            if step > after_step:
+                by_step.setdefault((run_id, step, ts), {})[key] = value
+        for (run_id, step, ts), metrics in by_step.items():
+            self.log_metrics(run_id, metrics, step, timestamp_ms=ts)
+        return sum(map(len, by_step.values()))
+
     def spool(self, path: Path) -> int:
         """Write the metrics not yet stored to `path` (JSON lines) for the next start; how many."""
         unsent = self._sender.take_unsent() if self._sender is not None else []
@@ -248,13 +269,7 @@ class Tracker:
         """Log the metrics a previous start spooled to `path`, then remove it."""
         if not path.exists():
             return
-        by_step: dict[tuple, dict] = {}
-        for line in path.read_text().splitlines():
-            if line.strip():
-                run_id, key, value, ts, step = json.loads(line)
-                by_step.setdefault((run_id, step, ts), {})[key] = value
-        for (run_id, step, ts), metrics in by_step.items():
-            self.log_metrics(run_id, metrics, step, timestamp_ms=ts)
+        self.relog([json.loads(line) for line in path.read_text().splitlines() if line.strip()])
         if not self.flush(timeout):
             raise TrackingError(f"could not send the metrics spooled in {path} to {redact(self.uri)}: "
                                 f"{self.last_error}")

@@ -289,6 +289,7 @@ def _run_locked(cfg: RunConfig, procs: Processes, tracking_uri: str, experiment:
         if state is not None:
             loop.resume(state)
             if procs.is_main:
+                tracker.relog(state.get("unsent_metrics", []), after_step=tracker.max_logged_step(run_id))
                 print(f"resuming run {key} (MLflow {run_id}) from {state['tokens']:,} tokens")
         monitor = _system_metrics(run_id, tracking_uri, resumed=state is not None) if procs.is_main else None
         with _Interrupt() as interrupt:
@@ -380,6 +381,8 @@ class _Loop:
                 "samples": self.samples, "tokens": tokens, "run_id": self.run_id, "run_key": self.cfg.run_key(),
                 "config": self.cfg.to_dict(), "model_overrides": {"vocab_size": self.model_cfg.vocab_size},
                 "eval_pending": self.eval_pending, "rng": rng_state(),
+                # logged but maybe not yet stored: a process killed now would lose them, the resume sends them
+                "unsent_metrics": self.tracker.unsent(),
             })
 
     def resume(self, state: dict) -> None:

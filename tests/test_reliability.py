@@ -177,6 +177,42 @@ def test_a_signal_during_an_evaluation_stops_it_at_once_and_the_resume_redoes_it
         assert b.data.metrics[key] == pytest.approx(a.data.metrics[key], rel=1e-4), key
 
 
+def test_metrics_the_store_had_not_taken_when_the_process_died_are_sent_by_the_resume(tmp_path, monkeypatch):
+    overrides = ("train.tokens=4096", "train.checkpoint_every=2048")
+    straight = train.run(smoke(tmp_path, *overrides), runs_dir=tmp_path / "straight", experiment="e", progress=False)
+
+    # The store is slow to take the metrics at the checkpoint's step, and the process dies right after
+    # the checkpoint (SIGKILL: nothing runs after it, so the metrics still queued are gone with it).
+    real_batch, real_save, slow = MlflowClient.log_batch, train._Loop.save, [True]
+
+    def slow_store(self, run_id, *args, metrics=(), **kwargs):
+        if slow[0] and any(m.step >= 2048 for m in metrics):
+            raise ConnectionError("no answer yet")
+        return real_batch(self, run_id, *args, metrics=metrics, **kwargs)
+
+    def killed_after_the_checkpoint(self, tokens):
+        real_save(self, tokens)
+        if tokens == 2048:
+            self.tracker.spool(tmp_path / "gone-with-the-process.jsonl")  # the queue leaves the process
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(MlflowClient, "log_batch", slow_store)
+    monkeypatch.setattr(train._Loop, "save", killed_after_the_checkpoint)
+    cfg = smoke(tmp_path, *overrides)
+    with pytest.raises(KeyboardInterrupt):
+        train.run(cfg, runs_dir=tmp_path / "runs", experiment="e", progress=False)
+    uri_a, uri_b = default_tracking_uri(tmp_path / "straight"), default_tracking_uri(tmp_path / "runs")
+    client = MlflowClient(uri_b)
+    (killed,) = client.search_runs([client.get_experiment_by_name("e").experiment_id])
+    assert 2048 not in steps(uri_b, killed.info.run_id, "tokens")  # the store never got them
+    slow[0] = False
+    monkeypatch.setattr(train._Loop, "save", real_save)
+    resumed = train.run(cfg, runs_dir=tmp_path / "runs", experiment="e", progress=False)
+    assert resumed.status == "FINISHED"
+    for key in ("tokens", "train/loss", "val/ppl_bound"):
+        assert steps(uri_b, resumed.run_id, key) == steps(uri_a, straight.run_id, key), key  # none lost, none twice
+
+
 # -- a tracking server that goes away ----------------------------------------------------------------
 
 def _free_port() -> int:
