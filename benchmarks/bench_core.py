@@ -6,7 +6,8 @@ reference GPT, and LTM training throughput and MFU, in fp32 and bf16 autocast, e
     python benchmarks/bench_core.py --preset ltm-s --device cuda --batch 32 --dtypes bf16
 
 Prints a markdown report; paste it into benchmarks/RESULTS.md with the machine and command.
-Run it on a quiet machine: every number is a median over repeats after warm-up.
+Run it on a quiet machine: every number is a median over repeats after warm-up, and the AR /
+reference and attention speed-ups are medians of ratios taken in interleaved rounds.
 """
 
 from __future__ import annotations
@@ -49,6 +50,30 @@ def median_seconds(fn, device: str, warmup: int, repeat: int) -> float:
     return statistics.median(times)
 
 
+def interleaved_seconds(fns: list, device: str, warmup: int, repeat: int) -> list[list[float]]:
+    """Each function's times over `repeat` rounds, the functions taking turns within a round (the
+    order rotating), so a machine whose speed drifts between minutes slows them alike: ratios of
+    the same round compare like with like."""
+    for fn in fns:
+        for _ in range(warmup):
+            fn()
+    sync(device)
+    times: list[list[float]] = [[] for _ in fns]
+    for r in range(repeat):
+        for i in [(r + j) % len(fns) for j in range(len(fns))]:
+            start = time.perf_counter()
+            fns[i]()
+            sync(device)
+            times[i].append(time.perf_counter() - start)
+    return times
+
+
+def ratio_summary(numerator: list[float], denominator: list[float]) -> str:
+    """The median of the per-round ratios, with their range: "1.02x (0.97-1.06)"."""
+    ratios = sorted(a / b for a, b in zip(numerator, denominator))
+    return f"{statistics.median(ratios):.2f}x ({ratios[0]:.2f}-{ratios[-1]:.2f})"
+
+
 def autocast(device: str, dtype):
     return torch.autocast(device, dtype=dtype) if dtype is not None else contextlib.nullcontext()
 
@@ -81,19 +106,20 @@ def inner_step_cost(model, tokens, device, dtype, steps: int, repeat: int, compi
     return (loop - setup) / steps, median_seconds(forward, device, 2, repeat * 3)
 
 
-def train_step_seconds(model, tokens, device, dtype, step_fn, repeat: int) -> float:
+def train_step(model, device, dtype, loss_fn):
+    """One optimizer step on `loss_fn()`, as training takes it (AdamW, clipping)."""
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, betas=(0.9, 0.95), weight_decay=0.1,
                             fused=device == "cuda")
 
     def step():
         with autocast(device, dtype):
-            loss = step_fn()
+            loss = loss_fn()
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
         opt.zero_grad(set_to_none=True)
 
-    return median_seconds(step, device, 2, repeat)
+    return step
 
 
 def core_rows(args, cfg, tokens, dtype, peak: float, compiled: bool) -> str:
@@ -103,8 +129,7 @@ def core_rows(args, cfg, tokens, dtype, peak: float, compiled: bool) -> str:
     model = ltm.build_model(cfg).to(device)
     step, forward = inner_step_cost(model, tokens, device, dtype, steps=8, repeat=args.repeat, compiled=compiled)
     ar = ltm.build_model(dataclasses.replace(cfg, kind="ar")).to(device)
-    ar_s = train_step_seconds(ar, tokens, device, dtype,
-                              lambda: decoder_loss(ar, tokens, None, seeds, compiled=compiled)[0], args.repeat)
+    ar_step = train_step(ar, device, dtype, lambda: decoder_loss(ar, tokens, None, seeds, compiled=compiled)[0])
     ref = ReferenceGPT(cfg.vocab_size, cfg.n_layers, cfg.d_model, cfg.n_heads, cfg.ctx).to(device)
     ref_forward = torch.compile(ref) if compiled else ref
 
@@ -112,14 +137,17 @@ def core_rows(args, cfg, tokens, dtype, peak: float, compiled: bool) -> str:
         logits = ref_forward(tokens[:, :-1])
         return F.cross_entropy(logits.float().flatten(0, 1), tokens[:, 1:].flatten())
 
-    ref_s = train_step_seconds(ref, tokens, device, dtype, ref_loss, args.repeat)
+    # AR and reference take turns (2 x repeat rounds): their ratio is taken round by round
+    ar_times, ref_times = interleaved_seconds([ar_step, train_step(ref, device, dtype, ref_loss)], device, 2,
+                                              2 * args.repeat)
     icfg = ltm.InferenceConfig(steps=args.steps)
-    ltm_s = train_step_seconds(model, tokens, device, dtype,
-                               lambda: decoder_loss(model, tokens, icfg, seeds, compiled=compiled)[0],
-                               max(2, args.repeat // 2))
+    ltm_s = median_seconds(train_step(model, device, dtype,
+                                      lambda: decoder_loss(model, tokens, icfg, seeds, compiled=compiled)[0]),
+                           device, 2, max(2, args.repeat // 2))
     ltm_tps = n_tok / ltm_s
     mfu = ltm_tps * flops_per_token(cfg, args.steps) / peak
-    return (f"{step / forward:.2f} | {n_tok / ar_s:,.0f} | {n_tok / ref_s:,.0f} | {ref_s / ar_s:.2f}x "
+    return (f"{step / forward:.2f} | {n_tok / statistics.median(ar_times):,.0f} | "
+            f"{n_tok / statistics.median(ref_times):,.0f} | {ratio_summary(ref_times, ar_times)} "
             f"| {ltm_tps:,.0f} | {100 * mfu:.1f}%")
 
 
@@ -130,22 +158,18 @@ def window_rows(args) -> list[str]:
 
     device, (B, H, T, Dh), w = args.device, args.window_shape, args.window
     q, k, v = (torch.randn(B, H, T, Dh, device=device, requires_grad=True) for _ in range(3))
-    rows, dense_out, dense_s = [], None, None
-    for kind in ("dense", "chunked") + (("flex",) if device == "cuda" else ()):
-        window = plan_window(T, w, H, torch.device(device), kind)
+    kinds = ("dense", "chunked") + (("flex",) if device == "cuda" else ())
+    windows = [plan_window(T, w, H, torch.device(device), kind) for kind in kinds]
 
-        def step():
-            out = window_attention(q, k, v, window)
-            out.sum().backward()
-            return out
+    def step(window):
+        return lambda: window_attention(q, k, v, window).sum().backward()
 
-        seconds = median_seconds(step, device, 2, args.repeat * 2)
-        with torch.no_grad():
-            out = window_attention(q, k, v, window)
-        dense_out = out if dense_out is None else dense_out
-        dense_s = seconds if dense_s is None else dense_s
-        rows.append(f"| {kind} | {1e3 * seconds:.1f} | {dense_s / seconds:.2f}x | {(out - dense_out).abs().max().item():.1e} |")
-    return rows
+    # the forms take turns (4 x repeat rounds): each speed-up is taken round by round against the dense mask
+    times = interleaved_seconds([step(window) for window in windows], device, 2, 4 * args.repeat)
+    with torch.no_grad():
+        outs = [window_attention(q, k, v, window) for window in windows]
+    return [f"| {kind} | {1e3 * statistics.median(t):.1f} | {ratio_summary(times[0], t)} | "
+            f"{(out - outs[0]).abs().max().item():.1e} |" for kind, t, out in zip(kinds, times, outs)]
 
 
 def main() -> None:
@@ -173,7 +197,7 @@ def main() -> None:
     if "core" not in args.skip:
         print(f"\n## `{args.preset}` on {device}: batch {args.batch} x ctx {cfg.ctx}, T={args.steps}\n")
         print("| dtype | mode | matmul peak TFLOP/s | inner step / forward (time) | (FLOPs) | AR tok/s | reference GPT tok/s "
-              "| AR / reference | LTM T=%d tok/s | LTM MFU |" % args.steps)
+              "| AR / reference (median of rounds, range) | LTM T=%d tok/s | LTM MFU |" % args.steps)
         print("|---|---|---|---|---|---|---|---|---|---|")
         flops_ratio = ((flops_per_token(cfg, 1, phase="eval") - flops_per_token(cfg, 0, phase="eval"))
                        / flops_per_token(cfg, 0, phase="eval"))
@@ -190,7 +214,7 @@ def main() -> None:
         B, H, T, Dh = args.window_shape
         print(f"\n## Sliding-window self-attention on {device}: batch {B}, {H} heads of {Dh}, ctx {T}, window "
               f"{args.window}, fp32, forward + backward\n")
-        print("| form | ms | vs dense | max abs difference from dense |")
+        print("| form | ms (median) | vs dense: median of the rounds (range) | max abs difference from dense |")
         print("|---|---|---|---|")
         for row in window_rows(args):
             print(row, flush=True)

@@ -9,6 +9,7 @@ import socket
 import stat
 import subprocess
 import sys
+import threading
 import time
 import urllib.error
 import urllib.request
@@ -315,20 +316,24 @@ def test_metrics_logged_while_the_store_is_down_are_sent_when_it_answers(tmp_pat
     tracker = Tracker(default_tracking_uri(tmp_path), "buffer")
     run_id = tracker.create_run("k", "r", {}, {})
     real, answers = tracker.client.log_batch, iter([False, False, True, True, True])
+    logged, waited_for = threading.Event(), []
 
     def flaky(*args, **kwargs):
+        # The store answers its first call only once the loop has logged all three metrics: a
+        # log_metrics that waited for the store would be stuck here until the timeout.
+        waited_for.append(not logged.wait(timeout=30))
         if not next(answers, True):
             raise ConnectionError("server away")
         return real(*args, **kwargs)
 
     monkeypatch.setattr(tracker.client, "log_batch", flaky)
-    t0 = time.time()
     for step in range(3):
         tracker.log_metrics(run_id, {"m": float(step)}, step=step)
-    assert time.time() - t0 < 0.5  # logging never waits for the store
+    logged.set()
     assert wait_for(lambda: tracker.outage() > 0, timeout=5) and "server away" in tracker.last_error
     tracker.finish(run_id, "FINISHED", patience=30)
     assert steps(tracker.uri, run_id, "m") == [0, 1, 2] and tracker.outage() == 0
+    assert not any(waited_for)  # logging never waited for the store
 
 
 # -- the study's tracking server: bind address, Host check, basic auth, no password in files ---------
