@@ -97,7 +97,10 @@ def window_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, window: 
     if window.kind == "dense":
         return F.scaled_dot_product_attention(q, k, v, attn_mask=window.mask)
     if window.kind == "flex":
-        return _flex_attention()(q, k, v, block_mask=window.block_mask)
+        # Dense buffers first: inside a compiled model q and k are strided views of the RoPE's
+        # output, and inductor's CPU FlexAttention template silently returns wrong numbers for them
+        # (torch 2.13, tests/test_attention.py). The copies cost little next to the attention.
+        return _flex_attention()(q.contiguous(), k.contiguous(), v.contiguous(), block_mask=window.block_mask)
     B, H, T, Dh = q.shape
     n, p = T // CHUNK, windowed_keys(T, window.size) // CHUNK - 1
     y = F.scaled_dot_product_attention(q.reshape(B, H * n, CHUNK, Dh), _blocks_before(k, n, p),

@@ -42,6 +42,23 @@ def test_flex_attention_with_its_block_mask_equals_the_dense_mask_forward():
     torch.testing.assert_close(flex, dense, atol=1e-5, rtol=1e-5)
 
 
+def test_flex_attention_inside_a_compiled_model_equals_the_dense_mask():
+    # Compiled, q and k are views of one RoPE output and the block mask is built in the graph, as
+    # in the compiled decoder update on a GPU; inductor's CPU template once got such views wrong.
+    cfg = ltm.ModelConfig(vocab_size=64, n_layers=2, d_model=64, n_heads=4, ctx=512, window=128, n_latents=4)
+    torch.manual_seed(0)
+    model = ltm.build_model(cfg).eval()
+    tokens, z = torch.randint(0, 64, (2, 512)), torch.randn(2, 4, 64)
+    model.attention = "dense"
+    with torch.no_grad():
+        dense = model(tokens, z)
+    model.attention = "flex"
+    torch._dynamo.reset()
+    with torch.no_grad():
+        flex = torch.compile(lambda m, t, z_: m(t, z_), dynamic=False)(model, tokens, z)
+    torch.testing.assert_close(flex, dense, atol=1e-5, rtol=1e-5)
+
+
 def test_auto_uses_a_window_kernel_only_where_it_saves_half_the_scores():
     assert windowed_keys(1024, 256) == 3 * CHUNK and uses_window_kernel(1024, 256)  # the paper's shape
     assert not uses_window_kernel(128, 64) and not uses_window_kernel(128, 8)  # the micro presets: dense
