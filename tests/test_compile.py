@@ -21,7 +21,17 @@ def batch(cfg, seed):
     return torch.randint(0, cfg.vocab_size, (4, cfg.ctx + 1), generator=torch.Generator().manual_seed(seed))
 
 
-def test_compiled_and_eager_inference_and_decoder_update_agree_and_compile_once(model, monkeypatch):
+WINDOWED = ltm.ModelConfig(vocab_size=64, n_layers=2, d_model=32, n_heads=2, ctx=512, window=128, n_latents=4)
+"""A shape whose window runs as the chunked kernel (the smoke preset's runs as the dense mask)."""
+
+
+@pytest.mark.parametrize("shape", ["smoke", "windowed"])
+def test_compiled_and_eager_inference_and_decoder_update_agree_and_compile_once(model, shape, monkeypatch):
+    if shape == "windowed":
+        torch.manual_seed(0)
+        model = ltm.build_model(WINDOWED)
+        assert model._window(WINDOWED.ctx, torch.device("cpu")).kind == "chunked"
+    torch._dynamo.reset()
     monkeypatch.setattr(torch._dynamo.config, "error_on_recompile", True)  # a second graph fails the test
     icfg = ltm.InferenceConfig(steps=4)
     for seed in (1, 2):  # a new batch of the same shape reuses the graphs
