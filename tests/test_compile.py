@@ -6,6 +6,7 @@ import pytest
 import torch
 
 import ltm
+from ltm.attention import plan_window
 from ltm.config import ConfigError, run_preset
 from ltm.posterior import frozen, infer_posterior
 from ltm.train import CPU_COMPILE_MIN_FLOPS, decoder_loss, use_compile
@@ -30,7 +31,7 @@ def test_compiled_and_eager_inference_and_decoder_update_agree_and_compile_once(
     if shape == "windowed":
         torch.manual_seed(0)
         model = ltm.build_model(WINDOWED)
-        assert model._window(WINDOWED.ctx, torch.device("cpu")).kind == "chunked"
+        assert plan_window(WINDOWED.ctx, WINDOWED.attn_window, WINDOWED.n_heads, torch.device("cpu")).kind == "chunked"
     torch._dynamo.reset()
     monkeypatch.setattr(torch._dynamo.config, "error_on_recompile", True)  # a second graph fails the test
     icfg = ltm.InferenceConfig(steps=4)
