@@ -2,7 +2,9 @@
 
     python analysis/compare.py A B [--runs-dir runs] [--blocks 64] [--bootstrap 2000] [--out FILE.csv]
 
-A and B are run keys (their checkpoints under <runs-dir>/checkpoints/<key>) or checkpoint paths.
+A and B are checkpoint paths, run keys (their checkpoints under <runs-dir>/checkpoints) or training
+runs' MLflow ids. Each is read from its own run's checkpoint folder, and a folder whose run FINISHED
+at more tokens than its newest usable checkpoint holds is refused (`ltm.checkpoint.resolve`).
 Each validation block gets each run's bound in nats per token: for an LTM the fresh-noise ELBO,
 with the posterior inferred in T steps as in training (and its NLL given z and KL), for an AR its
 exact NLL. The differences A - B of the bound and of the NLL are averaged over blocks (token-weighted), each
@@ -22,21 +24,21 @@ import pandas as pd
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from ltm.checkpoint import load_model  # noqa: E402
+from ltm.checkpoint import load_model, resolve  # noqa: E402
+from ltm.config import ConfigError  # noqa: E402
 from ltm.data import load_blocks  # noqa: E402
 from ltm.evaluate import sequence_bounds  # noqa: E402
+from ltm.tracking import default_tracking_uri  # noqa: E402
 from ltm.train import EVAL_SEED  # noqa: E402
 
 
-def block_bounds(ref: str, runs_dir: Path, n_blocks: int, batch_size: int = 16) -> tuple[pd.DataFrame, torch.Tensor]:
+def block_bounds(ref: str, runs_dir: Path, n_blocks: int, batch_size: int = 16,
+                 tracking_uri: str | None = None) -> tuple[pd.DataFrame, torch.Tensor]:
     """Per validation block: bound, nll and kl (nats, summed over the block) and tokens; and the blocks."""
-    path = Path(ref)
-    if not path.exists():
-        path = runs_dir / "checkpoints" / ref
-    if not path.exists():
-        raise FileNotFoundError(f"{ref} is neither a checkpoint path nor a run key with checkpoints under "
-                                f"{runs_dir / 'checkpoints'}; pass --runs-dir of the study that trained it")
-    model, cfg = load_model(path)
+    source = resolve(ref, tracking_uri or default_tracking_uri(runs_dir), runs_dir)
+    print(f"{ref}: {source['identity'].rsplit(':', 1)[0]}" + (f" (MLflow run {source['run_id']})" if source["run_id"]
+                                                              else ""))
+    model, cfg = load_model(source["checkpoint"])
     model.eval()
     blocks = load_blocks(cfg.data, cfg.model.ctx, "validation")
     n = min(n_blocks, len(blocks))
@@ -76,6 +78,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("a", help="run key or checkpoint path")
     parser.add_argument("b", help="run key or checkpoint path")
     parser.add_argument("--runs-dir", default="runs")
+    parser.add_argument("--tracking-uri", help="the store that knows the runs (default sqlite:///<runs-dir>/mlflow.db)")
     parser.add_argument("--blocks", type=int, default=64, help="validation blocks scored (default 64)")
     parser.add_argument("--bootstrap", type=int, default=2000)
     parser.add_argument("--out", help="also write the result as a one-row CSV")
@@ -84,9 +87,9 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("--blocks must be >= 2 and --bootstrap >= 1")
     runs_dir = Path(args.runs_dir).resolve()
     try:
-        a, tokens_a = block_bounds(args.a, runs_dir, args.blocks)
-        b, tokens_b = block_bounds(args.b, runs_dir, args.blocks)
-    except (FileNotFoundError, ValueError) as err:
+        a, tokens_a = block_bounds(args.a, runs_dir, args.blocks, tracking_uri=args.tracking_uri)
+        b, tokens_b = block_bounds(args.b, runs_dir, args.blocks, tracking_uri=args.tracking_uri)
+    except (ConfigError, FileNotFoundError, ValueError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     if tokens_a.shape != tokens_b.shape or not torch.equal(tokens_a, tokens_b):

@@ -1,7 +1,10 @@
 """The checkpoint format: a run's folder of checkpoints, its config, and finding the one to load.
 
-A run's folder (<runs>/checkpoints/<run key>) holds ckpt-<tokens>.pt files, each with its sha256
-in ckpt-<tokens>.sha256, and config.json. Checkpoints hold tensors and plain Python values only,
+A run's folder holds ckpt-<tokens>.pt files, each with its sha256 in ckpt-<tokens>.sha256, and
+config.json. A folder belongs to exactly one MLflow run, its owner (the run id in its config.json
+and in every checkpoint): the first run of a run key gets <runs>/checkpoints/<run key>, any other
+run of the same key (another experiment or store sharing the runs folder, a --force rerun) gets
+<run key>.<run id> (`run_folder`). Nothing removes or resumes from a folder another run owns. Checkpoints hold tensors and plain Python values only,
 so they load with weights_only=True and a checkpoint file can never run code (numpy's RNG state
 is stored as a list for that reason). Every file is written through a temporary and a rename, so a
 reader sees the old file or the new one. The checkpoint a run folder stands for is the newest one
@@ -12,10 +15,12 @@ take that one.
 from __future__ import annotations
 
 import dataclasses
+import errno
 import hashlib
 import json
 import os
 import random
+import shutil
 import warnings
 from collections.abc import Iterator
 from pathlib import Path
@@ -25,7 +30,7 @@ import torch
 
 from ltm.config import ConfigError, ModelConfig, RunConfig
 from ltm.model import LatentThoughtModel, build_model
-from ltm.names import ROLE_EVAL, ROLE_TAG, RUN_KEY_TAG
+from ltm.names import ROLE_EVAL, ROLE_TAG, RUN_KEY_TAG, TOKENS
 
 CONFIG_FILE = "config.json"
 """Beside the checkpoints: the run's config as plain JSON, readable without loading a checkpoint."""
@@ -90,10 +95,38 @@ def _remove(path: Path) -> None:
     path.with_suffix(".sha256").unlink(missing_ok=True)
 
 
-def remove_checkpoints(run_dir: Path) -> None:
-    """Delete every checkpoint of the run (a run started afresh)."""
-    for path in checkpoints(run_dir):
-        _remove(path)
+def owner(run_dir: Path) -> str | None:
+    """The MLflow run id whose checkpoints the folder holds (from config.json, else from its newest
+    readable checkpoint); None when it holds no checkpoint, "" when nothing in it names a run."""
+    if not checkpoints(run_dir):
+        return None
+    try:
+        return str(json.loads((run_dir / CONFIG_FILE).read_text())["run_id"])
+    except (OSError, ValueError, KeyError):
+        pass
+    for path in reversed(checkpoints(run_dir)):
+        try:
+            return str(torch.load(path, map_location="cpu", weights_only=True, mmap=True)["run_id"])
+        except Exception:  # corrupt, or not a checkpoint of this suite
+            continue
+    return ""
+
+
+def run_folder(runs_dir: str | Path, key: str, run_id: str) -> Path:
+    """The checkpoint folder of MLflow run `run_id` of run key `key`: <runs>/checkpoints/<key> when the
+    run owns it (or nobody does yet: it holds no checkpoint), else <runs>/checkpoints/<key>.<run_id>."""
+    base = Path(runs_dir) / "checkpoints" / key
+    own = base.with_name(f"{key}.{run_id}")
+    held_by = owner(base)
+    if held_by == run_id:
+        return base
+    return own if checkpoints(own) or held_by is not None else base
+
+
+def key_folders(runs_dir: str | Path, key: str) -> list[Path]:
+    """Every checkpoint folder of run key `key` that holds a checkpoint: the key's own and per-run ones."""
+    root = Path(runs_dir) / "checkpoints"
+    return [f for f in [root / key, *sorted(root.glob(f"{key}.*"))] if checkpoints(f)]
 
 
 def save_checkpoint(run_dir: Path, state: dict, keep: int = 2) -> Path:
@@ -102,14 +135,30 @@ def save_checkpoint(run_dir: Path, state: dict, keep: int = 2) -> Path:
     path = run_dir / f"ckpt-{state['tokens']:015d}.pt"
     try:
         _write_atomically(path, lambda f: torch.save(state, f))
-    except OSError as err:
-        raise OSError(f"cannot write checkpoint {path} ({err.strerror or err}); free space in {run_dir.parent} "
-                      "and run the same command again: it resumes from the previous checkpoint") from err
-    digest = _sha256(path).encode()
-    _write_atomically(path.with_suffix(".sha256"), lambda f: f.write(digest))
+        digest = _sha256(path).encode()
+        _write_atomically(path.with_suffix(".sha256"), lambda f: f.write(digest))
+    except (OSError, RuntimeError) as err:  # torch.save reports a full disk as a RuntimeError
+        _remove(path)
+        raise OSError(f"cannot write checkpoint {path}: {_write_error(err)}; {_free(run_dir)} free on its disk. "
+                      "Free space (or raise the file size limit) and run the same command again: it resumes from "
+                      "the previous checkpoint") from err
     for old in checkpoints(run_dir)[:-keep]:
         _remove(old)
     return path
+
+
+def _write_error(err: BaseException) -> str:
+    """What went wrong writing a file, in words: errno's name where there is one."""
+    if isinstance(err, OSError) and err.errno is not None:
+        return f"{err.strerror or os.strerror(err.errno)} (errno {errno.errorcode.get(err.errno, err.errno)})"
+    return f"{type(err).__name__}: {str(err).strip()[:200]}"
+
+
+def _free(folder: Path) -> str:
+    try:
+        return f"{shutil.disk_usage(folder).free / 1e9:.2f} GB"
+    except OSError:
+        return "unknown space"
 
 
 def _corrupt(path: Path, err: object) -> None:
@@ -121,7 +170,10 @@ def _verified(run_dir: Path) -> Iterator[Path]:
     for path in reversed(checkpoints(run_dir)):
         sidecar = path.with_suffix(".sha256")
         try:
-            ok, err = sidecar.exists() and sidecar.read_text().strip() == _sha256(path), "checksum mismatch"
+            if not sidecar.exists():
+                ok, err = False, f"its checksum file {sidecar.name} is missing"
+            else:
+                ok, err = sidecar.read_text().strip() == _sha256(path), "checksum mismatch"
         except Exception as error:  # an unreadable file or sidecar
             ok, err = False, error
         if ok:
@@ -136,13 +188,19 @@ def latest_verified(run_dir: Path) -> Path | None:
     return next(_verified(run_dir), None)
 
 
-def load_latest_checkpoint(run_dir: Path, map_location="cpu") -> dict | None:
-    """The state of the newest checkpoint whose checksum verifies; a corrupt one is skipped with a warning."""
+def load_latest_checkpoint(run_dir: Path, map_location="cpu", run_id: str | None = None) -> dict | None:
+    """The state of the newest checkpoint whose checksum verifies (and, given `run_id`, that this MLflow
+    run wrote); one that does not is skipped with a warning."""
     for path in _verified(run_dir):
         try:
-            return _load(path, map_location)
+            state = _load(path, map_location)
         except Exception as err:  # verified but unreadable (a file that would run code): the previous one
             _corrupt(path, err)
+            continue
+        if run_id is None or state.get("run_id") == run_id:
+            return state
+        warnings.warn(f"checkpoint {path} was written by MLflow run {state.get('run_id')}, not by run {run_id}; "
+                      "skipped", stacklevel=2)
     return None
 
 
@@ -176,28 +234,16 @@ def load_model(path: str | Path, device: str = "cpu") -> tuple[LatentThoughtMode
 
 
 def resolve(ref: str, tracking_uri: str, runs_dir: str | Path) -> dict:
-    """What a checkpoint reference (a file, a run's folder or a training run's MLflow id) names, without
-    loading a model: {checkpoint: the absolute file or folder, run_id: its training run (None when not
+    """What a checkpoint reference (a file, a run's folder, a run key with checkpoints under
+    <runs_dir>/checkpoints, or a training run's MLflow id) names, without loading a model:
+    {checkpoint: the absolute file or folder, run_id: the training run that owns it (None when not
     in the store), config: the run config as a dict, identity: "<file>:<size>" of the checkpoint
-    `load_model` loads}. Raises ConfigError when there is none.
+    `load_model` loads}. A folder stands for its run's final model: when that run FINISHED at more
+    tokens than the folder's newest verified checkpoint holds, it is refused. Raises ConfigError.
     """
     path = Path(ref).expanduser()
-    run_id = None
     if not path.exists():
-        from mlflow.tracking import MlflowClient
-
-        from ltm.tracking import redact
-
-        try:
-            run = MlflowClient(tracking_uri).get_run(ref)
-        except Exception:
-            raise ConfigError(f"--checkpoint {ref!r} is neither a checkpoint file or folder nor a run id in "
-                              f"{redact(tracking_uri)}; pass a path like runs/checkpoints/<key> or a training run's id") from None
-        path = Path(runs_dir) / "checkpoints" / str(run.data.tags.get(RUN_KEY_TAG))
-        if run.data.tags.get(ROLE_TAG) == ROLE_EVAL or not checkpoints(path):
-            raise ConfigError(f"run {ref} has no checkpoint under {path}; pass the checkpoint path instead, or "
-                              "--runs-dir of the study that trained it")
-        run_id = ref
+        path = _folder_of(ref, tracking_uri, Path(runs_dir))
     if path.is_dir():
         if not checkpoints(path):
             raise ConfigError(f"no checkpoint (ckpt-*.pt) in {path}")
@@ -207,18 +253,55 @@ def resolve(ref: str, tracking_uri: str, runs_dir: str | Path) -> dict:
     else:
         file = path
     config = read_config(file)
-    if run_id is None:
-        run_id = _training_run(tracking_uri, RunConfig.from_dict(config).run_key())
-    return {"checkpoint": str(path.resolve()), "run_id": run_id, "config": config,
-            "identity": f"{file.resolve()}:{file.stat().st_size}"}
+    run = _stored_run(tracking_uri, owner(file.parent) or "")
+    if run is not None and path.is_dir() and run.info.status == "FINISHED":
+        final, held = int(run.data.metrics.get(TOKENS, 0)), _tokens_of(file)
+        if held is not None and held < final:
+            raise ConfigError(f"{path} stands for MLflow run {run.info.run_id}, which FINISHED at {final:,} tokens, "
+                              f"but its newest usable checkpoint holds {held:,}: the final checkpoint is missing or "
+                              f"corrupt; pass a checkpoint file to use {file.name} anyway")
+    return {"checkpoint": str(path.resolve()), "run_id": run.info.run_id if run is not None else None,
+            "config": config, "identity": f"{file.resolve()}:{file.stat().st_size}"}
 
 
-def _training_run(tracking_uri: str, run_key: str) -> str | None:
-    """The id of the training run with this run key in the store, if it is there."""
+def _tokens_of(file: Path) -> int | None:
+    """The tokens a checkpoint file holds, from its name (ckpt-<tokens>.pt)."""
+    try:
+        return int(file.stem.removeprefix("ckpt-"))
+    except ValueError:
+        return None
+
+
+def _folder_of(ref: str, tracking_uri: str, runs_dir: Path) -> Path:
+    """The checkpoint folder a run key or a training run's MLflow id names."""
+    from ltm.tracking import redact
+
+    folders = key_folders(runs_dir, ref) if ref and Path(ref).name == ref else []
+    if len(folders) == 1:
+        return folders[0]
+    if folders:
+        raise ConfigError(f"run key {ref} has checkpoints of {len(folders)} MLflow runs: "
+                          f"{', '.join(str(f) for f in folders)}; pass the folder (or the MLflow run id) you mean")
+    run = _stored_run(tracking_uri, ref)
+    if run is None:
+        raise ConfigError(f"checkpoint {ref!r} is neither a checkpoint file or folder, nor a run key with checkpoints "
+                          f"under {runs_dir / 'checkpoints'}, nor a run id in {redact(tracking_uri)}; pass a path "
+                          "like runs/checkpoints/<key>, or the --runs-dir of the study that trained it")
+    path = run_folder(runs_dir, str(run.data.tags.get(RUN_KEY_TAG)), ref)
+    if run.data.tags.get(ROLE_TAG) == ROLE_EVAL or owner(path) != ref:
+        raise ConfigError(f"run {ref} has no checkpoint of its own under {runs_dir / 'checkpoints'}; pass the "
+                          "checkpoint path instead, or --runs-dir of the study that trained it")
+    return path
+
+
+def _stored_run(tracking_uri: str, run_id: str):
+    """The MLflow run with this id, or None (also when the store is a sqlite file that does not exist:
+    looking must not create one)."""
+    if not run_id or (tracking_uri.startswith("sqlite:///") and not Path(tracking_uri[len("sqlite:///"):]).exists()):
+        return None
     from mlflow.tracking import MlflowClient
 
-    client = MlflowClient(tracking_uri)
-    experiments = [e.experiment_id for e in client.search_experiments()]
-    runs = client.search_runs(experiments, filter_string=f"tags.`{RUN_KEY_TAG}` = '{run_key}'", max_results=1,
-                              order_by=["attributes.start_time DESC"]) if experiments else []
-    return runs[0].info.run_id if runs else None
+    try:
+        return MlflowClient(tracking_uri).get_run(run_id)
+    except Exception:
+        return None

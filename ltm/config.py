@@ -303,6 +303,12 @@ class RunConfig:
     train: TrainConfig = TrainConfig()
     seed: int = 0
 
+    def __post_init__(self) -> None:
+        if self.model.kind == "ltm" and self.inference.steps < 1:
+            raise ConfigError(f"an LTM needs inference.steps >= 1 (got {self.inference.steps}): with 0 its latents are "
+                              "never inferred and the decoder trains on the posterior's starting point; for a model "
+                              "without latents use model.kind=ar")
+
     def to_dict(self) -> dict:
         """Nested plain dict (JSON-able)."""
         return dataclasses.asdict(self)

@@ -17,6 +17,11 @@ import time
 from pathlib import Path
 
 
+STUDY_DRIVER_ENV = "LTM_STUDY_DRIVER"
+"""Set in a study's workers to the driver that started them (`studies.interrupt.driver_id`) and
+recorded in the locks they take: a driver waits for and signals only its own workers."""
+
+
 class RunBusy(RuntimeError):
     """Another live process holds the run; the message names it."""
 
@@ -42,7 +47,7 @@ class RunLock:
                           f"on {who.get('host', '?')} (since {who.get('since', '?')}; lock {self.path}); wait for it "
                           "to finish, or stop it (it checkpoints on SIGTERM) and start again") from None
         info = {"pid": os.getpid(), "host": socket.gethostname(), "purpose": purpose,
-                "since": time.strftime("%Y-%m-%d %H:%M:%S")}
+                "since": time.strftime("%Y-%m-%d %H:%M:%S"), "driver": os.environ.get(STUDY_DRIVER_ENV)}
         os.ftruncate(self._fd, 0)
         os.pwrite(self._fd, json.dumps(info).encode(), 0)
 
@@ -59,7 +64,7 @@ class RunLock:
 
 
 def holder(runs_dir: str | Path, key: str) -> dict | None:
-    """The live holder of the run's lock ({pid, host, purpose, since}), or None when nobody holds it."""
+    """The live holder of the run's lock ({pid, host, purpose, since, driver}), or None when nobody holds it."""
     path = lock_path(runs_dir, key)
     try:
         fd = os.open(path, os.O_RDONLY)

@@ -9,6 +9,8 @@ unreachable and `spool` keeps what could not be sent for the next start.
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import hashlib
 import json
 import os
@@ -83,16 +85,71 @@ def check_tracking_uri(uri: str, timeout: float = 5.0) -> None:
                 f"`mlflow server --backend-store-uri sqlite:///$PWD/runs/mlflow.db --port 5000`, or pass "
                 f"--tracking-uri sqlite:///<absolute path>/mlflow.db to track in a local file") from None
     elif uri.startswith("sqlite:///"):
-        path = Path(uri[len("sqlite:///"):])
-        if not path.is_absolute():
-            raise TrackingError(f"use an absolute SQLite path (sqlite:////abs/path/mlflow.db), got {uri}: "
-                                "Ray and SLURM workers run in other folders")
-        try:
-            path.parent.mkdir(parents=True, exist_ok=True)
-        except OSError as err:
-            raise TrackingError(f"cannot create the folder for the tracking database {path}: {err}") from None
-    elif "://" in uri and not uri.startswith(("file://", "databricks")):
+        _check_sqlite(Path(uri[len("sqlite:///"):]), uri)
+    elif "://" not in uri:
+        where = Path(uri).expanduser().resolve()
+        raise TrackingError(f"--tracking-uri {uri!r} is a path, not a URI; pass sqlite:///{where} for a SQLite store "
+                            f"(or file://{where} for MLflow's folder store)")
+    elif not uri.startswith(("file://", "databricks")):
         raise TrackingError(f"unsupported tracking URI {redact(uri)!r}; use sqlite:////abs/path/mlflow.db or http://host:port")
+
+
+_SQLITE_HEADER = b"SQLite format 3\x00"
+
+
+def _check_sqlite(path: Path, uri: str) -> None:
+    """A SQLite store the suite can write: absolute, in a writable folder, and a SQLite file if it exists."""
+    if not path.is_absolute():
+        raise TrackingError(f"use an absolute SQLite path (sqlite:////abs/path/mlflow.db), got {uri}: "
+                            "Ray and SLURM workers run in other folders")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise TrackingError(f"cannot create the folder for the tracking database {path}: {err}") from None
+    # SQLite writes a journal beside the file, so the folder must be writable as well as the file.
+    for target in (path.parent, path) if path.exists() else (path.parent,):
+        if not os.access(target, os.W_OK):
+            raise TrackingError(f"the tracking database {path} is read-only here ({target} is not writable); "
+                                "pass --tracking-uri sqlite:////<a writable folder>/mlflow.db, or fix its permissions")
+    if path.exists():
+        try:
+            with open(path, "rb") as f:
+                header = f.read(len(_SQLITE_HEADER))
+        except OSError as err:
+            raise TrackingError(f"cannot read the tracking database {path}: {err}") from None
+        if path.stat().st_size and header != _SQLITE_HEADER:
+            raise TrackingError(f"{path} is not a SQLite database (damaged or truncated: it does not start with the "
+                                "SQLite header); restore it from a backup, or move it away to start a new store")
+
+
+@contextlib.contextmanager
+def store_creation_lock(uri: str):
+    """Serialise creating (and migrating) a SQLite store: MLflow's schema migration is not safe when two
+    processes run it on a new file at once. A no-op for other stores."""
+    if not uri.startswith("sqlite:///"):
+        yield
+        return
+    lock = Path(uri[len("sqlite:///"):] + ".lock")
+    lock.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)
+
+
+def open_store(uri: str) -> MlflowClient:
+    """A client of the store, created (and its schema migrated) first if need be, one process at a time;
+    a store that cannot be opened raises TrackingError naming it."""
+    try:
+        with store_creation_lock(uri):
+            client = MlflowClient(uri)
+            client.search_experiments(max_results=1)  # creates and migrates a new SQLite file
+    except Exception as err:
+        raise TrackingError(f"cannot open the tracking store {redact(uri)}: {type(err).__name__}: "
+                            f"{str(err).splitlines()[0][:300] if str(err) else ''}") from None
+    return client
 
 
 class _MetricSender(threading.Thread):
@@ -176,7 +233,7 @@ class Tracker:
         os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "2")
         os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "30")
         self.uri = uri
-        self.client = MlflowClient(uri)
+        self.client = open_store(uri)
         self._sender: _MetricSender | None = None
         found = self.client.get_experiment_by_name(experiment)
         if found is None:
@@ -198,6 +255,15 @@ class Tracker:
         runs = self.client.search_runs([self.experiment_id], filter_string=f"tags.`{RUN_KEY_TAG}` = '{run_key}'",
                                        order_by=["attributes.start_time DESC"], max_results=1)
         return runs[0] if runs else None
+
+    def find_runs_anywhere(self, run_key: str) -> list:
+        """Every run with this run key in any experiment of the store, newest first."""
+        experiments = [e.experiment_id for e in self.client.search_experiments()]
+        return self.client.search_runs(experiments, filter_string=f"tags.`{RUN_KEY_TAG}` = '{run_key}'",
+                                       order_by=["attributes.start_time DESC"], max_results=1000)
+
+    def experiment_name(self, experiment_id: str) -> str:
+        return self.client.get_experiment(experiment_id).name
 
     def create_run(self, run_key: str, run_name: str, params: dict, tags: dict,
                    parent_run_id: str | None = None) -> str:

@@ -17,9 +17,7 @@ import dataclasses
 import json
 import math
 import os
-import signal
 import sys
-import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -30,8 +28,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ltm.checkpoint import (load_latest_checkpoint, remove_checkpoints, remove_stale_temporaries, restore_rng,
-                            rng_state, save_checkpoint, write_run_config)
+from ltm.checkpoint import (checkpoints, load_latest_checkpoint, remove_stale_temporaries, restore_rng, rng_state,
+                            run_folder, save_checkpoint, write_run_config)
 from ltm.config import InferenceConfig, ModelConfig, RunConfig, run_preset
 from ltm.evaluate import evaluate_bounds
 from ltm.flops import flops_per_token
@@ -39,6 +37,7 @@ from ltm.model import LatentThoughtModel, build_model
 from ltm import names
 from ltm.names import EXIT_OF, Exit, Status
 from ltm.posterior import infer_posterior
+from ltm.signals import Interrupt, Stopped
 from ltm.processes import Processes, all_reduce_gradients
 
 if TYPE_CHECKING:
@@ -136,47 +135,6 @@ class RunResult:
     reason: str = ""
 
 
-class _Stopped(Exception):
-    """A signal arrived during an evaluation (which can outlast SLURM's signal delay): abandon it."""
-
-
-class _Interrupt:
-    """SIGTERM / SIGUSR2 / SIGINT (Ctrl-C) set a flag; the loop checkpoints at the next update and exits.
-
-    Inside `stoppable()` (evaluations) a signal raises _Stopped at once instead.
-    """
-
-    def __init__(self) -> None:
-        self.signal: int | None = None
-        self._previous = {}
-        self._raise = False
-
-    def __enter__(self):
-        if threading.current_thread() is threading.main_thread():
-            for sig in (signal.SIGTERM, signal.SIGUSR2, signal.SIGINT):
-                self._previous[sig] = signal.signal(sig, self._handle)
-        return self
-
-    def _handle(self, signum, frame) -> None:
-        self.signal = signum
-        if self._raise:
-            raise _Stopped(signal.Signals(signum).name)
-
-    @contextlib.contextmanager
-    def stoppable(self):
-        if self.signal is not None:
-            raise _Stopped(signal.Signals(self.signal).name)
-        self._raise = True
-        try:
-            yield
-        finally:
-            self._raise = False
-
-    def __exit__(self, *exc) -> None:
-        for sig, handler in self._previous.items():
-            signal.signal(sig, handler)
-
-
 class _BlockOrder:
     """Training blocks in a fresh seeded permutation each epoch; position = sequences consumed."""
 
@@ -227,73 +185,95 @@ def run(cfg: RunConfig, *, tracking_uri: str | None = None, experiment: str = "l
 
     if tracking_patience <= 0:
         raise ValueError(f"tracking_patience must be > 0 seconds, got {tracking_patience}")
-    procs = Processes.from_env(device)
     runs_dir = Path(runs_dir).resolve()
     tracking_uri = tracking_uri or default_tracking_uri(runs_dir)
     key = cfg.run_key()
-    check_data(cfg.data)  # cheap checks first: nothing is tokenised or created for a doomed run
-    if procs.is_main:
-        check_tracking_uri(tracking_uri)
-    lock, busy = None, None
-    if procs.is_main:  # one writer per run key, from before the skip/resume decision to the end
+    with Interrupt() as interrupt:
+        lock = None
         try:
-            lock = RunLock(runs_dir, key, "trained")
-        except RunBusy as err:
-            busy = str(err)
-    busy = procs.broadcast(busy)
-    if busy:
-        raise RunBusy(busy)
-    try:
-        return _run_locked(cfg, procs, tracking_uri, experiment, runs_dir, force, parent_run_id, tags or {},
-                           progress, tracking_patience, on_log)
-    finally:
-        if lock is not None:
-            lock.release()
+            with interrupt.stoppable():  # nothing exists yet: a signal simply ends the run here
+                procs = Processes.from_env(device)
+                check_data(cfg.data)  # cheap checks first: nothing is tokenised or created for a doomed run
+                if procs.is_main:
+                    check_tracking_uri(tracking_uri)
+                busy = None
+                if procs.is_main:  # one writer per run key, from before the skip/resume decision to the end
+                    try:
+                        lock = RunLock(runs_dir, key, "trained")
+                    except RunBusy as err:
+                        busy = str(err)
+                busy = procs.broadcast(busy)
+                if busy:
+                    raise RunBusy(busy)
+            return _run_locked(cfg, procs, tracking_uri, experiment, runs_dir, force, parent_run_id, tags or {},
+                               progress, tracking_patience, on_log, interrupt)
+        except Stopped as stop:
+            return _not_started(stop, runs_dir / "checkpoints" / key)
+        finally:
+            if lock is not None:
+                lock.release()
+
+
+def _not_started(stop: Stopped, run_dir: Path) -> RunResult:
+    """A signal before the MLflow run was created or reopened: nothing to mark, nothing lost."""
+    return RunResult(Status.KILLED.value, None, {}, run_dir,
+                     f"interrupted by {stop} before the run started; nothing was changed; run the same command again")
 
 
 def _run_locked(cfg: RunConfig, procs: Processes, tracking_uri: str, experiment: str, runs_dir: Path, force: bool,
-                parent_run_id: str | None, tags: dict, progress: bool, patience: float, on_log) -> RunResult:
+                parent_run_id: str | None, tags: dict, progress: bool, patience: float, on_log,
+                interrupt: Interrupt) -> RunResult:
     from ltm.data import load_blocks
     from ltm.tracking import Tracker, TrackingError
 
     key = cfg.run_key()
-    run_dir = runs_dir / "checkpoints" / key
+    with interrupt.stoppable():
+        train_blocks = load_blocks(cfg.data, cfg.model.ctx, "train")
+        val_blocks = load_blocks(cfg.data, cfg.model.ctx, "validation")
+        model_cfg = dataclasses.replace(cfg.model, vocab_size=train_blocks.vocab_size)
+        tracker = Tracker(tracking_uri, experiment, artifact_root=runs_dir / "artifacts") if procs.is_main else None
+    decision = None  # not stoppable: a signal waits until the MLflow run is created or reopened
     if procs.is_main:
-        remove_stale_temporaries(run_dir)
-    train_blocks = load_blocks(cfg.data, cfg.model.ctx, "train")
-    val_blocks = load_blocks(cfg.data, cfg.model.ctx, "validation")
-    model_cfg = dataclasses.replace(cfg.model, vocab_size=train_blocks.vocab_size)
-
-    tracker = Tracker(tracking_uri, experiment, artifact_root=runs_dir / "artifacts") if procs.is_main else None
-    decision = None
-    if procs.is_main:
-        decision = _decide(tracker, cfg, key, run_dir, model_cfg, force, parent_run_id, tags, procs)
+        decision = _decide(tracker, cfg, key, runs_dir, model_cfg, force, parent_run_id, tags, procs)
     decision = procs.broadcast(decision)
-    if decision["status"] == "SKIPPED":
+    run_dir, run_id = decision.run_dir, decision.run_id
+    if decision.skipped:
         if procs.is_main:
-            print(f"run {key} already FINISHED as MLflow run {decision['run_id']}; skipping (use --force to rerun)")
-        return RunResult("SKIPPED", decision["run_id"], decision["metrics"], run_dir)
-    run_id = decision["run_id"]
+            print(f"run {key} already FINISHED as MLflow run {run_id}; skipping (use --force to rerun)")
+        return RunResult(Status.SKIPPED.value, run_id, decision.metrics, run_dir)
 
     monitor = None
-    try:  # from here on the MLflow run exists: any failure marks it FAILED with the reason
-        if procs.is_main:
-            tracker.send_spooled(run_dir / UNSENT_FILE, timeout=patience)
-            write_run_config(run_dir, cfg, model_cfg, run_id)
-        torch.manual_seed(cfg.seed)
-        model = build_model(model_cfg).to(procs.device)
-        optimizer = make_optimizer(model, cfg.train)
-        loop = _Loop(cfg, model_cfg, procs, tracker, run_id, run_dir, model, optimizer, train_blocks, val_blocks,
-                     skip_logged=decision["logged_step"], patience=patience, on_log=on_log)
-        state = load_latest_checkpoint(run_dir, procs.device) if decision["resume"] else None
-        if state is not None:
-            loop.resume(state)
+    try:  # from here on the MLflow run exists: any failure marks it FAILED with the reason, a signal KILLED
+        with interrupt.stoppable():
             if procs.is_main:
-                tracker.relog(state.get("unsent_metrics", []), after_step=tracker.max_logged_step(run_id))
-                print(f"resuming run {key} (MLflow {run_id}) from {state['tokens']:,} tokens")
-        monitor = _system_metrics(run_id, tracking_uri, resumed=state is not None) if procs.is_main else None
-        with _Interrupt() as interrupt:
-            return _train(loop, interrupt, progress)
+                remove_stale_temporaries(run_dir)
+                tracker.send_spooled(run_dir / UNSENT_FILE, timeout=patience)
+                write_run_config(run_dir, cfg, model_cfg, run_id)
+            torch.manual_seed(cfg.seed)
+            model = build_model(model_cfg).to(procs.device)
+            optimizer = make_optimizer(model, cfg.train)
+            loop = _Loop(cfg, model_cfg, procs, tracker, run_id, run_dir, model, optimizer, train_blocks, val_blocks,
+                         skip_logged=decision.logged_step, patience=patience, on_log=on_log)
+            state = load_latest_checkpoint(run_dir, procs.device, run_id) if decision.resume else None
+            if state is not None:
+                loop.resume(state)
+                if procs.is_main:
+                    tracker.relog(state.get("unsent_metrics", []), after_step=tracker.max_logged_step(run_id))
+                    print(f"resuming run {key} (MLflow {run_id}) from {state['tokens']:,} tokens")
+            elif decision.resume and procs.is_main and (checkpoints(run_dir) or decision.logged_step >= 0):
+                print(f"warning: no usable checkpoint of run {key} (MLflow {run_id}) in {run_dir} (see any warnings "
+                      "above); it starts again from zero tokens", file=sys.stderr)
+            monitor = _system_metrics(run_id, tracking_uri, resumed=state is not None) if procs.is_main else None
+        return _train(loop, interrupt, progress)
+    except Stopped as stop:
+        reason = (f"interrupted by {stop} while the run was being set up, before its first update here; run the "
+                  "same command again to resume")
+        if procs.is_main:
+            try:
+                tracker.finish(run_id, Status.KILLED.value, reason, patience=min(patience, 60.0))
+            except TrackingError as tracking_err:
+                print(f"warning: {tracking_err}", file=sys.stderr)
+        return RunResult(Status.KILLED.value, run_id, {}, run_dir, reason)
     except Exception as err:
         if procs.is_main:
             try:
@@ -317,17 +297,36 @@ def _system_metrics(run_id: str, tracking_uri: str, resumed: bool):
     return monitor
 
 
-def _decide(tracker, cfg: RunConfig, key: str, run_dir: Path, model_cfg: ModelConfig, force: bool,
-            parent_run_id, tags: dict, procs: Processes) -> dict:
-    """Rank 0: skip a finished run, reopen an interrupted one, or create a new one."""
+@dataclass(frozen=True)
+class _Decision:
+    """Rank 0's answer to "what do we do with this run key", broadcast to every process."""
+
+    run_id: str
+    run_dir: Path
+    """The run's own checkpoint folder (`ltm.checkpoint.run_folder`)."""
+    skipped: bool = False
+    """Already FINISHED: nothing to do."""
+    resume: bool = False
+    """An interrupted run reopened: continue from its own latest checkpoint."""
+    logged_step: int = -1
+    metrics: dict = dataclasses.field(default_factory=dict)
+
+
+def _decide(tracker, cfg: RunConfig, key: str, runs_dir: Path, model_cfg: ModelConfig, force: bool,
+            parent_run_id, tags: dict, procs: Processes) -> _Decision:
+    """Rank 0: skip a finished run, reopen an interrupted one, or create a new one. Each MLflow run has
+    its own checkpoint folder: nothing here removes or resumes from another run's."""
     existing = tracker.find_run(key)
-    if existing is not None and existing.info.status == "FINISHED" and not force:
-        return {"status": "SKIPPED", "run_id": existing.info.run_id, "metrics": dict(existing.data.metrics)}
     if existing is not None and not force:
-        tracker.reopen(existing.info.run_id)
-        return {"status": "RUNNING", "run_id": existing.info.run_id, "resume": True,
-                "logged_step": tracker.max_logged_step(existing.info.run_id)}
-    remove_checkpoints(run_dir)  # --force, or no run yet: start clean
+        run_id = existing.info.run_id
+        if existing.info.status == Status.FINISHED.value:
+            return _Decision(run_id, run_folder(runs_dir, key, run_id), skipped=True,
+                             metrics=dict(existing.data.metrics))
+        tracker.reopen(run_id)
+        tracker.set_tags(run_id, {"device": str(procs.device), "processes": procs.world})  # this start's
+        return _Decision(run_id, run_folder(runs_dir, key, run_id), resume=True,
+                         logged_step=tracker.max_logged_step(run_id))
+    elsewhere = [r for r in tracker.find_runs_anywhere(key) if r.info.experiment_id != tracker.experiment_id]
     with torch.device("meta"):
         counted = build_model(model_cfg)
     params = {**cfg.flat(), "model.vocab_size": model_cfg.vocab_size, "n_params": counted.num_params(),
@@ -337,13 +336,18 @@ def _decide(tracker, cfg: RunConfig, key: str, run_dir: Path, model_cfg: ModelCo
     steps = f"-T{cfg.inference.steps}" if cfg.model.kind == "ltm" else ""
     name = f"{cfg.model.kind}-L{cfg.model.n_layers}-d{cfg.model.d_model}{steps}-s{cfg.seed}"
     run_id = tracker.create_run(key, name, params, run_tags, parent_run_id)
+    run_dir = run_folder(runs_dir, key, run_id)
+    for other in elsewhere:
+        print(f"note: run key {key} is also MLflow run {other.info.run_id} ({other.info.status}) in experiment "
+              f"{tracker.experiment_name(other.info.experiment_id)!r}; this is a new run of experiment "
+              f"{tracker.experiment_name(tracker.experiment_id)!r} with its own checkpoints in {run_dir}")
     # the config as run: its vocabulary is the data's (the same run key: identity() leaves vocab_size out)
     tracker.log_dict(run_id, dataclasses.replace(cfg, model=model_cfg).to_dict(), "config.json")
     data = {k: v for k, v in dataclasses.asdict(cfg.data).items() if k != "cache_dir"}
     source_type = ("synthetic" if cfg.data.name == "synthetic" else "local" if Path(cfg.data.name).exists()
                    else "hugging_face")
     tracker.log_dataset(run_id, Path(cfg.data.name).name, data, source_type, cfg.data.name)
-    return {"status": "RUNNING", "run_id": run_id, "resume": False, "logged_step": -1}
+    return _Decision(run_id, run_dir)
 
 
 @dataclass
@@ -393,7 +397,7 @@ class _Loop:
         restore_rng(state["rng"])
 
 
-def _train(loop: _Loop, interrupt: _Interrupt, progress: bool) -> RunResult:
+def _train(loop: _Loop, interrupt: Interrupt, progress: bool) -> RunResult:
     from ltm.tracking import TrackingError
 
     cfg, procs, model, optimizer, tracker = loop.cfg, loop.procs, loop.model, loop.optimizer, loop.tracker
@@ -434,7 +438,7 @@ def _train(loop: _Loop, interrupt: _Interrupt, progress: bool) -> RunResult:
             with interrupt.stoppable(), autocast_for(procs.device, tc.precision):
                 return evaluate_bounds(model, val_batches, icfg, seed=EVAL_SEED, iw_samples=tc.iw_samples,
                                        compiled=compiled)
-        except _Stopped:
+        except Stopped:
             return None
         finally:
             model.train()
@@ -536,7 +540,7 @@ def _train(loop: _Loop, interrupt: _Interrupt, progress: bool) -> RunResult:
             return RunResult("KILLED", run_id, last_metrics, run_dir, reason)
         if stop[0].item() and (not last or loop.eval_pending):
             bar.close()
-            name = signal.Signals(interrupt.signal).name if interrupt.signal else "signal"
+            name = interrupt.name or "signal"
             during = " during the evaluation" if loop.eval_pending else ""
             return close("KILLED", tokens, f"interrupted by {name}{during} at {tokens:,} tokens; run the same "
                                            "command again to resume")

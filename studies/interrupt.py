@@ -12,30 +12,66 @@ from pathlib import Path
 from typing import Callable
 
 
-class Interruption:
-    """Whether the driver was asked to stop, and what the running backend does about it at once.
+class StudyInterrupted(Exception):
+    """A signal during the driver's startup: nothing runs yet that needs a graceful stop, so it ends there."""
 
-    SIGTERM sets `requested` and calls `on_request` (set by the backend: Ray checkpoints its trials
-    and breaks out of Tune; SLURM's poll loop sees the flag and cancels its array).
+
+class Interruption:
+    """Whether the driver was asked to stop, and what it does about it at once.
+
+    Installed from the driver's first line. SIGTERM (and Ctrl-C, SIGINT) set `requested`; during
+    startup they raise StudyInterrupted at once (planning, waiting, `ray.init`: nothing is launched
+    past that point). Once a backend has work running it calls `running(on_request)`: then a signal
+    calls `on_request` (Ray checkpoints its trials and breaks out of Tune) or, with None, only sets
+    the flag (SLURM's poll loop sees it and cancels its array).
     """
 
     def __init__(self) -> None:
         self.requested = False
+        self.signal: str = ""
+        self.started = False
         self.on_request: Callable[[], None] | None = None
+        self._deferring = False
 
     def handle(self, signum=None, frame=None) -> None:
         self.requested = True
+        self.signal = signal.Signals(signum).name if signum else "a signal"
+        if not self.started and not self._deferring:
+            raise StudyInterrupted(f"interrupted by {self.signal} during startup")
         if self.on_request is not None:
             self.on_request()
 
+    def check(self) -> None:
+        """Raise StudyInterrupted if a signal came (for a startup step that ran with signals deferred)."""
+        if self.requested and not self.started:
+            raise StudyInterrupted(f"interrupted by {self.signal} during startup")
+
+    def running(self, on_request: Callable[[], None] | None = None) -> None:
+        """Work is launched from here on: signals stop it gracefully (and Ctrl-C is the backend's again)."""
+        self.check()
+        self.started, self.on_request = True, on_request
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+
     @contextlib.contextmanager
-    def on_sigterm(self):
-        """SIGTERM calls `handle` inside the block."""
-        previous = signal.signal(signal.SIGTERM, self.handle)
+    def deferred(self):
+        """A startup step that must not be cut in half (creating the parent run): a signal inside it
+        raises StudyInterrupted when it is done."""
+        self._deferring = True
+        try:
+            yield
+        finally:
+            self._deferring = False
+        self.check()
+
+    @contextlib.contextmanager
+    def installed(self):
+        """SIGTERM and SIGINT call `handle` inside the block."""
+        previous = {sig: signal.signal(sig, self.handle) for sig in (signal.SIGTERM, signal.SIGINT)}
         try:
             yield self
         finally:
-            signal.signal(signal.SIGTERM, previous)
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
 
 
 def die_with_parent() -> None:
@@ -49,6 +85,12 @@ def die_with_parent() -> None:
         pass
 
 
+def driver_id(study_key: str) -> str:
+    """This driver process's identity, which every worker it starts records in the run locks it takes
+    (`ltm.runlock.STUDY_DRIVER_ENV`): "<study key>:<host>:<pid>"."""
+    return f"{study_key}:{socket.gethostname()}:{os.getpid()}"
+
+
 def _held_here(runs_dir: Path, key: str) -> dict | None:
     """The live process of this host that holds the point's run lock (`ltm.runlock`), if any."""
     from ltm.runlock import holder
@@ -57,28 +99,40 @@ def _held_here(runs_dir: Path, key: str) -> dict | None:
     return who if who is not None and who.get("host") == socket.gethostname() else None
 
 
-def wait_for_stragglers(runs_dir: Path, keys, timeout: float = 90.0) -> None:
-    """Wait (bounded) until workers of an earlier start on this host have checkpointed and exited."""
+def _of_study(who: dict | None, study_key: str) -> bool:
+    return who is not None and str(who.get("driver") or "").startswith(f"{study_key}:")
+
+
+def wait_for_stragglers(runs_dir: Path, keys, study_key: str, timeout: float = 90.0) -> None:
+    """Wait (bounded) until workers that a start of this study left on this host have checkpointed and
+    exited. A point held by any other process (a user's own `python -m ltm.train`) is not waited for:
+    it is reported BUSY."""
     deadline = time.time() + timeout
-    busy = [k for k in keys if _held_here(runs_dir, k) is not None]
+    busy = [k for k in keys if _of_study(_held_here(runs_dir, k), study_key)]
     if busy:
         print(f"waiting for {len(busy)} worker(s) of an earlier start to checkpoint and exit ...")
     while busy and time.time() < deadline:
         time.sleep(0.5)
-        busy = [k for k in busy if _held_here(runs_dir, k) is not None]
+        busy = [k for k in busy if _of_study(_held_here(runs_dir, k), study_key)]
 
 
-def stop_local_workers(runs_dir: Path, keys, timeout: float = 90.0) -> None:
-    """SIGTERM the workers of this host (they checkpoint and mark their runs KILLED) and wait for them.
+def stop_local_workers(runs_dir: Path, keys, driver: str, timeout: float = 90.0) -> None:
+    """SIGTERM the workers of this host that this driver started (they checkpoint and mark their runs
+    KILLED) and wait for them; a process someone else started is never signalled.
 
     Only a process that holds a run lock now is signalled: a held lock belongs to a live process,
     so a recorded pid is never a stale one that the system gave to something else.
     """
+    mine = []
     for key in keys:
         who = _held_here(runs_dir, key)
-        if who and who.get("pid"):
+        if who and who.get("pid") and who.get("driver") == driver:
+            mine.append(key)
             try:
                 os.kill(int(who["pid"]), signal.SIGTERM)
             except OSError:
                 pass
-    wait_for_stragglers(runs_dir, keys, timeout)
+    deadline = time.time() + timeout
+    while mine and time.time() < deadline:
+        time.sleep(0.5)
+        mine = [k for k in mine if (_held_here(runs_dir, k) or {}).get("driver") == driver]

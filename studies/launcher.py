@@ -24,9 +24,9 @@ import json
 import sys
 import time
 
-from ltm.names import Exit, Status
+from ltm.names import EXIT_OF, Exit, Status
 from studies.costs import cost_columns, cost_summary, point_cost
-from studies.interrupt import Interruption, wait_for_stragglers
+from studies.interrupt import Interruption, StudyInterrupted, wait_for_stragglers
 from studies.parent import finish_parent, open_parent, summary
 from studies.plan import Plan, UsageError, plan
 from studies.points import grid_table
@@ -61,7 +61,18 @@ def print_plan(plan_: Plan) -> None:
 
 
 def main(study: Study, argv: list[str] | None = None) -> int:
-    """Run a study from the command line; returns the exit status."""
+    """Run a study from the command line; returns the exit status. SIGTERM and Ctrl-C are honoured from
+    here on: during startup they end the driver with exit 3 before anything is launched."""
+    interruption = Interruption()
+    with interruption.installed():
+        try:
+            return _main(study, argv, interruption)
+        except StudyInterrupted as stop:
+            print(f"{stop}: nothing was launched; start the same command again", file=sys.stderr)
+            return Exit.INTERRUPTED
+
+
+def _main(study: Study, argv: list[str] | None, interruption: Interruption) -> int:
     from ltm.config import ConfigError
     from ltm.tracking import TrackingError, redact
 
@@ -77,32 +88,38 @@ def main(study: Study, argv: list[str] | None = None) -> int:
             return Exit.USAGE
         return Exit.OK
     backend = importlib.import_module(BACKENDS[plan_.cluster])
-    interruption = Interruption()
     keys = [p.key for p in plan_.points]
     started, tracker, completed = time.time(), None, False
-    with interruption.on_sigterm():
-        try:
-            print_plan(plan_)
-            backend.before_start(plan_)  # e.g. SLURM: no earlier job may still run, before any status is touched
-            wait_for_stragglers(plan_.runs_dir, keys)
+    try:
+        print_plan(plan_)
+        backend.before_start(plan_)  # e.g. SLURM: no earlier job may still run, before any status is touched
+        wait_for_stragglers(plan_.runs_dir, keys, plan_.study_key)
+        with interruption.deferred():
             tracker = open_parent(plan_)
-            print(f"study parent run {plan_.parent_run_id} (key {plan_.study_key})\n")
-            completed = backend.run(plan_, tracker, interruption)
-        except KeyboardInterrupt:
-            interruption.requested = True
-        except (UsageError, TrackingError) as err:
-            print(f"error: {err}", file=sys.stderr)
-            return Exit.USAGE
+        print(f"study parent run {plan_.parent_run_id} (key {plan_.study_key})\n")
+        completed = backend.run(plan_, tracker, interruption)
+    except StudyInterrupted:
+        if tracker is None:
+            raise
+        interruption.requested = True  # the parent exists: mark it, below
+    except KeyboardInterrupt:
+        interruption.requested = True
+    except (UsageError, TrackingError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return Exit.USAGE
     if tracker is None:
         return Exit.INTERRUPTED
+    if plan_.no_wait and completed and not interruption.requested:
+        print(f"submitted; the jobs report to {redact(plan_.tracking_uri)}. Start the same command again (without "
+              "--no-wait) to wait for them and print the summary")
+        return Exit.OK
     stopped = interruption.requested or not completed
     if stopped:
-        wait_for_stragglers(plan_.runs_dir, keys, timeout=60)
+        wait_for_stragglers(plan_.runs_dir, keys, plan_.study_key, timeout=60)
     table = summary(tracker, plan_)
     counts = table["status"].value_counts().to_dict()
-    all_done = counts.get(Status.FINISHED.value, 0) == len(plan_.points)
-    status = Status.FINISHED if all_done else (Status.KILLED if stopped else Status.FAILED)
-    finish_parent(tracker, plan_.parent_run_id, status.value, counts)
+    outcome, reason = _outcome(counts, len(plan_.points), stopped)
+    finish_parent(tracker, plan_.parent_run_id, PARENT_STATUS[outcome].value, counts, reason)
     import pandas as pd
 
     with pd.option_context("display.max_rows", 500, "display.width", 200):
@@ -110,9 +127,25 @@ def main(study: Study, argv: list[str] | None = None) -> int:
     print(f"\n{study.name}: {', '.join(f'{v} {k}' for k, v in counts.items())} of {len(plan_.points)} points "
           f"in {time.time() - started:.0f} s; parent run {plan_.parent_run_id}")
     print(f"browse: mlflow ui --backend-store-uri {redact(plan_.tracking_uri)}")
-    if all_done:
-        return Exit.OK
+    if reason:
+        print(reason)
+    return EXIT_OF[outcome]
+
+
+PARENT_STATUS = {Status.FINISHED: Status.FINISHED, Status.KILLED: Status.KILLED, Status.FAILED: Status.FAILED,
+                 Status.BUSY: Status.KILLED}
+"""A study's outcome -> its parent run's MLflow status (MLflow has no BUSY: a busy study is resumable)."""
+
+
+def _outcome(counts: dict, n_points: int, stopped: bool) -> tuple[Status, str]:
+    """How the study ended, and what to do about it: FINISHED; KILLED (interrupted); FAILED (a point did
+    not finish for another reason); BUSY (every unfinished point is held by another live process)."""
+    done, busy = counts.get(Status.FINISHED.value, 0), counts.get(Status.BUSY.value, 0)
+    if done == n_points:
+        return Status.FINISHED, ""
     if stopped:
-        print("interrupted: start the same command again to complete the missing points")
-        return Exit.INTERRUPTED
-    return Exit.FAILED
+        return Status.KILLED, "interrupted: start the same command again to complete the missing points"
+    if done + busy == n_points:
+        return Status.BUSY, (f"busy: {busy} point(s) are held by other live processes (see the error of each in the "
+                             "logs); nothing failed. Start the study again once they have finished")
+    return Status.FAILED, ""

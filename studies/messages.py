@@ -47,6 +47,8 @@ class TrialContext:
     tags: dict = field(default_factory=dict)
     cpus: float = 1
     credentials_file: str | None = None
+    driver: str = ""
+    """The study driver that started the trial (`studies.interrupt.driver_id`), recorded in its run locks."""
 
     @property
     def threads(self) -> int:

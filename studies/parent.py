@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from ltm.names import (BACKEND_TAG, COUNT_TAG_PREFIX, NOTE_TAG, POINTS_TAG, ROLE_STUDY, ROLE_TAG, RUN_KEY_TAG,
+from ltm.names import (BACKEND_TAG, COUNT_TAG_PREFIX, NOTE_TAG, POINTS_TAG, REASON_TAG, ROLE_STUDY, ROLE_TAG, RUN_KEY_TAG,
                        STUDY_KEY_TAG, TOKENS, Status)
 from studies.plan import Plan
 from studies.points import grid_table
@@ -47,8 +47,13 @@ def open_parent(plan: Plan):
     return tracker
 
 
-def finish_parent(tracker, parent_run_id: str, status: str, counts: dict) -> None:
-    tracker.set_tags(parent_run_id, {f"{COUNT_TAG_PREFIX}{k}": v for k, v in counts.items()})
+def finish_parent(tracker, parent_run_id: str, status: str, counts: dict, reason: str = "") -> None:
+    tags = {f"{COUNT_TAG_PREFIX}{k}": v for k, v in counts.items()}
+    if reason:
+        tags[REASON_TAG] = reason
+    elif REASON_TAG in tracker.client.get_run(parent_run_id).data.tags:
+        tracker.client.delete_tag(parent_run_id, REASON_TAG)
+    tracker.set_tags(parent_run_id, tags)
     tracker.client.set_terminated(parent_run_id, status=status)
 
 
@@ -60,8 +65,20 @@ def summary(tracker, plan: Plan):
     runs = [tracker.find_run(p.key) for p in plan.points]
     metrics = [run.data.metrics if run else {} for run in runs]
     names = [n for pattern in patterns for n in sorted({k for m in metrics for k in m if fnmatch.fnmatch(k, pattern)})]
-    columns: dict[str, list] = {"status": [run.info.status if run else "MISSING" for run in runs]}
+    columns: dict[str, list] = {"status": [_status(run, plan, p.key) for run, p in zip(runs, plan.points)]}
     for n in dict.fromkeys(names):
         columns[n] = [None if n not in m else int(m[n]) if n == TOKENS else round(m[n], 4) for m in metrics]
     columns["mlflow_run"] = [run.info.run_id[:8] if run else "" for run in runs]
     return grid_table(plan.points, columns)
+
+
+def _status(run, plan: Plan, key: str) -> str:
+    """A point's status: its MLflow run's, or BUSY while another live process holds it (this driver's
+    workers are gone by the time the summary is made)."""
+    from ltm.runlock import holder
+
+    if run is not None and run.info.status == Status.FINISHED.value:
+        return run.info.status
+    if holder(plan.runs_dir, key) is not None:
+        return Status.BUSY.value
+    return run.info.status if run else "MISSING"

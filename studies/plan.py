@@ -152,10 +152,12 @@ class Plan:
         from ltm.tracking import split_credentials
 
         creds = credentials_file or self.credentials_file
+        from studies.interrupt import driver_id
+
         return TrialContext(tracking_uri=split_credentials(tracking_uri or self.tracking_uri)[0],
                             experiment=self.experiment, runs_dir=str(self.runs_dir), parent_run_id=self.parent_run_id,
                             tags=self.tags, cpus=self.cpus,
-                            credentials_file=str(creds) if creds else None)
+                            credentials_file=str(creds) if creds else None, driver=driver_id(self.study_key))
 
 
 def plan(study: Study, argv: list[str] | None = None) -> Plan:
@@ -208,6 +210,8 @@ def plan(study: Study, argv: list[str] | None = None) -> Plan:
             raise UsageError("--no-wait needs an http --tracking-uri (an mlflow server that outlives this driver)")
     elif args.cluster == "local" and not args.dry_run and cpus > (os.cpu_count() or 1):
         raise UsageError(f"a trial needs {cpus:g} CPUs but this machine has {os.cpu_count()}; lower --cpus-per-trial")
+    if args.max_failures < 0:
+        raise UsageError(f"--max-failures is how many times a crashed trial is retried: 0 or more, got {args.max_failures}")
     if args.max_concurrent < 0:
         raise UsageError(f"--max-concurrent must be >= 0, got {args.max_concurrent}")
     max_concurrent = args.max_concurrent

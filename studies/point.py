@@ -21,12 +21,13 @@ def run_point(point: Point, context: TrialContext, progress: Path | None = None)
     import torch
 
     from ltm.config import RunConfig
-    from ltm.runlock import RunBusy
+    from ltm.runlock import STUDY_DRIVER_ENV, RunBusy
     from ltm.tracking import use_credentials
     from ltm.train import run
 
     torch.set_num_threads(context.threads)
     use_credentials(context.credentials_file)
+    os.environ[STUDY_DRIVER_ENV] = context.driver  # recorded in the run locks this point takes
     try:
         if point.task:
             from studies.tasks import run_task

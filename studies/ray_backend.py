@@ -171,28 +171,29 @@ def run(plan: Plan, tracker, interruption: Interruption) -> bool:
 
     os.environ["PYTHONPATH"] = _pythonpath()
     os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
-    if plan.cluster == "ray":
-        try:
-            ray.init(address=plan.address, include_dashboard=False, log_to_driver=False)
-        except ConnectionError as err:
-            # A cluster with token authentication rejects a driver given an address unless told to
-            # authenticate: `ray start` turns tokens on by itself when ~/.ray/auth_token exists.
-            raise UsageError(f"{err}; wrong address, or the cluster uses token authentication: set RAY_AUTH_MODE=token "
-                             f"and RAY_AUTH_TOKEN_PATH to its token (as slurm/ray_study.sbatch does)") from None
-    else:
-        ray.init(num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=False,
-                 configure_logging=True, logging_level="WARNING")
 
     def checkpoint_trials() -> None:
         # Ray kills an actor's child processes with SIGKILL when the actor goes: tell the workers
         # first and wait for their checkpoints, then break out of Tune.
         print("SIGTERM: checkpointing the running trials ...", flush=True)
-        stop_local_workers(plan.runs_dir, [p.key for p in plan.points])
+        stop_local_workers(plan.runs_dir, [p.key for p in plan.points], plan.context().driver)
         raise KeyboardInterrupt
 
-    interruption.on_request = checkpoint_trials
-    signal.signal(signal.SIGTERM, interruption.handle)  # ray.init installs its own (it aborts the driver)
     try:
+        if plan.cluster == "ray":
+            try:
+                ray.init(address=plan.address, include_dashboard=False, log_to_driver=False)
+            except ConnectionError as err:
+                # A cluster with token authentication rejects a driver given an address unless told to
+                # authenticate: `ray start` turns tokens on by itself when ~/.ray/auth_token exists.
+                raise UsageError(f"{err}; wrong address, or the cluster uses token authentication: set "
+                                 "RAY_AUTH_MODE=token and RAY_AUTH_TOKEN_PATH to its token (as slurm/ray_study.sbatch "
+                                 "does)") from None
+        else:
+            ray.init(num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=False,
+                     configure_logging=True, logging_level="WARNING")
+        signal.signal(signal.SIGTERM, interruption.handle)  # ray.init installs its own (it aborts the driver)
+        interruption.running(checkpoint_trials)  # a signal that came during ray.init ends the study here
         storage = plan.runs_dir / "ray"
         name = f"{plan.study.name}-{plan.preset}-{plan.study_key}"
         points = {p.key: p.to_dict() for p in plan.points}

@@ -4,7 +4,8 @@ A run key hashes the fields a run uses (`RunConfig.identity`). When that definit
 runs made before carry keys that no launch computes any more, so studies would train them again.
 This command re-keys what is stored, and running it again changes nothing:
 
-* a training run: its checkpoint folder runs/checkpoints/<old> becomes <new> (config.json updated)
+* a training run: its checkpoint folders runs/checkpoints/<old> and <old>.<run id> become <new> and
+  <new>.<run id> (config.json updated)
   and its MLflow runs, in every experiment of the store, get ltm.run_key=<new> and
   ltm.previous_run_key=<old>; all under the run's lock, so a run being trained is left alone;
 * an evaluation of a training point: re-keyed when its task, read back from its params, gives its
@@ -45,6 +46,8 @@ def folder_keys(runs_dir: Path) -> dict[str, str]:
 
     found = {}
     for folder in sorted((runs_dir / "checkpoints").glob("*")):
+        if "." in folder.name:  # <key>.<run id>: another run of that key, moved with it (`_move`)
+            continue
         file = latest_verified(folder) if folder.is_dir() else None
         try:
             found[folder.name] = new_key(read_config(file))
@@ -159,9 +162,16 @@ class Rekey:
             del self.moved[old]
             return
         with lock:
-            if rename:
-                src.rename(dst)
-                config = dst / CONFIG_FILE
+            # the key's own folder and those of its other runs (<key>.<run id>, `ltm.checkpoint.run_folder`)
+            pairs = ([(src, dst)] if rename else []) + [
+                (extra, dst.with_name(f"{new}{extra.name[len(old):]}")) for extra in sorted(src.parent.glob(f"{old}.*"))
+                if folder and extra.is_dir()]
+            for here, there in pairs:
+                if there.exists():
+                    self.left.append(f"{here}: {there} exists already; both kept")
+                    continue
+                here.rename(there)
+                config = there / CONFIG_FILE
                 if config.is_file():
                     config.write_text(json.dumps({**json.loads(config.read_text()), "run_key": new}, indent=1))
             for run in runs:

@@ -167,6 +167,7 @@ def run(plan: Plan, tracker, interruption: Interruption) -> bool:
         executor.update_parameters(slurm_setup=params["slurm_setup"] + [
             f"export PYTHONPATH={code}:$PYTHONPATH", f"export OMP_NUM_THREADS={params['cpus_per_task']}"])
         context = plan.context(tracking_uri, credentials)
+        interruption.running()  # from the submission on, a signal cancels the array (the poll loop below)
         jobs = executor.map_array(SlurmTrial(), todo, [context] * len(todo))
         ids = [j.job_id for j in jobs]
         tmp = jobs_file.with_name(f"jobs.json.{os.getpid()}.tmp")  # whole or absent, even if the driver dies now

@@ -15,9 +15,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-import signal
 import tempfile
-import threading
 import time
 from pathlib import Path
 
@@ -25,30 +23,8 @@ import torch
 
 from ltm.checkpoint import load_model, resolve
 from ltm.names import ROLE_EVAL, ROLE_TAG, SOURCE_RUN_TAG, TASK_TAG, Status
+from ltm.signals import Interrupt, Stopped
 from studies.messages import Point, Result, TrialContext
-
-
-class _Stopped(Exception):
-    pass
-
-
-class _StopOnSignal:
-    """SIGTERM / SIGUSR2 / SIGINT abort the evaluation (it has no state worth a checkpoint)."""
-
-    def __enter__(self):
-        self.previous = {}
-        if threading.current_thread() is threading.main_thread():
-            for sig in (signal.SIGTERM, signal.SIGUSR2, signal.SIGINT):
-                self.previous[sig] = signal.signal(sig, self._raise)
-        return self
-
-    @staticmethod
-    def _raise(signum, frame) -> None:
-        raise _Stopped(f"interrupted by {signal.Signals(signum).name}")
-
-    def __exit__(self, *exc) -> None:
-        for sig, handler in self.previous.items():
-            signal.signal(sig, handler)
 
 
 # -- building the points -------------------------------------------------------------------------
@@ -111,12 +87,20 @@ def evaluation_key(identity: str, task: dict) -> str:
 def run_task(point: Point, context: TrialContext) -> Result:
     """Train the point's checkpoint if needed, evaluate it, track the evaluation.
 
-    Holds the evaluation's run lock throughout (raises RunBusy when another process holds it).
+    Holds the evaluation's run lock throughout (raises RunBusy when another process holds it). A
+    signal (SIGTERM, SIGUSR2, Ctrl-C) at any moment ends it KILLED; an evaluation has no state worth
+    a checkpoint, so the next start reruns it.
     """
     from ltm.runlock import RunLock
 
-    with RunLock(context.runs_dir, point.key, "evaluated"):
-        return _run_task_locked(point, context)
+    with Interrupt() as interrupt:
+        try:
+            with interrupt.stoppable():
+                lock = RunLock(context.runs_dir, point.key, "evaluated")
+        except Stopped as stop:
+            return Result(Status.KILLED, None, f"interrupted by {stop} before the evaluation started")
+        with lock:
+            return _run_task_locked(point, context, interrupt)
 
 
 def trial_device() -> torch.device:
@@ -127,30 +111,30 @@ def trial_device() -> torch.device:
     return resolve_device(None, 0, torch.cuda.is_available())
 
 
-def _run_task_locked(point: Point, context: TrialContext) -> Result:
-    from ltm.config import RunConfig
+def _run_task_locked(point: Point, context: TrialContext, interrupt: Interrupt) -> Result:
     from ltm.tracking import Tracker
-    from ltm.train import autocast_for, run
+    from ltm.train import autocast_for
 
-    runs_dir = Path(context.runs_dir)
-    tracker = Tracker(context.tracking_uri, context.experiment, artifact_root=runs_dir / "artifacts")
-    existing = tracker.find_run(point.key)
-    if existing is not None and existing.info.status == Status.FINISHED.value:
-        return Result(Status.SKIPPED, existing.info.run_id, metrics=dict(existing.data.metrics))
-    source = point.source
-    if source.get("train"):
-        trained = run(RunConfig.from_dict(point.config), tracking_uri=context.tracking_uri,
-                      experiment=context.experiment, runs_dir=runs_dir, parent_run_id=context.parent_run_id,
-                      tags=context.tags, progress=False)
-        if trained.status not in (Status.FINISHED.value, Status.SKIPPED.value):
-            return Result(Status(trained.status), trained.run_id, f"training: {trained.reason}")
-        checkpoint, source_run = trained.run_dir, trained.run_id
-    else:
-        checkpoint, source_run = source["checkpoint"], source.get("run_id")
-    device = trial_device()
-    model, cfg = load_model(checkpoint, device=str(device))
+    try:
+        with interrupt.stoppable():  # nothing of the evaluation exists yet
+            runs_dir = Path(context.runs_dir)
+            tracker = Tracker(context.tracking_uri, context.experiment, artifact_root=runs_dir / "artifacts")
+            existing = tracker.find_run(point.key)
+            if existing is not None and existing.info.status == Status.FINISHED.value:
+                return Result(Status.SKIPPED, existing.info.run_id, metrics=dict(existing.data.metrics))
+            source = point.source
+            if source.get("train"):
+                checkpoint, source_run, failed = _trained_checkpoint(point, context)
+                if failed is not None:
+                    return failed
+            else:
+                checkpoint, source_run = source["checkpoint"], source.get("run_id")
+            device = trial_device()
+            model, cfg = load_model(checkpoint, device=str(device))
+    except Stopped as stop:
+        return Result(Status.KILLED, None, f"interrupted by {stop} before the evaluation run was created")
     task = point.task
-    if existing is not None:
+    if existing is not None:  # signals wait while the evaluation's run is reopened or created
         tracker.reopen(existing.info.run_id)
         run_id = existing.info.run_id
         tracker.set_tags(run_id, {"device": str(device)})  # the rerun may have landed on another device
@@ -163,11 +147,12 @@ def _run_task_locked(point: Point, context: TrialContext) -> Result:
     started = time.time()
     try:
         # The checkpoint's training precision ("auto": bf16 autocast on CUDA, fp32 on a CPU).
-        with _StopOnSignal(), autocast_for(device, cfg.train.precision):
+        with interrupt.stoppable(), autocast_for(device, cfg.train.precision):
             metrics, artifacts = EVALUATORS[task["name"]](model, cfg, task)
-    except _Stopped as stop:
-        tracker.finish(run_id, Status.KILLED.value, f"{stop}; start the study again to rerun this evaluation")
-        return Result(Status.KILLED, run_id, str(stop))
+    except Stopped as stop:
+        reason = f"interrupted by {stop}; start the study again to rerun this evaluation"
+        tracker.finish(run_id, Status.KILLED.value, reason)
+        return Result(Status.KILLED, run_id, reason)
     except Exception as err:
         tracker.finish(run_id, Status.FAILED.value, f"{type(err).__name__}: {err}")
         raise
@@ -179,6 +164,27 @@ def _run_task_locked(point: Point, context: TrialContext) -> Result:
         tracker.client.log_artifacts(run_id, tmp)
     tracker.finish(run_id, Status.FINISHED.value)
     return Result(Status.FINISHED, run_id, metrics=metrics)
+
+
+def _trained_checkpoint(point: Point, context: TrialContext) -> tuple[Path, str | None, Result | None]:
+    """Train the point's model (skipped when FINISHED, resumed when interrupted): (its own checkpoint
+    folder, its training run, None), or a Result to return when it did not finish or holds no
+    checkpoint of its own."""
+    from ltm.checkpoint import owner
+    from ltm.config import RunConfig
+    from ltm.train import run
+
+    trained = run(RunConfig.from_dict(point.config), tracking_uri=context.tracking_uri,
+                  experiment=context.experiment, runs_dir=context.runs_dir, parent_run_id=context.parent_run_id,
+                  tags=context.tags, progress=False)
+    if trained.status not in (Status.FINISHED.value, Status.SKIPPED.value):
+        return trained.run_dir, trained.run_id, Result(Status(trained.status), trained.run_id,
+                                                       f"training: {trained.reason}")
+    if owner(trained.run_dir) != trained.run_id:
+        return trained.run_dir, trained.run_id, Result(
+            Status.FAILED, trained.run_id, f"training run {trained.run_id} FINISHED but {trained.run_dir} holds no "
+            "checkpoint of its own (removed, or never written); train it again with --force")
+    return trained.run_dir, trained.run_id, None
 
 
 # -- the evaluators: (model, run config, task) -> (metrics, artifacts {file name: text}) -----------------

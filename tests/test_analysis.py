@@ -215,7 +215,7 @@ def test_compare_scores_two_runs_on_the_same_blocks(tracked, tmp_path, capsys):
     same = pd.read_csv(out).iloc[0]
     assert same["bound_A_minus_B"] == 0 and same["bound_ci_low"] == same["bound_ci_high"] == 0
     assert compare.main(["no-such-run", ar_key, "--runs-dir", str(tracked)]) == 2
-    assert "neither a checkpoint path nor a run key" in capsys.readouterr().err
+    assert "is neither a checkpoint file or folder, nor a run key" in capsys.readouterr().err
 
 
 def test_bayes_references_use_each_runs_receptive_field(tracked):

@@ -115,7 +115,7 @@ def test_icl_gsm8k_study_then_zero_shot_of_its_checkpoint_by_run_id(tmp_path):
 @pytest.mark.parametrize("study_def, args, message", [
     (GENERATION, ["--task", "colour=red"], "--task takes KEY=VALUE with KEY one of samples"),
     (GENERATION, ["--task", "samples=0"], "samples must be a positive integer"),
-    (GENERATION, ["--checkpoint", "/nowhere/ckpt"], "neither a checkpoint file or folder nor a run id"),
+    (GENERATION, ["--checkpoint", "/nowhere/ckpt"], "is neither a checkpoint file or folder, nor a run key"),
     (ZERO_SHOT, ["--task", "corpora=/nowhere/x.txt"], "no such file or folder"),
     (ICL_GSM8K, ["--data", "/nowhere/gsm8k"], "not a folder with train.jsonl and test.jsonl"),
     (ICL_GSM8K, ["--data", "{gsm8k}", "--task", "shots=-1"], "shots must be a list of integers >= 0"),

@@ -87,8 +87,8 @@ def test_a_lock_dies_with_its_holder_and_a_stale_pid_is_never_signalled(tmp_path
     assert holder(tmp_path, "k") is None  # SIGKILL released it: no stale lock to clean up
     # The file still names a pid; give that pid to an innocent process: it must not be signalled.
     innocent = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)"])
-    lock_path(tmp_path, "k").write_text(json.dumps({"pid": innocent.pid, "host": socket.gethostname()}))
-    stop_local_workers(tmp_path, ["k"], timeout=1)
+    lock_path(tmp_path, "k").write_text(json.dumps({"pid": innocent.pid, "host": socket.gethostname(), "driver": "d"}))
+    stop_local_workers(tmp_path, ["k"], "d", timeout=1)
     time.sleep(0.5)
     assert innocent.poll() is None
     innocent.kill()
@@ -129,21 +129,28 @@ def test_the_config_is_plain_json_beside_the_checkpoints_and_stale_temporaries_g
     assert RunConfig.from_dict(resolved["config"]) == cfg and resolved["run_id"] == result.run_id
 
 
-def test_a_full_disk_fails_the_run_with_the_fix_and_leaves_no_temporary(tmp_path, monkeypatch):
+@pytest.mark.parametrize("error, says", [
+    (OSError(errno.ENOSPC, "No space left on device"), "No space left on device (errno ENOSPC)"),
+    (OSError(errno.EFBIG, "File too large"), "File too large (errno EFBIG)"),
+    # what torch.save raises when the disk fills under its zip writer
+    (RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 64 vs 0"), "unexpected pos"),
+], ids=["ENOSPC", "EFBIG", "torch-RuntimeError"])
+def test_a_full_disk_fails_the_run_naming_the_file_and_leaves_no_temporary(tmp_path, monkeypatch, error, says):
     import torch
 
     def full(obj, f, *a, **k):
         f.write(b"partial")
-        raise OSError(errno.ENOSPC, "No space left on device")
+        raise error
 
     monkeypatch.setattr(torch, "save", full)
-    with pytest.raises(OSError, match="free space in .* and run the same command again"):
+    with pytest.raises(OSError, match="cannot write checkpoint .*ckpt-.*free on its disk.*run the same command again"):
         train.run(smoke(tmp_path), runs_dir=tmp_path / "runs", experiment="disk", progress=False)
     run_dir = tmp_path / "runs" / "checkpoints" / smoke(tmp_path).run_key()
-    assert not list(run_dir.glob("*.tmp")) and not list(run_dir.glob("ckpt-*.pt"))
+    assert not list(run_dir.glob("*.tmp")) and not list(run_dir.glob("ckpt-*"))
     client = MlflowClient(default_tracking_uri(tmp_path / "runs"))
     (run,) = client.search_runs([client.get_experiment_by_name("disk").experiment_id])
-    assert run.info.status == "FAILED" and "No space left" in run.data.tags[REASON_TAG]
+    assert run.info.status == "FAILED"
+    assert says in run.data.tags[REASON_TAG] and str(run_dir / "ckpt-") in run.data.tags[REASON_TAG]
 
 
 # -- a signal during an evaluation -------------------------------------------------------------------

@@ -228,6 +228,12 @@ def _cached(data_cfg: DataConfig, name: str, split: str, key: dict, tok: TextTok
                 for part in produce():
                     f.write(part.astype(dtype).tobytes())
                     n += len(part)
+                f.flush()
+            except OSError as err:  # a full disk, or a file over the size limit: name the file and the fix
+                os.unlink(f.name)
+                raise DataError(f"cannot write the token cache {path} ({err.strerror or err}, after "
+                                f"{n * np.dtype(dtype).itemsize:,} bytes); free space or raise the file size limit "
+                                "(ulimit -f), or point $LTM_CACHE (data.cache_dir) at a disk with room") from err
             except BaseException:
                 os.unlink(f.name)
                 raise

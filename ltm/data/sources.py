@@ -83,13 +83,40 @@ class TextSource:
             docs = _saved_documents(self.path, split, self.text_field)
         elif self.kind == "jsonl":
             docs = (record_text(json.loads(line), self.text_field, self.path)
-                    for line in self.path.open(encoding="utf-8") if line.strip())
+                    for line in _utf8_lines(self.path) if line.strip())
         elif self.kind == "parquet":
             docs = _parquet_documents(self.path, self.text_field)
         else:
             files = sorted(self.path.rglob("*.txt")) if self.kind == "txt-folder" else [self.path]
-            docs = (doc for f in files for doc in split_text_file(f.read_text(encoding="utf-8")))
+            docs = (doc for f in files for doc in split_text_file(_utf8_text(f)))
         return (d for d in docs if d.strip())
+
+
+def _not_utf8(path: Path, err: UnicodeDecodeError, offset: int = 0) -> DataError:
+    byte = err.object[err.start:err.start + 1].hex()
+    return DataError(f"{path} is not UTF-8 text: byte 0x{byte} at offset {offset + err.start} ({err.reason}); "
+                     "convert it (e.g. `iconv -f latin1 -t utf-8`) or move it out of the corpus")
+
+
+def _utf8_text(path: Path) -> str:
+    """A text file's content; a file that is not UTF-8 is named, with the offending byte's offset."""
+    data = path.read_bytes()
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as err:
+        raise _not_utf8(path, err) from None
+
+
+def _utf8_lines(path: Path) -> Iterator[str]:
+    """A file's lines, decoded as UTF-8; a line that is not is named by its file and byte offset."""
+    offset = 0
+    with open(path, "rb") as f:
+        for raw in f:
+            try:
+                yield raw.decode("utf-8")
+            except UnicodeDecodeError as err:
+                raise _not_utf8(path, err, offset) from None
+            offset += len(raw)
 
 
 def resolve_source(name: str, text_field: str = "text") -> TextSource:

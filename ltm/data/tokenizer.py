@@ -4,6 +4,7 @@ and the synthetic corpus's own vocabulary (`SyntheticCorpus` implements the same
 from __future__ import annotations
 
 import hashlib
+import itertools
 import os
 import tempfile
 import time
@@ -110,6 +111,12 @@ def bpe_tokenizer(path: Path, vocab_size: int, train_texts: Iterable[str] | None
 def _train_bpe(path: Path, vocab_size: int, texts: Iterable[str], source: str) -> None:
     """Train on the first BPE_TRAIN_CHARS characters of texts and save at path, saying so in plain lines:
     the tokenizers library draws its progress only on a terminal, and a study's log is not one."""
+    texts = iter(texts)
+    first = next((t for t in texts if t.strip()), None)
+    if first is None:  # say so before training: a BPE of no text would be cached and reused
+        raise DataError(f"no text in the train split of {source} to train a BPE tokenizer on: every document is "
+                        "empty; check the path and data.text_field")
+    texts = itertools.chain([first], texts)
     print(f"training a byte-level BPE (vocab {vocab_size}) on the first {BPE_TRAIN_CHARS:,} characters "
           f"of {source} ...", flush=True)
     start = time.monotonic()
