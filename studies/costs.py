@@ -1,5 +1,6 @@
 """What a study costs before it runs: each point's training tokens and FLOPs (`ltm.flops`, exact and
-paper conventions) and the GPU-hours they take at a stated MFU of a stated peak.
+paper conventions), the GPU-hours they take at a stated MFU of a stated peak, and the memory per
+process of its training update (`ltm.memory`) with the largest micro-batch that fits a stated GPU.
 
 Counted: the training updates a point runs (an evaluation point: the training of its checkpoint when
 it trains one first, else nothing). Not counted: periodic validation, the evaluations themselves, and
@@ -21,6 +22,11 @@ if TYPE_CHECKING:
 DEFAULT_MFU = 0.4
 DEFAULT_PEAK_TFLOPS = 989.0
 """Dense bf16 peak of an H100/H200 in TFLOP/s (the same as ltm.train's table of GPU peaks)."""
+HEADROOM = 0.10
+"""Share of a GPU's memory kept free for what `ltm.memory` leaves out: the caching allocator's
+rounding and fragmentation, and the transient workspaces of cuBLAS and the attention kernels."""
+CUDA_CONTEXT_GB = 1.0
+"""Per process, outside torch's allocator: the CUDA context and its kernel images (0.5-1 GB)."""
 
 
 @dataclass(frozen=True)
@@ -34,19 +40,64 @@ class Cost:
     """The paper's convention, (T + 1) * (6 N + 24 L d w) per token."""
 
 
+@dataclass(frozen=True)
+class Memory:
+    """One point's training update: its peak memory per process and the micro-batch that fits."""
+
+    micro_batch: int
+    """Sequences per forward on one process (train.micro_batch_size, or the per-process batch)."""
+    peak_gb: float
+    """The estimated peak per process at that micro-batch, in GB of 2^30 bytes."""
+    least_gb: float | None
+    """The same at micro-batch 1, when a GPU's memory is given."""
+    largest_fit: int | None
+    """The largest micro-batch dividing the per-process batch that fits the usable memory (0: none,
+    not even 1); None when no GPU memory is given."""
+
+
 def point_cost(point: Point) -> Cost:
     """The training a point runs: its own, or for an evaluation the checkpoint it trains first."""
-    from ltm.config import RunConfig
-    from ltm.data import planned_vocab_size
     from ltm.flops import flops_per_token
 
-    if point.task and not point.source.get("train"):
+    cfg = _trained_config(point)
+    if cfg is None:
         return Cost(0, 0.0, 0.0)  # evaluates a checkpoint that exists
-    cfg = RunConfig.from_dict(point.config)
-    model = dataclasses.replace(cfg.model, vocab_size=planned_vocab_size(cfg.data))
+    model = cfg.model
     steps, tokens = cfg.inference.steps, trained_tokens(cfg)
     exact = flops_per_token(model, steps, decoder_grad=cfg.inference.decoder_grad)
     return Cost(tokens, tokens * exact, tokens * flops_per_token(model, steps, convention="paper"))
+
+
+def _trained_config(point: Point) -> RunConfig | None:
+    """The config a point trains, with the data's vocabulary; None for an evaluation of a given checkpoint."""
+    from ltm.config import RunConfig
+    from ltm.data import planned_vocab_size
+
+    if point.task and not point.source.get("train"):
+        return None
+    cfg = RunConfig.from_dict(point.config)
+    return dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, vocab_size=planned_vocab_size(cfg.data)))
+
+
+def point_memory(point: Point, on_gpu: bool, usable_gb: float | None) -> Memory | None:
+    """The point's update on a GPU (at the precision it runs there) or a CPU, and with `usable_gb` (what a
+    process may fill of its GPU) the micro-batch that fits; None for an evaluation of a given checkpoint."""
+    from ltm.memory import gib, step_memory
+
+    cfg = _trained_config(point)
+    if cfg is None:
+        return None
+    memory = step_memory(cfg, "cuda" if on_gpu else "cpu")
+    if usable_gb is None:
+        return Memory(memory.micro_batch, gib(memory.peak_bytes()), None, None)
+    return Memory(memory.micro_batch, gib(memory.peak_bytes()), gib(memory.peak_bytes(1)),
+                  memory.largest_micro_batch(usable_gb * 2**30))
+
+
+def usable_gb(gpu_mem_gb: float, gpus_per_trial: float) -> float:
+    """What one trial's process may fill of its GPU (its share when trials share one): less HEADROOM and
+    the CUDA context."""
+    return gpu_mem_gb * min(1.0, gpus_per_trial) * (1 - HEADROOM) - CUDA_CONTEXT_GB
 
 
 def trained_tokens(cfg: RunConfig) -> int:
@@ -87,6 +138,52 @@ def cost_summary(costs: list[Cost], mfu: float, peak_tflops: float, gpus_per_tri
         if slurm_profile is not None:
             lines += _requeues(hours, gpus_per_trial, slurm_profile)
     return lines
+
+
+def memory_columns(memory: list[Memory | None]) -> dict[str, list]:
+    """The grid table's memory columns: the micro-batch, the peak there (GB), the largest that fits ("-": not known)."""
+    def column(value) -> list[str]:
+        return ["-" if m is None or value(m) is None else str(value(m)) for m in memory]
+
+    return {"micro": column(lambda m: m.micro_batch), "mem_gb": column(lambda m: _number(m.peak_gb)),
+            "fit_micro": column(lambda m: m.largest_fit)}
+
+
+def memory_summary(memory: list[Memory | None], gpus_per_trial: float, gpu_mem_gb: float | None) -> list[str]:
+    """The lines that read the memory columns: what is estimated, the usable memory, the points over it."""
+    where = "on a GPU (train.precision=auto: bf16 autocast)" if gpus_per_trial else "on a CPU (train.precision=auto: fp32)"
+    lines = [f"memory: mem_gb is the peak per process of a training update at the point's micro-batch, in GB of "
+             f"2^30 bytes, at the precision it runs at {where}: weights, gradients, AdamW state and the eager "
+             "step's activations (ltm.memory; a compiled step usually holds less)"]
+    if not gpus_per_trial:
+        return lines
+    if gpu_mem_gb is None:
+        return lines + ["fit_micro: not checked; give the GPU's memory with --gpu-mem-gb (or a SLURM profile's gpu_mem_gb)"]
+    share = f" ({gpus_per_trial:g} of it per trial)" if gpus_per_trial < 1 else ""
+    lines.append(f"fit_micro: the largest micro-batch dividing the per-process batch whose peak fits "
+                 f"{usable_gb(gpu_mem_gb, gpus_per_trial):.3g} GB: a {gpu_mem_gb:g} GB GPU{share} less "
+                 f"{HEADROOM:.0%} headroom (allocator rounding, fragmentation, workspaces) and {CUDA_CONTEXT_GB:g} GB "
+                 "for the CUDA context")
+    over = sum(1 for m in memory if m is not None and 0 < (m.largest_fit or 0) < m.micro_batch)
+    if over:
+        lines.append(f"note: {over} point(s) need more than that at their micro-batch: set train.micro_batch_size "
+                     "to their fit_micro (--set train.micro_batch_size=N)")
+    return lines
+
+
+def memory_problem(points: list[Point], memory: list[Memory | None], gpus_per_trial: float,
+                   gpu_mem_gb: float) -> str | None:
+    """Why the points that do not fit their GPU even at micro-batch 1 cannot run, and what to change; None if all fit."""
+    unfit = [(p, m) for p, m in zip(points, memory) if m is not None and m.largest_fit == 0]
+    if not unfit:
+        return None
+    shown = ", ".join(f"{p.key} needs {_number(m.least_gb)} GB" for p, m in unfit[:3]) + (", ..." if unfit[3:] else "")
+    whole = ", or a whole GPU per trial (--gpus-per-trial 1)" if gpus_per_trial < 1 else ""
+    return (f"{len(unfit)} point(s) cannot fit a {gpu_mem_gb:g} GB GPU even at micro-batch 1 ({shown}; "
+            f"{usable_gb(gpu_mem_gb, gpus_per_trial):.3g} GB usable per process after {HEADROOM:.0%} headroom and "
+            f"{CUDA_CONTEXT_GB:g} GB for the CUDA context): run them on GPUs with more memory (--gpu-mem-gb, or the "
+            f"SLURM profile's gpu_mem_gb){whole}, or make them smaller (the model's size, model.ctx, the vocabulary); "
+            "fewer inference steps would not help, the peak does not grow with inference.steps")
 
 
 def _requeues(hours: list[float], gpus_per_trial: float, profile: dict) -> list[str]:

@@ -25,7 +25,7 @@ import sys
 import time
 
 from ltm.names import EXIT_OF, Exit, Status
-from studies.costs import cost_columns, cost_summary, point_cost
+from studies.costs import cost_columns, cost_summary, memory_columns, memory_summary, point_cost
 from studies.interrupt import Interruption, StudyInterrupted, wait_for_stragglers
 from studies.parent import finish_parent, open_parent, summary
 from studies.plan import Plan, UsageError, plan
@@ -43,11 +43,13 @@ def print_plan(plan_: Plan) -> None:
 
     costs = [point_cost(p) for p in plan_.points]
     with pd.option_context("display.max_rows", 500, "display.width", 200):
-        print(grid_table(plan_.points, cost_columns(costs, plan_.mfu, plan_.peak_tflops)).to_string(index=False))
+        columns = {**cost_columns(costs, plan_.mfu, plan_.peak_tflops), **memory_columns(plan_.memory)}
+        print(grid_table(plan_.points, columns).to_string(index=False))
     print(f"\n{plan_.study.name} / {plan_.preset}: {len(plan_.points)} points, backend {plan_.cluster}, "
           f"{plan_.cpus:g} CPU + {plan_.gpus:g} GPU per trial, at most {plan_.trials_at_once} at once")
     print("\n".join(cost_summary(costs, plan_.mfu, plan_.peak_tflops, plan_.gpus, plan_.trials_at_once,
-                                 plan_.profile if plan_.cluster == "slurm" else None)))
+                                 plan_.profile if plan_.cluster == "slurm" else None)
+                    + memory_summary(plan_.memory, plan_.gpus, plan_.gpu_mem_gb)))
     print(f"tracking {redact(plan_.tracking_uri)}, experiment {plan_.experiment}, runs folder {plan_.runs_dir}")
     first = plan_.points[0] if plan_.points else None
     if first is not None and first.task:

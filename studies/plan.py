@@ -6,6 +6,7 @@ Everything a backend needs is resolved here once: nothing downstream reads the a
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import shutil
@@ -13,7 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ltm.names import BACKEND_TAG, PRESET_TAG, STUDY_KEY_TAG, STUDY_TAG
-from studies.costs import DEFAULT_MFU, DEFAULT_PEAK_TFLOPS
+from studies.costs import DEFAULT_MFU, DEFAULT_PEAK_TFLOPS, Memory, memory_problem, point_memory, usable_gb
 from studies.messages import Point, TrialContext
 from studies.points import build_points, study_key
 from studies.study import Preset, Study
@@ -21,7 +22,7 @@ from studies.study import Preset, Study
 ROOT = Path(__file__).resolve().parents[1]
 """The project root (holds ltm/ and studies/): put on workers' PYTHONPATH and snapshotted for SLURM."""
 PROFILES_DIR = ROOT / "slurm" / "profiles"
-PROFILE_KEYS = {"one_node", "partition", "cpus_per_task", "gpus_per_task", "mem_gb", "time_min", "setup",
+PROFILE_KEYS = {"one_node", "partition", "cpus_per_task", "gpus_per_task", "gpu_mem_gb", "mem_gb", "time_min", "setup",
                 "array_parallelism", "signal_delay_s", "max_num_timeout", "account", "qos", "constraint",
                 "additional_parameters"}
 
@@ -65,6 +66,9 @@ def build_parser(study: Study) -> argparse.ArgumentParser:
     parser.add_argument("--peak-tflops", type=float, default=DEFAULT_PEAK_TFLOPS,
                         help=f"a GPU's peak TFLOP/s for the GPU-hours (default {DEFAULT_PEAK_TFLOPS:g}: H100/H200 "
                              "dense bf16)")
+    parser.add_argument("--gpu-mem-gb", type=float, help="memory of the GPU a trial gets, in GB of 2^30 bytes (141: "
+                        "H200, 80: H100): each point's micro-batch is fitted to it, and a point that cannot fit even "
+                        "at micro-batch 1 is refused (default: the SLURM profile's gpu_mem_gb)")
     if any(p.task for p in study.presets.values()):
         task_group = parser.add_argument_group("evaluation")
         task_group.add_argument("--checkpoint", action="append", default=[], metavar="PATH_OR_RUN_ID",
@@ -110,6 +114,8 @@ class Plan:
     mfu: float = DEFAULT_MFU
     """The model FLOPs utilisation and the GPU peak that the printed GPU-hours assume."""
     peak_tflops: float = DEFAULT_PEAK_TFLOPS
+    gpu_mem_gb: float | None = None
+    """Memory of a trial's GPU (--gpu-mem-gb, else the SLURM profile's gpu_mem_gb); None: not known."""
     address: str | None = None
     """Ray: the cluster to join."""
     fresh: bool = False
@@ -134,6 +140,12 @@ class Plan:
         """Trials that run at once: --max-concurrent, SLURM's array_parallelism, else every point."""
         limit = self.max_concurrent or (self.profile.get("array_parallelism", 64) if self.cluster == "slurm" else 0)
         return min(limit, len(self.points)) if limit else len(self.points)
+
+    @functools.cached_property
+    def memory(self) -> list[Memory | None]:
+        """Each point's training update in memory (`studies.costs.point_memory`), on a GPU if trials get one."""
+        usable = usable_gb(self.gpu_mem_gb, self.gpus) if self.gpus and self.gpu_mem_gb else None
+        return [point_memory(p, self.gpus > 0, usable) for p in self.points]
 
     @property
     def is_evaluation(self) -> bool:
@@ -202,6 +214,13 @@ def plan(study: Study, argv: list[str] | None = None) -> Plan:
     gpus = args.gpus_per_trial if args.gpus_per_trial is not None else profile.get("gpus_per_task", preset.gpus)
     if cpus <= 0 or gpus < 0:
         raise UsageError(f"need --cpus-per-trial > 0 and --gpus-per-trial >= 0, got {cpus} and {gpus}")
+    gpu_mem = args.gpu_mem_gb if args.gpu_mem_gb is not None else profile.get("gpu_mem_gb")
+    if gpu_mem is not None and not (isinstance(gpu_mem, (int, float)) and gpu_mem > 0):
+        raise UsageError(f"the GPU's memory (--gpu-mem-gb, or the profile's gpu_mem_gb) is in GB and > 0, e.g. 80 "
+                         f"for an H100; got {gpu_mem!r}")
+    if args.gpu_mem_gb is not None and not gpus:
+        raise UsageError("--gpu-mem-gb sizes the GPU a trial gets, but the trials get none: add --gpus-per-trial 1 "
+                         "or drop --gpu-mem-gb")
     if args.cluster == "slurm":
         if not args.dry_run and shutil.which("sbatch") is None:
             raise UsageError("--cluster slurm needs SLURM's sbatch on PATH (start the one-node test cluster with "
@@ -217,11 +236,16 @@ def plan(study: Study, argv: list[str] | None = None) -> Plan:
     max_concurrent = args.max_concurrent
     if not max_concurrent and args.cluster == "local":
         max_concurrent = max(1, int((os.cpu_count() or 1) // cpus))
-    return Plan(study, args.preset, args.cluster, points, study_key(study, args.preset, points), runs_dir, uri,
-                args.experiment or study.name, cpus, gpus, max_concurrent, args.max_failures, dry_run=args.dry_run,
-                mfu=args.mfu, peak_tflops=args.peak_tflops,
-                address=args.address, fresh=args.fresh, profile=profile, mlflow_server=args.mlflow_server,
-                no_wait=args.no_wait, problem=problem)
+    result = Plan(study, args.preset, args.cluster, points, study_key(study, args.preset, points), runs_dir, uri,
+                  args.experiment or study.name, cpus, gpus, max_concurrent, args.max_failures, dry_run=args.dry_run,
+                  mfu=args.mfu, peak_tflops=args.peak_tflops, gpu_mem_gb=float(gpu_mem) if gpus and gpu_mem else None,
+                  address=args.address, fresh=args.fresh, profile=profile, mlflow_server=args.mlflow_server,
+                  no_wait=args.no_wait, problem=problem)
+    unfit = result.gpu_mem_gb and memory_problem(result.points, result.memory, gpus, result.gpu_mem_gb)
+    if unfit and not args.dry_run:
+        raise UsageError(unfit)  # before anything is submitted
+    result.problem = result.problem or (UsageError(unfit) if unfit else None)
+    return result
 
 
 def evaluation_points(study: Study, preset: Preset, train_points: list[Point], args: argparse.Namespace,

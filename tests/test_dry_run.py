@@ -1,5 +1,6 @@
 """A study's dry run sizes it: per point and in total, training tokens, FLOPs (exact and paper
-conventions, `ltm.flops`) and GPU-hours at a stated MFU of a stated peak."""
+conventions, `ltm.flops`) and GPU-hours at a stated MFU of a stated peak; per point the memory of a
+training update (`ltm.memory`) and the largest micro-batch that fits a stated GPU."""
 
 import dataclasses
 import math
@@ -9,13 +10,14 @@ import pytest
 from ltm.config import DataConfig, RunConfig, run_preset
 from ltm.data import load_tokenizer, planned_vocab_size
 from ltm.flops import flops_per_token
+from ltm.memory import gib, step_memory
 from ltm.names import Exit
 from studies.costs import DEFAULT_PEAK_TFLOPS, Cost, point_cost
 from studies.generation import STUDY as GENERATION
 from studies.inference_scaling import STUDY as INFERENCE_SCALING
 from studies.launcher import main
 from studies.messages import Point
-from studies.plan import plan
+from studies.plan import load_profile, plan
 from studies.points import build_points
 
 ROUNDING = 5e-3
@@ -132,3 +134,97 @@ def test_slurm_requeues_needed_by_long_points_are_named():
     assert "more than the profile's max_num_timeout=1 requeues" in lines[-1]
     assert not any("outlast" in line for line in cost_summary(costs, 0.4, 989.0, 1, 2, {"time_min": 1600}))
     assert not any("outlast" in line for line in cost_summary(costs, 0.4, 989.0, 1, 2))  # not SLURM
+
+
+def memory_of(point: Point, device: str):
+    """The point's update in memory, worked out here from its config with the data's vocabulary."""
+    cfg = RunConfig.from_dict(point.config)
+    model = dataclasses.replace(cfg.model, vocab_size=cfg.data.synthetic_vocab)
+    return step_memory(dataclasses.replace(cfg, model=model), device)
+
+
+def test_dry_run_prints_each_points_memory_and_the_micro_batch_that_fits_its_gpu(tmp_path, capsys):
+    argv = ["--preset", "smoke", "--runs-dir", str(tmp_path), "--gpus-per-trial", "1"]
+    memories = {p.key: memory_of(p, "cuda") for p in plan(INFERENCE_SCALING, argv).points}
+    # a GPU whose usable memory (90%, less 1 GB) lies between every point's peak at micro-batch 2 and at 4
+    low, high = max(m.peak_bytes(2) for m in memories.values()), min(m.peak_bytes(4) for m in memories.values())
+    assert low < high
+    gpu_gb = (gib((low + high) / 2) + 1) / 0.9
+    rows, rest = dry_run(INFERENCE_SCALING, [*argv, "--gpu-mem-gb", repr(gpu_gb)], capsys)
+    for key, memory in memories.items():
+        assert memory.precision == "bf16" and memory.micro_batch == 8  # the whole batch of 8 at once
+        assert rows[key]["micro"] == "8" and rows[key]["fit_micro"] == "2"
+        assert number(rows[key]["mem_gb"]) == pytest.approx(gib(memory.peak_bytes()), rel=ROUNDING)
+    assert "at the precision it runs at on a GPU (train.precision=auto: bf16 autocast)" in rest
+    assert (f"whose peak fits {gib((low + high) / 2):.3g} GB: a {gpu_gb:g} GB GPU less 10% headroom (allocator "
+            "rounding, fragmentation, workspaces) and 1 GB for the CUDA context") in rest
+    assert "note: 4 point(s) need more than that at their micro-batch: set train.micro_batch_size to their fit_micro" in rest
+
+
+def test_cpu_trials_get_the_cpu_estimate_and_no_fit(tmp_path, capsys):
+    argv = ["--preset", "smoke", "--runs-dir", str(tmp_path)]
+    rows, rest = dry_run(INFERENCE_SCALING, argv, capsys)
+    for p in plan(INFERENCE_SCALING, argv).points:
+        assert number(rows[p.key]["mem_gb"]) == pytest.approx(gib(memory_of(p, "cpu").peak_bytes()), rel=ROUNDING)
+        assert rows[p.key]["fit_micro"] == "-"
+    assert "at the precision it runs at on a CPU (train.precision=auto: fp32)" in rest and "fit_micro" not in rest
+
+
+BIG = ["--preset", "smoke", "--set", "model.d_model=4096", "--set", "model.n_heads=32", "--gpus-per-trial", "1",
+       "--gpu-mem-gb", "4"]
+"""Smoke points made about 10 GB at micro-batch 1, on a 4 GB GPU."""
+
+
+def test_a_study_with_a_point_that_cannot_fit_even_at_micro_batch_1_is_refused_before_anything_starts(tmp_path, capsys):
+    runs = tmp_path / "runs"
+    assert main(INFERENCE_SCALING, [*BIG, "--runs-dir", str(runs)]) == Exit.USAGE
+    err = capsys.readouterr().err
+    assert "error: 4 point(s) cannot fit a 4 GB GPU even at micro-batch 1 (" in err
+    assert "run them on GPUs with more memory (--gpu-mem-gb, or the SLURM profile's gpu_mem_gb)" in err
+    assert not (runs / "mlflow.db").exists() and not (runs / "ray").exists()
+
+
+def test_the_dry_run_shows_the_grid_then_names_the_points_that_cannot_fit(tmp_path, capsys):
+    assert main(INFERENCE_SCALING, [*BIG, "--runs-dir", str(tmp_path), "--dry-run"]) == Exit.USAGE
+    out, err = capsys.readouterr()
+    header, *rows = [line.split() for line in out.split("\n\n")[0].splitlines()]
+    assert [dict(zip(header, r))["fit_micro"] for r in rows] == ["0"] * 4
+    assert all(number(dict(zip(header, r))["mem_gb"]) > 4 for r in rows)
+    assert "cannot fit a 4 GB GPU even at micro-batch 1" in err and "2.6 GB usable per process" in err
+
+
+def test_the_gpu_profile_gives_the_gpu_memory(tmp_path, capsys):
+    assert load_profile("gpu")["gpu_mem_gb"] == 141  # an H200
+    # the synthetic corpus stands in for OpenWebText, whose GPT-2 tokenizer a test machine may not have
+    argv = ["--preset", "paper", "--cluster", "slurm", "--runs-dir", str(tmp_path), "--set", "data.name=synthetic"]
+    rows, rest = dry_run(INFERENCE_SCALING, argv, capsys)
+    assert len(rows) == 48 and all(r["micro"] == "32" and int(r["fit_micro"]) >= 32 for r in rows.values())
+    assert "fits 126 GB: a 141 GB GPU less 10% headroom" in rest
+
+
+def test_ltm_l_at_t64_and_micro_batch_32_fits_an_h200_with_room_to_spare():
+    """The paper's LTM-L with its GPT-2 vocabulary, on a GPU (bf16 autocast)."""
+    from studies.costs import point_memory, usable_gb
+
+    (point,) = [p for p in build_points(INFERENCE_SCALING, "paper", [0], None, [])
+                if p.label.get("recipe") == "ltm-l" and p.label["inference.steps"] == 64
+                and p.label["model.n_latents"] == 24]
+    memory = point_memory(point, True, usable_gb(141, 1))
+    cfg = RunConfig.from_dict(point.config)
+    estimate = step_memory(cfg.with_overrides({"model.vocab_size": 50258}), "cuda")
+    assert memory.micro_batch == 32 and memory.peak_gb == pytest.approx(gib(estimate.peak_bytes()))
+    weights_and_adamw = 16 * 76_279_296 / 2**30  # fp32 weights, gradients and two moments: 1.1 GB
+    assert 10 * weights_and_adamw < memory.peak_gb < 126  # activations dominate; it fits
+    assert memory.largest_fit == estimate.largest_micro_batch(usable_gb(141, 1) * 2**30) >= 32
+    assert estimate.peak_bytes(memory.largest_fit) <= usable_gb(141, 1) * 2**30 < estimate.peak_bytes(2 * memory.largest_fit)
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--gpu-mem-gb", "0", "--gpus-per-trial", "1"], "the GPU's memory (--gpu-mem-gb, or the profile's gpu_mem_gb) "
+                                                     "is in GB and > 0, e.g. 80 for an H100; got 0.0"),
+    (["--gpu-mem-gb", "80"], "--gpu-mem-gb sizes the GPU a trial gets, but the trials get none: add "
+                             "--gpus-per-trial 1 or drop --gpu-mem-gb"),
+], ids=["zero", "no-gpu"])
+def test_bad_gpu_memory_is_a_usage_error(tmp_path, capsys, args, message):
+    assert main(INFERENCE_SCALING, ["--preset", "smoke", "--runs-dir", str(tmp_path), "--dry-run", *args]) == Exit.USAGE
+    assert message in capsys.readouterr().err
