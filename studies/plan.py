@@ -16,6 +16,7 @@ from ltm.names import BACKEND_TAG, PRESET_TAG, STUDY_KEY_TAG, STUDY_TAG
 from studies.costs import DEFAULT_MFU, DEFAULT_PEAK_TFLOPS
 from studies.messages import Point, TrialContext
 from studies.points import build_points, study_key
+from studies.resources import ResourceError, check_world, processes_per_node
 from studies.study import Preset, Study
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -53,10 +54,15 @@ def build_parser(study: Study) -> argparse.ArgumentParser:
     parser.add_argument("--max-concurrent", type=int, default=0,
                         help="trials at once (default: CPUs / CPUs per trial locally; unlimited otherwise)")
     parser.add_argument("--cpus-per-trial", type=float,
-                        help="CPUs per trial (default: the SLURM profile's cpus_per_task, else the preset's)")
+                        help="CPUs per trial, per process with --processes-per-trial (default: the SLURM profile's "
+                             "cpus_per_task, else the preset's)")
     parser.add_argument("--gpus-per-trial", type=float,
-                        help="GPUs per trial, fractions allowed (default: the SLURM profile's gpus_per_task, else "
-                             "the preset's)")
+                        help="GPUs per trial on each of its nodes; fractions share a GPU under Ray, SLURM takes whole "
+                             "GPUs (default: the SLURM profile's gpus_per_task, else the preset's)")
+    parser.add_argument("--processes-per-trial", type=int,
+                        help="SLURM: processes of each point on each of its nodes, one torch.distributed job "
+                             "(default 1; on GPUs one per GPU: --gpus-per-trial)")
+    parser.add_argument("--nodes-per-trial", type=int, default=1, help="SLURM: nodes of each point (default 1)")
     parser.add_argument("--max-failures", type=int, default=1, help="retries of a crashed trial (default 1)")
     parser.add_argument("--dry-run", action="store_true", help="print the grid, its training FLOPs and GPU-hours, "
                                                                "resources and sbatch parameters; launch nothing")
@@ -101,8 +107,10 @@ class Plan:
     tracking_uri: str
     experiment: str
     cpus: float
-    """CPUs per trial, resolved once: --cpus-per-trial, else the SLURM profile's, else the preset's."""
+    """CPUs per trial (per process of a point of several), resolved once: --cpus-per-trial, else the SLURM
+    profile's, else the preset's."""
     gpus: float
+    """GPUs per trial on each of its nodes."""
     max_concurrent: int
     """Trials at once; 0: unlimited (SLURM: the profile's array_parallelism)."""
     max_failures: int
@@ -123,6 +131,15 @@ class Plan:
     parent_run_id: str | None = None
     problem: Exception | None = None
     """A dry run's validation error, reported after the grid."""
+    processes: int = 1
+    """SLURM: processes of a point on each of its nodes (one per GPU when it has GPUs)."""
+    nodes: int = 1
+    """SLURM: nodes of a point."""
+
+    @property
+    def world(self) -> int:
+        """The processes of one point: its torch.distributed world size."""
+        return self.processes * self.nodes
 
     @property
     def tags(self) -> dict:
@@ -200,6 +217,12 @@ def plan(study: Study, argv: list[str] | None = None) -> Plan:
     gpus = args.gpus_per_trial if args.gpus_per_trial is not None else profile.get("gpus_per_task", preset.gpus)
     if cpus <= 0 or gpus < 0:
         raise UsageError(f"need --cpus-per-trial > 0 and --gpus-per-trial >= 0, got {cpus} and {gpus}")
+    try:
+        processes = processes_per_node(args.cluster, args.processes_per_trial, args.nodes_per_trial, gpus,
+                                       bool(profile.get("one_node")))
+        check_world(points, processes, args.nodes_per_trial)
+    except ResourceError as err:
+        raise UsageError(str(err)) from None
     if args.cluster == "slurm":
         if not args.dry_run and shutil.which("sbatch") is None:
             raise UsageError("--cluster slurm needs SLURM's sbatch on PATH (start the one-node test cluster with "
@@ -217,7 +240,7 @@ def plan(study: Study, argv: list[str] | None = None) -> Plan:
                 args.experiment or study.name, cpus, gpus, max_concurrent, args.max_failures, dry_run=args.dry_run,
                 mfu=args.mfu, peak_tflops=args.peak_tflops,
                 address=args.address, fresh=args.fresh, profile=profile, mlflow_server=args.mlflow_server,
-                no_wait=args.no_wait, problem=problem)
+                no_wait=args.no_wait, problem=problem, processes=processes, nodes=args.nodes_per_trial)
 
 
 def evaluation_points(study: Study, preset: Preset, train_points: list[Point], args: argparse.Namespace,
