@@ -45,9 +45,13 @@ def print_plan(plan_: Plan) -> None:
     with pd.option_context("display.max_rows", 500, "display.width", 200):
         columns = {**cost_columns(costs, plan_.mfu, plan_.peak_tflops), **memory_columns(plan_.memory)}
         print(grid_table(plan_.points, columns).to_string(index=False))
-    print(f"\n{plan_.study.name} / {plan_.preset}: {len(plan_.points)} points, backend {plan_.cluster}, "
-          f"{plan_.cpus:g} CPU + {plan_.gpus:g} GPU per trial, at most {plan_.trials_at_once} at once")
-    print("\n".join(cost_summary(costs, plan_.mfu, plan_.peak_tflops, plan_.gpus, plan_.trials_at_once,
+    per_trial = f"{plan_.cpus:g} CPU + {plan_.gpus:g} GPU per trial"
+    if plan_.world > 1:
+        per_trial = (f"each point one torch.distributed job of {plan_.world} processes ({plan_.processes} per node x "
+                     f"{plan_.nodes} node(s)) with {plan_.cpus:g} CPU each and {plan_.gpus:g} GPU per node")
+    print(f"\n{plan_.study.name} / {plan_.preset}: {len(plan_.points)} points, backend {plan_.cluster}, {per_trial}, "
+          f"at most {plan_.trials_at_once} at once")
+    print("\n".join(cost_summary(costs, plan_.mfu, plan_.peak_tflops, plan_.gpus * plan_.nodes, plan_.trials_at_once,
                                  plan_.profile if plan_.cluster == "slurm" else None)
                     + memory_summary(plan_.memory, plan_.gpus, plan_.gpu_mem_gb)))
     print(f"tracking {redact(plan_.tracking_uri)}, experiment {plan_.experiment}, runs folder {plan_.runs_dir}")

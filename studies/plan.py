@@ -17,16 +17,11 @@ from ltm.names import BACKEND_TAG, PRESET_TAG, STUDY_KEY_TAG, STUDY_TAG
 from studies.costs import DEFAULT_MFU, DEFAULT_PEAK_TFLOPS, Memory, memory_problem, point_memory, usable_gb
 from studies.messages import Point, TrialContext
 from studies.points import build_points, study_key
+from studies.resources import ResourceError, check_world, gpu_memory, load_profile, processes_per_node
 from studies.study import Preset, Study
 
 ROOT = Path(__file__).resolve().parents[1]
 """The project root (holds ltm/ and studies/): put on workers' PYTHONPATH and snapshotted for SLURM."""
-PROFILES_DIR = ROOT / "slurm" / "profiles"
-PROFILE_KEYS = {"one_node", "partition", "cpus_per_task", "gpus_per_task", "gpu_mem_gb", "mem_gb", "time_min", "setup",
-                "array_parallelism", "signal_delay_s", "max_num_timeout", "account", "qos", "constraint",
-                "additional_parameters"}
-
-
 class UsageError(Exception):
     """Bad options: reported in one line, exit status 2, nothing launched."""
 
@@ -54,10 +49,15 @@ def build_parser(study: Study) -> argparse.ArgumentParser:
     parser.add_argument("--max-concurrent", type=int, default=0,
                         help="trials at once (default: CPUs / CPUs per trial locally; unlimited otherwise)")
     parser.add_argument("--cpus-per-trial", type=float,
-                        help="CPUs per trial (default: the SLURM profile's cpus_per_task, else the preset's)")
+                        help="CPUs per trial, per process with --processes-per-trial (default: the SLURM profile's "
+                             "cpus_per_task, else the preset's)")
     parser.add_argument("--gpus-per-trial", type=float,
-                        help="GPUs per trial, fractions allowed (default: the SLURM profile's gpus_per_task, else "
-                             "the preset's)")
+                        help="GPUs per trial on each of its nodes; fractions share a GPU under Ray, SLURM takes whole "
+                             "GPUs (default: the SLURM profile's gpus_per_task, else the preset's)")
+    parser.add_argument("--processes-per-trial", type=int,
+                        help="SLURM: processes of each point on each of its nodes, one torch.distributed job "
+                             "(default 1; on GPUs one per GPU: --gpus-per-trial)")
+    parser.add_argument("--nodes-per-trial", type=int, default=1, help="SLURM: nodes of each point (default 1)")
     parser.add_argument("--max-failures", type=int, default=1, help="retries of a crashed trial (default 1)")
     parser.add_argument("--dry-run", action="store_true", help="print the grid, its training FLOPs and GPU-hours, "
                                                                "resources and sbatch parameters; launch nothing")
@@ -105,8 +105,10 @@ class Plan:
     tracking_uri: str
     experiment: str
     cpus: float
-    """CPUs per trial, resolved once: --cpus-per-trial, else the SLURM profile's, else the preset's."""
+    """CPUs per trial (per process of a point of several), resolved once: --cpus-per-trial, else the SLURM
+    profile's, else the preset's."""
     gpus: float
+    """GPUs per trial on each of its nodes."""
     max_concurrent: int
     """Trials at once; 0: unlimited (SLURM: the profile's array_parallelism)."""
     max_failures: int
@@ -129,6 +131,15 @@ class Plan:
     parent_run_id: str | None = None
     problem: Exception | None = None
     """A dry run's validation error, reported after the grid."""
+    processes: int = 1
+    """SLURM: processes of a point on each of its nodes (one per GPU when it has GPUs)."""
+    nodes: int = 1
+    """SLURM: nodes of a point."""
+
+    @property
+    def world(self) -> int:
+        """The processes of one point: its torch.distributed world size."""
+        return self.processes * self.nodes
 
     @property
     def tags(self) -> dict:
@@ -209,18 +220,18 @@ def plan(study: Study, argv: list[str] | None = None) -> Plan:
     check_tracking_uri(uri)
     if preset.task is not None:
         points = evaluation_points(study, preset, points, args, uri, runs_dir)
-    profile = load_profile(args.profile or preset.profile) if args.cluster == "slurm" else {}
-    cpus = args.cpus_per_trial if args.cpus_per_trial is not None else profile.get("cpus_per_task", preset.cpus)
-    gpus = args.gpus_per_trial if args.gpus_per_trial is not None else profile.get("gpus_per_task", preset.gpus)
-    if cpus <= 0 or gpus < 0:
-        raise UsageError(f"need --cpus-per-trial > 0 and --gpus-per-trial >= 0, got {cpus} and {gpus}")
-    gpu_mem = args.gpu_mem_gb if args.gpu_mem_gb is not None else profile.get("gpu_mem_gb")
-    if gpu_mem is not None and not (isinstance(gpu_mem, (int, float)) and gpu_mem > 0):
-        raise UsageError(f"the GPU's memory (--gpu-mem-gb, or the profile's gpu_mem_gb) is in GB and > 0, e.g. 80 "
-                         f"for an H100; got {gpu_mem!r}")
-    if args.gpu_mem_gb is not None and not gpus:
-        raise UsageError("--gpu-mem-gb sizes the GPU a trial gets, but the trials get none: add --gpus-per-trial 1 "
-                         "or drop --gpu-mem-gb")
+    try:
+        profile = load_profile(args.profile or preset.profile) if args.cluster == "slurm" else {}
+        cpus = args.cpus_per_trial if args.cpus_per_trial is not None else profile.get("cpus_per_task", preset.cpus)
+        gpus = args.gpus_per_trial if args.gpus_per_trial is not None else profile.get("gpus_per_task", preset.gpus)
+        if cpus <= 0 or gpus < 0:
+            raise ResourceError(f"need --cpus-per-trial > 0 and --gpus-per-trial >= 0, got {cpus} and {gpus}")
+        gpu_mem = gpu_memory(args.gpu_mem_gb, profile, gpus)
+        processes = processes_per_node(args.cluster, args.processes_per_trial, args.nodes_per_trial, gpus,
+                                       bool(profile.get("one_node")))
+        check_world(points, processes, args.nodes_per_trial)
+    except ResourceError as err:
+        raise UsageError(str(err)) from None
     if args.cluster == "slurm":
         if not args.dry_run and shutil.which("sbatch") is None:
             raise UsageError("--cluster slurm needs SLURM's sbatch on PATH (start the one-node test cluster with "
@@ -238,9 +249,9 @@ def plan(study: Study, argv: list[str] | None = None) -> Plan:
         max_concurrent = max(1, int((os.cpu_count() or 1) // cpus))
     result = Plan(study, args.preset, args.cluster, points, study_key(study, args.preset, points), runs_dir, uri,
                   args.experiment or study.name, cpus, gpus, max_concurrent, args.max_failures, dry_run=args.dry_run,
-                  mfu=args.mfu, peak_tflops=args.peak_tflops, gpu_mem_gb=float(gpu_mem) if gpus and gpu_mem else None,
+                  mfu=args.mfu, peak_tflops=args.peak_tflops, gpu_mem_gb=gpu_mem,
                   address=args.address, fresh=args.fresh, profile=profile, mlflow_server=args.mlflow_server,
-                  no_wait=args.no_wait, problem=problem)
+                  no_wait=args.no_wait, problem=problem, processes=processes, nodes=args.nodes_per_trial)
     unfit = result.gpu_mem_gb and memory_problem(result.points, result.memory, gpus, result.gpu_mem_gb)
     if unfit and not args.dry_run:
         raise UsageError(unfit)  # before anything is submitted
@@ -281,18 +292,3 @@ def _task_value(raw: str, current: object) -> object:
     if isinstance(current, list):
         return [one(v) for v in raw.split(",") if v.strip()]
     return one(raw)
-
-
-def load_profile(name: str) -> dict:
-    """A SLURM profile from slurm/profiles/<name>.yaml or a YAML path."""
-    import yaml
-
-    path = Path(name) if name.endswith((".yaml", ".yml")) else PROFILES_DIR / f"{name}.yaml"
-    if not path.is_file():
-        known = sorted(p.stem for p in PROFILES_DIR.glob("*.yaml"))
-        raise UsageError(f"no SLURM profile {name!r} ({path}); known: {', '.join(known)} or a YAML path")
-    profile = yaml.safe_load(path.read_text()) or {}
-    bad = set(profile) - PROFILE_KEYS
-    if bad:
-        raise UsageError(f"unknown keys {sorted(bad)} in SLURM profile {path}; known: {sorted(PROFILE_KEYS)}")
-    return profile

@@ -17,6 +17,8 @@ def run_point(point: Point, context: TrialContext, progress: Path | None = None)
     Runs in the calling thread (the main thread, so SIGTERM/SIGUSR2 checkpoint it) with the trial's
     CPUs. Either path holds the point's run lock: a point another live process holds is BUSY.
     A training point keeps its latest logged numbers in `progress` (JSON), for the trial to report.
+    A point of several processes (SLURM) runs this in each of them: rank 0 alone holds the lock, writes
+    MLflow and `progress`; the backend counts the point once, by its job, whatever each rank returns.
     """
     import torch
 

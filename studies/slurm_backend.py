@@ -1,12 +1,15 @@
 """Backend `slurm`: the grid as one submitit job array, with requeue on timeout or preemption.
 
 Each array task runs one point (`studies.point.run_point`); SIGUSR2 before the time limit
-checkpoints it and submitit requeues it into the same MLflow run. The driver serves a sqlite store
-to the jobs (`studies.mlflow_server`) and polls squeue until every task has left the queue.
+checkpoints it and submitit requeues it into the same MLflow run. A point of several processes
+(`--processes-per-trial`, `--nodes-per-trial`) is one array task of that many SLURM tasks, which
+form its torch.distributed process group. The driver serves a sqlite store to the jobs
+(`studies.mlflow_server`) and polls squeue until every task has left the queue.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import shutil
@@ -23,15 +26,18 @@ from studies.plan import ROOT, Plan, UsageError
 
 
 class SlurmTrial:
-    """The submitit callable: one grid point per array task; requeues itself on SIGUSR2."""
+    """The submitit callable: one grid point per array task, run by each of its SLURM tasks (the point's
+    processes); requeues itself on SIGUSR2."""
 
     def __call__(self, point: Point, context: TrialContext) -> Result:
         from studies.point import run_point
 
+        rank = join_process_group()
         result = run_point(point, context)
-        if result.status == Status.KILLED and "SIGUSR2" in result.reason:
-            # Timeout or preemption: run() has checkpointed and restored submitit's handler; hand the
-            # signal to it so it calls checkpoint() below and requeues this task (same point, same run).
+        if rank == 0 and result.status == Status.KILLED and "SIGUSR2" in result.reason:
+            # Timeout or preemption: every process stopped at the same update and rank 0 checkpointed;
+            # run() has restored submitit's handler: hand the signal to it so it calls checkpoint() below
+            # and requeues the job once (submitit's handler does nothing on the other ranks).
             os.kill(os.getpid(), signal.SIGUSR2)
             time.sleep(5)
         return result
@@ -40,6 +46,21 @@ class SlurmTrial:
         import submitit
 
         return submitit.helpers.DelayedSubmission(SlurmTrial(), point, context)
+
+
+def join_process_group() -> int:
+    """This task's rank in its job; with several tasks, torch.distributed's env:// variables (RANK,
+    WORLD_SIZE, LOCAL_RANK, MASTER_ADDR, MASTER_PORT) from SLURM's, for `ltm.processes`."""
+    import submitit
+
+    job = submitit.JobEnvironment()
+    if job.num_tasks > 1:
+        # sbatch passes the submitting shell's environment on: the job's own place counts, and a port of its own
+        # (submitit draws it from the job id) so that jobs sharing a node do not collide.
+        os.environ.pop("MASTER_PORT", None)
+        # Every task keeps its node's GPUs visible and takes cuda:<LOCAL_RANK> (ltm.processes).
+        submitit.helpers.TorchDistributedEnvironment().export(set_cuda_visible_devices=False, overwrite=True)
+    return job.global_rank
 
 
 def slurm_executor(plan: Plan, folder) -> "submitit.AutoExecutor":
@@ -62,9 +83,11 @@ def slurm_parameters(plan: Plan) -> dict:
         "timeout_min": int(p.get("time_min", 60)),
         "slurm_array_parallelism": int(plan.max_concurrent or p.get("array_parallelism", 64)),
         "slurm_signal_delay_s": int(p.get("signal_delay_s", 90)),
-        "nodes": 1, "tasks_per_node": 1,
+        "nodes": plan.nodes, "tasks_per_node": plan.processes,
     }
-    if plan.gpus:
+    if plan.gpus and plan.processes > 1:  # per node: each process sees them all and takes its own
+        params["slurm_gpus_per_node"] = int(plan.gpus)
+    elif plan.gpus:
         params["slurm_gpus_per_task"] = int(plan.gpus)
     if p.get("mem_gb"):
         params["mem_gb"] = p["mem_gb"]
@@ -166,7 +189,7 @@ def run(plan: Plan, tracker, interruption: Interruption) -> bool:
         params = slurm_parameters(plan)
         executor.update_parameters(slurm_setup=params["slurm_setup"] + [
             f"export PYTHONPATH={code}:$PYTHONPATH", f"export OMP_NUM_THREADS={params['cpus_per_task']}"])
-        context = plan.context(tracking_uri, credentials)
+        context = dataclasses.replace(plan.context(tracking_uri, credentials), cpus=params["cpus_per_task"])
         interruption.running()  # from the submission on, a signal cancels the array (the poll loop below)
         jobs = executor.map_array(SlurmTrial(), todo, [context] * len(todo))
         ids = [j.job_id for j in jobs]
