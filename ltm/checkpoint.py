@@ -51,9 +51,17 @@ def restore_rng(state: dict) -> None:
     random.setstate(state["python"])
 
 
-def _load(path: Path, map_location) -> dict:
-    """A checkpoint's state, unpickling only tensors and plain values (never arbitrary objects)."""
-    return torch.load(path, map_location=map_location, weights_only=True)
+def _load(path: Path, device: str | torch.device = "cpu") -> dict:
+    """A checkpoint's state, unpickling only tensors and plain values (never arbitrary objects).
+
+    The model's tensors go to `device`; everything else stays on the CPU whatever the device: the RNG
+    states must (torch.set_rng_state takes a CPU ByteTensor), and optimizer.load_state_dict moves the
+    optimiser's state to its parameters' device itself, by its own rules (a step count stays on the CPU
+    unless the optimiser is fused)."""
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    if "model" in state and torch.device(device).type != "cpu":
+        state["model"] = {name: t.to(device) for name, t in state["model"].items()}
+    return state
 
 
 def _sha256(path: Path) -> str:
@@ -188,12 +196,14 @@ def latest_verified(run_dir: Path) -> Path | None:
     return next(_verified(run_dir), None)
 
 
-def load_latest_checkpoint(run_dir: Path, map_location="cpu", run_id: str | None = None) -> dict | None:
-    """The state of the newest checkpoint whose checksum verifies (and, given `run_id`, that this MLflow
-    run wrote); one that does not is skipped with a warning."""
+def load_latest_checkpoint(run_dir: Path, device: str | torch.device = "cpu",
+                           run_id: str | None = None) -> dict | None:
+    """The state of the newest checkpoint whose checksum verifies (the model's tensors on `device`, the
+    rest on the CPU: see `_load`) and, given `run_id`, that this MLflow run wrote; one that does not is
+    skipped with a warning."""
     for path in _verified(run_dir):
         try:
-            state = _load(path, map_location)
+            state = _load(path, device)
         except Exception as err:  # verified but unreadable (a file that would run code): the previous one
             _corrupt(path, err)
             continue
@@ -218,7 +228,7 @@ def read_config(checkpoint: Path) -> dict:
     beside = checkpoint.parent / CONFIG_FILE
     if beside.is_file():
         return json.loads(beside.read_text())["config"]
-    return _load(checkpoint, "cpu")["config"]
+    return _load(checkpoint)["config"]
 
 
 def load_model(path: str | Path, device: str = "cpu") -> tuple[LatentThoughtModel, RunConfig]:
@@ -228,9 +238,9 @@ def load_model(path: str | Path, device: str = "cpu") -> tuple[LatentThoughtMode
     if state is None:
         raise FileNotFoundError(f"no readable checkpoint in {path}")
     cfg = RunConfig.from_dict(state["config"])
-    model = build_model(ModelConfig(**{**dataclasses.asdict(cfg.model), **state["model_overrides"]}))
+    model = build_model(ModelConfig(**{**dataclasses.asdict(cfg.model), **state["model_overrides"]})).to(device)
     model.load_state_dict(state["model"])
-    return model.to(device), cfg
+    return model, cfg
 
 
 def resolve(ref: str, tracking_uri: str, runs_dir: str | Path) -> dict:

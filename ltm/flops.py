@@ -154,9 +154,10 @@ def _param_count(cfg: ModelConfig) -> int:
     return _PARAM_CACHE[cfg]
 
 
-def mfu(tokens_per_s: float, flops_per_tok: float, peak_flops: float) -> float:
-    """Model FLOPs utilisation: achieved FLOP/s over the hardware peak."""
-    return tokens_per_s * flops_per_tok / peak_flops
+def mfu(tokens_per_s: float, flops_per_tok: float, peak_flops: float, devices: int = 1) -> float:
+    """Model FLOPs utilisation of each device: the run's tokens/s shared over its `devices` (processes,
+    one GPU each), times FLOPs per token, over one device's peak FLOP/s."""
+    return tokens_per_s / devices * flops_per_tok / peak_flops
 
 
 def _cpu_flash_forward(query_shape, key_shape, value_shape, *args, **kwargs) -> int:

@@ -17,9 +17,11 @@ import dataclasses
 import json
 import math
 import os
+import shutil
 import sys
 import time
-from collections.abc import Callable, Sequence
+import warnings
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -32,7 +34,7 @@ from ltm.checkpoint import (checkpoints, load_latest_checkpoint, remove_stale_te
                             run_folder, save_checkpoint, write_run_config)
 from ltm.config import InferenceConfig, ModelConfig, RunConfig, run_preset
 from ltm.evaluate import evaluate_bounds
-from ltm.flops import flops_per_token
+from ltm.flops import flops_per_token, mfu
 from ltm.model import LatentThoughtModel, build_model
 from ltm import names
 from ltm.names import EXIT_OF, Exit, Status
@@ -109,18 +111,57 @@ def make_optimizer(model: torch.nn.Module, cfg) -> torch.optim.AdamW:
 CPU_COMPILE_MIN_FLOPS = 1e13
 """Training FLOPs (exact) from which "auto" compiles on a CPU; see use_compile."""
 
-# Dense bf16 peaks of GPUs this suite is likely to meet (FLOP/s), for the mfu metric.
-_GPU_PEAKS = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "L40S": 362e12, "A10G": 125e12}
+_GPU_PEAKS = {
+    "NVIDIA H100 80GB HBM3": 989e12,  # H100 SXM
+    "NVIDIA H100 PCIe": 756e12,
+    "NVIDIA H100 NVL": 835e12,
+    "NVIDIA H200": 989e12,  # H200 SXM
+    "NVIDIA H200 NVL": 835e12,
+    "NVIDIA A100-SXM4-40GB": 312e12,
+    "NVIDIA A100-SXM4-80GB": 312e12,
+    "NVIDIA A100-PCIE-40GB": 312e12,
+    "NVIDIA A100 80GB PCIe": 312e12,
+    "NVIDIA L40S": 362e12,
+    "NVIDIA A10": 125e12,
+    "NVIDIA A10G": 70e12,  # AWS's A10 variant: fewer tensor FLOPs than the A10 (A10G datasheet)
+    "NVIDIA L4": 121e12,
+}
+"""Dense (no sparsity) bf16 tensor peaks in FLOP/s, by the exact name torch.cuda.get_device_name
+gives: an H100 PCIe or an H200 NVL is not an SXM part, and a name not listed gets no mfu."""
 
 
 def peak_flops(device: torch.device, configured: float) -> float:
-    """The configured peak, else a known GPU's dense bf16 peak, else 0 (unknown: no mfu)."""
-    if configured:
+    """The configured peak (train.peak_flops), else the GPU's dense bf16 peak by its exact name, else 0:
+    no mfu (on a CPU, or with a warning on a GPU not in the table)."""
+    if configured or device.type != "cuda":
         return configured
-    if device.type == "cuda":
-        name = torch.cuda.get_device_name(device)
-        return next((v for k, v in _GPU_PEAKS.items() if k in name), 0.0)
-    return 0.0
+    name = torch.cuda.get_device_name(device)
+    if name not in _GPU_PEAKS:
+        warnings.warn(f"no dense bf16 peak is known for the GPU {name!r}, so mfu is not logged; give it as "
+                      "FLOP/s with --set train.peak_flops=<peak> (e.g. 989e12 for an H100 SXM)", stacklevel=2)
+        return 0.0
+    return _GPU_PEAKS[name]
+
+
+def c_compiler(environ: Mapping[str, str] | None = None) -> str | None:
+    """The C compiler Triton would build its CUDA launchers with: $CC, else gcc, else clang on $PATH
+    (triton/runtime/build.py), or None."""
+    environ = os.environ if environ is None else environ
+    path = environ.get("PATH", os.defpath)
+    if "CC" in environ:
+        return shutil.which(environ["CC"], path=path)
+    return shutil.which("gcc", path=path) or shutil.which("clang", path=path)
+
+
+def check_c_compiler(environ: Mapping[str, str] | None = None) -> None:
+    """Refuse a compiling CUDA run up front when Triton would find no C compiler (it needs one at the
+    first compiled step, long after the run is created)."""
+    environ = os.environ if environ is None else environ
+    if c_compiler(environ) is None:
+        named = f"CC={environ['CC']!r} is not an executable" if "CC" in environ else "neither gcc nor clang is on PATH"
+        raise RuntimeError(f"torch.compile on CUDA needs a C compiler for Triton, and {named}; install one "
+                           "(e.g. `apt install gcc`, `conda install -c conda-forge gcc`, or `module load gcc` "
+                           "on a cluster) or set CC to it, or run without compiling: --set train.compile=off")
 
 
 # -- the run ---------------------------------------------------------------------------------
@@ -189,11 +230,13 @@ def run(cfg: RunConfig, *, tracking_uri: str | None = None, experiment: str = "l
     tracking_uri = tracking_uri or default_tracking_uri(runs_dir)
     key = cfg.run_key()
     with Interrupt() as interrupt:
-        lock = None
+        procs, lock = None, None
         try:
             with interrupt.stoppable():  # nothing exists yet: a signal simply ends the run here
                 procs = Processes.from_env(device)
                 check_data(cfg.data)  # cheap checks first: nothing is tokenised or created for a doomed run
+                if procs.device.type == "cuda" and use_compile(cfg.train.compile, procs.device, 0.0):  # FLOPs: moot
+                    check_c_compiler()
                 if procs.is_main:
                     check_tracking_uri(tracking_uri)
                 busy = None
@@ -208,10 +251,18 @@ def run(cfg: RunConfig, *, tracking_uri: str | None = None, experiment: str = "l
             return _run_locked(cfg, procs, tracking_uri, experiment, runs_dir, force, parent_run_id, tags or {},
                                progress, tracking_patience, on_log, interrupt)
         except Stopped as stop:
+            if procs is not None:
+                procs.fail(stop)  # a process the signal missed stops too, rather than wait for this one
             return _not_started(stop, runs_dir / "checkpoints" / key)
+        except BaseException as err:
+            if procs is not None:
+                procs.fail(err)  # the other processes stop with this reason instead of waiting for this one
+            raise
         finally:
             if lock is not None:
                 lock.release()
+            if procs is not None:
+                procs.close()
 
 
 def _not_started(stop: Stopped, run_dir: Path) -> RunResult:
@@ -228,8 +279,9 @@ def _run_locked(cfg: RunConfig, procs: Processes, tracking_uri: str, experiment:
 
     key = cfg.run_key()
     with interrupt.stoppable():
-        train_blocks = load_blocks(cfg.data, cfg.model.ctx, "train")
-        val_blocks = load_blocks(cfg.data, cfg.model.ctx, "validation")
+        with procs.main_first():  # a cold token cache is tokenised once, by rank 0; the others then read it
+            train_blocks = load_blocks(cfg.data, cfg.model.ctx, "train")
+            val_blocks = load_blocks(cfg.data, cfg.model.ctx, "validation")
         model_cfg = dataclasses.replace(cfg.model, vocab_size=train_blocks.vocab_size)
         tracker = Tracker(tracking_uri, experiment, artifact_root=runs_dir / "artifacts") if procs.is_main else None
     decision = None  # not stoppable: a signal waits until the MLflow run is created or reopened
@@ -287,13 +339,12 @@ def _run_locked(cfg: RunConfig, procs: Processes, tracking_uri: str, experiment:
 
 
 def _system_metrics(run_id: str, tracking_uri: str, resumed: bool):
-    """MLflow's CPU/memory/GPU sampler for the run (system/* metrics), or None without psutil."""
-    try:
-        from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
-    except ImportError:
-        return None
-    monitor = SystemMetricsMonitor(run_id, sampling_interval=10, resume_logging=resumed, tracking_uri=tracking_uri)
-    monitor.start()
+    """MLflow's CPU/memory/GPU sampler for the run (system/* metrics, this process's GPUs), or None without psutil."""
+    from ltm.system_metrics import system_metrics_monitor
+
+    monitor = system_metrics_monitor(run_id, tracking_uri, resumed)
+    if monitor is not None:
+        monitor.start()
     return monitor
 
 
@@ -419,6 +470,8 @@ def _train(loop: _Loop, interrupt: Interrupt, progress: bool) -> RunResult:
     compiled = use_compile(tc.compile, procs.device, fpt * total_steps * tokens_per_step)
     if compiled:  # a worker trains run after run: start each from empty graph caches, far from dynamo's limit
         torch._dynamo.reset()
+    elif procs.device.type == "cuda" and model.attention == "auto":
+        model.attention = "chunked"  # FlexAttention is compiled by Triton too: "off" compiles nothing
     n_val = min(tc.eval_blocks, len(loop.val_blocks))
     val_batches = [loop.val_blocks.batch(list(range(i, min(i + tc.eval_batch_size, n_val)))).to(procs.device)
                    for i in range(0, n_val, tc.eval_batch_size)]
@@ -430,18 +483,21 @@ def _train(loop: _Loop, interrupt: Interrupt, progress: bool) -> RunResult:
                 loop.on_log(metrics)
 
     def evaluate(tokens: int) -> dict | None:
-        """The validation metrics; None when a signal stopped the evaluation (it is redone on resume)."""
-        if not procs.is_main:
-            return {}
-        model.eval()
-        try:
-            with interrupt.stoppable(), autocast_for(procs.device, tc.precision):
-                return evaluate_bounds(model, val_batches, icfg, seed=EVAL_SEED, iw_samples=tc.iw_samples,
-                                       compiled=compiled)
-        except Stopped:
-            return None
-        finally:
-            model.train()
+        """The validation metrics ({} on the other processes, which wait for rank 0's on the store); None
+        when a signal stopped the evaluation (it is redone on resume)."""
+        metrics: dict | None = {}
+        if procs.is_main:
+            model.eval()
+            try:
+                with interrupt.stoppable(), autocast_for(procs.device, tc.precision):
+                    metrics = evaluate_bounds(model, val_batches, icfg, seed=EVAL_SEED, iw_samples=tc.iw_samples,
+                                              compiled=compiled)
+            except Stopped:
+                metrics = None
+            finally:
+                model.train()
+        procs.after_main()
+        return metrics
 
     def close(status: str, tokens: int, reason: str = "") -> RunResult:
         """End the MLflow run; if the store never answers, keep the unsent metrics and say how to finish."""
@@ -457,6 +513,7 @@ def _train(loop: _Loop, interrupt: Interrupt, progress: bool) -> RunResult:
         return RunResult(status, run_id, last_metrics, run_dir, reason)
 
     last_metrics: dict[str, float] = {}
+    procs.after_main()  # rank 0 may have spent long on the tracking store (resending spooled metrics)
     if loop.eval_pending:  # a signal stopped the evaluation at this step before: do it now, then go on
         tokens = loop.step * tokens_per_step
         metrics = evaluate(tokens)
@@ -514,7 +571,7 @@ def _train(loop: _Loop, interrupt: Interrupt, progress: bool) -> RunResult:
                           names.TRAIN_PPL_BOUND: math.exp((window["loss"] + window["kl"]) / n),
                           names.TRAIN_LR: optimizer.param_groups[0]["lr"], names.TOKENS_PER_S: tps})
             if peak:
-                point[names.MFU] = tps * fpt / peak
+                point[names.MFU] = mfu(tps, fpt, peak, procs.world)
             bar.set_postfix(loss=f"{point['train/loss']:.3f}")
             window = {"loss": 0.0, "kl": 0.0, "steps": 0, "time": 0.0}
         loop.eval_pending = False

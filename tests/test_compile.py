@@ -96,3 +96,27 @@ def test_a_compiled_run_ends_where_the_eager_run_does(tmp_path):
     assert results["on"].status == results["off"].status == "FINISHED"
     for name in ("train/loss", "val/ppl_bound", "val/kl", "val/ppl_iw"):
         assert results["on"].metrics[name] == pytest.approx(results["off"].metrics[name], rel=1e-3), name
+
+
+def test_eager_flex_attention_compiles_once_per_grad_mode_and_not_per_batch(monkeypatch):
+    # The eager inner loop on CUDA: the stem runs without grad, the layers after it with grad enabled,
+    # and FlexAttention's compiled kernel guards on the grad mode, so the first batch makes a graph
+    # for each mode; every later batch must reuse them. (FlexAttention has no backward on a CPU: the
+    # decoder is frozen and z needs no gradient, so the grad mode is on with no input needing one.)
+    torch.manual_seed(0)
+    model = ltm.build_model(WINDOWED)
+    torch._dynamo.reset()
+    with frozen(model):
+        for seed in (1, 2):
+            monkeypatch.setattr(torch._dynamo.config, "error_on_recompile", seed == 2)
+            tokens = batch(WINDOWED, seed)[:, :-1]
+            z = torch.randn(4, WINDOWED.n_latents, WINDOWED.d_model, generator=torch.Generator().manual_seed(seed))
+            model.attention = "flex"
+            with torch.no_grad():
+                stem = model.stem(tokens)
+            with torch.enable_grad():
+                flex = model.forward_from_stem(stem, z)
+            model.attention = "dense"
+            with torch.no_grad():
+                dense = model(tokens, z)
+            torch.testing.assert_close(flex, dense, atol=1e-5, rtol=1e-5)
