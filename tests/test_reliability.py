@@ -298,25 +298,30 @@ def test_a_tracking_outage_of_20_s_loses_no_metric_and_the_run_finishes(tmp_path
 
 @pytest.mark.slow
 def test_a_tracking_server_that_stays_away_gets_a_checkpoint_and_a_clear_exit(tmp_path, server):
-    args = ["--tracking-uri", server.uri, "--experiment", "gone", "--set", "train.tokens=131072",
-            "--set", "train.eval_every=16384", "--tracking-patience", "3"]
-    proc = subprocess.Popen(cli(tmp_path, *args), cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    key = smoke(tmp_path, "train.tokens=131072", "train.eval_every=16384").run_key()
+    tokens, every = 262144, 32768
+    args = ["--tracking-uri", server.uri, "--experiment", "gone", "--set", f"train.tokens={tokens}",
+            "--set", f"train.eval_every={every}", "--tracking-patience", "3"]
+    # A refused request fails at once (no HTTP retries), so the 3 s of patience run out long before the
+    # run's end however fast this machine trains.
+    env = {**os.environ, "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0"}
+    proc = subprocess.Popen(cli(tmp_path, *args), cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env=env)
+    key = smoke(tmp_path, f"train.tokens={tokens}", f"train.eval_every={every}").run_key()
     run_dir = tmp_path / "runs" / "checkpoints" / key
     assert wait_for(lambda: (run_dir / checkpoint.CONFIG_FILE).exists() or proc.poll() is not None)
     server.stop()
     out, err = proc.communicate(timeout=300)
     assert proc.returncode == Exit.INTERRUPTED, err[-3000:]
     assert "did not answer for 3 s" in out and "run the same command again once the store answers" in out
-    assert checkpoint.load_latest_checkpoint(run_dir)["tokens"] < 131072  # stopped mid-run, not at the end
+    assert checkpoint.load_latest_checkpoint(run_dir)["tokens"] < tokens  # stopped mid-run, not at the end
     assert (run_dir / train.UNSENT_FILE).exists()
     server.start()
     again = subprocess.run(cli(tmp_path, *args), cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert again.returncode == 0, again.stderr[-3000:]
     assert not (run_dir / train.UNSENT_FILE).exists()
     run, evals = _eval_steps(server.uri, "gone")
-    assert run.info.status == "FINISHED" and evals == list(range(16384, 131072 + 1, 16384))
-    assert steps(server.uri, run.info.run_id, "tokens") == list(range(256, 131072 + 1, 256))  # none lost, none twice
+    assert run.info.status == "FINISHED" and evals == list(range(every, tokens + 1, every))
+    assert steps(server.uri, run.info.run_id, "tokens") == list(range(256, tokens + 1, 256))  # none lost, none twice
 
 
 def test_metrics_logged_while_the_store_is_down_are_sent_when_it_answers(tmp_path, monkeypatch):
