@@ -33,7 +33,8 @@ def build_parser(study: Study) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog=f"python studies/{study.name}.py", description=f"{study.description} Presets: {presets}.",
         epilog="Starting the same study again skips finished points and resumes interrupted ones. "
-               "Exit status: 0 all finished, 1 some failed, 2 bad options (nothing launched), 3 interrupted.")
+               "Exit status: 0 all finished, 1 some failed, 2 bad options (nothing launched), 3 interrupted, "
+               "4 busy (points held by other processes).")
     parser.add_argument("--cluster", choices=["local", "ray", "slurm"], default="local",
                         help="local: Ray Tune on this machine (default); ray: an existing Ray cluster (--address); "
                              "slurm: a submitit job array")

@@ -1,5 +1,6 @@
-"""The resources of a point (SLURM profile, GPU memory, processes per node), checked against the backend, the GPUs and every
-point's batch before anything starts (`studies.plan` reports a failure as a usage error, exit 2).
+"""The resources of a point (SLURM profile, GPU memory, processes per node), checked against the
+backend, the GPUs and every point's batch before anything starts (`studies.plan` reports a failure
+as a usage error, exit 2).
 
 SLURM runs a point of several processes as one torch.distributed job, one SLURM task per process
 and one process per GPU (`studies.slurm_backend`); Ray runs each point in one worker process.
