@@ -328,7 +328,8 @@ def plot_model_size(runs: pd.DataFrame, out: Path, bootstrap: int) -> tuple[list
 def write_tables(runs: pd.DataFrame, fits: list[dict], out: Path) -> list[Path]:
     cols = ["run_id", "run_key", "model.kind", "n_params", "model.window", "model.n_latents", "inference.steps",
             "inference.decoder_grad", "train.tokens", "seed", "final/val/ppl_bound", "final/val/ppl_iw",
-            "final/val/ppl_reuse", "nll", "kl", "kl_floor", "kl_above_floor", "nll_swap", "nll_prior", "z_info",
+            "final/val/ppl_reuse", "nll", "kl", "kl_floor", "kl_above_floor", "nll_other_z", "z_reliance", "nll_mixture", "z_info",
+            "nll_prior", "amortisation_gap", "inference.start", "inference.init_logvar",
             "reuse_gap", "final/flops"]
     table = runs[[c for c in cols if c in runs]].sort_values(["model.kind", "n_params", "inference.steps"])
     paths = [out / "runs.csv", out / "runs.md", out / "fits.csv", out / "fits.md"]

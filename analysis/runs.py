@@ -19,12 +19,13 @@ from ltm import names
 from ltm.names import ROLE_EVAL, ROLE_STUDY, ROLE_TAG, RUN_KEY_TAG, SOURCE_RUN_TAG, STUDY_TAG, TASK_TAG
 
 HISTORY_KEYS = (names.TOKENS, names.FLOPS, names.FLOPS_PAPER, names.TRAIN_LOSS, names.TRAIN_PPL_BOUND, names.VAL_NLL,
-                names.VAL_KL, names.VAL_PPL_BOUND, names.VAL_PPL_IW, names.VAL_KL_FLOOR, names.VAL_NLL_SWAP)
+                names.VAL_KL, names.VAL_PPL_BOUND, names.VAL_PPL_IW, names.VAL_KL_FLOOR, names.VAL_NLL_OTHER_Z, names.VAL_NLL_MIXTURE)
 """The metric histories the figures need."""
 
 _PARAMS = {"model.kind": str, "model.n_layers": int, "model.d_model": int, "model.n_latents": int,
            "inference.steps": int, "train.tokens": int, "data.name": str, "seed": int,
-           "n_params": int, "n_params_nonembedding": int, "inference.decoder_grad": str, "model.window": str}
+           "n_params": int, "n_params_nonembedding": int, "inference.decoder_grad": str, "model.window": str,
+           "inference.start": str, "inference.init_logvar": float, "inference.encoder_layers": int}
 
 
 class NoRunsError(LookupError):
@@ -119,22 +120,32 @@ def load_runs(tracking_uri: str, experiment: str, *, parent_run_id: str | None =
         where = f"parent run {parent_run_id}" if parent_run_id else f"experiment {experiment!r}"
         raise NoRunsError(f"{where} has no finished training runs; run a study first, e.g. "
                           f"`python studies/inference_scaling.py --preset smoke --experiment {experiment}`")
-    return decompose(pd.DataFrame(rows))
+    runs = pd.DataFrame(rows)
+    if "inference.start" not in runs:  # runs from before the option: the paper's fixed start
+        runs["inference.start"] = "fixed"
+    runs["inference.start"] = runs["inference.start"].fillna("fixed")
+    return decompose(runs)
 
 
 def decompose(runs: pd.DataFrame) -> pd.DataFrame:
     """`runs` with each final bound split into what it is made of, in nats per token:
 
-    nll (given z), kl, kl_floor (the KL if z carried nothing), kl_above_floor, nll_swap (given
-    another sequence's z), z_info = nll_swap - nll (what the decoder takes from z), nll_prior, and
+    nll (given z), kl, kl_floor (the KL if z carried nothing), kl_above_floor, nll_other_z (given
+    another sequence's z; `val/nll_swap` in runs before the rename), z_reliance = nll_other_z - nll
+    (how much a wrong z misleads the decoder), nll_mixture (under a mixture of other sequences' z),
+    z_info = nll_mixture - nll (what the decoder takes from the sequence's own z; NaN for runs before
+    the measure existed), nll_prior, amortisation_gap (trained starts), and
     reuse_gap = log ppl_bound - log ppl_reuse (how optimistic the released code's scoring is).
     AR runs get nll and kl = 0; the LTM-only columns stay NaN for them."""
     out = runs.copy()
     final = lambda key: out.get(f"final/val/{key}", pd.Series(np.nan, index=out.index))  # noqa: E731
     out["nll"], out["kl"], out["kl_floor"] = final("nll"), final("kl"), final("kl_floor")
     out["kl_above_floor"] = out["kl"] - out["kl_floor"]
-    out["nll_swap"], out["nll_prior"] = final("nll_swap"), final("nll_prior")
-    out["z_info"] = out["nll_swap"] - out["nll"]
+    out["nll_other_z"] = final("nll_other_z").fillna(final("nll_swap"))
+    out["nll_mixture"], out["nll_prior"] = final("nll_mixture"), final("nll_prior")
+    out["z_reliance"] = out["nll_other_z"] - out["nll"]
+    out["z_info"] = out["nll_mixture"] - out["nll"]
+    out["amortisation_gap"] = final("amortisation_gap")
     out["reuse_gap"] = np.log(final("ppl_bound")) - np.log(final("ppl_reuse"))
     return out
 

@@ -238,7 +238,8 @@ def load_model(path: str | Path, device: str = "cpu") -> tuple[LatentThoughtMode
     if state is None:
         raise FileNotFoundError(f"no readable checkpoint in {path}")
     cfg = RunConfig.from_dict(state["config"])
-    model = build_model(ModelConfig(**{**dataclasses.asdict(cfg.model), **state["model_overrides"]})).to(device)
+    model = build_model(ModelConfig(**{**dataclasses.asdict(cfg.model), **state["model_overrides"]}),
+                        cfg.inference).to(device)
     model.load_state_dict(state["model"])
     return model, cfg
 

@@ -116,6 +116,14 @@ class InferenceConfig:
     decoder_grad: Literal["final", "trajectory"] = "final"
     """"final": the decoder learns from the final z only (paper). "trajectory": every inner
     step's sum-reduced loss also accumulates into the decoder's .grad (released code)."""
+    start: Literal["fixed", "learned", "encoder"] = "fixed"
+    """Where each sequence's posterior starts (`ltm.start`). "fixed": mu ~ N(0, init_mu_std^2), logvar
+    ~ N(init_logvar, init_logvar_std^2) (paper). "learned": the same draw around a per-latent (mu0, logvar0)
+    that slow learning trains. "encoder": a small bidirectional encoder of the block predicts (mu, logvar)
+    (semi-amortised; steps=0 is a purely amortised posterior). The learned and encoder starts are trained
+    on the negative ELBO at the start, with the decoder frozen for that term (Kim et al. 2018)."""
+    encoder_layers: int = 1
+    """Bidirectional layers of the start="encoder" encoder (before its latent read-out)."""
 
     def __post_init__(self) -> None:
         if self.steps < 0:
@@ -128,6 +136,13 @@ class InferenceConfig:
         if self.decoder_grad not in ("final", "trajectory"):
             raise ConfigError(
                 f"inference.decoder_grad must be 'final' or 'trajectory', got {self.decoder_grad!r}")
+        if self.start not in ("fixed", "learned", "encoder"):
+            raise ConfigError(f"inference.start must be 'fixed', 'learned' or 'encoder', got {self.start!r}")
+        if self.encoder_layers < 1:
+            raise ConfigError(f"inference.encoder_layers must be >= 1, got {self.encoder_layers}")
+        if self.start != "fixed" and self.fixed_variance:
+            raise ConfigError(f"inference.fixed_variance needs inference.start=fixed (got {self.start!r}): a trained "
+                              "start learns its log-variance")
 
     def lr(self, step: int) -> float:
         """Inner learning rate at step s of T (cosine from lr_max to lr_min)."""
@@ -304,10 +319,10 @@ class RunConfig:
     seed: int = 0
 
     def __post_init__(self) -> None:
-        if self.model.kind == "ltm" and self.inference.steps < 1:
+        if self.model.kind == "ltm" and self.inference.steps < 1 and self.inference.start != "encoder":
             raise ConfigError(f"an LTM needs inference.steps >= 1 (got {self.inference.steps}): with 0 its latents are "
                               "never inferred and the decoder trains on the posterior's starting point; for a model "
-                              "without latents use model.kind=ar")
+                              "without latents use model.kind=ar (or inference.start=encoder for a purely amortised posterior)")
 
     def to_dict(self) -> dict:
         """Nested plain dict (JSON-able)."""
@@ -365,6 +380,10 @@ class RunConfig:
         d["data"].pop("cache_dir")  # where tokens are cached
         d["train"].pop("compile")  # how the same program is executed
         d["model"].pop("vocab_size")  # always the data's vocabulary, which the data fields fix
+        if self.inference.start == "fixed":  # the paper's start: keys from before the option existed
+            d["inference"].pop("start")
+        if self.inference.start != "encoder":
+            d["inference"].pop("encoder_layers")
         if self.model.kind == "ar":  # no latents, so no inference loop
             del d["inference"]
             d["model"].pop("n_latents")

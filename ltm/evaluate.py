@@ -11,10 +11,17 @@ For an LTM the posterior is fitted on each evaluated sequence (T steps, as in tr
 
 And what the bound is made of, so a curve can be read (the "Reading an LTM bound" README section):
 
-* KL floor     the KL the inner loop ends at when z carries nothing (`ltm.kl_floor`);
-* NLL swap     the NLL of each sequence given ANOTHER sequence's posterior sample (a fixed
-  derangement of the evaluation set); NLL swap - NLL is the information the decoder takes from z;
-* NLL prior    the NLL given z drawn from the prior N(0, I).
+* KL floor     the KL the inner loop ends at when z carries nothing, from the run's own start
+  (`ltm.kl_floor.start_kl_floor`; not defined for an encoder's x-dependent start);
+* NLL other z  the NLL of each sequence given ANOTHER sequence's posterior sample (sequence i + N/2's);
+  NLL other z - NLL is how much the decoder RELIES on z: one wrong but plausible z misleads it;
+* NLL mixture  -log (1/K) sum_k p(x | z_k) over the samples of K other sequences (never a neighbour,
+  which may share a document): the NLL under the posteriors' mixture, a stand-in for the aggregate
+  posterior; NLL mixture - NLL is the information the decoder takes from the sequence's OWN z beyond
+  what any of K plausible others gives (it shrinks as K grows towards that aggregate's limit);
+* NLL prior    the NLL given z drawn from the prior N(0, I);
+* bound at the start, for a trained start (`inference.start`): the negative ELBO of the posterior
+  before refinement (T = 0); minus the bound after it, the amortisation gap.
 
 Perplexity is token-weighted, exp(sum of bounds / tokens); the released code's mean over sequences
 of exp(bound / length) is reported as `*_seqmean`. An AR model's "bound" is its exact NLL.
@@ -34,10 +41,10 @@ from dataclasses import dataclass
 import torch
 
 from ltm.config import InferenceConfig
-from ltm.kl_floor import kl_floor
+from ltm.kl_floor import start_kl_floor
 from ltm.model import LatentThoughtModel, token_nll
 from ltm.names import VAL
-from ltm.posterior import NoiseSource, infer_posterior
+from ltm.posterior import NoiseSource, infer_posterior, start_bound
 
 # Seed offsets keep each kind of scoring noise independent of the inference noise of the same sequence.
 _SCORE_STREAM, _IW_STREAM, _PRIOR_STREAM = 1_000_003, 2_000_029, 3_000_017
@@ -61,6 +68,8 @@ class SequenceBounds:
     """(B, n_latents, d_model): the sample `nll` was scored at (None for AR)."""
     nll_prior: torch.Tensor | None = None
     """-log p(x | z) at z ~ N(0, I) (None for AR)."""
+    start: torch.Tensor | None = None
+    """The negative ELBO at a trained start, before refinement (None for the fixed start and AR)."""
 
     @property
     def elbo(self) -> torch.Tensor:
@@ -125,7 +134,9 @@ def sequence_bounds(model: LatentThoughtModel, tokens: torch.Tensor, cfg: Infere
             log_ratio = (-0.5 * z_k.square() + 0.5 * eps.square() + 0.5 * post.logvar).flatten(1).sum(1)
             log_w.append(log_ratio - nll_of(z_k))
         iw = -(torch.logsumexp(torch.stack(log_w), dim=0) - math.log(iw_samples))
-    return SequenceBounds(nll=nll, kl=post.kl(), n_tokens=n_tokens, reuse=reuse, iw=iw, z=z, nll_prior=nll_prior)
+    start = start_bound(model, tokens, post, loss_mask) if post.start_mu is not None else None
+    return SequenceBounds(nll=nll, kl=post.kl(), n_tokens=n_tokens, reuse=reuse, iw=iw, z=z, nll_prior=nll_prior,
+                          start=start)
 
 
 def perplexity(bound: torch.Tensor, n_tokens: torch.Tensor) -> float:
@@ -143,9 +154,10 @@ def evaluate_bounds(model: LatentThoughtModel, batches: Iterable[torch.Tensor], 
     """Bounds over a fixed evaluation set, as metrics named `{prefix}/...`.
 
     Keys: nll and kl (nats per token), ppl_bound (fresh-noise ELBO), ppl_bound_seqmean,
-    ppl_reuse (released-code scoring, optimistic), ppl_iw (when iw_samples > 0); for an LTM also
-    kl_floor, nll_swap (given sequence i + N/2's sample, N sequences; needs N >= 2) and nll_prior,
-    in nats per token. Sequence i of the whole set always gets seed `seed + i`, so results do not
+    ppl_reuse (released-code scoring, optimistic), ppl_iw (when iw_samples > 0); for an LTM also,
+    in nats per token, kl_floor (not for start="encoder"), nll_other_z (given sequence i + N/2's
+    sample, N sequences; needs N >= 2), nll_mixture (over up to K = min(8, N - 5) others at distances >= 3;
+    needs N >= 8), nll_prior, and for a trained start bound_start and amortisation_gap. Sequence i of the whole set always gets seed `seed + i`, so results do not
     depend on batching. `compiled`: the inference loops through torch.compile.
     """
     batches = list(batches)
@@ -174,24 +186,46 @@ def evaluate_bounds(model: LatentThoughtModel, batches: Iterable[torch.Tensor], 
     if iw_samples:
         metrics[f"{prefix}/ppl_iw"] = perplexity(cat("iw"), n)
     if model.cfg.kind == "ltm":
-        mcfg = model.cfg
-        metrics[f"{prefix}/kl_floor"] = kl_floor(cfg, mcfg.n_latents, mcfg.d_model) * len(n) / tokens
+        floor = start_kl_floor(model, cfg)
+        if floor is not None:
+            metrics[f"{prefix}/kl_floor"] = floor * len(n) / tokens
         metrics[f"{prefix}/nll_prior"] = cat("nll_prior").sum().item() / tokens
-        if len(n) >= 2:
-            metrics[f"{prefix}/nll_swap"] = _swapped_nll(model, batches, parts) / tokens
+        if parts[0].start is not None:
+            start = cat("start").sum().item() / tokens
+            metrics[f"{prefix}/bound_start"] = start
+            metrics[f"{prefix}/amortisation_gap"] = start - (nll + kl).sum().item() / tokens
+        metrics.update({f"{prefix}/{name}": value / tokens for name, value in _other_z_nlls(model, batches, parts).items()})
     return metrics
 
 
-def _swapped_nll(model: LatentThoughtModel, batches: list[torch.Tensor], parts: list[SequenceBounds]) -> float:
-    """Summed NLL of each sequence i given the posterior sample of sequence (i + N/2) mod N.
+def other_offsets(n: int, k_max: int = 8) -> list[int]:
+    """Offsets d of the other sequences (i + d) mod n whose samples the mixture measure scores sequence i
+    with: n // 2 (the single other z) and up to k_max spread over [3, n - 3], so that no sequence is
+    scored with a neighbour's z (neighbouring evaluation blocks are consecutive pieces of one stream and
+    can share a document, whose z would carry real information about the other block)."""
+    if n < 8:
+        return []
+    k = min(k_max, n - 5)  # n // 2 and k - 1 others from 3 to n - 3, evenly spaced
+    return sorted({round(3 + j * (n - 6) / (k - 2)) for j in range(k - 1)} | {n // 2})
 
-    Half the set apart rather than the next one: neighbouring evaluation blocks are consecutive
-    pieces of one stream and can share a document, and a shared document's z would carry real
-    information about the other block."""
+
+def _other_z_nlls(model: LatentThoughtModel, batches: list[torch.Tensor], parts: list[SequenceBounds]) -> dict:
+    """Summed NLL of each sequence i given sequence (i + N/2)'s sample (nll_other_z), and under the
+    mixture of the samples at `other_offsets` (nll_mixture): -log (1/K) sum_k p(x_i | z_(i + d_k))."""
     z = torch.cat([p.z for p in parts])
-    z = z.roll(-(len(z) // 2), dims=0)
-    total, offset = 0.0, 0
-    for batch in batches:
-        total += sequence_nll(model, batch, z[offset:offset + len(batch)]).double().sum().item()
-        offset += len(batch)
-    return total
+    n = len(z)
+    if n < 2:
+        return {}
+    offsets = other_offsets(n) or [n // 2]
+    per_offset = {}
+    for d in offsets:
+        shifted, nlls, start = z.roll(-d, dims=0), [], 0
+        for batch in batches:
+            nlls.append(sequence_nll(model, batch, shifted[start:start + len(batch)]).double())
+            start += len(batch)
+        per_offset[d] = torch.cat(nlls)
+    out = {"nll_other_z": per_offset[n // 2].sum().item()}
+    if len(offsets) >= 2:
+        stacked = torch.stack([per_offset[d] for d in offsets])
+        out["nll_mixture"] = -(torch.logsumexp(-stacked, dim=0) - math.log(len(offsets))).sum().item()
+    return out

@@ -18,6 +18,13 @@ Two conventions:
 
   A training token costs T inner steps + one decoder update; an evaluation token T inner steps +
   one scoring forward (each extra importance sample adds one forward without the stem).
+
+A trained posterior start (`inference.start`, `ltm.start`) adds, per training token, the pass that
+trains it: its bound's decoder forward past the stem with input gradients only (an inner step; the
+stem too when T = 0), and for start="encoder" the encoder's forward and full backward (no input
+gradient into its detached embeddings); per evaluation token, the encoder's forward. In the paper
+convention that pass is one more (6 N + 24 L d w) and the encoder (6 N_enc + 24 L_enc d S) per
+training token, a third of that per evaluation token, N_enc counting its parameters and S the block.
 """
 
 from __future__ import annotations
@@ -110,13 +117,47 @@ def _inner_step(ops: list[_Op]) -> float:
     return total
 
 
+def _encoder_ops(cfg: ModelConfig, S: int, layers: int) -> list[_Op]:
+    """The start="encoder" forward over a block of S tokens (`ltm.start.BlockEncoder`)."""
+    d, hid, N = cfg.d_model, cfg.mlp_hidden, cfg.n_latents
+    ops: list[_Op] = []
+    for layer in range(layers):
+        ops += [
+            _Op(2 * S * d * 3 * d, "linear", input_needs_no_grad_in_loop=layer == 0),  # q, k, v (embeddings detached)
+            _Op(4 * S * S * d, "attention"),                 # bidirectional: every query sees every key
+            _Op(2 * S * d * d, "linear"),
+            _Op(2 * S * d * hid, "linear"), _Op(2 * S * d * hid, "linear"), _Op(2 * S * hid * d, "linear"),
+        ]
+    ops += [
+        _Op(2 * S * d * 2 * d, "linear"),                    # read-out keys and values of the encoding
+        _Op(2 * N * d * d, "linear"),                        # queries
+        _Op(4 * N * S * d, "attention"),
+        _Op(2 * N * d * d, "linear"),
+        _Op(2 * N * d * hid, "linear"), _Op(2 * N * d * hid, "linear"), _Op(2 * N * hid * d, "linear"),
+        _Op(2 * N * d * 2 * d, "linear"),                    # (mu, logvar)
+    ]
+    return ops
+
+
+def _encoder_train(ops: list[_Op]) -> float:
+    """Forward and backward with weight gradients and input gradients (none into the embeddings)."""
+    total = 0.0
+    for op in ops:
+        backward = (_ATTENTION_BACKWARD if op.kind == "attention" else
+                    1.0 if op.input_needs_no_grad_in_loop else 2.0) * op.flops
+        total += op.flops + backward
+    return total
+
+
 def flops_per_token(cfg: ModelConfig, steps: int, *, convention: Literal["exact", "paper"] = "exact",
                     phase: Literal["train", "eval"] = "train",
                     decoder_grad: Literal["final", "trajectory"] = "final",
-                    seq_len: int | None = None) -> float:
-    """FLOPs per token of a training step (or an evaluation) with `steps` inner steps.
+                    seq_len: int | None = None, start: Literal["fixed", "learned", "encoder"] = "fixed",
+                    encoder_layers: int = 1) -> float:
+    """FLOPs per token of a training step (or an evaluation) with `steps` inner steps, from the
+    posterior start `start` (`inference.start`; its encoder has `encoder_layers` layers).
 
-    `seq_len` is the length of the model's input (default cfg.ctx); AR models ignore `steps`.
+    `seq_len` is the length of the model's input (default cfg.ctx); AR models ignore `steps` and `start`.
     """
     if convention not in ("exact", "paper"):
         raise ValueError(f"convention must be 'exact' or 'paper', got {convention!r}")
@@ -124,24 +165,35 @@ def flops_per_token(cfg: ModelConfig, steps: int, *, convention: Literal["exact"
         raise ValueError(f"phase must be 'train' or 'eval', got {phase!r}")
     if steps < 0:
         raise ValueError(f"steps must be >= 0, got {steps}")
-    steps = steps if cfg.kind == "ltm" else 0
+    if start not in ("fixed", "learned", "encoder"):
+        raise ValueError(f"start must be 'fixed', 'learned' or 'encoder', got {start!r}")
+    steps, start = (steps, start) if cfg.kind == "ltm" else (0, "fixed")
     S = seq_len or cfg.ctx
+    train = phase == "train"
 
     if convention == "paper":
-        n_params = _param_count(cfg)
-        per_pass = 6 * n_params + 24 * cfg.n_layers * cfg.d_model * cfg.attn_window
-        if phase == "train":
-            return (steps + 1) * per_pass
-        return steps * per_pass + per_pass / 3
+        per_pass = 6 * _param_count(cfg) + 24 * cfg.n_layers * cfg.d_model * cfg.attn_window
+        encoder = (6 * _encoder_param_count(cfg, encoder_layers) + 24 * encoder_layers * cfg.d_model * (S + 1)
+                   if start == "encoder" else 0.0)
+        if train:
+            return (steps + 1 + (start != "fixed")) * per_pass + encoder
+        return steps * per_pass + (per_pass + encoder) / 3
 
     ops = _forward_ops(cfg, S)
     forward = sum(op.flops for op in ops)
+    stem = sum(op.flops for op in ops if op.in_stem)
     if decoder_grad == "trajectory":
         loop = steps * _full_step(ops, detach_latents=False)
     else:  # the stem once, then T lighter steps
-        loop = steps * _inner_step(ops) + (sum(op.flops for op in ops if op.in_stem) if steps else 0)
-    last = _full_step(ops, detach_latents=True) if phase == "train" else forward
-    return (loop + last) / S
+        loop = steps * _inner_step(ops) + (stem if steps else 0)
+    last = _full_step(ops, detach_latents=True) if train else forward
+    extra = 0.0
+    if start != "fixed" and train:  # the start's own bound (the loop's stem is reused when there is one)
+        extra += _inner_step(ops) + (stem if not steps or decoder_grad == "trajectory" else 0)
+    if start == "encoder":  # the encoder reads the whole block: S + 1 tokens
+        encoder = _encoder_ops(cfg, S + 1, encoder_layers)
+        extra += _encoder_train(encoder) if train else sum(op.flops for op in encoder)
+    return (loop + last + extra) / S
 
 
 _PARAM_CACHE: dict[ModelConfig, int] = {}
@@ -152,6 +204,13 @@ def _param_count(cfg: ModelConfig) -> int:
         with torch.device("meta"):  # shapes only, no memory
             _PARAM_CACHE[cfg] = build_model(cfg).num_params()
     return _PARAM_CACHE[cfg]
+
+
+def _encoder_param_count(cfg: ModelConfig, layers: int) -> int:
+    from ltm.config import InferenceConfig
+    from ltm.start import BlockEncoder
+    with torch.device("meta"):
+        return sum(p.numel() for p in BlockEncoder(cfg, InferenceConfig(start="encoder", encoder_layers=layers)).parameters())
 
 
 def mfu(tokens_per_s: float, flops_per_tok: float, peak_flops: float, devices: int = 1) -> float:

@@ -6,7 +6,8 @@ per latent dimension, each a deterministic function of its initial (mu, logvar).
 logvar = -5, AdamW lifts logvar by at most the sum of the inner learning rates, so at small T a
 large part of the KL is this floor, not information about the sequence.
 
-`kl_floor(cfg, n_latents, d_model)` is its expectation over the initialisation, per sequence.
+`kl_floor(cfg, n_latents, d_model)` is its expectation over the initialisation, per sequence;
+`start_kl_floor(model, cfg)` follows the start the model uses (`inference.start`).
 Printed as a table (per dimension, and in nats/token for the micro, micro-rf and LTM-L shapes):
 
     python -m ltm.kl_floor [--steps 1,4,16,32,64,128]
@@ -21,6 +22,7 @@ import sys
 import torch
 
 from ltm.config import InferenceConfig, model_preset
+from ltm.model import LatentThoughtModel
 from ltm.posterior import adamw_step
 
 _QUANTILES = 4096
@@ -29,16 +31,17 @@ not smooth in the initial mu (Adam's first step is lr * sign(grad)), so an even 
 is used rather than Gauss-Hermite nodes; its error is far below 0.1 %."""
 
 
-def kl_floor_per_dim(cfg: InferenceConfig) -> float:
-    """Expected KL(q || N(0, 1)) of one latent dimension after the inner loop with a z-blind decoder."""
+def _floor_per_dim(cfg: InferenceConfig, mu0: torch.Tensor, logvar0: torch.Tensor) -> torch.Tensor:
+    """Expected KL(q || N(0, 1)) after the inner loop with a z-blind decoder, of each latent dimension
+    whose start is drawn around the centre (mu0, logvar0) (tensors of one shape; the result has it too)."""
     probs = (torch.arange(_QUANTILES, dtype=torch.float64) + 0.5) / _QUANTILES
     standard = torch.distributions.Normal(0.0, 1.0).icdf(probs)
-    mu = cfg.init_mu_std * standard
+    mu = mu0.double()[..., None] + cfg.init_mu_std * standard
     if cfg.fixed_variance:
-        logvar = torch.full_like(mu, cfg.init_logvar)
+        logvar = logvar0.double()[..., None].expand_as(mu).clone()
         params = [mu]
     else:
-        logvar = cfg.init_logvar + cfg.init_logvar_std * standard
+        logvar = logvar0.double()[..., None] + cfg.init_logvar_std * standard
         params = [mu, logvar]
     exp_avg = [torch.zeros_like(p) for p in params]
     exp_avg_sq = [torch.zeros_like(p) for p in params]
@@ -50,9 +53,13 @@ def kl_floor_per_dim(cfg: InferenceConfig) -> float:
                    cfg.weight_decay)
     # mu and logvar are independent given the loop, so the expectation of the sum is the sum of the
     # two one-dimensional expectations: average each over its own quantile grid.
-    kl_mu = 0.5 * mu.square().mean()
-    kl_logvar = 0.5 * (logvar.exp() - 1 - logvar).mean()
-    return float(kl_mu + kl_logvar)
+    return 0.5 * mu.square().mean(-1) + 0.5 * (logvar.exp() - 1 - logvar).mean(-1)
+
+
+def kl_floor_per_dim(cfg: InferenceConfig) -> float:
+    """Expected KL(q || N(0, 1)) of one latent dimension after the inner loop with a z-blind decoder,
+    from the fixed start (mu 0, logvar init_logvar)."""
+    return float(_floor_per_dim(cfg, torch.tensor(0.0), torch.tensor(cfg.init_logvar)))
 
 
 def kl_floor(cfg: InferenceConfig, n_latents: int, d_model: int) -> float:
@@ -61,6 +68,18 @@ def kl_floor(cfg: InferenceConfig, n_latents: int, d_model: int) -> float:
     if n_latents < 1 or d_model < 1:
         raise ValueError(f"need n_latents >= 1 and d_model >= 1, got {n_latents} and {d_model}")
     return kl_floor_per_dim(cfg) * n_latents * d_model
+
+
+def start_kl_floor(model: LatentThoughtModel, cfg: InferenceConfig) -> float | None:
+    """The KL floor per sequence of the model's own start: the fixed start's (`kl_floor`), or the
+    learned start's from its trained centre, dimension by dimension. None for start="encoder": a start
+    that depends on x has no floor of its own (when z carries nothing, the encoder, trained on its
+    ELBO, can predict the prior itself), so its information is read from the mixture measure instead."""
+    if cfg.start == "encoder":
+        return None
+    if cfg.start == "learned":
+        return float(_floor_per_dim(cfg, model.start.mu.detach(), model.start.logvar.detach()).sum())
+    return kl_floor(cfg, model.cfg.n_latents, model.cfg.d_model)
 
 
 def _table(steps: list[int]) -> str:

@@ -118,7 +118,7 @@ def _prepare(cfg: RunConfig, micro_batch: int) -> tuple[torch.nn.Module, torch.o
     """The model and optimiser as a later update of one process finds them: AdamW's state exists, and
     the gradients do when the update accumulates micro-batches (the later ones add into them)."""
     accumulate = micro_batch < cfg.train.batch_size
-    model = build_model(cfg.model)
+    model = build_model(cfg.model, cfg.inference)
     optimizer = make_optimizer(model, cfg.train)
     for p in model.parameters():
         p.grad = torch.zeros_like(p)

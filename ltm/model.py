@@ -19,7 +19,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ltm.attention import Window, plan_window, window_attention
-from ltm.config import ModelConfig
+from ltm.config import InferenceConfig, ModelConfig
 
 
 def rope_angles(head_dim: int, positions: torch.Tensor, theta: float) -> torch.Tensor:
@@ -165,6 +165,8 @@ class LatentThoughtModel(nn.Module):
         self.unembed.weight = self.embed.weight  # weight tying
         self.attention = "auto"
         """How the sliding window is computed: "auto", "dense", "chunked", "flex" (`ltm.attention`)."""
+        self.start: nn.Module | None = None
+        """Where the posterior starts when slow learning trains it (`ltm.start`); None: the fixed start."""
         self._windows: dict[tuple, Window | None] = {}
         self._init_weights()
 
@@ -254,9 +256,14 @@ class LatentThoughtModel(nn.Module):
         return self._windows[key]
 
 
-def build_model(cfg: ModelConfig) -> LatentThoughtModel:
-    """The decoder for a ModelConfig (an LTM, or the AR baseline for kind="ar")."""
-    return LatentThoughtModel(cfg)
+def build_model(cfg: ModelConfig, inference: InferenceConfig | None = None) -> LatentThoughtModel:
+    """The decoder for a ModelConfig (an LTM, or the AR baseline for kind="ar"), with the trainable
+    posterior start that `inference.start` asks for ("learned", "encoder") as `model.start`."""
+    from ltm.start import build_start  # ltm.start builds on this module's layers
+
+    model = LatentThoughtModel(cfg)
+    model.start = build_start(cfg, inference)
+    return model
 
 
 def token_nll(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:

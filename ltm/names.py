@@ -47,7 +47,12 @@ VAL_KL = "val/kl"
 VAL_PPL_BOUND = "val/ppl_bound"
 VAL_PPL_IW = "val/ppl_iw"
 VAL_KL_FLOOR = "val/kl_floor"
-VAL_NLL_SWAP = "val/nll_swap"
+VAL_NLL_OTHER_Z = "val/nll_other_z"
+"""Named val/nll_swap before 2026-12: old runs carry that name (analysis.runs reads both)."""
+VAL_NLL_MIXTURE = "val/nll_mixture"
+VAL_NLL_PRIOR = "val/nll_prior"
+VAL_BOUND_START = "val/bound_start"
+VAL_AMORTISATION_GAP = "val/amortisation_gap"
 
 
 # -- outcomes -----------------------------------------------------------------------------------------

@@ -33,6 +33,14 @@ class Posterior:
     code's scoring reuses), otherwise a fresh draw."""
     trace: torch.Tensor
     """(steps, B): each sequence's objective NLL + KL in nats at each inner step."""
+    start_mu: torch.Tensor | None = None
+    start_logvar: torch.Tensor | None = None
+    """Where the loop started, for a trained start (`inference.start`): attached to the start's
+    parameters when the call ran with gradients enabled, so that `start_bound` can train them."""
+    start_eps: torch.Tensor | None = None
+    """The noise `start_bound` scores the start at (fresh, from the sequence's own stream)."""
+    stem: Stem | None = None
+    """The decoder's z-independent stem of the inputs, when the loop computed it (decoder_grad="final")."""
 
     def kl(self) -> torch.Tensor:
         """KL(q || N(0, I)) per sequence, shape (B,)."""
@@ -89,12 +97,13 @@ def infer_posterior(model: LatentThoughtModel, tokens: torch.Tensor, cfg: Infere
     noise = NoiseSource(seeds, (mcfg.n_latents, mcfg.d_model), tokens.device)
     trajectory = cfg.decoder_grad == "trajectory"
 
-    mu = (cfg.init_mu_std * noise.draw()).requires_grad_()
+    start_mu, start_logvar = _start(model, tokens, cfg, noise)
+    mu = start_mu.detach().clone().requires_grad_()
     if cfg.fixed_variance:
-        logvar = torch.full_like(mu, cfg.init_logvar)
+        logvar = start_logvar
         params = [mu]
     else:
-        logvar = (cfg.init_logvar + cfg.init_logvar_std * noise.draw()).requires_grad_()
+        logvar = start_logvar.detach().clone().requires_grad_()
         params = [mu, logvar]
     exp_avg = [torch.zeros_like(p) for p in params]
     exp_avg_sq = [torch.zeros_like(p) for p in params]
@@ -105,7 +114,7 @@ def infer_posterior(model: LatentThoughtModel, tokens: torch.Tensor, cfg: Infere
     with torch.enable_grad(), contextlib.nullcontext() if trajectory else frozen(model):
         # The stem does not depend on z: compute it once, outside the graph. The trajectory
         # mode needs the decoder's full graph at every step, so it recomputes it.
-        stem = None if trajectory else _no_grad_stem(model, inputs)
+        stem = None if trajectory or not cfg.steps else _no_grad_stem(model, inputs)
         objective_of = _compiled_objective if compiled and not trajectory else _objective
         for step in range(cfg.steps):
             if not cfg.reuse_noise:
@@ -129,7 +138,43 @@ def infer_posterior(model: LatentThoughtModel, tokens: torch.Tensor, cfg: Infere
         eps = noise.draw()  # z_T is a fresh sample of the final q
     z = mu if cfg.fixed_variance else mu + eps * (0.5 * logvar).exp()
     trace = torch.stack(trace) if trace else torch.zeros(0, B, device=tokens.device)
-    return Posterior(mu=mu, logvar=logvar, z=z, eps=eps, trace=trace)
+    post = Posterior(mu=mu, logvar=logvar, z=z, eps=eps, trace=trace, stem=stem)
+    if model.start is not None:
+        post.start_mu, post.start_logvar, post.start_eps = start_mu, start_logvar, noise.draw()
+    return post
+
+
+def _start(model: LatentThoughtModel, tokens: torch.Tensor, cfg: InferenceConfig,
+           noise: NoiseSource) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each sequence's starting (mu, logvar) (`ltm.start`); the fixed and learned starts draw from
+    `noise` in the same order (mu first), so a learned start at its initial value is the fixed start."""
+    if cfg.start == "encoder":
+        return model.start(tokens, model.embed)
+    if cfg.start == "learned":
+        mu0, logvar0 = model.start(tokens, model.embed)
+    else:
+        shape = (tokens.shape[0], model.cfg.n_latents, model.cfg.d_model)
+        mu0, logvar0 = torch.zeros(shape, device=tokens.device), torch.full(shape, cfg.init_logvar, device=tokens.device)
+    mu = mu0 + cfg.init_mu_std * noise.draw()
+    if cfg.fixed_variance:
+        return mu, logvar0
+    return mu, logvar0 + cfg.init_logvar_std * noise.draw()
+
+
+def start_bound(model: LatentThoughtModel, tokens: torch.Tensor, post: Posterior,
+                loss_mask: torch.Tensor | None = None) -> torch.Tensor:
+    """Each sequence's negative ELBO at its trained start, NLL(x | z_0) + KL(q_0 || p) with
+    z_0 = start_mu + start_eps * sigma_0, shape (B,). The decoder is frozen for it: its backward reaches
+    the start's parameters only (the training signal of `inference.start`; Kim et al. 2018). At
+    evaluation it is the T = 0 bound that the amortisation gap is measured from."""
+    if post.start_mu is None:
+        raise ValueError("start_bound needs a posterior of a trained start (inference.start=learned or encoder)")
+    inputs, targets = tokens[:, :-1], tokens[:, 1:]
+    stem = post.stem if post.stem is not None else _no_grad_stem(model, inputs)
+    z0 = post.start_mu + post.start_eps * (0.5 * post.start_logvar).exp()
+    with frozen(model):
+        nll = _masked_sum(token_nll(model.forward_from_stem(stem, z0), targets), loss_mask)
+    return nll + gaussian_kl(post.start_mu, post.start_logvar)
 
 
 def _objective(model: LatentThoughtModel, stem: Stem, mu: torch.Tensor, logvar: torch.Tensor, eps: torch.Tensor,

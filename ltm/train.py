@@ -38,7 +38,8 @@ from ltm.flops import flops_per_token, mfu
 from ltm.model import LatentThoughtModel, build_model
 from ltm import names
 from ltm.names import EXIT_OF, Exit, Status
-from ltm.posterior import infer_posterior
+from ltm.posterior import infer_posterior, start_bound
+from ltm.start import NO_DECAY
 from ltm.signals import Interrupt, Stopped
 from ltm.processes import Processes, all_reduce_gradients
 
@@ -61,12 +62,15 @@ def decoder_loss(model: LatentThoughtModel, tokens: torch.Tensor, cfg: Inference
     already accumulates into the decoder's .grad); an AR model is scored directly (KL 0).
     `compiled` runs both through torch.compile (one graph per shape).
     """
-    if model.cfg.kind == "ltm":
-        post = infer_posterior(model, tokens, cfg, seeds=seeds, compiled=compiled)
-        z, kl = post.z, post.kl().sum()
-    else:
-        z, kl = None, torch.zeros((), device=tokens.device)
-    return (_compiled_cross_entropy if compiled else _cross_entropy)(model, tokens, z), kl
+    post = infer_posterior(model, tokens, cfg, seeds=seeds, compiled=compiled) if model.cfg.kind == "ltm" else None
+    z, kl = (post.z, post.kl().sum()) if post is not None else (None, torch.zeros((), device=tokens.device))
+    loss = (_compiled_cross_entropy if compiled else _cross_entropy)(model, tokens, z)
+    if model.start is not None:
+        # A trained start learns from its own bound per token (the decoder is frozen for it). Added as
+        # bound - bound.detach(): its gradient joins the backward, while the loss keeps the CE's value.
+        start = start_bound(model, tokens, post).sum() / tokens[:, 1:].numel()
+        loss = loss + (start - start.detach())
+    return loss, kl
 
 
 def _cross_entropy(model: LatentThoughtModel, tokens: torch.Tensor, z: torch.Tensor | None) -> torch.Tensor:
@@ -100,9 +104,9 @@ def lr_at(step: int, total_steps: int, cfg) -> float:
 
 
 def make_optimizer(model: torch.nn.Module, cfg) -> torch.optim.AdamW:
-    """AdamW with weight decay on matrices and embeddings, none on norm gains."""
-    decay = [p for p in model.parameters() if p.dim() >= 2]
-    no_decay = [p for p in model.parameters() if p.dim() < 2]
+    """AdamW with weight decay on matrices and embeddings, none on norm gains or a learned start's centre."""
+    decay = [p for name, p in model.named_parameters() if p.dim() >= 2 and name not in NO_DECAY]
+    no_decay = [p for name, p in model.named_parameters() if p.dim() < 2 or name in NO_DECAY]
     groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
     fused = next(model.parameters()).device.type == "cuda"  # one kernel for the whole update on a GPU
     return torch.optim.AdamW(groups, lr=cfg.lr, betas=cfg.betas, **({"fused": True} if fused else {"foreach": True}))
@@ -302,7 +306,7 @@ def _run_locked(cfg: RunConfig, procs: Processes, tracking_uri: str, experiment:
                 tracker.send_spooled(run_dir / UNSENT_FILE, timeout=patience)
                 write_run_config(run_dir, cfg, model_cfg, run_id)
             torch.manual_seed(cfg.seed)
-            model = build_model(model_cfg).to(procs.device)
+            model = build_model(model_cfg, cfg.inference).to(procs.device)
             optimizer = make_optimizer(model, cfg.train)
             loop = _Loop(cfg, model_cfg, procs, tracker, run_id, run_dir, model, optimizer, train_blocks, val_blocks,
                          skip_logged=decision.logged_step, patience=patience, on_log=on_log)
@@ -379,7 +383,7 @@ def _decide(tracker, cfg: RunConfig, key: str, runs_dir: Path, model_cfg: ModelC
                          logged_step=tracker.max_logged_step(run_id))
     elsewhere = [r for r in tracker.find_runs_anywhere(key) if r.info.experiment_id != tracker.experiment_id]
     with torch.device("meta"):
-        counted = build_model(model_cfg)
+        counted = build_model(model_cfg, cfg.inference)
     params = {**cfg.flat(), "model.vocab_size": model_cfg.vocab_size, "n_params": counted.num_params(),
               "n_params_nonembedding": counted.num_params(non_embedding=True)}
     run_tags = {"git_commit": _git_commit(), "torch_version": torch.__version__, "device": str(procs.device),
@@ -464,8 +468,9 @@ def _train(loop: _Loop, interrupt: Interrupt, progress: bool) -> RunResult:
     if local % micro:
         raise ValueError(f"per-process batch {local} is not a multiple of train.micro_batch_size={micro}")
     order = _BlockOrder(len(loop.train_blocks), cfg.seed)
-    fpt = flops_per_token(model_cfg, icfg.steps, decoder_grad=icfg.decoder_grad)
-    fpt_paper = flops_per_token(model_cfg, icfg.steps, convention="paper")
+    start = {"start": icfg.start, "encoder_layers": icfg.encoder_layers}
+    fpt = flops_per_token(model_cfg, icfg.steps, decoder_grad=icfg.decoder_grad, **start)
+    fpt_paper = flops_per_token(model_cfg, icfg.steps, convention="paper", **start)
     peak = peak_flops(procs.device, tc.peak_flops)
     compiled = use_compile(tc.compile, procs.device, fpt * total_steps * tokens_per_step)
     if compiled:  # a worker trains run after run: start each from empty graph caches, far from dynamo's limit
@@ -606,13 +611,23 @@ def _train(loop: _Loop, interrupt: Interrupt, progress: bool) -> RunResult:
 
 
 def bound_summary(metrics: dict[str, float], prefix: str = "val") -> str:
-    """One line that reads an LTM bound: NLL given z, KL above the floor, the floor, and the
-    information the decoder takes from z (nats per token)."""
+    """Lines that read an LTM bound (nats per token): NLL given z, KL above the start's floor and the
+    floor, the information the decoder takes from its own z, how much it relies on z, and for a
+    trained start the amortisation gap."""
     m = {k.removeprefix(f"{prefix}/"): v for k, v in metrics.items()}
-    return (f"bound {m['nll'] + m['kl']:.3f} nats/token = NLL given z {m['nll']:.3f} + KL above the floor "
-            f"{m['kl'] - m['kl_floor']:.3f} + KL floor {m['kl_floor']:.3f}; the decoder takes "
-            f"{m['nll_swap'] - m['nll']:.3f} nats/token from z ({prefix}/nll_swap - {prefix}/nll; "
-            f"NLL given a prior sample {m['nll_prior']:.3f})")
+    floor = m.get("kl_floor")
+    kl = (f"KL above the floor {m['kl'] - floor:.3f} + KL floor {floor:.3f}" if floor is not None
+          else f"KL {m['kl']:.3f} (an encoder's start has no floor)")
+    lines = [f"bound {m['nll'] + m['kl']:.3f} nats/token = NLL given z {m['nll']:.3f} + {kl}"]
+    if "nll_mixture" in m:
+        lines.append(f"its own z tells the decoder {m['nll_mixture'] - m['nll']:.3f} nats/token more than a mixture of "
+                     f"other blocks' ({prefix}/nll_mixture - {prefix}/nll)")
+    lines.append(f"one other block's z costs it {m['nll_other_z'] - m['nll']:.3f} (reliance on z: {prefix}/nll_other_z "
+                 f"- {prefix}/nll); NLL given a prior sample {m['nll_prior']:.3f}")
+    if "amortisation_gap" in m:
+        lines.append(f"bound at the start (T=0) {m['bound_start']:.3f}: refinement gains {m['amortisation_gap']:.3f} "
+                     "(the amortisation gap)")
+    return "\n".join(lines)
 
 
 def corpus_optimum(cfg: RunConfig) -> str:
@@ -687,7 +702,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{result.status}: run {cfg.run_key()} (MLflow run {result.run_id})" + (f": {result.reason}" if result.reason else ""))
         for k, v in sorted(result.metrics.items()):
             print(f"  {k:24s} {v:.6g}")
-        if "val/nll_swap" in result.metrics:
+        if names.VAL_NLL_OTHER_Z in result.metrics:
             print(bound_summary(result.metrics))
         if cfg.data.name == "synthetic" and result.metrics:
             print(corpus_optimum(cfg))

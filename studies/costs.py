@@ -64,8 +64,9 @@ def point_cost(point: Point) -> Cost:
         return Cost(0, 0.0, 0.0)  # evaluates a checkpoint that exists
     model = cfg.model
     steps, tokens = cfg.inference.steps, trained_tokens(cfg)
-    exact = flops_per_token(model, steps, decoder_grad=cfg.inference.decoder_grad)
-    return Cost(tokens, tokens * exact, tokens * flops_per_token(model, steps, convention="paper"))
+    start = {"start": cfg.inference.start, "encoder_layers": cfg.inference.encoder_layers}
+    exact = flops_per_token(model, steps, decoder_grad=cfg.inference.decoder_grad, **start)
+    return Cost(tokens, tokens * exact, tokens * flops_per_token(model, steps, convention="paper", **start))
 
 
 def _trained_config(point: Point) -> RunConfig | None:

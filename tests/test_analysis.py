@@ -156,9 +156,9 @@ def test_plot_scaling_writes_figures_tables_and_an_analysis_run(tracked, tmp_pat
     table = pd.read_csv(tmp_path / "runs.csv")
     assert len(table) == 5
     ltm_rows = table[table["model.kind"] == "ltm"]
-    assert ltm_rows[["kl_floor", "nll_swap", "nll_prior", "z_info", "reuse_gap"]].notna().all().all()
+    assert ltm_rows[["kl_floor", "nll_other_z", "z_reliance", "nll_mixture", "nll_prior", "z_info", "reuse_gap"]].notna().all().all()
     assert (ltm_rows["kl_above_floor"] == ltm_rows["kl"] - ltm_rows["kl_floor"]).all()
-    assert table.loc[table["model.kind"] == "ar", ["kl_floor", "nll_swap"]].isna().all().all()
+    assert table.loc[table["model.kind"] == "ar", ["kl_floor", "nll_other_z", "z_info"]].isna().all().all()
     client = MlflowClient(default_tracking_uri(tracked))
     analysis = client.search_runs([client.get_experiment_by_name("a").experiment_id],
                                   filter_string="tags.`ltm.analysis` = 'plot_scaling'")
