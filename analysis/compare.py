@@ -1,22 +1,42 @@
-"""Two trained runs on the same validation blocks: each one's bound and their paired difference.
+"""Two arms of trained runs on the same validation blocks: each arm's bound and their difference A - B.
 
     python analysis/compare.py A B [--runs-dir runs] [--blocks 64] [--bootstrap 2000] [--out FILE.csv]
+    python analysis/compare.py A1,A2,A3 B1,B2,B3 [...]    # one config per side, trained with several seeds
 
-A and B are checkpoint paths, run keys (their checkpoints under <runs-dir>/checkpoints) or training
-runs' MLflow ids. Each is read from its own run's checkpoint folder, and a folder whose run FINISHED
-at more tokens than its newest usable checkpoint holds is refused (`ltm.checkpoint.resolve`).
-Each validation block gets each run's bound in nats per token: for an LTM the fresh-noise ELBO,
-with the posterior inferred in T steps as in training (and its NLL given z and KL), for an AR its
-exact NLL. The differences A - B of the bound and of the NLL are averaged over blocks (token-weighted), each
-with a 95 % interval from
-a paired percentile bootstrap over blocks: the uncertainty from which validation text was scored,
-not from training seeds.
+Each of A and B is a checkpoint path, run key (its checkpoints under <runs-dir>/checkpoints) or
+training run's MLflow id, or several of them separated by commas. Each is read from its own run's
+checkpoint folder, and a folder whose run FINISHED at more tokens than its newest usable checkpoint
+holds is refused (`ltm.checkpoint.resolve`). Each validation block gets each run's bound in nats per
+token: for an LTM the fresh-noise ELBO, with the posterior inferred in T steps as in training (and
+its NLL given z and KL), for an AR its exact NLL.
+
+One run per side: the differences A - B of the bound and of the NLL are averaged over blocks
+(token-weighted), each with a 95 % interval from a paired percentile bootstrap over blocks: the
+uncertainty from which validation text was scored, not from training seeds.
+
+Several runs per side (at least 2 on each; the runs of one side may differ only in the top-level
+`seed`, and each seed once): each arm's bound, NLL and KL are token-weighted over blocks for each
+seed, then averaged over its seeds, and A - B gets three 95 % intervals:
+
+* blocks: the paired percentile bootstrap over blocks as above, of the seed-averaged per-block
+  bounds (which text was scored; the trained models held fixed);
+* seeds: Welch's t interval for the difference of the arms' means of per-seed bounds (which seeds
+  were trained; the blocks held fixed). The seeds of the two arms are independent training runs,
+  so they are not paired even when both arms use the same seed values. With 3 seeds per arm the t
+  quantile has few degrees of freedom and the interval is wide: a percentile bootstrap over 3
+  seeds (10 distinct resamples per arm) would be too coarse to say anything;
+* both: a two-level percentile bootstrap; each draw resamples each arm's seeds (with replacement,
+  within the arm) and the blocks (the same blocks for both arms) together. Its seed level
+  understates the seed spread by the plug-in factor (k - 1) / k, so with few seeds read it beside
+  the seed interval rather than instead of it.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import sys
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
@@ -25,16 +45,29 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from ltm.checkpoint import load_model, resolve  # noqa: E402
-from ltm.config import ConfigError  # noqa: E402
+from ltm.config import ConfigError, RunConfig  # noqa: E402
 from ltm.data import load_blocks  # noqa: E402
 from ltm.evaluate import sequence_bounds  # noqa: E402
 from ltm.tracking import default_tracking_uri  # noqa: E402
 from ltm.train import EVAL_SEED  # noqa: E402
 
+_LEVEL = 0.95
 
-def block_bounds(ref: str, runs_dir: Path, n_blocks: int, batch_size: int = 16,
-                 tracking_uri: str | None = None) -> tuple[pd.DataFrame, torch.Tensor]:
-    """Per validation block: bound, nll and kl (nats, summed over the block) and tokens; and the blocks."""
+
+@dataclasses.dataclass(frozen=True)
+class Scored:
+    """One run scored on the validation blocks."""
+
+    frame: pd.DataFrame
+    """Per block: bound, nll, kl (nats, summed over the block), tokens; run (its label) and seed."""
+    blocks: torch.Tensor
+    """The validation blocks scored, (blocks, ctx + 1) token ids."""
+    config: RunConfig
+
+
+def score_run(ref: str, runs_dir: Path, n_blocks: int, batch_size: int = 16,
+              tracking_uri: str | None = None) -> Scored:
+    """Each of the first `n_blocks` validation blocks' bound, NLL and KL under the run `ref` names."""
     source = resolve(ref, tracking_uri or default_tracking_uri(runs_dir), runs_dir)
     print(f"{ref}: {source['identity'].rsplit(':', 1)[0]}" + (f" (MLflow run {source['run_id']})" if source["run_id"]
                                                               else ""))
@@ -52,7 +85,17 @@ def block_bounds(ref: str, runs_dir: Path, n_blocks: int, batch_size: int = 16,
                  zip(b.elbo.tolist(), b.nll.tolist(), b.kl.tolist(), b.n_tokens.tolist())]
     latents = f" T={cfg.inference.steps} N_z={cfg.model.n_latents}" if cfg.model.kind == "ltm" else ""
     label = f"{cfg.model.kind}{latents}, window {cfg.model.window}, {cfg.train.tokens:,} tokens"
-    return pd.DataFrame(rows).assign(run=label), tokens
+    return Scored(pd.DataFrame(rows).assign(run=label, seed=cfg.seed), tokens, cfg)
+
+
+def block_bounds(ref: str, runs_dir: Path, n_blocks: int, batch_size: int = 16,
+                 tracking_uri: str | None = None) -> tuple[pd.DataFrame, torch.Tensor]:
+    """Per validation block: bound, nll and kl (nats, summed over the block) and tokens; and the blocks."""
+    scored = score_run(ref, runs_dir, n_blocks, batch_size, tracking_uri)
+    return scored.frame, scored.blocks
+
+
+# --------------------------------------------------------------------------- statistics
 
 
 def compare(a: pd.DataFrame, b: pd.DataFrame, bootstrap: int, seed: int = 0) -> dict[str, float]:
@@ -73,30 +116,124 @@ def compare(a: pd.DataFrame, b: pd.DataFrame, bootstrap: int, seed: int = 0) -> 
     return out
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("a", help="run key or checkpoint path")
-    parser.add_argument("b", help="run key or checkpoint path")
-    parser.add_argument("--runs-dir", default="runs")
-    parser.add_argument("--tracking-uri", help="the store that knows the runs (default sqlite:///<runs-dir>/mlflow.db)")
-    parser.add_argument("--blocks", type=int, default=64, help="validation blocks scored (default 64)")
-    parser.add_argument("--bootstrap", type=int, default=2000)
-    parser.add_argument("--out", help="also write the result as a one-row CSV")
-    args = parser.parse_args(argv)
-    if args.blocks < 2 or args.bootstrap < 1:
-        parser.error("--blocks must be >= 2 and --bootstrap >= 1")
-    runs_dir = Path(args.runs_dir).resolve()
-    try:
-        a, tokens_a = block_bounds(args.a, runs_dir, args.blocks, tracking_uri=args.tracking_uri)
-        b, tokens_b = block_bounds(args.b, runs_dir, args.blocks, tracking_uri=args.tracking_uri)
-    except (ConfigError, FileNotFoundError, ValueError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    if tokens_a.shape != tokens_b.shape or not torch.equal(tokens_a, tokens_b):
-        print("error: the two runs' validation blocks differ (another corpus, context or val_blocks); "
-              "a paired comparison needs the same blocks", file=sys.stderr)
-        return 2
-    result = {"A_run": a["run"].iloc[0], "B_run": b["run"].iloc[0], **compare(a, b, args.bootstrap)}
+def t_quantile(p: float, df: float) -> float:
+    """The p-quantile of Student's t with `df` (possibly fractional) degrees of freedom."""
+    from scipy.stats import t  # scipy is already a dependency (analysis/fit.py's optimiser)
+
+    return float(t.ppf(p, df))
+
+
+def welch_interval(x: Sequence[float], y: Sequence[float], level: float = _LEVEL) -> tuple[float, float, float]:
+    """Welch's t interval for mean(x) - mean(y) from independent samples (>= 2 each): (low, high, df).
+
+    When neither sample varies the interval is the difference itself, and df is NaN."""
+    x, y = np.asarray(x, dtype=float), np.asarray(y, dtype=float)
+    if len(x) < 2 or len(y) < 2:
+        raise ValueError(f"a Welch interval needs at least 2 values per arm, got {len(x)} and {len(y)}")
+    diff = float(x.mean() - y.mean())
+    va, vb = x.var(ddof=1) / len(x), y.var(ddof=1) / len(y)
+    if va + vb == 0:
+        return diff, diff, float("nan")
+    df = (va + vb) ** 2 / (va ** 2 / (len(x) - 1) + vb ** 2 / (len(y) - 1))  # Welch-Satterthwaite
+    half = t_quantile(0.5 + level / 2, df) * np.sqrt(va + vb)
+    return diff - half, diff + half, float(df)
+
+
+def two_level_interval(a: np.ndarray, b: np.ndarray, tokens: np.ndarray, bootstrap: int,
+                       rng: np.random.Generator, level: float = _LEVEL) -> tuple[float, float]:
+    """Percentile interval of the token-weighted A - B when each draw resamples each arm's seeds (rows of
+    `a`, `b`: seeds x blocks, nats per block) within the arm and the blocks, paired across arms."""
+    (ka, n), kb = a.shape, len(b)
+    wa = rng.multinomial(ka, np.full(ka, 1 / ka), size=bootstrap) / ka  # (draws, seeds): resampled seed weights
+    wb = rng.multinomial(kb, np.full(kb, 1 / kb), size=bootstrap) / kb
+    blocks = rng.integers(0, n, size=(bootstrap, n))
+    diff = wa @ a - wb @ b  # (draws, blocks): each draw's seed-averaged per-block difference
+    resampled = np.take_along_axis(diff, blocks, 1).sum(1) / tokens[blocks].sum(1)
+    lo, hi = np.percentile(resampled, [50 - 50 * level, 50 + 50 * level])
+    return float(lo), float(hi)
+
+
+def _seed_average(frames: Sequence[pd.DataFrame]) -> pd.DataFrame:
+    """Per block: the bound, NLL and KL averaged over the runs, and the (common) token counts."""
+    mean = sum(f[["bound", "nll", "kl"]].to_numpy() for f in frames) / len(frames)
+    return pd.DataFrame(mean, columns=["bound", "nll", "kl"]).assign(tokens=frames[0]["tokens"].to_numpy())
+
+
+def _per_seed(frames: Sequence[pd.DataFrame], column: str) -> np.ndarray:
+    """Each run's token-weighted mean of `column` (nats/token)."""
+    return np.array([f[column].sum() / f["tokens"].sum() for f in frames])
+
+
+def compare_seeds(a: Sequence[pd.DataFrame], b: Sequence[pd.DataFrame], bootstrap: int,
+                  seed: int = 0) -> dict[str, float | int | str]:
+    """`compare` for arms of several training seeds each (per-block frames as `score_run` makes): each
+    arm's means over its seeds, A - B with block, seed (Welch t) and two-level bootstrap 95 % intervals."""
+    tokens = a[0]["tokens"].to_numpy()
+    if any(not np.array_equal(f["tokens"].to_numpy(), tokens) for f in [*a, *b]):
+        raise ValueError("the runs were not scored on the same blocks (their token counts differ)")
+    out: dict = compare(_seed_average(a), _seed_average(b), bootstrap, seed)
+    for name, frames in (("A", a), ("B", b)):
+        labels = [f["seed"].iloc[0] if "seed" in f else i for i, f in enumerate(frames)]
+        out[f"{name}_seeds"] = len(frames)
+        out[f"{name}_seed_bounds"] = ";".join(f"{s}={v:.6f}" for s, v in zip(labels, _per_seed(frames, "bound")))
+    rng = np.random.default_rng([seed, 1])
+    for column in ("bound", "nll"):
+        lo, hi, df = welch_interval(_per_seed(a, column), _per_seed(b, column))
+        out.update({f"{column}_seed_ci_low": lo, f"{column}_seed_ci_high": hi, f"{column}_seed_df": df})
+        stacked = [np.stack([f[column].to_numpy() for f in frames]) for frames in (a, b)]
+        lo, hi = two_level_interval(*stacked, tokens, bootstrap, rng)
+        out.update({f"{column}_both_ci_low": lo, f"{column}_both_ci_high": hi})
+    return out
+
+
+# --------------------------------------------------------------------------- command line
+
+
+def _refs(text: str) -> list[str]:
+    """A side's refs: comma-separated, unless the whole text names an existing path."""
+    return [text] if Path(text).expanduser().exists() else [r.strip() for r in text.split(",") if r.strip()]
+
+
+def _seedless(cfg: RunConfig) -> dict[str, object]:
+    """The run's identity (`RunConfig.identity`) as dotted keys, without the seed."""
+    flat: dict[str, object] = {}
+    for section, values in cfg.identity().items():
+        if isinstance(values, dict):
+            flat.update({f"{section}.{k}": v for k, v in values.items()})
+        elif section != "seed":
+            flat[section] = values
+    return flat
+
+
+def side_problem(name: str, refs: Sequence[str], configs: Sequence[RunConfig]) -> str | None:
+    """Why the runs of one side are not one config trained with different seeds, or None."""
+    first = _seedless(configs[0])
+    for ref, cfg in zip(refs[1:], configs[1:]):
+        other = _seedless(cfg)
+        diff = [f"{k}={other.get(k)!r} where {refs[0]} has {first.get(k)!r}" for k in sorted(set(first) | set(other))
+                if first.get(k) != other.get(k)]
+        if diff:
+            return (f"{name}'s runs differ in more than the seed: {ref} has {', '.join(diff)}; the runs of one side "
+                    f"must be one config trained with different `seed`s (compare configs as A against B instead)")
+    seeds = [cfg.seed for cfg in configs]
+    for i, s in enumerate(seeds):
+        if s in seeds[:i]:
+            return (f"{name}'s runs {refs[seeds.index(s)]} and {refs[i]} both have seed {s}: a seed interval "
+                    f"needs each training seed once; pass one of them")
+    return None
+
+
+def blocks_problem(refs: Sequence[str], blocks: Sequence[torch.Tensor]) -> str | None:
+    """Why the runs were not all scored on the same validation blocks, or None."""
+    for ref, other in zip(refs[1:], blocks[1:]):
+        if other.shape != blocks[0].shape or not torch.equal(other, blocks[0]):
+            runs = "the two runs'" if len(refs) == 2 else f"{refs[0]}'s and {ref}'s"
+            return (f"{runs} validation blocks differ (another corpus, context or val_blocks); "
+                    "a paired comparison needs the same blocks")
+    return None
+
+
+def _print_single(result: dict) -> None:
     for name in ("A", "B"):
         print(f"{name}: {result[name + '_run']}: bound {result[name + '_bound']:.4f} nats/token = "
               f"NLL {result[name + '_nll']:.4f} + KL {result[name + '_kl']:.4f}")
@@ -104,6 +241,83 @@ def main(argv: list[str] | None = None) -> int:
         print(f"A - B, {column}: {result[column + '_A_minus_B']:+.4f} nats/token, 95% interval "
               f"[{result[column + '_ci_low']:+.4f}, {result[column + '_ci_high']:+.4f}]")
     print(f"(paired bootstrap over {result['blocks']} validation blocks)")
+
+
+def _print_seeds(result: dict, bootstrap: int) -> None:
+    for name in ("A", "B"):
+        pairs = (p.split("=") for p in result[name + "_seed_bounds"].split(";"))
+        per_seed = ", ".join(f"seed {s}: {float(v):.4f}" for s, v in pairs)
+        print(f"{name}: {result[name + '_run']}, mean of {result[name + '_seeds']} seeds: bound "
+              f"{result[name + '_bound']:.4f} nats/token = NLL {result[name + '_nll']:.4f} + KL "
+              f"{result[name + '_kl']:.4f} ({per_seed})")
+    for c in ("bound", "nll"):
+        print(f"A - B, {c}: {result[c + '_A_minus_B']:+.4f} nats/token, 95% intervals: over blocks "
+              f"[{result[c + '_ci_low']:+.4f}, {result[c + '_ci_high']:+.4f}], over seeds "
+              f"[{result[c + '_seed_ci_low']:+.4f}, {result[c + '_seed_ci_high']:+.4f}] "
+              f"(Welch t, df {result[c + '_seed_df']:.1f}), both [{result[c + '_both_ci_low']:+.4f}, "
+              f"{result[c + '_both_ci_high']:+.4f}]")
+    print(f"(over blocks: paired bootstrap over {result['blocks']} validation blocks of the seed-averaged bounds; "
+          f"over seeds: Welch t interval on the {result['A_seeds']} + {result['B_seeds']} seeds' mean bounds, "
+          f"seeds independent across arms; both: {bootstrap} bootstrap draws resampling each arm's seeds and the "
+          f"blocks, paired across arms, together)")
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    for side in ("a", "b"):
+        parser.add_argument(side, help="run key, checkpoint path or MLflow run id; several, comma-separated: "
+                                       "one config trained with different seeds")
+    parser.add_argument("--runs-dir", default="runs")
+    parser.add_argument("--tracking-uri", help="the store that knows the runs (default sqlite:///<runs-dir>/mlflow.db)")
+    parser.add_argument("--blocks", type=int, default=64, help="validation blocks scored (default 64)")
+    parser.add_argument("--bootstrap", type=int, default=2000)
+    parser.add_argument("--out", help="also write the result as a one-row CSV")
+    return parser
+
+
+def _score_sides(args: argparse.Namespace, sides: dict[str, list[str]]) -> tuple[dict, str | None]:
+    """Every run scored, by side; and why they cannot be compared (None when they can)."""
+    runs_dir = Path(args.runs_dir).resolve()
+    uri = args.tracking_uri or default_tracking_uri(runs_dir)
+    for name, refs in sides.items():  # from the checkpoints' configs, before any scoring
+        if len(refs) > 1:
+            problem = side_problem(name, refs, [RunConfig.from_dict(resolve(r, uri, runs_dir)["config"]) for r in refs])
+            if problem:
+                return {}, problem
+    scored = {name: [score_run(ref, runs_dir, args.blocks, tracking_uri=uri) for ref in refs]
+              for name, refs in sides.items()}
+    runs = scored["A"] + scored["B"]
+    return scored, blocks_problem(sides["A"] + sides["B"], [s.blocks for s in runs])
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = _parser()
+    args = parser.parse_args(argv)
+    if args.blocks < 2 or args.bootstrap < 1:
+        parser.error("--blocks must be >= 2 and --bootstrap >= 1")
+    sides = {"A": _refs(args.a), "B": _refs(args.b)}
+    if len(sides["A"]) != len(sides["B"]) and min(len(sides["A"]), len(sides["B"])) == 1:
+        one = "A" if len(sides["A"]) == 1 else "B"
+        print(f"error: A has {len(sides['A'])} runs and B {len(sides['B'])}: an interval over training seeds needs "
+              f"at least 2 seeds on each side; give {one} its other seeds (comma-separated) or compare one run "
+              "per side", file=sys.stderr)
+        return 2
+    try:
+        scored, problem = _score_sides(args, sides)
+    except (ConfigError, FileNotFoundError, ValueError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    if problem:
+        print(f"error: {problem}", file=sys.stderr)
+        return 2
+    a, b = ([s.frame for s in scored[name]] for name in ("A", "B"))
+    labels = {"A_run": a[0]["run"].iloc[0], "B_run": b[0]["run"].iloc[0]}
+    if len(a) == 1:
+        result = {**labels, **compare(a[0], b[0], args.bootstrap)}
+        _print_single(result)
+    else:
+        result = {**labels, **compare_seeds(a, b, args.bootstrap)}
+        _print_seeds(result, args.bootstrap)
     if args.out:
         pd.DataFrame([result]).to_csv(args.out, index=False)
     return 0

@@ -13,6 +13,12 @@ following Hoffmann et al. (2022) and Epoch AI's replication (Besiroglu et al. 20
 * uncertainty: resample points with replacement (as multinomial weights), refit from the
   full-data optimum and the best few grid starts, report 2.5th and 97.5th percentiles.
 
+Several observations of one point (`points=`: e.g. the same config trained with several seeds)
+are fitted as they are, each weighted 1/(observations at its point) so that every point weighs
+as one, and a bootstrap draw resamples the points and then, within each drawn point, its
+observations: whole seeds are resampled together with the points, so the interval includes the
+spread between seeds. With one observation per point both reduce to the above.
+
 Each result carries a `method` string saying all of this for that fit.
 """
 
@@ -119,9 +125,9 @@ def _lbfgs(model: _LogSumExpModel, starts: np.ndarray, weights: np.ndarray) -> t
     return best_theta, best_f * model.delta
 
 
-def _best_starts(model: _LogSumExpModel, grid: np.ndarray, k: int) -> np.ndarray:
+def _best_starts(model: _LogSumExpModel, grid: np.ndarray, k: int, weights: np.ndarray) -> np.ndarray:
     """The k grid rows with the lowest full-data objective."""
-    scores = model.objectives(grid, np.ones(model.log_y.size))
+    scores = model.objectives(grid, weights)
     return grid[np.argsort(scores, kind="stable")[:k]]
 
 
@@ -132,6 +138,53 @@ def _bootstrap_weights(rng: np.random.Generator, strata: np.ndarray) -> np.ndarr
         idx = np.flatnonzero(strata == s)
         w[idx] = rng.multinomial(idx.size, np.full(idx.size, 1.0 / idx.size))
     return w
+
+
+@dataclass(frozen=True)
+class _Points:
+    """Which point each observation belongs to; a point may have several (e.g. one run per seed)."""
+
+    codes: np.ndarray
+    """Per observation, its point's index."""
+    sizes: np.ndarray
+    """Per point, its number of observations."""
+
+    @classmethod
+    def of(cls, labels: ArrayLike | None, n: int) -> "_Points":
+        """From one label per observation; None: every observation its own point."""
+        if labels is None:
+            return cls(np.arange(n), np.ones(n, dtype=int))
+        labels = np.asarray(labels)
+        if labels.shape != (n,):
+            raise ValueError(f"points must have one label per observation ({n}), got shape {labels.shape}")
+        codes = np.unique(labels, return_inverse=True)[1].ravel()
+        return cls(codes, np.bincount(codes))
+
+    @property
+    def replicated(self) -> bool:
+        """Whether some point has more than one observation."""
+        return bool((self.sizes > 1).any())
+
+    def base_weights(self) -> np.ndarray:
+        """Each observation weighted 1/(observations at its point): every point weighs as one."""
+        return 1.0 / self.sizes[self.codes]
+
+    def point_strata(self, strata: np.ndarray) -> np.ndarray:
+        """Each point's stratum, or a ValueError when a point's observations are in several strata."""
+        out = np.zeros(self.sizes.size)
+        out[self.codes] = strata
+        if not np.array_equal(out[self.codes], strata):
+            raise ValueError("the observations of one point must be in one group (stratum)")
+        return out
+
+    def draw(self, rng: np.random.Generator, strata: np.ndarray) -> np.ndarray:
+        """One bootstrap draw's weights: points resampled within their strata, then each drawn point's
+        observations resampled within it (one stratum per point)."""
+        if not self.replicated:  # one observation per point: the plain resample (same random draws as ever)
+            return _bootstrap_weights(rng, strata)
+        per_point = _bootstrap_weights(rng, self.point_strata(strata))
+        within = _bootstrap_weights(rng, self.codes)
+        return per_point[self.codes] * within / self.sizes[self.codes]
 
 
 @dataclass(frozen=True)
@@ -152,17 +205,18 @@ def _single_threaded_blas() -> contextlib.AbstractContextManager:
 
 
 def _solve(model: _LogSumExpModel, grid: np.ndarray, *, top_k: int, bootstrap: int, seed: int,
-           strata: np.ndarray | None = None) -> _Solution:
+           strata: np.ndarray | None = None, points: _Points | None = None) -> _Solution:
     """Shared driver: multi-start L-BFGS on all points, then `bootstrap` resampled refits."""
+    points = points or _Points.of(None, model.log_y.size)
     with _single_threaded_blas():
-        starts = _best_starts(model, grid, top_k)
-        theta, objective = _lbfgs(model, starts, np.ones(model.log_y.size))
+        starts = _best_starts(model, grid, top_k, points.base_weights())
+        theta, objective = _lbfgs(model, starts, points.base_weights())
         if bootstrap == 0:
             return _Solution(theta, objective, None)
         strata = np.zeros(model.log_y.size) if strata is None else strata
         refit_starts = np.vstack([theta, starts[:_BOOTSTRAP_GRID_STARTS]])
         rng = np.random.default_rng(seed)
-        samples = np.array([_lbfgs(model, refit_starts, _bootstrap_weights(rng, strata))[0]
+        samples = np.array([_lbfgs(model, refit_starts, points.draw(rng, strata))[0]
                             for _ in range(bootstrap)])
     return _Solution(theta, objective, samples)
 
@@ -173,13 +227,19 @@ def _intervals(samples: dict[str, np.ndarray]) -> dict[str, tuple[float, float]]
     return {k: (float(np.percentile(v, tail)), float(np.percentile(v, 100 - tail))) for k, v in samples.items()}
 
 
-def _describe(law: str, grid: str, n_starts: int, delta: float, bootstrap: int, resample: str = "points") -> str:
+def _describe(law: str, grid: str, n_starts: int, delta: float, bootstrap: int, resample: str = "points",
+              points: _Points | None = None) -> str:
     """The `method` string every result carries."""
-    uncertainty = (f"percentile {_LEVEL:g}% intervals from {bootstrap} bootstrap resamples of {resample} "
-                   f"(with replacement), each refit from the full-data optimum and the "
-                   f"{_BOOTSTRAP_GRID_STARTS} best grid starts" if bootstrap else "no bootstrap")
+    replicated = points is not None and points.replicated
+    drawn = f"{resample} (with replacement)" + (", then within each drawn point its runs (seeds), also with "
+                                                "replacement" if replicated else "")
+    uncertainty = (f"percentile {_LEVEL:g}% intervals from {bootstrap} bootstrap resamples of {drawn}, each refit "
+                   f"from the full-data optimum and the {_BOOTSTRAP_GRID_STARTS} best grid starts"
+                   if bootstrap else "no bootstrap")
+    summed = (f"summed over {points.sizes.size} points of {points.codes.size} runs, each run weighted "
+              "1/(runs at its point)" if replicated else "summed over points")
     return (f"{law}; loss: Huber (delta={delta:g}) between log predicted and log observed loss, "
-            f"summed over points; optimiser: L-BFGS-B with analytic gradient from the {n_starts} best "
+            f"{summed}; optimiser: L-BFGS-B with analytic gradient from the {n_starts} best "
             f"of {grid}; uncertainty: {uncertainty}")
 
 
@@ -248,11 +308,14 @@ _CHINCHILLA_NAMES = ("E", "A", "B", "alpha", "beta")
 
 
 def fit_chinchilla(N: ArrayLike, D: ArrayLike, loss: ArrayLike, *, bootstrap: int = 0, seed: int = 0,
-                   huber_delta: float = 1e-3) -> ChinchillaFit:
-    """Fit L = E + A/N^alpha + B/D^beta by Hoffmann et al.'s method (Huber on log L, L-BFGS, grid)."""
+                   huber_delta: float = 1e-3, points: ArrayLike | None = None) -> ChinchillaFit:
+    """Fit L = E + A/N^alpha + B/D^beta by Hoffmann et al.'s method (Huber on log L, L-BFGS, grid).
+
+    `points`: a label per observation, equal for the runs of one point (e.g. its seeds); see the module notes."""
     N, D, loss = _positive("N", N), _positive("D", D), _positive("loss", loss)
     n = _same_length(N=N, D=D, loss=loss)
-    _check_fit_args(n, 5, bootstrap, huber_delta, "the Chinchilla law")
+    pts = _Points.of(points, n)
+    _check_fit_args(pts.sizes.size, 5, bootstrap, huber_delta, "the Chinchilla law")
     # theta = (e, a_c, b_c, alpha, beta); terms e, a_c - alpha (log N - cN), b_c - beta (log D - cD),
     # i.e. a = a_c + alpha cN and b = b_c + beta cD (see the note on centring).
     (uN, cN), (uD, cD) = _centred_log(N), _centred_log(D)
@@ -264,7 +327,7 @@ def fit_chinchilla(N: ArrayLike, D: ArrayLike, loss: ArrayLike, *, bootstrap: in
     grid[:, 1] -= grid[:, 3] * cN
     grid[:, 2] -= grid[:, 4] * cD
     sol = _solve(_LogSumExpModel(X, np.log(loss), huber_delta), grid, top_k=_TOP_STARTS,
-                 bootstrap=bootstrap, seed=seed)
+                 bootstrap=bootstrap, seed=seed, points=pts)
 
     def natural(theta: np.ndarray) -> np.ndarray:
         return np.column_stack([np.exp(theta[:, 0]), np.exp(theta[:, 1] + theta[:, 3] * cN),
@@ -274,8 +337,8 @@ def fit_chinchilla(N: ArrayLike, D: ArrayLike, loss: ArrayLike, *, bootstrap: in
     samples = None if sol.samples is None else natural(sol.samples)
     method = _describe("L = exp(logsumexp(a - alpha log N, b - beta log D, e)), A = e^a, B = e^b, E = e^e",
                        f"Hoffmann et al.'s {len(grid)}-point grid of (e, a, b, alpha, beta)",
-                       _TOP_STARTS, huber_delta, bootstrap)
-    return ChinchillaFit(*map(float, point), loss=sol.objective, n_points=n, method=method,
+                       _TOP_STARTS, huber_delta, bootstrap, points=pts)
+    return ChinchillaFit(*map(float, point), loss=sol.objective, n_points=pts.sizes.size, method=method,
                          intervals={} if samples is None else _intervals(dict(zip(_CHINCHILLA_NAMES, samples.T))),
                          samples=samples)
 
@@ -349,14 +412,14 @@ def _one_var_design(x: np.ndarray, with_offset: bool) -> tuple[np.ndarray, float
     return np.stack([const, power]), centre
 
 
-def _fit_one_var(x: np.ndarray, loss: np.ndarray, *, with_offset: bool, bootstrap: int, seed: int,
-                 huber_delta: float, what: str) -> tuple[np.ndarray, np.ndarray | None, float]:
-    """Fit [E +] A x^-k; return (E, A, k) point, bootstrap samples (rows E, A, k) and objective."""
-    n = _same_length(x=x, loss=loss)
-    _check_fit_args(n, 2 + with_offset, bootstrap, huber_delta, what)
+def _fit_one_var(x: np.ndarray, loss: np.ndarray, *, with_offset: bool, bootstrap: int, seed: int, huber_delta: float,
+                 what: str, points: ArrayLike | None) -> tuple[np.ndarray, np.ndarray | None, float, _Points]:
+    """Fit [E +] A x^-k; return (E, A, k) point, bootstrap samples (rows E, A, k), objective and the points."""
+    pts = _Points.of(points, _same_length(x=x, loss=loss))
+    _check_fit_args(pts.sizes.size, 2 + with_offset, bootstrap, huber_delta, what)
     X, centre = _one_var_design(x, with_offset)
     sol = _solve(_LogSumExpModel(X, np.log(loss), huber_delta), _one_var_grid(loss, with_offset),
-                 top_k=_ONE_VAR_TOP_STARTS, bootstrap=bootstrap, seed=seed)
+                 top_k=_ONE_VAR_TOP_STARTS, bootstrap=bootstrap, seed=seed, points=pts)
 
     def natural(theta: np.ndarray) -> np.ndarray:
         E = np.exp(theta[:, 0]) if with_offset else np.zeros(len(theta))
@@ -364,7 +427,7 @@ def _fit_one_var(x: np.ndarray, loss: np.ndarray, *, with_offset: bool, bootstra
         return np.column_stack([E, np.exp(a + k * centre), k])
 
     samples = None if sol.samples is None else natural(sol.samples)
-    return natural(sol.theta[None])[0], samples, sol.objective
+    return natural(sol.theta[None])[0], samples, sol.objective, pts
 
 
 @dataclass(frozen=True, eq=False)
@@ -389,18 +452,21 @@ class PowerLawFit:
 
 
 def fit_power_law(x: ArrayLike, loss: ArrayLike, *, with_offset: bool = True, bootstrap: int = 0, seed: int = 0,
-                  huber_delta: float = 1e-3) -> PowerLawFit:
-    """Fit L = E + A x^-alpha (or A x^-alpha) to one curve, e.g. loss vs tokens or FLOPs."""
+                  huber_delta: float = 1e-3, points: ArrayLike | None = None) -> PowerLawFit:
+    """Fit L = E + A x^-alpha (or A x^-alpha) to one curve, e.g. loss vs tokens or FLOPs.
+
+    `points`: a label per observation, equal for the runs of one point (e.g. its seeds); see the module notes."""
     x, loss = _positive("x", x), _positive("loss", loss)
-    point, samples, objective = _fit_one_var(x, loss, with_offset=with_offset, bootstrap=bootstrap, seed=seed,
-                                             huber_delta=huber_delta, what="the power law")
+    point, samples, objective, pts = _fit_one_var(x, loss, with_offset=with_offset, bootstrap=bootstrap, seed=seed,
+                                                  huber_delta=huber_delta, what="the power law", points=points)
     law = ("L = exp(logsumexp(e, a - alpha log x)), E = e^e, A = e^a" if with_offset
            else "L = exp(a - alpha log x), A = e^a (no offset)")
     # Without an offset E is fixed at 0, not estimated, so it gets no interval.
     fitted = dict(zip(("E", "A", "alpha"), samples.T)) if samples is not None else {}
     intervals = _intervals({k: v for k, v in fitted.items() if with_offset or k != "E"})
-    method = _describe(law, _one_var_grid_text(with_offset), _ONE_VAR_TOP_STARTS, huber_delta, bootstrap)
-    return PowerLawFit(*map(float, point), loss=objective, n_points=len(x), method=method,
+    method = _describe(law, _one_var_grid_text(with_offset), _ONE_VAR_TOP_STARTS, huber_delta, bootstrap,
+                       points=pts)
+    return PowerLawFit(*map(float, point), loss=objective, n_points=pts.sizes.size, method=method,
                        intervals=intervals, samples=samples)
 
 
@@ -429,14 +495,16 @@ class InferenceLawFit:
 
 
 def fit_inference_law(T: ArrayLike, loss: ArrayLike, *, bootstrap: int = 0, seed: int = 0,
-                      huber_delta: float = 1e-3) -> InferenceLawFit:
-    """Fit L(T) = E + A T^-gamma (T: inference steps or FLOPs) by Huber on log L, multi-start L-BFGS."""
+                      huber_delta: float = 1e-3, points: ArrayLike | None = None) -> InferenceLawFit:
+    """Fit L(T) = E + A T^-gamma (T: inference steps or FLOPs) by Huber on log L, multi-start L-BFGS.
+
+    `points`: a label per observation, equal for the runs of one point (e.g. its seeds); see the module notes."""
     T, loss = _positive("T", T), _positive("loss", loss)
-    point, samples, objective = _fit_one_var(T, loss, with_offset=True, bootstrap=bootstrap, seed=seed,
-                                             huber_delta=huber_delta, what="the inference law")
+    point, samples, objective, pts = _fit_one_var(T, loss, with_offset=True, bootstrap=bootstrap, seed=seed,
+                                                  huber_delta=huber_delta, what="the inference law", points=points)
     method = _describe("L = exp(logsumexp(e, a - gamma log T)), E = e^e, A = e^a", _one_var_grid_text(True),
-                       _ONE_VAR_TOP_STARTS, huber_delta, bootstrap)
-    return InferenceLawFit(*map(float, point), loss=objective, n_points=len(T), method=method,
+                       _ONE_VAR_TOP_STARTS, huber_delta, bootstrap, points=pts)
+    return InferenceLawFit(*map(float, point), loss=objective, n_points=pts.sizes.size, method=method,
                            intervals={} if samples is None else _intervals(dict(zip(("E", "A", "gamma"), samples.T))),
                            samples=samples)
 
@@ -485,15 +553,19 @@ def _joint_starts(T: np.ndarray, loss: np.ndarray, codes: np.ndarray, n_groups: 
 
 
 def fit_inference_law_joint(T: ArrayLike, loss: ArrayLike, group: ArrayLike, *, bootstrap: int = 0, seed: int = 0,
-                            huber_delta: float = 1e-3) -> JointInferenceLawFit:
-    """Fit L_g(T) = E_g + A_g T^-gamma with one gamma shared by all groups (e.g. model sizes)."""
+                            huber_delta: float = 1e-3, points: ArrayLike | None = None) -> JointInferenceLawFit:
+    """Fit L_g(T) = E_g + A_g T^-gamma with one gamma shared by all groups (e.g. model sizes).
+
+    `points`: a label per observation, equal for the runs of one point (e.g. its seeds), each point in one
+    group; see the module notes."""
     T, loss = _positive("T", T), _positive("loss", loss)
     group = np.asarray(group)
     n = _same_length(T=T, loss=loss, group=group)
     labels, codes = np.unique(group, return_inverse=True)
     G = len(labels)
-    _check_fit_args(n, 1 + 2 * G, bootstrap, huber_delta, f"the joint inference law over {G} groups")
-    counts = np.bincount(codes, minlength=G)
+    pts = _Points.of(points, n)
+    _check_fit_args(pts.sizes.size, 1 + 2 * G, bootstrap, huber_delta, f"the joint inference law over {G} groups")
+    counts = np.bincount(pts.point_strata(codes).astype(int), minlength=G)
     if counts.min() < 2:
         raise ValueError(f"each group needs at least 2 points to fix its E and A; group "
                          f"{labels[np.argmin(counts)].item()!r} has {counts.min()}")
@@ -504,7 +576,7 @@ def fit_inference_law_joint(T: ArrayLike, loss: ArrayLike, group: ArrayLike, *, 
     X[1, np.arange(n), 2 + 2 * codes] = 1.0
     X[1, :, 0] = -u
     sol = _solve(_LogSumExpModel(X, np.log(loss), huber_delta), _joint_starts(T, loss, codes, G, centre),
-                 top_k=len(_EXPONENTS), bootstrap=bootstrap, seed=seed, strata=codes)
+                 top_k=len(_EXPONENTS), bootstrap=bootstrap, seed=seed, strata=codes, points=pts)
 
     def natural(theta: np.ndarray) -> np.ndarray:
         out = np.exp(theta)
@@ -520,10 +592,11 @@ def fit_inference_law_joint(T: ArrayLike, loss: ArrayLike, group: ArrayLike, *, 
                        f"{G} groups (pool the groups in fit_inference_law to share E and A too)",
                        f"{len(_EXPONENTS)} starts, one per gamma in {_EXPONENTS}, each group's (e, a) "
                        "the best of its own grid at that gamma (the objective separates given gamma)",
-                       len(_EXPONENTS), huber_delta, bootstrap, resample="points within each group")
+                       len(_EXPONENTS), huber_delta, bootstrap, resample="points within each group", points=pts)
     return JointInferenceLawFit(
         gamma=float(point[0]), E={g: float(point[1 + 2 * i]) for i, g in enumerate(keys)},
-        A={g: float(point[2 + 2 * i]) for i, g in enumerate(keys)}, loss=sol.objective, n_points=n, method=method,
+        A={g: float(point[2 + 2 * i]) for i, g in enumerate(keys)}, loss=sol.objective, n_points=pts.sizes.size,
+        method=method,
         intervals={} if samples is None else _intervals(dict(zip(names, samples.T))), samples=samples)
 
 

@@ -12,6 +12,9 @@ Figures (PNG and PDF): inference_scaling (bound vs T, fitted L(T), the corpus op
 bound_decomposition (each bound split into NLL given z, KL above the inner loop's floor, the floor),
 sample_efficiency (bound vs training tokens), compute_efficiency (bound vs training FLOPs, with
 the frontier), model_size (final loss vs parameters and the fitted L(N, D), with several sizes).
+Where a point has several runs that differ only in seed, it is plotted as their mean with a min-max
+bar, the laws' bootstrap resamples its runs with it (analysis/fit.py), and seeds.csv|md gives each
+such config's mean, min and max over seeds.
 Tables (CSV and markdown): every run's final numbers, every fit with 95% bootstrap intervals, and
 one table per evaluation task (eval_gsm8k, eval_zero_shot, eval_generation) of the studies in
 studies/icl_gsm8k.py, zero_shot.py and generation.py.
@@ -64,6 +67,20 @@ def _save(fig, out: Path, name: str) -> list[Path]:
         fig.savefig(p)
     plt.close(fig)
     return paths
+
+
+def _over_seeds(g: pd.DataFrame, by: str | list[str], column: str = f"final/{METRIC}") -> pd.DataFrame:
+    """Per plotted point (`by`): the mean of `column` over its runs (seeds), their min and max, and how many."""
+    return g.groupby(by)[column].agg(mean="mean", low="min", high="max", runs="size").reset_index()
+
+
+def _plot_points(ax, points: pd.DataFrame, x: str, fmt: str, **kwargs) -> None:
+    """Markers at the points' means; where a point has several runs (seeds), a bar from their min to max."""
+    if points["runs"].max() > 1:
+        ax.errorbar(points[x], points["mean"], yerr=[points["mean"] - points["low"], points["high"] - points["mean"]],
+                    fmt=fmt, capsize=2, elinewidth=0.8, **kwargs)
+    else:
+        ax.plot(points[x], points["mean"], fmt, **kwargs)
 
 
 def _fit_rows(law: str, group: str, result, params: list[str]) -> list[dict]:
@@ -136,22 +153,19 @@ def plot_inference_scaling(runs: pd.DataFrame, refs: dict, out: Path, bootstrap:
     palette = dict(zip(sorted(ltm_runs["N_z"].unique(), key=int), sns.color_palette("viridis", ltm_runs["N_z"].nunique())))
     markers = dict(zip(sorted(ltm_runs["size"].unique()), "osD^v<>"))
     for (size, nz), g in ltm_runs.groupby(["size", "N_z"]):
-        g = g.groupby("inference.steps")[f"final/{METRIC}"].mean().reset_index()
-        ax.plot(g["inference.steps"], g[f"final/{METRIC}"], markers.get(size, "o"), color=palette[nz],
-                label=f"{size}, N_z={nz}" if ltm_runs["size"].nunique() > 1 else f"N_z={nz}")
-        if g["inference.steps"].nunique() >= 4:
-            law = fit.fit_inference_law(g["inference.steps"], np.log(g[f"final/{METRIC}"]), bootstrap=bootstrap)
+        g = g.sort_values("inference.steps", kind="stable")
+        points = _over_seeds(g, "inference.steps")
+        _plot_points(ax, points, "inference.steps", markers.get(size, "o"), color=palette[nz],
+                     label=f"{size}, N_z={nz}" if ltm_runs["size"].nunique() > 1 else f"N_z={nz}")
+        if len(points) >= 4:  # fitted to every run; a bootstrap draw resamples the T values, then each one's seeds
+            law = fit.fit_inference_law(g["inference.steps"], np.log(g[f"final/{METRIC}"]), bootstrap=bootstrap,
+                                        points=g["inference.steps"])
             t = np.geomspace(g["inference.steps"].min(), g["inference.steps"].max(), 100)
             ax.plot(t, np.exp(law.predict(t)), "-", color=palette[nz], lw=1.2)
             rows += _fit_rows("log ppl = E + A T^-gamma", f"{size} N_z={nz}", law, ["E", "A", "gamma"])
         else:
-            ax.plot(g["inference.steps"], g[f"final/{METRIC}"], "--", color=palette[nz], lw=0.8)
-    finals = ltm_runs.groupby(["size", "N_z", "inference.steps"])[f"final/{METRIC}"].mean().reset_index()
-    groups = finals.groupby(["size", "N_z"])["inference.steps"].nunique()
-    if len(groups) >= 2 and (groups >= 2).all() and len(finals) >= 2 * len(groups) + 2:
-        joint = fit.fit_inference_law_joint(finals["inference.steps"], np.log(finals[f"final/{METRIC}"]),
-                                            finals["size"] + " N_z=" + finals["N_z"], bootstrap=bootstrap)
-        rows += _fit_rows("log ppl = E_g + A_g T^-gamma (shared gamma)", "all groups", joint, ["gamma"])
+            ax.plot(points["inference.steps"], points["mean"], "--", color=palette[nz], lw=0.8)
+    rows += _joint_fit(ltm_runs, bootstrap)
     for nz, g in released.groupby(released["model.n_latents"].astype(str)):
         g = g.groupby("inference.steps")[f"final/{METRIC}"].mean()
         ax.plot(g.index, g.to_numpy(), "X", ms=8, mec="black", color=palette.get(nz, "tab:red"),
@@ -162,13 +176,27 @@ def plot_inference_scaling(runs: pd.DataFrame, refs: dict, out: Path, bootstrap:
     for (label, a), colour in zip(ar.assign(label=ar.apply(_ar_label, axis=1)).groupby("label") if not ar.empty else [],
                                   ("black", "#8c564b", "#2ca02c")):
         ax.axhline(a[f"final/{METRIC}"].min(), color=colour, lw=1, label=f"best {label}")
+    seeds = ltm_runs.groupby(["size", "N_z", "inference.steps"]).size().max() > 1
     ax.set(xscale="log", yscale="log", xlabel="inference steps T", ylabel="validation perplexity bound (ELBO)",
-           title="Inference-time scaling")
+           title="Inference-time scaling" + ("\n(mean over seeds, bars: min to max)" if seeds else ""))
     steps = sorted(ltm_runs["inference.steps"].unique())
     ax.set_xticks(steps, [str(t) for t in steps])  # T is an integer axis: label the steps that were run
     ax.xaxis.set_minor_locator(matplotlib.ticker.NullLocator())
     ax.legend(fontsize=8, loc="best")
     return _save(fig, out, "inference_scaling"), rows
+
+
+def _joint_fit(ltm_runs: pd.DataFrame, bootstrap: int) -> list[dict]:
+    """L_g(T) with one gamma shared by the (size, N_z) lines, where every line has 2 or more T values."""
+    finals = ltm_runs.groupby(["size", "N_z", "inference.steps"])[f"final/{METRIC}"].mean().reset_index()
+    groups = finals.groupby(["size", "N_z"])["inference.steps"].nunique()
+    if not (len(groups) >= 2 and (groups >= 2).all() and len(finals) >= 2 * len(groups) + 2):
+        return []
+    runs = ltm_runs.sort_values(["size", "N_z", "inference.steps"], kind="stable")
+    group = runs["size"] + " N_z=" + runs["N_z"]
+    joint = fit.fit_inference_law_joint(runs["inference.steps"], np.log(runs[f"final/{METRIC}"]), group,
+                                        bootstrap=bootstrap, points=group + " T=" + runs["inference.steps"].astype(str))
+    return _fit_rows("log ppl = E_g + A_g T^-gamma (shared gamma)", "all groups", joint, ["gamma"])
 
 
 def _variant(row) -> str:
@@ -297,15 +325,19 @@ def plot_model_size(runs: pd.DataFrame, out: Path, bootstrap: int) -> tuple[list
     """Final loss against parameters per token budget, and L(N, D) fitted where the grid allows."""
     rows: list[dict] = []
     paths: list = []
+    seeds = False
     for label, g in runs.assign(label=runs.apply(_label, axis=1)).groupby("label"):
         if g["n_params"].nunique() < 2:
             continue
         if not paths:
             fig, ax = plt.subplots(figsize=(6.4, 4.2))
         loss = np.log(g[f"final/{METRIC}"])
-        ax.plot(g["n_params"], np.exp(loss), "o", label=label)
-        if g["n_params"].nunique() >= 3 and g["train.tokens"].nunique() >= 2 and len(g) >= 6:
-            law = fit.fit_chinchilla(g["n_params"], g["train.tokens"], loss, bootstrap=bootstrap)
+        points = _over_seeds(g, ["n_params", "train.tokens"])
+        _plot_points(ax, points, "n_params", "o", label=label)
+        seeds |= bool(points["runs"].max() > 1)
+        if g["n_params"].nunique() >= 3 and g["train.tokens"].nunique() >= 2 and len(points) >= 6:
+            law = fit.fit_chinchilla(g["n_params"], g["train.tokens"], loss, bootstrap=bootstrap,
+                                     points=g["n_params"].astype(str) + " " + g["train.tokens"].astype(str))
             rows += _fit_rows("log ppl = E + A N^-alpha + B D^-beta", label, law, ["E", "A", "B", "alpha", "beta"])
             n = np.geomspace(g["n_params"].min(), g["n_params"].max(), 50)
             for d in sorted(g["train.tokens"].unique()):
@@ -320,9 +352,29 @@ def plot_model_size(runs: pd.DataFrame, out: Path, bootstrap: int) -> tuple[list
     if not paths:
         return [], rows
     ax.set(xscale="log", yscale="log", xlabel="parameters N", ylabel="final validation perplexity bound",
-           title="Model-size scaling")
+           title="Model-size scaling" + ("\n(mean over seeds, bars: min to max)" if seeds else ""))
     ax.legend(fontsize=8)
     return _save(fig, out, "model_size"), rows
+
+
+def seed_table(runs: pd.DataFrame) -> pd.DataFrame:
+    """One row per config trained with several seeds (runs of one `config_key`): the seeds, and the final
+    bound, NLL and KL as the mean over seeds with the min and max; empty when every config has one run."""
+    if "config_key" not in runs:
+        return pd.DataFrame()
+    ident = ["config_key", "model.kind", "n_params", "model.window", "model.n_latents", "inference.steps",
+             "inference.decoder_grad", "train.tokens"]
+    rows = []
+    for key, g in runs.groupby("config_key", sort=False):
+        if len(g) < 2:
+            continue
+        row = {c: g[c].iloc[0] for c in ident if c in g}
+        row.update(n_seeds=len(g), seeds=" ".join(str(s) for s in sorted(g["seed"])) if "seed" in g else "")
+        for column in (f"final/{METRIC}", "nll", "kl"):
+            row.update({f"{column} mean": g[column].mean(), f"{column} min": g[column].min(),
+                        f"{column} max": g[column].max()})
+        rows.append(row)
+    return pd.DataFrame(rows)
 
 
 def write_tables(runs: pd.DataFrame, fits: list[dict], out: Path) -> list[Path]:
@@ -339,6 +391,11 @@ def write_tables(runs: pd.DataFrame, fits: list[dict], out: Path) -> list[Path]:
     fits_df.to_csv(paths[2], index=False)
     paths[3].write_text(_markdown(fits_df.drop(columns="method")) +
                         "".join(f"\n{m}\n" for m in fits_df["method"].unique()))
+    seeds = seed_table(runs)
+    if not seeds.empty:  # configs trained with several seeds: their spread (min to max over seeds)
+        paths += [out / "seeds.csv", out / "seeds.md"]
+        seeds.to_csv(paths[-2], index=False)
+        paths[-1].write_text(_markdown(seeds))
     return paths
 
 

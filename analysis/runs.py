@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import dataclasses
 import datetime
+import hashlib
+import json
 from pathlib import Path
 
 import numpy as np
@@ -26,6 +28,16 @@ _PARAMS = {"model.kind": str, "model.n_layers": int, "model.d_model": int, "mode
            "inference.steps": int, "train.tokens": int, "data.name": str, "seed": int,
            "n_params": int, "n_params_nonembedding": int, "inference.decoder_grad": str, "model.window": str,
            "inference.start": str, "inference.init_logvar": float, "inference.encoder_layers": int}
+
+
+_NOT_CONFIG = ("seed", "data.cache_dir", "train.compile", "model.vocab_size", "n_params", "n_params_nonembedding")
+"""Params that are not the config a seed was trained with: the seed, what a run ignores, what is derived."""
+
+
+def config_key(params: dict[str, str]) -> str:
+    """A hash of a training run's params without its seed: runs of one key differ only in their training seed."""
+    blob = json.dumps({k: v for k, v in params.items() if k not in _NOT_CONFIG}, sort_keys=True)
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
 class NoRunsError(LookupError):
@@ -94,7 +106,8 @@ def experiment_names(tracking_uri: str) -> list[str]:
 
 def load_runs(tracking_uri: str, experiment: str, *, parent_run_id: str | None = None,
               include_unfinished: bool = False) -> pd.DataFrame:
-    """One row per training run of an experiment (or of one study's parent run): params, final metrics."""
+    """One row per training run of an experiment (or of one study's parent run): params, final metrics, and
+    `config_key` (equal for runs that differ only in their seed)."""
     client = MlflowClient(tracking_uri)
     exp = client.get_experiment_by_name(experiment)
     if exp is None:
@@ -110,7 +123,7 @@ def load_runs(tracking_uri: str, experiment: str, *, parent_run_id: str | None =
         if r.info.status != "FINISHED" and not include_unfinished or r.data.tags.get(ROLE_TAG) == ROLE_EVAL:
             continue
         row = {"run_id": r.info.run_id, "status": r.info.status, "run_key": r.data.tags.get(RUN_KEY_TAG),
-               "end_time": r.info.end_time}
+               "config_key": config_key(r.data.params), "end_time": r.info.end_time}
         for key, kind in _PARAMS.items():
             if key in r.data.params:
                 row[key] = kind(r.data.params[key])

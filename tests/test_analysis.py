@@ -2,6 +2,7 @@
 
 import re
 
+import numpy as np
 import pandas as pd
 import pytest
 from mlflow.tracking import MlflowClient
@@ -230,3 +231,20 @@ def test_bayes_references_use_each_runs_receptive_field(tracked):
     blocks = load_blocks(cfg.data, cfg.model.ctx, "validation")
     assert refs["optimum, 31-token receptive field"] == pytest.approx(optimal_ppl(blocks, window=31, n_blocks=8))
     assert refs["optimum, 31-token receptive field"] >= refs["optimum, full context"]
+
+
+def test_seeds_of_a_point_are_averaged_with_their_spread_and_resampled_together(tmp_path):
+    T = [1, 2, 4, 8, 16]
+    runs = pd.DataFrame([{"run_id": f"r{t}-{s}", "model.kind": "ltm", "inference.steps": t, "model.n_layers": 2,
+                          "model.d_model": 32, "model.n_latents": 4, "train.tokens": 4096, "seed": s,
+                          "config_key": f"T{t}", "final/val/ppl_bound": float(np.exp(2 + 3 * t ** -0.5 + 0.05 * (s - 1))),
+                          "nll": 1.0 + s, "kl": 0.5} for t in T for s in (0, 1, 2)])
+    paths, rows = plot_scaling.plot_inference_scaling(runs, {}, tmp_path, bootstrap=20)
+    assert (tmp_path / "inference_scaling.png").exists()
+    assert {r["parameter"] for r in rows} == {"E", "A", "gamma"} and all(r["n_points"] == 5 for r in rows)
+    assert "within each drawn point its runs (seeds)" in rows[0]["method"]
+    seeds = plot_scaling.seed_table(runs)
+    assert len(seeds) == 5 and (seeds["n_seeds"] == 3).all() and (seeds["seeds"] == "0 1 2").all()
+    first = seeds.iloc[0]
+    assert first["nll mean"] == 2.0 and (first["nll min"], first["nll max"]) == (1.0, 3.0)
+    assert plot_scaling.seed_table(runs[runs["seed"] == 0]).empty  # one seed per config: no seeds table

@@ -237,6 +237,42 @@ def test_isoflop_minima_recover_a_parabolas_vertex():
     assert out.n_points.tolist() == [7, 7, 7, 7]
 
 
+# --------------------------------------------------------------------------- several runs (seeds) per point
+
+
+def _seeded_curve(offsets):
+    """L(T) = E + 3 T^-0.5 at 8 T values, one run per (T, seed): seed s shifts E by offsets[s]."""
+    T = np.repeat(2.0 ** np.arange(8), len(offsets))
+    E = 2.0 + np.tile(offsets, 8)
+    return T, E + 3 * T ** -0.5
+
+
+def test_one_run_per_point_fits_as_without_points():
+    T, loss = _seeded_curve([0.0])
+    loss = loss * (1 + np.random.default_rng(0).normal(0, 0.01, loss.size))
+    plain, labelled = (fit_inference_law(T, loss, bootstrap=20, points=p) for p in (None, T.astype(str)))
+    assert plain.intervals == labelled.intervals and plain.method == labelled.method and plain.E == labelled.E
+
+
+def test_a_bootstrap_draw_resamples_the_seeds_of_each_point():
+    T, loss = _seeded_curve([-0.2, 0.0, 0.2])  # the seeds' mean lies on the law: no spread between T values
+    means = fit_inference_law(T[::3], 2 + 3 * T[::3] ** -0.5, bootstrap=50)
+    seeded = fit_inference_law(T, loss, bootstrap=50, points=T)
+    assert seeded.n_points == 8 and "then within each drawn point its runs (seeds)" in seeded.method
+    assert "8 points of 24 runs, each run weighted 1/(runs at its point)" in seeded.method
+    assert seeded.E == pytest.approx(2.0, abs=0.02)
+    width = lambda f: f.intervals["E"][1] - f.intervals["E"][0]  # noqa: E731
+    assert width(means) < 1e-3 and width(seeded) > 0.05  # only resampling seeds shows how far E could move
+    assert seeded.intervals["E"][0] < 2.0 < seeded.intervals["E"][1]
+
+
+def test_the_runs_of_a_point_stay_in_its_group():
+    T, loss = _seeded_curve([-0.1, 0.1])
+    group = np.tile(["a", "b"], 8)  # each T's two seeds put in different groups
+    with pytest.raises(ValueError, match="one point must be in one group"):
+        fit_inference_law_joint(np.r_[T, T], np.r_[loss, loss + 1], np.r_[group, group], points=np.r_[T, T])
+
+
 # --------------------------------------------------------------------------- bad inputs
 
 
