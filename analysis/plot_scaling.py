@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import re
 import sys
 from pathlib import Path
 
@@ -40,6 +41,7 @@ import seaborn as sns  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from analysis import fit  # noqa: E402
+from analysis.inference_cost import cost_table, plot_inference_cost, start_label  # noqa: E402
 from analysis.runs import (NoRunsError, find_study, load_evaluations, load_histories, load_runs,  # noqa: E402
                            parent_run)
 from ltm.names import VAL_PPL_BOUND  # noqa: E402
@@ -53,7 +55,10 @@ def _size_label(row) -> str:
 
 
 def _label(row) -> str:
-    return _ar_label(row) if row["model.kind"] == "ar" else f"LTM T={row['inference.steps']}"
+    if row["model.kind"] == "ar":
+        return _ar_label(row)
+    start = start_label(row)
+    return f"LTM T={row['inference.steps']}" + ("" if start.startswith("paper") else f", {start}")
 
 
 def _style() -> None:
@@ -140,8 +145,11 @@ def _markdown(df: pd.DataFrame) -> str:
 def plot_inference_scaling(runs: pd.DataFrame, refs: dict, out: Path, bootstrap: int) -> tuple[list, list]:
     """Final bound vs inference steps, a line per (size, N_z): colour by N_z, marker by size; fitted
     L(T) = E + A T^-gamma where a line has 4 or more T values. Runs with the released code's decoder
-    gradient are crosses beside the lines, not part of them."""
+    gradient are crosses beside the lines, not part of them; runs from another posterior start than the
+    paper's are left to the inference_cost figure."""
     ltm_runs = runs[(runs["model.kind"] == "ltm") & (runs["inference.steps"] > 0)].copy()
+    if not ltm_runs.empty:
+        ltm_runs = ltm_runs[ltm_runs.apply(start_label, axis=1).str.startswith("paper")]
     rows: list[dict] = []
     if ltm_runs.empty:
         return [], rows
@@ -200,8 +208,11 @@ def _joint_fit(ltm_runs: pd.DataFrame, bootstrap: int) -> list[dict]:
 
 
 def _variant(row) -> str:
-    """What sets an LTM run apart beyond size and T: its N_z, and the released code's decoder gradient."""
+    """What sets an LTM run apart beyond size and T: its N_z, its posterior start when not the paper's,
+    and the released code's decoder gradient."""
     parts = [f"N_z={row['model.n_latents']}"]
+    if not start_label(row).startswith("paper"):
+        parts.append(start_label(row))
     if row.get("inference.decoder_grad") == "trajectory":
         parts.append("decoder_grad=trajectory")
     return ", ".join(parts)
@@ -271,6 +282,11 @@ def _curves(hist: pd.DataFrame, runs: pd.DataFrame, x: str) -> pd.DataFrame:
     return h
 
 
+def _steps_of(label: str) -> int:
+    found = re.search(r"T=(\d+)", label)
+    return int(found.group(1)) if found else 0
+
+
 def plot_efficiency(hist: pd.DataFrame, runs: pd.DataFrame, out: Path, x: str, name: str, xlabel: str,
                     frontier: bool) -> list:
     """Validation bound against training tokens or FLOPs: a curve per run, coloured by T (AR in dark
@@ -278,7 +294,7 @@ def plot_efficiency(hist: pd.DataFrame, runs: pd.DataFrame, out: Path, x: str, n
     h = _curves(hist, runs, x)
     if h.empty:
         return []
-    labels = sorted(h["label"].unique(), key=lambda s: (not s.startswith("AR"), int(s.split("=")[1]) if "=" in s else 0))
+    labels = sorted(h["label"].unique(), key=lambda s: (not s.startswith("AR"), _steps_of(s), s))
     colours = dict(zip([lab for lab in labels if not lab.startswith("AR")], sns.color_palette("flare", len(labels))))
     colours.update(zip([lab for lab in labels if lab.startswith("AR")], ["black", "#8c564b", "#2ca02c", "0.4"]))
     latents = sorted(h.loc[h["model.kind"] == "ltm", "model.n_latents"].unique()) if "model.n_latents" in h else []
@@ -468,6 +484,12 @@ def main(argv: list[str] | None = None) -> int:
         figures = figure1 + plot_bound_decomposition(runs, refs, out) + plot_efficiency(hist, runs, out, "tokens", "sample_efficiency", "training tokens", False)
         figures += plot_efficiency(hist, runs, out, flops_key, "compute_efficiency",
                                    f"training FLOPs ({args.flops_convention} convention)", True)
+        costs = cost_table(runs, lambda run_id: _config_of(uri, run_id), METRIC)
+        figures += plot_inference_cost(costs, refs, out, _save)
+        if not costs.empty:
+            tables += [out / "inference_cost.csv", out / "inference_cost.md"]
+            costs.to_csv(tables[-2], index=False)
+            tables[-1].write_text(_markdown(costs))
         figure4, fits4 = plot_model_size(runs, out, args.bootstrap)
         tables += write_tables(runs, fits1 + fits4 + curve_power_laws(hist, runs, flops_key, args.bootstrap), out)
 

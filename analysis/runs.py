@@ -27,7 +27,8 @@ HISTORY_KEYS = (names.TOKENS, names.FLOPS, names.FLOPS_PAPER, names.TRAIN_LOSS, 
 _PARAMS = {"model.kind": str, "model.n_layers": int, "model.d_model": int, "model.n_latents": int,
            "inference.steps": int, "train.tokens": int, "data.name": str, "seed": int,
            "n_params": int, "n_params_nonembedding": int, "inference.decoder_grad": str, "model.window": str,
-           "inference.start": str, "inference.init_logvar": float, "inference.encoder_layers": int}
+           "inference.start": str, "inference.init_logvar": float, "inference.encoder_layers": int,
+           "inference.lr_max": float}
 
 
 _NOT_CONFIG = ("seed", "data.cache_dir", "train.compile", "model.vocab_size", "n_params", "n_params_nonembedding")

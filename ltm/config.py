@@ -124,6 +124,10 @@ class InferenceConfig:
     on the negative ELBO at the start, with the decoder frozen for that term (Kim et al. 2018)."""
     encoder_layers: int = 1
     """Bidirectional layers of the start="encoder" encoder (before its latent read-out)."""
+    start_kl_warmup: float = 0.0
+    """For a trained start: the fraction of training over which the KL weight of the start's own
+    objective rises linearly from 0 to 1 (KL annealing, against posterior collapse; Bowman et al.
+    2016). 0: the negative ELBO from the first update. Evaluation always scores the full bound."""
 
     def __post_init__(self) -> None:
         if self.steps < 0:
@@ -140,6 +144,8 @@ class InferenceConfig:
             raise ConfigError(f"inference.start must be 'fixed', 'learned' or 'encoder', got {self.start!r}")
         if self.encoder_layers < 1:
             raise ConfigError(f"inference.encoder_layers must be >= 1, got {self.encoder_layers}")
+        if not 0 <= self.start_kl_warmup <= 1:
+            raise ConfigError(f"inference.start_kl_warmup is a fraction of training in [0, 1], got {self.start_kl_warmup}")
         if self.start != "fixed" and self.fixed_variance:
             raise ConfigError(f"inference.fixed_variance needs inference.start=fixed (got {self.start!r}): a trained "
                               "start learns its log-variance")
@@ -382,6 +388,8 @@ class RunConfig:
         d["model"].pop("vocab_size")  # always the data's vocabulary, which the data fields fix
         if self.inference.start == "fixed":  # the paper's start: keys from before the option existed
             d["inference"].pop("start")
+        if self.inference.start == "fixed" or not self.inference.start_kl_warmup:  # (added after the starts)
+            d["inference"].pop("start_kl_warmup")
         if self.inference.start != "encoder":
             d["inference"].pop("encoder_layers")
         if self.model.kind == "ar":  # no latents, so no inference loop

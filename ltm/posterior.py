@@ -162,9 +162,10 @@ def _start(model: LatentThoughtModel, tokens: torch.Tensor, cfg: InferenceConfig
 
 
 def start_bound(model: LatentThoughtModel, tokens: torch.Tensor, post: Posterior,
-                loss_mask: torch.Tensor | None = None) -> torch.Tensor:
+                loss_mask: torch.Tensor | None = None, kl_weight: float = 1.0) -> torch.Tensor:
     """Each sequence's negative ELBO at its trained start, NLL(x | z_0) + KL(q_0 || p) with
-    z_0 = start_mu + start_eps * sigma_0, shape (B,). The decoder is frozen for it: its backward reaches
+    z_0 = start_mu + start_eps * sigma_0, shape (B,); `kl_weight` < 1 only while the KL is annealed
+    in training (`inference.start_kl_warmup`). The decoder is frozen for it: its backward reaches
     the start's parameters only (the training signal of `inference.start`; Kim et al. 2018). At
     evaluation it is the T = 0 bound that the amortisation gap is measured from."""
     if post.start_mu is None:
@@ -174,7 +175,7 @@ def start_bound(model: LatentThoughtModel, tokens: torch.Tensor, post: Posterior
     z0 = post.start_mu + post.start_eps * (0.5 * post.start_logvar).exp()
     with frozen(model):
         nll = _masked_sum(token_nll(model.forward_from_stem(stem, z0), targets), loss_mask)
-    return nll + gaussian_kl(post.start_mu, post.start_logvar)
+    return nll + kl_weight * gaussian_kl(post.start_mu, post.start_logvar)
 
 
 def _objective(model: LatentThoughtModel, stem: Stem, mu: torch.Tensor, logvar: torch.Tensor, eps: torch.Tensor,

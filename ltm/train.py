@@ -55,12 +55,14 @@ UNSENT_FILE = "unsent-metrics.jsonl"
 
 
 def decoder_loss(model: LatentThoughtModel, tokens: torch.Tensor, cfg: InferenceConfig | None,
-                 seeds: Sequence[int] | None, compiled: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+                 seeds: Sequence[int] | None, compiled: bool = False,
+                 progress: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
     """(mean next-token cross-entropy at the inferred z_T, summed KL of the posteriors).
 
     For an LTM this runs the inference loop first (which, with decoder_grad="trajectory",
     already accumulates into the decoder's .grad); an AR model is scored directly (KL 0).
-    `compiled` runs both through torch.compile (one graph per shape).
+    `compiled` runs both through torch.compile (one graph per shape). `progress` (0 to 1, the share
+    of training done) sets a trained start's KL weight while `cfg.start_kl_warmup` anneals it.
     """
     post = infer_posterior(model, tokens, cfg, seeds=seeds, compiled=compiled) if model.cfg.kind == "ltm" else None
     z, kl = (post.z, post.kl().sum()) if post is not None else (None, torch.zeros((), device=tokens.device))
@@ -68,7 +70,8 @@ def decoder_loss(model: LatentThoughtModel, tokens: torch.Tensor, cfg: Inference
     if model.start is not None:
         # A trained start learns from its own bound per token (the decoder is frozen for it). Added as
         # bound - bound.detach(): its gradient joins the backward, while the loss keeps the CE's value.
-        start = start_bound(model, tokens, post).sum() / tokens[:, 1:].numel()
+        weight = min(1.0, progress / cfg.start_kl_warmup) if cfg.start_kl_warmup else 1.0
+        start = start_bound(model, tokens, post, kl_weight=weight).sum() / tokens[:, 1:].numel()
         loss = loss + (start - start.detach())
     return loss, kl
 
@@ -545,7 +548,7 @@ def _train(loop: _Loop, interrupt: Interrupt, progress: bool) -> RunResult:
             batch = loop.train_blocks.batch(mine[i:i + micro]).to(procs.device)
             seeds = [sample_seed(cfg.seed, loop.samples + procs.rank * local + i + j) for j in range(len(batch))]
             with autocast_for(procs.device, tc.precision):
-                loss, kl = decoder_loss(model, batch, icfg, seeds, compiled)
+                loss, kl = decoder_loss(model, batch, icfg, seeds, compiled, loop.step / total_steps)
             (loss * len(batch) / tc.batch_size).backward()
             loss_sum += torch.stack((loss.detach() * len(batch), kl.detach()))
         all_reduce_gradients(model, procs)

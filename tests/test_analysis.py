@@ -248,3 +248,23 @@ def test_seeds_of_a_point_are_averaged_with_their_spread_and_resampled_together(
     first = seeds.iloc[0]
     assert first["nll mean"] == 2.0 and (first["nll min"], first["nll max"]) == (1.0, 3.0)
     assert plot_scaling.seed_table(runs[runs["seed"] == 0]).empty  # one seed per config: no seeds table
+
+
+def test_the_inference_cost_figure_puts_each_start_beside_the_papers_and_the_ar(tmp_path):
+    base = run_preset("smoke").with_overrides([f"data.cache_dir={tmp_path / 'cache'}", "train.tokens=2048"])
+    for overrides in (["inference.steps=2"], ["inference.steps=2", "inference.init_logvar=0"],
+                      ["inference.steps=0", "inference.start=encoder"], ["model.kind=ar"]):
+        result = train.run(base.with_overrides(overrides), runs_dir=tmp_path / "runs", experiment="cost", progress=False)
+        assert result.status == "FINISHED"
+    assert plot_scaling.main(["--runs-dir", str(tmp_path / "runs"), "--experiment", "cost", "--bootstrap", "0"]) == 0
+    out = tmp_path / "runs" / "figures" / "cost"
+    assert (out / "inference_cost.png").is_file()
+    costs = pd.read_csv(out / "inference_cost.csv").set_index("label")
+    assert set(costs.index) == {"paper start (logvar -5)", "fixed start, logvar 0", "encoder, 1 layer", "AR, window 16"}
+    # the encoder at T = 0 skips the loop: cheaper to evaluate than T = 2; every LTM trains dearer than the AR
+    assert costs.loc["encoder, 1 layer", "eval_flops_per_token"] < costs.loc["paper start (logvar -5)",
+                                                                               "eval_flops_per_token"]
+    assert (costs.drop("AR, window 16")["train_flops"] > costs.loc["AR, window 16", "train_flops"]).all()
+    table = pd.read_csv(out / "runs.csv")
+    encoder = table[table["inference.start"] == "encoder"]
+    assert encoder["amortisation_gap"].notna().all() and encoder["kl_floor"].isna().all()

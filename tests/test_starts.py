@@ -36,6 +36,7 @@ def test_the_paper_start_keeps_its_run_keys():
     assert micro_rf.with_overrides(["model.kind=ar"]).run_key() == "2173298c07899d5d"
     assert micro_rf.with_overrides(["inference.start=fixed", "inference.encoder_layers=3"]).run_key() == "6e9da349cadacd1c"
     learned = micro_rf.with_overrides(["inference.start=learned"])
+    assert learned.with_overrides(["inference.start_kl_warmup=0.5"]).run_key() != learned.run_key()
     assert learned.run_key() not in {micro_rf.run_key(), learned.with_overrides(["inference.start=encoder"]).run_key()}
     encoder = micro_rf.with_overrides(["inference.start=encoder"])
     assert encoder.run_key() != encoder.with_overrides(["inference.encoder_layers=2"]).run_key()
@@ -46,6 +47,8 @@ def test_bad_start_options_say_what_to_change():
         ltm.InferenceConfig(start="amortised")
     with pytest.raises(ConfigError, match="encoder_layers must be >= 1"):
         ltm.InferenceConfig(start="encoder", encoder_layers=0)
+    with pytest.raises(ConfigError, match="start_kl_warmup is a fraction of training"):
+        ltm.InferenceConfig(start="encoder", start_kl_warmup=1.5)
     with pytest.raises(ConfigError, match="fixed_variance needs inference.start=fixed"):
         ltm.InferenceConfig(start="learned", fixed_variance=True)
     with pytest.raises(ConfigError, match="inference.start=encoder for a purely amortised posterior"):
@@ -114,6 +117,18 @@ def test_the_start_bound_is_the_negative_elbo_at_the_start():
     z0 = post.start_mu + post.start_eps * (0.5 * post.start_logvar).exp()
     kl0 = 0.5 * (post.start_mu.square() + post.start_logvar.exp() - 1 - post.start_logvar).flatten(1).sum(1)
     torch.testing.assert_close(start_bound(model, tokens, post), sequence_nll(model, tokens, z0) + kl0)
+    # annealing weighs the KL alone, and only in training: halfway through a warm-up over all of it, half the KL
+    half = start_bound(model, tokens, post, kl_weight=0.5)
+    torch.testing.assert_close(half, sequence_nll(model, tokens, z0) + 0.5 * kl0)
+    annealed = dataclasses.replace(icfg, start_kl_warmup=1.0)
+    loss_half, _ = decoder_loss(model, tokens, annealed, seeds=range(8), progress=0.5)
+    loss_half.backward()
+    grad_half = model.start.out.bias.grad.clone()
+    model.zero_grad()
+    loss_full, _ = decoder_loss(model, tokens, icfg, seeds=range(8))
+    loss_full.backward()
+    assert loss_half.item() == pytest.approx(loss_full.item())  # the logged loss is the CE either way
+    assert not torch.allclose(grad_half, model.start.out.bias.grad)  # the start's gradient is not
     fixed, ficfg, _ = model_and_tokens("fixed", 2)
     with pytest.raises(ValueError, match="needs a posterior of a trained start"):
         start_bound(fixed, tokens, infer_posterior(fixed, tokens, ficfg, seeds=range(8)))

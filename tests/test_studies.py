@@ -22,6 +22,7 @@ from studies.launcher import main
 from studies.messages import Point
 from studies.points import build_points, study_key
 from studies.study import grid
+from studies.inference_cost import STUDY as INFERENCE_COST
 from studies.sample_efficiency import STUDY as SAMPLE_EFFICIENCY
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -77,7 +78,7 @@ def test_grid_is_a_product_of_zipped_axes():
     ]
 
 
-@pytest.mark.parametrize("study_def", [INFERENCE_SCALING, SAMPLE_EFFICIENCY], ids=lambda s: s.name)
+@pytest.mark.parametrize("study_def", [INFERENCE_SCALING, SAMPLE_EFFICIENCY, INFERENCE_COST], ids=lambda s: s.name)
 @pytest.mark.parametrize("preset", ["smoke", "micro", "paper"])
 def test_every_preset_builds_valid_distinct_points(study_def, preset):
     points = build_points(study_def, preset, seeds=[0, 1], data=None, extra=[])

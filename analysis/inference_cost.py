@@ -1,0 +1,106 @@
+"""What a bound costs: each posterior start's final bound against the training FLOPs spent and
+against the inference FLOPs an evaluated token needs (`ltm.flops`, exact convention), with the
+paper's loop at every T, the AR baselines, and the same-window AR's ceiling (the Bayes-optimal
+predictor limited to its receptive field). Drawn by analysis/plot_scaling.py as `inference_cost`,
+with its numbers in inference_cost.csv|md.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from pathlib import Path
+
+import matplotlib.pyplot as plt
+import matplotlib.ticker
+import numpy as np
+import pandas as pd
+import seaborn as sns
+
+from ltm.config import InferenceConfig, RunConfig
+from ltm.flops import flops_per_token
+
+PAPER_LR = InferenceConfig().lr_max
+PAPER_LOGVAR = InferenceConfig().init_logvar
+
+
+def _value(row, key: str, default):
+    value = row.get(key, default)
+    return default if value is None or (isinstance(value, float) and math.isnan(value)) else value
+
+
+def start_label(row) -> str:
+    """The posterior start a run used, in words ("paper start" for the paper's loop)."""
+    start = _value(row, "inference.start", "fixed")
+    logvar = float(_value(row, "inference.init_logvar", PAPER_LOGVAR))
+    if start == "fixed":
+        label = "paper start (logvar -5)" if logvar == PAPER_LOGVAR else f"fixed start, logvar {logvar:g}"
+    elif start == "learned":
+        label = "learned start" + ("" if logvar == PAPER_LOGVAR else f" from logvar {logvar:g}")
+    else:
+        layers = int(_value(row, "inference.encoder_layers", 1))
+        label = f"encoder, {layers} layer" + ("s" if layers > 1 else "")
+    lr = float(_value(row, "inference.lr_max", PAPER_LR))
+    return label + ("" if lr == PAPER_LR else f", inner lr {lr:g}")
+
+
+def cost_table(runs: pd.DataFrame, config_of: Callable[[str], dict], metric: str) -> pd.DataFrame:
+    """One row per (model, start, T): the final bound (mean, min, max over seeds), training FLOPs
+    and inference FLOPs per evaluated token."""
+    rows = []
+    for _, run in runs.iterrows():
+        cfg = RunConfig.from_dict(config_of(run["run_id"]))
+        inf = cfg.inference
+        eval_flops = flops_per_token(cfg.model, inf.steps, phase="eval", start=inf.start,
+                                     encoder_layers=inf.encoder_layers)
+        is_ar = cfg.model.kind == "ar"
+        label = (f"AR, window {cfg.model.window}" if cfg.model.window else "AR, full context") if is_ar \
+            else start_label(run)
+        rows.append({"label": label, "T": 0 if is_ar else inf.steps, "seed": cfg.seed,
+                     "train_tokens": cfg.train.tokens, "bound_ppl": run[f"final/{metric}"],
+                     "train_flops": run.get("final/flops", np.nan), "eval_flops_per_token": eval_flops})
+    table = pd.DataFrame(rows)
+    if table.empty:
+        return table
+    keys = ["label", "T", "train_tokens"]
+    return table.groupby(keys).agg(bound_ppl=("bound_ppl", "mean"), low=("bound_ppl", "min"),
+                                   high=("bound_ppl", "max"), seeds=("seed", "nunique"),
+                                   train_flops=("train_flops", "mean"),
+                                   eval_flops_per_token=("eval_flops_per_token", "first")).reset_index()
+
+
+def plot_inference_cost(table: pd.DataFrame, refs: dict[str, float], out: Path, save) -> list[Path]:
+    """Two panels, bound against training FLOPs and against inference FLOPs per evaluated token: a
+    line per start through its T values (labelled), the ARs as squares, the corpus optima as lines."""
+    starts = sorted({label for label in table["label"] if not label.startswith("AR")} if not table.empty else [],
+                    key=lambda s: (not s.startswith("paper"), s))
+    if not starts:
+        return []
+    fig, axes = plt.subplots(1, 2, figsize=(11.5, 4.4), sharey=True)
+    colours = dict(zip(starts, sns.color_palette("tab10", len(starts))))
+    ar_colours = iter(["black", "#8c564b", "#2ca02c", "0.4"])
+    for label, g in table.groupby("label"):
+        g = g[g["train_tokens"] == g["train_tokens"].min()].sort_values("T")  # one budget per line
+        is_ar = label.startswith("AR")
+        colour = next(ar_colours) if is_ar else colours[label]
+        for ax, x in zip(axes, ("train_flops", "eval_flops_per_token")):
+            err = [g["bound_ppl"] - g["low"], g["high"] - g["bound_ppl"]]
+            ax.errorbar(g[x], g["bound_ppl"], yerr=err if g["seeds"].max() > 1 else None, fmt="s" if is_ar else "o-",
+                        color=colour, ms=5, lw=1.2, capsize=2, label=label)
+            if not is_ar:
+                for _, r in g.iterrows():
+                    ax.annotate(f"T={r['T']}", (r[x], r["bound_ppl"]), fontsize=6, xytext=(3, 3),
+                                textcoords="offset points", color=colour)
+    for (name, value), ls in zip(refs.items(), (":", "--", "-.", (0, (1, 3)))):
+        for ax in axes:
+            ax.axhline(value, color="0.3", ls=ls, lw=1,
+                       label=f"{name}: {value:.2f}" + (" (the same-window AR's ceiling)" if "receptive" in name else ""))
+    axes[0].set(xscale="log", yscale="log", xlabel="training FLOPs (exact)", ylabel="validation perplexity bound")
+    axes[1].set(xscale="log", xlabel="inference FLOPs per evaluated token (exact)")
+    for ax in axes:  # decades only: minor labels collide over a narrow FLOP range
+        ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
+    axes[1].legend(fontsize=7, loc="upper right")
+    seeds = table["seeds"].max() > 1
+    fig.suptitle("Where the posterior starts: bound against cost" + (" (mean over seeds, bars min to max)" if seeds
+                                                                      else ""))
+    return save(fig, out, "inference_cost")
