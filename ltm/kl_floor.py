@@ -10,7 +10,7 @@ large part of the KL is this floor, not information about the sequence.
 `start_kl_floor(model, cfg)` follows the start the model uses (`inference.start`).
 Printed as a table (per dimension, and in nats/token for the micro, micro-rf and LTM-L shapes):
 
-    python -m ltm.kl_floor [--steps 1,4,16,32,64,128]
+    python -m ltm.kl_floor [--steps 1,4,16,32,64,128] [--init-logvar -5]
 """
 
 from __future__ import annotations
@@ -82,14 +82,14 @@ def start_kl_floor(model: LatentThoughtModel, cfg: InferenceConfig) -> float | N
     return kl_floor(cfg, model.cfg.n_latents, model.cfg.d_model)
 
 
-def _table(steps: list[int]) -> str:
+def _table(steps: list[int], init_logvar: float) -> str:
     shapes = {"micro (N_z=8, d=128, ctx 128)": model_preset("micro"),
               "micro-rf (N_z=4, d=64, ctx 128)": model_preset("micro-rf"),
               "LTM-L (N_z=24, d=512, ctx 1024)": model_preset("ltm-l")}
     head = ["T", "KL floor per dim (nats)"] + [f"{name}: nats/token" for name in shapes]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for t in steps:
-        cfg = dataclasses.replace(InferenceConfig(), steps=t)
+        cfg = dataclasses.replace(InferenceConfig(), steps=t, init_logvar=init_logvar)
         per_dim = kl_floor_per_dim(cfg)
         cells = [str(t), f"{per_dim:.3f}"] + [f"{per_dim * m.n_latents * m.d_model / m.ctx:.2f}"
                                                for m in shapes.values()]
@@ -101,12 +101,14 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m ltm.kl_floor", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--steps", default="1,4,16,32,64,128", help="inference steps T, comma-separated")
+    parser.add_argument("--init-logvar", type=float, default=InferenceConfig().init_logvar,
+                        help="the fixed start's log-variance (inference.init_logvar; the paper's -5)")
     args = parser.parse_args(argv)
     try:
         steps = [int(s) for s in args.steps.split(",")]
     except ValueError:
         parser.error(f"--steps takes integers separated by commas, e.g. 1,4,16; got {args.steps!r}")
-    print(_table(steps))
+    print(_table(steps, args.init_logvar))
     return 0
 
 

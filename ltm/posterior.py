@@ -84,17 +84,9 @@ def infer_posterior(model: LatentThoughtModel, tokens: torch.Tensor, cfg: Infere
     left untouched; "trajectory" accumulates every step's gradient into it, as the released code
     does (always eager: it needs the weight gradients).
     """
-    mcfg = model.cfg
-    if mcfg.kind != "ltm":
-        raise ValueError("infer_posterior needs an LTM (model.kind='ltm'); an AR model has no latents")
-    if tokens.dim() != 2 or tokens.shape[1] < 2:
-        raise ValueError(f"tokens must be (batch, length >= 2), got shape {tuple(tokens.shape)}")
     B = tokens.shape[0]
-    seeds = draw_seeds(B) if seeds is None else seeds
-    if len(seeds) != B:
-        raise ValueError(f"need one seed per sequence: {len(seeds)} seeds for a batch of {B}")
     inputs, targets = tokens[:, :-1], tokens[:, 1:]
-    noise = NoiseSource(seeds, (mcfg.n_latents, mcfg.d_model), tokens.device)
+    noise = NoiseSource(_checked_seeds(model, tokens, seeds), (model.cfg.n_latents, model.cfg.d_model), tokens.device)
     trajectory = cfg.decoder_grad == "trajectory"
 
     start_mu, start_logvar = _start(model, tokens, cfg, noise)
@@ -120,12 +112,7 @@ def infer_posterior(model: LatentThoughtModel, tokens: torch.Tensor, cfg: Infere
             if not cfg.reuse_noise:
                 eps = noise.draw()
             if trajectory:
-                z = mu + eps * (0.5 * logvar).exp()
-                objective = _masked_sum(token_nll(model(inputs, z), targets), loss_mask) + gaussian_kl(mu, logvar)
-                objective.sum().backward()
-                grads = [p.grad for p in params]
-                for p in params:
-                    p.grad = None
+                objective, grads = _trajectory_step(model, inputs, targets, loss_mask, mu, logvar, eps, params)
             else:
                 objective = objective_of(model, stem, mu, logvar, eps, targets, loss_mask)
                 grads = torch.autograd.grad(objective.sum(), params)
@@ -142,6 +129,31 @@ def infer_posterior(model: LatentThoughtModel, tokens: torch.Tensor, cfg: Infere
     if model.start is not None:
         post.start_mu, post.start_logvar, post.start_eps = start_mu, start_logvar, noise.draw()
     return post
+
+
+def _checked_seeds(model: LatentThoughtModel, tokens: torch.Tensor,
+                   seeds: Sequence[int] | torch.Tensor | None) -> Sequence[int] | torch.Tensor:
+    if model.cfg.kind != "ltm":
+        raise ValueError("infer_posterior needs an LTM (model.kind='ltm'); an AR model has no latents")
+    if tokens.dim() != 2 or tokens.shape[1] < 2:
+        raise ValueError(f"tokens must be (batch, length >= 2), got shape {tuple(tokens.shape)}")
+    seeds = draw_seeds(tokens.shape[0]) if seeds is None else seeds
+    if len(seeds) != tokens.shape[0]:
+        raise ValueError(f"need one seed per sequence: {len(seeds)} seeds for a batch of {tokens.shape[0]}")
+    return seeds
+
+
+def _trajectory_step(model: LatentThoughtModel, inputs: torch.Tensor, targets: torch.Tensor,
+                     loss_mask: torch.Tensor | None, mu: torch.Tensor, logvar: torch.Tensor, eps: torch.Tensor,
+                     params: list[torch.Tensor]) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """The released code's inner step: a full backward, whose weight gradients accumulate in the decoder's .grad."""
+    z = mu + eps * (0.5 * logvar).exp()
+    objective = _masked_sum(token_nll(model(inputs, z), targets), loss_mask) + gaussian_kl(mu, logvar)
+    objective.sum().backward()
+    grads = [p.grad for p in params]
+    for p in params:
+        p.grad = None
+    return objective, grads
 
 
 def _start(model: LatentThoughtModel, tokens: torch.Tensor, cfg: InferenceConfig,

@@ -4,13 +4,13 @@ The paper's loop starts every posterior at logvar -5, and at small T the bound i
 floor that start leaves (docs/RESULTS.md). This study puts the other starts (`inference.start`,
 `inference.init_logvar`) beside it on the micro-rf corpus, every run 600k tokens as in the
 inference-scaling study: the paper's loop at T = 4..64; a fixed start at the prior's log-variance
-(logvar 0) at T = 1, 4, 16; a learned start (from logvar -5 and from 0); a semi-amortised encoder at
+(logvar 0) at T = 1, 4, 16, 64; a learned start (from logvar -5 and from 0); a semi-amortised encoder at
 T = 0 (purely amortised), 1 and 4, with a gentler inner learning rate, and with its KL annealed; the
 same-window and full-context ARs, and the same-window AR with the best start's training FLOPs. The analysis
 draws each bound against training FLOPs and against inference FLOPs per evaluated token, with the
 receptive-field optimum (the same-window AR's ceiling) as a line:
 
-    python studies/inference_cost.py                          # micro: 18 runs, one seed each
+    python studies/inference_cost.py                          # micro: 19 runs, one seed each
     python studies/inference_cost.py --preset verdict --seeds 0,1,2   # the verdict comparisons, 3 seeds
     python analysis/plot_scaling.py --experiment inference_cost   # runs/figures/inference_cost/
     python studies/inference_cost.py --preset smoke           # about a minute, for tests
@@ -69,7 +69,7 @@ AR_MATCHED = {**AR, "model.window": 8, "train.tokens": MATCHED, "train.eval_ever
               "train.checkpoint_every": MATCHED // 4, "data.synthetic_tokens": max(2_000_000, MATCHED + 1_000_000)}
 
 # Most expensive first, so the two CPUs stay busy to the end (a trial's cost grows with T).
-MICRO = ([{**BUDGET, **PAPER, "inference.steps": t} for t in (64, 32, 16)]
+MICRO = ([{**BUDGET, **PAPER, "inference.steps": t} for t in (64, 32, 16)] + [{**BUDGET, **PRIOR, "inference.steps": 64}]
          + [{**BUDGET, **PRIOR, "inference.steps": 16}, AR_MATCHED]
          + [{**BUDGET, **PAPER, "inference.steps": 4}]
          + [{**BUDGET, **PRIOR, "inference.steps": t} for t in (4, 1)]
