@@ -5,7 +5,8 @@
                                             this layer's own latent vectors, no mask
     out = h + SwiGLU(RMSNorm(h))
 
-Pre-norm, no biases, no dropout, tied input/output embeddings (METHOD.md section 1).
+Pre-norm, no biases, no dropout, tied input/output embeddings (METHOD.md section 1). RoPE and
+SwiGLU live in `ltm/layers.py`, shared with the posterior encoder of `ltm/start.py`.
 The AR baseline (kind="ar") is the same module with the cross-attention removed.
 """
 
@@ -20,27 +21,8 @@ import torch.nn.functional as F
 
 from ltm.attention import Window, plan_window, window_attention
 from ltm.config import InferenceConfig, ModelConfig
-
-
-def rope_angles(head_dim: int, positions: torch.Tensor, theta: float) -> torch.Tensor:
-    """Rotations e^(i * pos * freq) as (cos, sin) pairs, shape (len(positions), head_dim // 2, 2)."""
-    inv_freq = theta ** (-torch.arange(0, head_dim, 2, dtype=torch.float32, device=positions.device) / head_dim)
-    angles = positions.float()[:, None] * inv_freq[None, :]
-    return torch.stack((angles.cos(), angles.sin()), dim=-1)
-
-
-def apply_rope(x: torch.Tensor, rotation: torch.Tensor) -> torch.Tensor:
-    """Rotate consecutive pairs of x's last dimension (..., T, head_dim) by its T positions' rotations.
-
-    Eager: one complex multiply, several times faster on a CPU than the rotate-half form's split
-    and cat. Under torch.compile the same rotation in real arithmetic, which inductor fuses (it
-    has no complex kernels)."""
-    if torch.compiler.is_compiling():
-        cos, sin = rotation.unbind(-1)
-        even, odd = x.float().unflatten(-1, (-1, 2)).unbind(-1)
-        return torch.stack((even * cos - odd * sin, even * sin + odd * cos), dim=-1).flatten(-2).to(x.dtype)
-    pairs = torch.view_as_complex(x.float().unflatten(-1, (-1, 2)))
-    return torch.view_as_real(pairs * torch.view_as_complex(rotation)).flatten(-2).to(x.dtype)
+from ltm.layers import SwiGLU, apply_rope, rope_angles
+from ltm.start import build_start
 
 
 class Stem(NamedTuple):
@@ -117,19 +99,6 @@ class LatentCrossAttention(nn.Module):
             q = apply_rope(q, rope)
         y = F.scaled_dot_product_attention(q, *kv)
         return self.o(y.transpose(1, 2).reshape(B, T, d))
-
-
-class SwiGLU(nn.Module):
-    def __init__(self, cfg: ModelConfig) -> None:
-        super().__init__()
-        # Two matmuls rather than one fused one: the halves of a fused output are strided
-        # views, which makes the elementwise gate and its backward twice as slow on a CPU.
-        self.gate = nn.Linear(cfg.d_model, cfg.mlp_hidden, bias=False)
-        self.up = nn.Linear(cfg.d_model, cfg.mlp_hidden, bias=False)
-        self.down = nn.Linear(cfg.mlp_hidden, cfg.d_model, bias=False)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down(F.silu(self.gate(x)) * self.up(x))
 
 
 class Block(nn.Module):
@@ -259,8 +228,6 @@ class LatentThoughtModel(nn.Module):
 def build_model(cfg: ModelConfig, inference: InferenceConfig | None = None) -> LatentThoughtModel:
     """The decoder for a ModelConfig (an LTM, or the AR baseline for kind="ar"), with the trainable
     posterior start that `inference.start` asks for ("learned", "encoder") as `model.start`."""
-    from ltm.start import build_start  # ltm.start builds on this module's layers
-
     model = LatentThoughtModel(cfg)
     model.start = build_start(cfg, inference)
     return model

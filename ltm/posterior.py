@@ -126,7 +126,7 @@ def infer_posterior(model: LatentThoughtModel, tokens: torch.Tensor, cfg: Infere
     z = mu if cfg.fixed_variance else mu + eps * (0.5 * logvar).exp()
     trace = torch.stack(trace) if trace else torch.zeros(0, B, device=tokens.device)
     post = Posterior(mu=mu, logvar=logvar, z=z, eps=eps, trace=trace, stem=stem)
-    if model.start is not None:
+    if getattr(model, "start", None) is not None:  # a trained start (a duck-typed decoder may have none)
         post.start_mu, post.start_logvar, post.start_eps = start_mu, start_logvar, noise.draw()
     return post
 

@@ -19,7 +19,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ltm.config import InferenceConfig, ModelConfig
-from ltm.model import SwiGLU, apply_rope, rope_angles
+from ltm.layers import SwiGLU, apply_rope, rope_angles
 
 
 class LearnedStart(nn.Module):
