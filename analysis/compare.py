@@ -49,7 +49,7 @@ from ltm.config import ConfigError, RunConfig  # noqa: E402
 from ltm.data import load_blocks  # noqa: E402
 from ltm.evaluate import sequence_bounds  # noqa: E402
 from ltm.tracking import default_tracking_uri  # noqa: E402
-from ltm.train import EVAL_SEED  # noqa: E402
+from ltm.objective import EVAL_SEED  # noqa: E402
 
 _LEVEL = 0.95
 

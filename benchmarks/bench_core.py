@@ -25,7 +25,7 @@ import torch.nn.functional as F
 import ltm
 from ltm.flops import flops_per_token
 from ltm.model import token_nll
-from ltm.train import decoder_loss
+from ltm.objective import decoder_loss
 
 from reference_gpt import ReferenceGPT
 

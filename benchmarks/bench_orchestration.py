@@ -57,7 +57,7 @@ def bench_study(tokens: int) -> Study:
 def mlflow_timer():
     """Accumulate the wall time spent in MLflow calls made by ltm.train.run."""
     import ltm.tracking as tracking
-    import ltm.train as train
+    import ltm.lifecycle as lifecycle
 
     spent = {"s": 0.0}
     patched = []
@@ -77,7 +77,7 @@ def mlflow_timer():
     for name in ("__init__", "find_run", "create_run", "reopen", "log_metrics", "set_tags", "log_dict",
                  "max_logged_step", "finish"):
         wrap(tracking.Tracker, name)
-    wrap(train, "_system_metrics")
+    wrap(lifecycle, "start_system_metrics")
     try:
         yield spent
     finally:

@@ -12,7 +12,7 @@ under ten minutes on an H100/H200, most of it compiling; not yet timed on one).
 (c) inner_loop: the compiled inner loop at the paper's shape (LTM-S: ctx 1024, window 256, so
     FlexAttention): its posterior against eager's in fp32, and the time of an inner step of each in bf16.
 (d) mfu: training throughput and MFU per GPU at LTM-S, -M and -L (the paper's vocabulary), a few
-    timed compiled bf16 steps each, against the GPU's dense bf16 peak (ltm.train's table).
+    timed compiled bf16 steps each, against the GPU's dense bf16 peak (ltm.flops.GPU_PEAKS).
 
 Prints a one-screen report (markdown); the numbers go into benchmarks/RESULTS.md. Exit status: 0 all
 passed, 1 a check failed, 2 no GPU.
@@ -166,7 +166,8 @@ def inner_loop_check(args) -> dict:
 def mfu_check(args) -> dict:
     import ltm
     from ltm.flops import flops_per_token, mfu
-    from ltm.train import decoder_loss, peak_flops
+    from ltm.flops import peak_flops
+    from ltm.objective import decoder_loss
 
     from bench_core import matmul_peak, median_seconds, train_step
 
@@ -219,7 +220,7 @@ def markdown(report: dict) -> str:
                          f"bf16 inner step {ms['eager']:.1f} ms eager, {ms['compiled']:.1f} ms compiled "
                          f"({r['compiled_speedup']:.2f}x)")
         elif name == "mfu" and "sizes" in r:
-            peak = f"{r['peak_tflops']:g} TFLOP/s" if r["peak_tflops"] else "not in ltm.train's table"
+            peak = f"{r['peak_tflops']:g} TFLOP/s" if r["peak_tflops"] else "not in ltm.flops.GPU_PEAKS"
             lines.append(f"T={r['T']}, batch {r['batch']} x ctx 1024, compiled, bf16; dense bf16 peak {peak}; "
                          f"measured bf16 matmul {r['matmul_bf16_tflops']:.0f} TFLOP/s")
             lines += ["", "| size | tokens/s per GPU | MFU |", "|---|---|---|"]

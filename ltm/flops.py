@@ -29,6 +29,7 @@ training token, a third of that per evaluation token, N_enc counting its paramet
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 from typing import Literal
 
@@ -217,6 +218,38 @@ def mfu(tokens_per_s: float, flops_per_tok: float, peak_flops: float, devices: i
     """Model FLOPs utilisation of each device: the run's tokens/s shared over its `devices` (processes,
     one GPU each), times FLOPs per token, over one device's peak FLOP/s."""
     return tokens_per_s / devices * flops_per_tok / peak_flops
+
+
+GPU_PEAKS = {
+    "NVIDIA H100 80GB HBM3": 989e12,  # H100 SXM
+    "NVIDIA H100 PCIe": 756e12,
+    "NVIDIA H100 NVL": 835e12,
+    "NVIDIA H200": 989e12,  # H200 SXM
+    "NVIDIA H200 NVL": 835e12,
+    "NVIDIA A100-SXM4-40GB": 312e12,
+    "NVIDIA A100-SXM4-80GB": 312e12,
+    "NVIDIA A100-PCIE-40GB": 312e12,
+    "NVIDIA A100 80GB PCIe": 312e12,
+    "NVIDIA L40S": 362e12,
+    "NVIDIA A10": 125e12,
+    "NVIDIA A10G": 70e12,  # AWS's A10 variant: fewer tensor FLOPs than the A10 (A10G datasheet)
+    "NVIDIA L4": 121e12,
+}
+"""Dense (no sparsity) bf16 tensor peaks in FLOP/s, by the exact name torch.cuda.get_device_name
+gives: an H100 PCIe or an H200 NVL is not an SXM part, and a name not listed gets no mfu."""
+
+
+def peak_flops(device: torch.device, configured: float) -> float:
+    """The configured peak (train.peak_flops), else the GPU's dense bf16 peak by its exact name, else 0:
+    no mfu (on a CPU, or with a warning on a GPU not in the table)."""
+    if configured or device.type != "cuda":
+        return configured
+    name = torch.cuda.get_device_name(device)
+    if name not in GPU_PEAKS:
+        warnings.warn(f"no dense bf16 peak is known for the GPU {name!r}, so mfu is not logged; give it as "
+                      "FLOP/s with --set train.peak_flops=<peak> (e.g. 989e12 for an H100 SXM)", stacklevel=2)
+        return 0.0
+    return GPU_PEAKS[name]
 
 
 def _cpu_flash_forward(query_shape, key_shape, value_shape, *args, **kwargs) -> int:

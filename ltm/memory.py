@@ -1,7 +1,7 @@
 """Peak memory per process of a training update, known before the run: one audited place.
 
 What is counted: every tensor storage the process holds at the worst moment of a steady-state
-decoder update, as `ltm.train` runs it (`_update`): the weights, the AdamW state (two fp32
+decoder update, as `ltm.loop.train_step` runs it (`_update`): the weights, the AdamW state (two fp32
 moments), the gradients (held through the micro-batch when the update accumulates several, else
 allocated by its backward), the batch, the inner loop (mu, logvar and their moments, the stem, an
 inner step's graph and its backward while the previous step's gradients of mu and logvar are still
@@ -59,7 +59,7 @@ from torch.utils._pytree import tree_leaves
 
 from ltm.config import InferenceConfig, ModelConfig, RunConfig, TrainConfig
 from ltm.model import build_model
-from ltm.train import autocast_for, decoder_loss, make_optimizer
+from ltm.objective import autocast_for, decoder_loss, make_optimizer
 
 Precision = Literal["fp32", "bf16"]
 PHASES = ("forward_backward", "optimizer")
@@ -68,7 +68,7 @@ forward) and backward; the gradient clip and the AdamW step."""
 
 
 def precision_on(device_type: str, setting: str) -> Precision:
-    """The precision train.precision=`setting` runs at on a device type (`ltm.train.autocast_for`)."""
+    """The precision train.precision=`setting` runs at on a device type (`ltm.objective.autocast_for`)."""
     return "bf16" if setting == "bf16" or (setting == "auto" and device_type == "cuda") else "fp32"
 
 
@@ -112,7 +112,7 @@ class _LiveStorages(TorchDispatchMode):
         self._storages[key] = weakref.ref(storage, gone)
 
 
-# -- one update, as ltm.train runs it ------------------------------------------------------------
+# -- one update, as ltm.loop.train_step runs it ---------------------------------------------------
 
 def _prepare(cfg: RunConfig, micro_batch: int) -> tuple[torch.nn.Module, torch.optim.Optimizer]:
     """The model and optimiser as a later update of one process finds them: AdamW's state exists, and
@@ -130,7 +130,7 @@ def _prepare(cfg: RunConfig, micro_batch: int) -> tuple[torch.nn.Module, torch.o
 def _update(model: torch.nn.Module, optimizer: torch.optim.Optimizer, cfg: RunConfig, micro_batch: int,
             precision: Precision, phase: Callable[[str], None] = lambda name: None) -> None:
     """One micro-batch's forward and backward, then the clip and the AdamW step: the body of
-    ltm.train's update (eager; `phase` marks where each part starts)."""
+    ltm.loop.train_step (eager; `phase` marks where each part starts)."""
     phase("forward_backward")
     batch = torch.randint(0, cfg.model.vocab_size, (micro_batch, cfg.model.ctx + 1))
     with autocast_for(torch.device("cpu"), precision):

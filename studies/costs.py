@@ -21,7 +21,7 @@ if TYPE_CHECKING:
 
 DEFAULT_MFU = 0.4
 DEFAULT_PEAK_TFLOPS = 989.0
-"""Dense bf16 peak of an H100/H200 in TFLOP/s (the same as ltm.train's table of GPU peaks)."""
+"""Dense bf16 peak of an H100/H200 in TFLOP/s (the same as ltm.flops.GPU_PEAKS)."""
 HEADROOM = 0.10
 """Share of a GPU's memory kept free for what `ltm.memory` leaves out: the caching allocator's
 rounding and fragmentation, and the transient workspaces of cuBLAS and the attention kernels."""

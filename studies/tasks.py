@@ -112,16 +112,17 @@ def trial_device() -> torch.device:
 
 
 def _run_task_locked(point: Point, context: TrialContext, interrupt: Interrupt) -> Result:
+    from ltm.lifecycle import decide, open_run
+    from ltm.objective import autocast_for
     from ltm.tracking import Tracker
-    from ltm.train import autocast_for
 
     try:
         with interrupt.stoppable():  # nothing of the evaluation exists yet
             runs_dir = Path(context.runs_dir)
             tracker = Tracker(context.tracking_uri, context.experiment, artifact_root=runs_dir / "artifacts")
-            existing = tracker.find_run(point.key)
-            if existing is not None and existing.info.status == Status.FINISHED.value:
-                return Result(Status.SKIPPED, existing.info.run_id, metrics=dict(existing.data.metrics))
+            decision = decide(tracker, point.key)  # a FINISHED evaluation is skipped, any other rerun in its run
+            if decision.skipped:
+                return Result(Status.SKIPPED, decision.run_id, metrics=decision.metrics)
             source = point.source
             if source.get("train"):
                 checkpoint, source_run, failed = _trained_checkpoint(point, context)
@@ -134,16 +135,16 @@ def _run_task_locked(point: Point, context: TrialContext, interrupt: Interrupt) 
     except Stopped as stop:
         return Result(Status.KILLED, None, f"interrupted by {stop} before the evaluation run was created")
     task = point.task
-    if existing is not None:  # signals wait while the evaluation's run is reopened or created
-        tracker.reopen(existing.info.run_id)
-        run_id = existing.info.run_id
-        tracker.set_tags(run_id, {"device": str(device)})  # the rerun may have landed on another device
-    else:
+
+    def create() -> str:
         params = {**cfg.flat(), **{f"task.{k}": v for k, v in task.items()}, "source.checkpoint": str(checkpoint)}
         tags = {**context.tags, ROLE_TAG: ROLE_EVAL, TASK_TAG: task["name"], SOURCE_RUN_TAG: source_run or "",
                 "model.kind": cfg.model.kind, "device": str(device)}
         name = f"{task['name']}-{cfg.model.kind}-L{cfg.model.n_layers}-T{cfg.inference.steps}"
-        run_id = tracker.create_run(point.key, name, params, tags, context.parent_run_id)
+        return tracker.create_run(point.key, name, params, tags, context.parent_run_id)
+
+    # signals wait while the evaluation's run is reopened (on this start's device) or created
+    run_id = open_run(tracker, decision, {"device": str(device)}, create)
     started = time.time()
     try:
         # The checkpoint's training precision ("auto": bf16 autocast on CUDA, fp32 on a CPU).

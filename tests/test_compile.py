@@ -9,7 +9,7 @@ import ltm
 from ltm.attention import plan_window
 from ltm.config import ConfigError, run_preset
 from ltm.posterior import frozen, infer_posterior
-from ltm.train import CPU_COMPILE_MIN_FLOPS, decoder_loss, use_compile
+from ltm.objective import CPU_COMPILE_MIN_FLOPS, decoder_loss, use_compile
 
 
 @pytest.fixture

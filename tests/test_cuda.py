@@ -23,7 +23,9 @@ from ltm.config import RunConfig, run_preset
 from ltm.names import Status
 from ltm.posterior import NoiseSource, infer_posterior
 from ltm.tracking import default_tracking_uri
-from ltm.train import RunResult, decoder_loss, run
+from ltm.lifecycle import RunResult
+from ltm.objective import decoder_loss
+from ltm.train import run
 from studies.messages import Point, TrialContext
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(),

@@ -120,9 +120,9 @@ def test_planned_vocab_size_is_the_tokenizers_without_reading_data():
 
 
 def test_the_default_peak_is_ltm_trains_h100_h200_peak():
-    from ltm.train import _GPU_PEAKS
+    from ltm.flops import GPU_PEAKS
 
-    assert DEFAULT_PEAK_TFLOPS * 1e12 == _GPU_PEAKS["NVIDIA H200"] == _GPU_PEAKS["NVIDIA H100 80GB HBM3"]
+    assert DEFAULT_PEAK_TFLOPS * 1e12 == GPU_PEAKS["NVIDIA H200"] == GPU_PEAKS["NVIDIA H100 80GB HBM3"]
 
 
 def test_slurm_requeues_needed_by_long_points_are_named():

@@ -198,3 +198,43 @@ def test_run_task_loads_the_model_on_the_trial_device_and_tags_the_run_with_it(t
     assert result.status == Status.FINISHED and result.metrics["probe/value"] == 1.0
     assert asked == ["cpu"] and seen == {"device": torch.device("cpu"), "autocast": False}  # "auto": fp32 on a CPU
     assert MlflowClient(context.tracking_uri).get_run(result.run_id).data.tags["device"] == "cpu"
+
+
+def test_an_evaluation_that_failed_is_rerun_in_its_own_run_and_then_skipped(tmp_path, monkeypatch):
+    from mlflow.tracking import MlflowClient
+
+    import studies.tasks as tasks
+    from ltm.checkpoint import save_checkpoint
+    from ltm.config import run_preset
+    from ltm.model import build_model
+    from ltm.names import Status
+    from ltm.tracking import default_tracking_uri
+    from studies.messages import Point, TrialContext
+
+    runs = tmp_path / "runs"
+    cfg = run_preset("smoke")
+    checkpoint = save_checkpoint(tmp_path / "untrained", {"tokens": 0, "config": cfg.to_dict(), "model_overrides": {},
+                                                          "model": build_model(cfg.model).state_dict()})
+    outcomes = [RuntimeError("the evaluator broke"), ({"probe/value": 2.0}, {})]
+
+    def evaluator(model, cfg, task):
+        outcome = outcomes.pop(0)
+        if isinstance(outcome, Exception):
+            raise outcome
+        return outcome
+
+    monkeypatch.setitem(tasks.EVALUATORS, "generation", evaluator)
+    point = Point(key="probe", config=cfg.to_dict(), label={}, task={"name": "generation"},
+                  source={"checkpoint": str(checkpoint), "run_id": None})
+    context = TrialContext(tracking_uri=default_tracking_uri(runs), experiment="e", runs_dir=str(runs),
+                           parent_run_id=None)
+    with pytest.raises(RuntimeError, match="the evaluator broke"):
+        tasks.run_task(point, context)
+    client = MlflowClient(context.tracking_uri)
+    (failed,) = client.search_runs([client.get_experiment_by_name("e").experiment_id])
+    assert failed.info.status == "FAILED"
+    rerun = tasks.run_task(point, context)  # the same run, reopened
+    assert rerun.status == Status.FINISHED and rerun.run_id == failed.info.run_id
+    assert "ltm.status_reason" not in client.get_run(rerun.run_id).data.tags  # the failure's reason is cleared
+    again = tasks.run_task(point, context)
+    assert again.status == Status.SKIPPED and again.run_id == rerun.run_id and again.metrics["probe/value"] == 2.0

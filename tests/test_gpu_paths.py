@@ -14,7 +14,9 @@ import ltm
 import ltm.train as train
 from ltm import checkpoint
 from ltm.config import run_preset
-from ltm.flops import mfu
+from ltm.flops import mfu, peak_flops
+from ltm.lifecycle import RunResult
+from ltm.objective import c_compiler, check_c_compiler, make_optimizer
 from ltm.system_metrics import system_metrics_monitor, visible_nvml_indices
 from ltm.tracking import default_tracking_uri
 
@@ -27,7 +29,7 @@ def test_a_checkpoint_loaded_for_another_device_keeps_its_rng_state_on_the_cpu(t
     cfg = run_preset("smoke")
     torch.manual_seed(0)
     model = ltm.build_model(cfg.model)
-    optimizer = train.make_optimizer(model, cfg.train)
+    optimizer = make_optimizer(model, cfg.train)
     model(torch.randint(0, 64, (2, 8)), torch.zeros(2, 4, 32)).sum().backward()
     optimizer.step()
     checkpoint.save_checkpoint(tmp_path, {
@@ -40,7 +42,7 @@ def test_a_checkpoint_loaded_for_another_device_keeps_its_rng_state_on_the_cpu(t
     checkpoint.restore_rng(state["rng"])  # torch.set_rng_state takes nothing but a CPU ByteTensor
     checkpoint.restore_rng(before)
     with device:
-        resumed = train.make_optimizer(ltm.build_model(cfg.model), cfg.train)
+        resumed = make_optimizer(ltm.build_model(cfg.model), cfg.train)
     resumed.load_state_dict(state["optimizer"])  # the optimiser moves its state to its parameters itself
     assert {s["exp_avg"].device for s in resumed.state.values()} == {device}
     loaded, _ = checkpoint.load_model(tmp_path, device)
@@ -60,15 +62,15 @@ def test_mfu_is_each_gpus_share_of_the_throughput_against_one_gpus_peak():
 ])
 def test_a_gpus_peak_is_found_by_its_exact_name(monkeypatch, name, tflops):
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: name)
-    assert train.peak_flops(torch.device("cuda", 0), 0.0) == tflops * 1e12
-    assert train.peak_flops(torch.device("cuda", 0), 123e12) == 123e12  # train.peak_flops wins
+    assert peak_flops(torch.device("cuda", 0), 0.0) == tflops * 1e12
+    assert peak_flops(torch.device("cuda", 0), 123e12) == 123e12  # train.peak_flops wins
 
 
 def test_an_unknown_gpu_gets_no_mfu_and_a_warning_that_names_the_setting(monkeypatch):
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "NVIDIA B200")
     with pytest.warns(UserWarning, match=r"'NVIDIA B200'.*--set train\.peak_flops="):
-        assert train.peak_flops(torch.device("cuda", 0), 0.0) == 0.0
-    assert train.peak_flops(torch.device("cpu"), 0.0) == 0.0
+        assert peak_flops(torch.device("cuda", 0), 0.0) == 0.0
+    assert peak_flops(torch.device("cpu"), 0.0) == 0.0
 
 
 # -- Triton's C compiler ------------------------------------------------------------------------
@@ -83,22 +85,22 @@ def executable(folder: Path, name: str) -> Path:
 
 def test_tritons_c_compiler_is_cc_else_gcc_else_clang_on_the_path(tmp_path):
     path = str(tmp_path / "bin")
-    assert train.c_compiler({"PATH": path}) is None
+    assert c_compiler({"PATH": path}) is None
     clang = executable(tmp_path / "bin", "clang")
-    assert train.c_compiler({"PATH": path}) == str(clang)
+    assert c_compiler({"PATH": path}) == str(clang)
     gcc = executable(tmp_path / "bin", "gcc")
-    assert train.c_compiler({"PATH": path}) == str(gcc)
+    assert c_compiler({"PATH": path}) == str(gcc)
     mine = executable(tmp_path / "elsewhere", "mycc")
-    assert train.c_compiler({"PATH": path, "CC": str(mine)}) == str(mine)
-    assert train.c_compiler({"PATH": path, "CC": "no-such-cc"}) is None  # CC is taken as it is, as Triton does
+    assert c_compiler({"PATH": path, "CC": str(mine)}) == str(mine)
+    assert c_compiler({"PATH": path, "CC": "no-such-cc"}) is None  # CC is taken as it is, as Triton does
 
 
 def test_no_c_compiler_is_refused_with_how_to_get_one_and_how_to_do_without(tmp_path):
     with pytest.raises(RuntimeError, match=r"neither gcc nor clang is on PATH; install one .* --set train\.compile=off"):
-        train.check_c_compiler({"PATH": str(tmp_path)})
+        check_c_compiler({"PATH": str(tmp_path)})
     with pytest.raises(RuntimeError, match=r"CC='cc-9' is not an executable"):
-        train.check_c_compiler({"PATH": str(tmp_path), "CC": "cc-9"})
-    train.check_c_compiler({"PATH": str(tmp_path), "CC": str(executable(tmp_path, "cc"))})
+        check_c_compiler({"PATH": str(tmp_path), "CC": "cc-9"})
+    check_c_compiler({"PATH": str(tmp_path), "CC": str(executable(tmp_path, "cc"))})
 
 
 def test_a_compiling_cuda_run_without_a_c_compiler_stops_before_anything_is_created(tmp_path, monkeypatch):
@@ -175,7 +177,7 @@ def gpu_check(monkeypatch):
 
 def test_the_gpu_check_reads_the_numbers_a_training_command_ends_with(gpu_check, monkeypatch, capsys, tmp_path):
     metrics = {"train/loss": 2.25, "val/nll": 2.5, "val/ppl_bound": 12.375}  # exact in the 6 digits printed
-    monkeypatch.setattr(train, "run", lambda cfg, **kwargs: train.RunResult("FINISHED", "id", metrics, tmp_path))
+    monkeypatch.setattr(train, "run", lambda cfg, **kwargs: RunResult("FINISHED", "id", metrics, tmp_path))
     assert train.main(["--preset", "smoke", "--data", str(tmp_path / "text.txt")]) == 0
     read = gpu_check.final_metrics(capsys.readouterr().out)
     assert read == metrics
@@ -198,5 +200,5 @@ def test_the_gpu_check_reports_every_check_on_one_screen(gpu_check):
     text = gpu_check.markdown({"device": "NVIDIA H200", "torch": "2.13.0", "date": "today", "sections": sections})
     assert "## cuda_tests: PASS (81 s)\n9 passed in 80.0s" in text and "## resume: FAIL" in text
     assert "| val/ppl_bound | 3.0 | 3.3 | 1.00e-01 |" in text and "## inner_loop: skipped" in text
-    assert "| ltm-s | 123,456 | - |" in text and "not in ltm.train's table" in text
+    assert "| ltm-s | 123,456 | - |" in text and "not in ltm.flops.GPU_PEAKS" in text
     assert len(text.splitlines()) <= 40

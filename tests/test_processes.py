@@ -60,6 +60,7 @@ def train_rank(rank: int, port: int, tmp: str, fail_on_rank_1: bool) -> None:
     """One process of a two-process smoke run; writes what it saw to rank<r>.json."""
     import time
 
+    import ltm.objective as objective
     import ltm.train as train
     from ltm.data.synthetic import SyntheticCorpus
 
@@ -78,7 +79,7 @@ def train_rank(rank: int, port: int, tmp: str, fail_on_rank_1: bool) -> None:
         def broken(*args, **kwargs):
             raise RuntimeError(BROKEN)
 
-        train.decoder_loss = broken  # fails before the step's gradient all-reduce, where rank 0 waits
+        objective.decoder_loss = broken  # fails before the step's gradient all-reduce, where rank 0 waits
     try:
         result = train.run(smoke(tmp_path), runs_dir=tmp_path / "runs", experiment="p", progress=False)
         outcome = {"status": result.status, "run_id": result.run_id, "metrics": result.metrics}

@@ -19,7 +19,9 @@ import pytest
 from mlflow.tracking import MlflowClient
 
 import ltm.checkpoint as checkpoint
+import ltm.evaluate
 import ltm.train as train
+from ltm import lifecycle, loop
 from ltm.config import RunConfig, run_preset
 from ltm.names import REASON_TAG, RUN_KEY_TAG, Exit, Status
 from ltm.runlock import RunBusy, RunLock, holder, lock_path
@@ -159,7 +161,7 @@ def test_a_signal_during_an_evaluation_stops_it_at_once_and_the_resume_redoes_it
     overrides = ("train.tokens=16384", "train.eval_every=4096")
     straight = train.run(smoke(tmp_path, *overrides), runs_dir=tmp_path / "straight", experiment="e", progress=False)
 
-    real, calls = train.evaluate_bounds, []
+    real, calls = ltm.evaluate.evaluate_bounds, []
 
     def preempted_in_the_second_evaluation(*args, **kwargs):
         calls.append(1)
@@ -168,13 +170,13 @@ def test_a_signal_during_an_evaluation_stops_it_at_once_and_the_resume_redoes_it
             raise AssertionError("the evaluation went on after the signal")
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(train, "evaluate_bounds", preempted_in_the_second_evaluation)
+    monkeypatch.setattr(ltm.evaluate, "evaluate_bounds", preempted_in_the_second_evaluation)
     cfg = smoke(tmp_path, *overrides)
     stopped = train.run(cfg, runs_dir=tmp_path / "runs", experiment="e", progress=False)
     assert stopped.status == "KILLED" and "SIGUSR2 during the evaluation at 8,192 tokens" in stopped.reason
     state = checkpoint.load_latest_checkpoint(stopped.run_dir)
     assert state["tokens"] == 8192 and state["eval_pending"]
-    monkeypatch.setattr(train, "evaluate_bounds", real)
+    monkeypatch.setattr(ltm.evaluate, "evaluate_bounds", real)
     resumed = train.run(cfg, runs_dir=tmp_path / "runs", experiment="e", progress=False)
     assert resumed.status == "FINISHED"
     uri_a, uri_b = default_tracking_uri(tmp_path / "straight"), default_tracking_uri(tmp_path / "runs")
@@ -191,21 +193,21 @@ def test_metrics_the_store_had_not_taken_when_the_process_died_are_sent_by_the_r
 
     # The store is slow to take the metrics at the checkpoint's step, and the process dies right after
     # the checkpoint (SIGKILL: nothing runs after it, so the metrics still queued are gone with it).
-    real_batch, real_save, slow = MlflowClient.log_batch, train._Loop.save, [True]
+    real_batch, real_save, slow = MlflowClient.log_batch, loop.save, [True]
 
     def slow_store(self, run_id, *args, metrics=(), **kwargs):
         if slow[0] and any(m.step >= 2048 for m in metrics):
             raise ConnectionError("no answer yet")
         return real_batch(self, run_id, *args, metrics=metrics, **kwargs)
 
-    def killed_after_the_checkpoint(self, tokens):
-        real_save(self, tokens)
+    def killed_after_the_checkpoint(ctx, state, tokens):
+        real_save(ctx, state, tokens)
         if tokens == 2048:
-            self.tracker.spool(tmp_path / "gone-with-the-process.jsonl")  # the queue leaves the process
+            ctx.tracker.spool(tmp_path / "gone-with-the-process.jsonl")  # the queue leaves the process
             raise KeyboardInterrupt
 
     monkeypatch.setattr(MlflowClient, "log_batch", slow_store)
-    monkeypatch.setattr(train._Loop, "save", killed_after_the_checkpoint)
+    monkeypatch.setattr(loop, "save", killed_after_the_checkpoint)
     cfg = smoke(tmp_path, *overrides)
     with pytest.raises(KeyboardInterrupt):
         train.run(cfg, runs_dir=tmp_path / "runs", experiment="e", progress=False)
@@ -214,7 +216,7 @@ def test_metrics_the_store_had_not_taken_when_the_process_died_are_sent_by_the_r
     (killed,) = client.search_runs([client.get_experiment_by_name("e").experiment_id])
     assert 2048 not in steps(uri_b, killed.info.run_id, "tokens")  # the store never got them
     slow[0] = False
-    monkeypatch.setattr(train._Loop, "save", real_save)
+    monkeypatch.setattr(loop, "save", real_save)
     resumed = train.run(cfg, runs_dir=tmp_path / "runs", experiment="e", progress=False)
     assert resumed.status == "FINISHED"
     for key in ("tokens", "train/loss", "val/ppl_bound"):
@@ -314,11 +316,11 @@ def test_a_tracking_server_that_stays_away_gets_a_checkpoint_and_a_clear_exit(tm
     assert proc.returncode == Exit.INTERRUPTED, err[-3000:]
     assert "did not answer for 3 s" in out and "run the same command again once the store answers" in out
     assert checkpoint.load_latest_checkpoint(run_dir)["tokens"] < tokens  # stopped mid-run, not at the end
-    assert (run_dir / train.UNSENT_FILE).exists()
+    assert (run_dir / lifecycle.UNSENT_FILE).exists()
     server.start()
     again = subprocess.run(cli(tmp_path, *args), cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert again.returncode == 0, again.stderr[-3000:]
-    assert not (run_dir / train.UNSENT_FILE).exists()
+    assert not (run_dir / lifecycle.UNSENT_FILE).exists()
     run, evals = _eval_steps(server.uri, "gone")
     assert run.info.status == "FINISHED" and evals == list(range(every, tokens + 1, every))
     assert steps(server.uri, run.info.run_id, "tokens") == list(range(256, tokens + 1, 256))  # none lost, none twice

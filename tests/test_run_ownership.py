@@ -16,6 +16,7 @@ from mlflow.tracking import MlflowClient
 import ltm.checkpoint as checkpoint
 import ltm.train as train
 from ltm.config import ConfigError, RunConfig, run_preset
+from ltm.lifecycle import RunResult
 from ltm.names import RUN_KEY_TAG, TOKENS, VAL_PPL_BOUND
 from ltm.tracking import default_tracking_uri
 
@@ -33,7 +34,7 @@ def stop_at(tokens: int):
     return on_log
 
 
-def train_in(runs, experiment: str, cfg: RunConfig, **kwargs) -> train.RunResult:
+def train_in(runs, experiment: str, cfg: RunConfig, **kwargs) -> RunResult:
     return train.run(cfg, runs_dir=runs, experiment=experiment, progress=False, **kwargs)
 
 

@@ -15,7 +15,7 @@ from ltm.evaluate import evaluate_bounds, other_offsets, sequence_bounds, sequen
 from ltm.flops import flop_counter_mode, flops_per_token
 from ltm.kl_floor import kl_floor, start_kl_floor
 from ltm.posterior import infer_posterior, start_bound
-from ltm.train import decoder_loss, make_optimizer
+from ltm.objective import decoder_loss, make_optimizer
 
 STARTS = [("fixed", 3), ("learned", 3), ("encoder", 3), ("encoder", 0)]
 
