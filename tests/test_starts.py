@@ -9,6 +9,7 @@ import pytest
 import torch
 
 import ltm
+import ltm.train
 from ltm.checkpoint import load_model
 from ltm.config import ConfigError, RunConfig, run_preset
 from ltm.evaluate import evaluate_bounds, other_offsets, sequence_bounds, sequence_nll
