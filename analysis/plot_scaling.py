@@ -44,7 +44,7 @@ from analysis import fit  # noqa: E402
 from analysis.inference_cost import cost_table, plot_inference_cost, start_label  # noqa: E402
 from analysis.runs import (NoRunsError, find_study, load_evaluations, load_histories, load_runs,  # noqa: E402
                            parent_run)
-from ltm.names import VAL_PPL_BOUND  # noqa: E402
+from ltm.names import ANALYSIS_TAG, N_RUNS_TAG, VAL_PPL_BOUND  # noqa: E402
 
 METRIC = VAL_PPL_BOUND
 
@@ -458,10 +458,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--bootstrap", type=int, default=200, help="bootstrap refits per law (0 for none)")
     args = parser.parse_args(argv)
 
-    from ltm.tracking import Tracker, default_tracking_uri
+    from ltm.tracking import Tracker, configure_mlflow, default_tracking_uri
 
     runs_dir = Path(args.runs_dir).resolve()
     uri = args.tracking_uri or default_tracking_uri(runs_dir)
+    configure_mlflow(uri)  # this process's MLflow client: fail fast, authenticate
     evals = pd.DataFrame()
     try:
         experiment, parent, name = select(uri, args.study, args.experiment, args.parent_run)
@@ -495,7 +496,7 @@ def main(argv: list[str] | None = None) -> int:
 
     tracker = Tracker(uri, experiment)
     run_id = tracker.client.create_run(tracker.experiment_id, run_name="analysis",
-                                       tags={"ltm.analysis": "plot_scaling", "ltm.n_runs": str(len(runs))}).info.run_id
+                                       tags={ANALYSIS_TAG: "plot_scaling", N_RUNS_TAG: str(len(runs))}).info.run_id
     for path in figures + figure4 + tables:
         tracker.client.log_artifact(run_id, str(path))
     tracker.finish(run_id, "FINISHED")

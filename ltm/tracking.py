@@ -74,6 +74,23 @@ def use_credentials(path: str | Path | None) -> None:
     os.environ["MLFLOW_TRACKING_PASSWORD"] = creds["password"]
 
 
+def configure_mlflow(uri: str | None = None, credentials_file: str | Path | None = None) -> None:
+    """Set this process's MLflow client up, once, where the process starts (a study's driver, a point's
+    worker, a command line): MLflow reads these settings from the environment only.
+
+    A dead tracking server fails a request in seconds, not after MLflow's default minutes of retries
+    (the metric sender retries for as long as a run is willing to wait); basic-auth credentials come
+    from a user:password in `uri` or from a credentials file (`write_credentials`), never from the URI
+    that MLflow is given.
+    """
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "2")
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "30")
+    creds = split_credentials(uri)[1] if uri else None
+    if creds:
+        os.environ["MLFLOW_TRACKING_USERNAME"], os.environ["MLFLOW_TRACKING_PASSWORD"] = creds
+    use_credentials(credentials_file)
+
+
 def check_tracking_uri(uri: str, timeout: float = 5.0) -> None:
     """Fail early, with a fix, when the tracking store is unreachable or unusable."""
     if uri.startswith(("http://", "https://")):
@@ -225,13 +242,7 @@ class Tracker:
 
     def __init__(self, uri: str, experiment: str, artifact_root: str | Path | None = None) -> None:
         check_tracking_uri(uri)
-        uri, creds = split_credentials(uri)
-        if creds:  # MLflow reads basic-auth credentials from the environment, never from the URI
-            os.environ["MLFLOW_TRACKING_USERNAME"], os.environ["MLFLOW_TRACKING_PASSWORD"] = creds
-        # A dead server should fail in seconds, not after MLflow's default minutes of retries: the
-        # metric sender retries for as long as the run is willing to wait.
-        os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "2")
-        os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "30")
+        uri = split_credentials(uri)[0]  # the password reaches MLflow from the environment (`configure_mlflow`)
         self.uri = uri
         self.client = open_store(uri)
         self._sender: _MetricSender | None = None

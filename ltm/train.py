@@ -41,16 +41,19 @@ def run(cfg: RunConfig, *, tracking_uri: str | None = None, experiment: str = "l
 
     Raises RunBusy when another live process holds the run. If the tracking store stops answering
     for `tracking_patience` seconds the run checkpoints, keeps the unsent metrics and returns KILLED.
-    `on_log` receives every set of metrics logged (e.g. a launcher's progress report).
+    `on_log` receives every set of metrics logged (e.g. a launcher's progress report). Sets this process's
+    MLflow client up for `tracking_uri` (`ltm.tracking.configure_mlflow`: fail fast, credentials from a
+    user:password in the URI).
     """
     from ltm.data import check_data
     from ltm.runlock import RunBusy, RunLock
-    from ltm.tracking import check_tracking_uri, default_tracking_uri
+    from ltm.tracking import check_tracking_uri, configure_mlflow, default_tracking_uri
 
     if tracking_patience <= 0:
         raise ValueError(f"tracking_patience must be > 0 seconds, got {tracking_patience}")
     runs_dir = Path(runs_dir).resolve()
     tracking_uri = tracking_uri or default_tracking_uri(runs_dir)
+    configure_mlflow(tracking_uri)
     key = cfg.run_key()
     with Interrupt() as interrupt:
         procs, lock = None, None

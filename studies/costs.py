@@ -14,10 +14,11 @@ import math
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from studies.messages import Point
+from studies.messages import Point, TrainSource
 
 if TYPE_CHECKING:
     from ltm.config import RunConfig
+    from studies.resources import SlurmProfile
 
 DEFAULT_MFU = 0.4
 DEFAULT_PEAK_TFLOPS = 989.0
@@ -74,7 +75,7 @@ def _trained_config(point: Point) -> RunConfig | None:
     from ltm.config import RunConfig
     from ltm.data import planned_vocab_size
 
-    if point.task and not point.source.get("train"):
+    if point.task and not isinstance(point.source, TrainSource):
         return None
     cfg = RunConfig.from_dict(point.config)
     return dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, vocab_size=planned_vocab_size(cfg.data)))
@@ -120,7 +121,7 @@ def cost_columns(costs: list[Cost], mfu: float, peak_tflops: float) -> dict[str,
 
 
 def cost_summary(costs: list[Cost], mfu: float, peak_tflops: float, gpus_per_trial: float,
-                 trials_at_once: int, slurm_profile: dict | None = None) -> list[str]:
+                 trials_at_once: int, slurm_profile: SlurmProfile | None = None) -> list[str]:
     """The lines after the grid: total FLOPs, GPU-hours, an estimate of the wall time, and on SLURM
     how many points outlast one job (they go on by requeue, from their checkpoints)."""
     flops, paper = sum(c.flops for c in costs), sum(c.flops_paper for c in costs)
@@ -187,9 +188,9 @@ def memory_problem(points: list[Point], memory: list[Memory | None], gpus_per_tr
             "fewer inference steps would not help, the peak does not grow with inference.steps")
 
 
-def _requeues(hours: list[float], gpus_per_trial: float, profile: dict) -> list[str]:
+def _requeues(hours: list[float], gpus_per_trial: float, profile: SlurmProfile) -> list[str]:
     """The points a SLURM job's time limit cuts short, and whether the requeues allowed finish them."""
-    job_min, allowed = profile.get("time_min", 60), profile.get("max_num_timeout", 10)  # slurm_backend's defaults
+    job_min, allowed = profile.time_min, profile.max_num_timeout
     jobs = [math.ceil(h / gpus_per_trial * 60 / job_min) for h in hours]
     longer = sum(j > 1 for j in jobs)
     if not longer:

@@ -16,12 +16,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from studies.launcher import main  # noqa: E402
-from studies.study import Preset, Study  # noqa: E402
-
-
-def task(**overrides) -> dict:
-    return {"name": "generation", "samples": 16, "length": 96, "prefix": 32, "prior_temperatures": [0.5, 1.0, 1.5],
-            "top_p": None, "reference": None, "steps": None, "seed": 0, **overrides}
+from studies.study import GenerationTask, Preset, Study  # noqa: E402
 
 
 STUDY = Study(
@@ -32,13 +27,13 @@ STUDY = Study(
         "smoke": Preset("smoke", [{"model.kind": kind, "inference.steps": steps, "train.eval_every": 0}
                                   for kind, steps in (("ltm", 4), ("ar", 0))],
                         description="tiny LTM and AR, 4 samples of 16 tokens",
-                        task=task(samples=4, length=16, prefix=8)),
+                        task=GenerationTask(samples=4, length=16, prefix=8)),
         "micro": Preset("micro", [{"model.kind": kind, "inference.steps": steps}
                                   for kind, steps in (("ltm", 16), ("ar", 0))],
                         description="micro LTM (T=16) and AR on the synthetic corpus, 16 samples of 96 tokens",
-                        task=task()),
+                        task=GenerationTask()),
         "paper": Preset("ltm-l", [{"inference.steps": 64}], description="evaluate LTM checkpoints (--checkpoint)",
-                        cpus=8, gpus=1, profile="gpu", task=task(samples=64, length=1023, prefix=256)),
+                        cpus=8, gpus=1, profile="gpu", task=GenerationTask(samples=64, length=1023, prefix=256)),
     },
 )
 

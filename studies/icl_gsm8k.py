@@ -15,7 +15,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from studies.launcher import main  # noqa: E402
-from studies.study import Preset, Study  # noqa: E402
+from studies.study import Gsm8kTask, Preset, Study  # noqa: E402
 
 
 def data_option(source: str) -> tuple[dict, dict]:
@@ -31,11 +31,6 @@ def data_option(source: str) -> tuple[dict, dict]:
                             "gsm8k")
 
 
-def task(**overrides) -> dict:
-    return {"name": "gsm8k", "data": "gsm8k", "shots": [0, 5, 10], "shots_from": "train", "pass_k": 5,
-            "problems": 1319, "max_new_tokens": 50, "steps": None, "seed": 0, **overrides}
-
-
 TEXT = {"data.name": "gsm8k", "data.tokenizer": "bpe"}
 STUDY = Study(
     name="icl_gsm8k",
@@ -47,7 +42,7 @@ STUDY = Study(
                                    "train.tokens": 16_384, "train.eval_every": 0, "model.kind": kind,
                                    "inference.steps": steps} for kind, steps in (("ltm", 4), ("ar", 0))],
                         description="tiny LTM and AR on GSM8K train, 4 test problems, 0/1 shots",
-                        task=task(shots=[0, 1], pass_k=2, problems=4, max_new_tokens=8)),
+                        task=Gsm8kTask(shots=[0, 1], pass_k=2, problems=4, max_new_tokens=8)),
         "micro": Preset("micro", [{**TEXT, "data.bpe_vocab_size": 2048, "model.ctx": 512, "train.batch_size": 8,
                                    "train.tokens": 409_600, "train.eval_every": 102_400,
                                    "train.checkpoint_every": 102_400, "train.eval_blocks": 16,
@@ -55,9 +50,9 @@ STUDY = Study(
                                   for kind, steps in (("ltm", 16), ("ar", 0))],
                         description="micro LTM (T=16) and AR trained on GSM8K train (410k tokens, context 512), "
                                     "30 test problems at 0/5/10 shots, pass@5 (2 CPUs, about 13 minutes)",
-                        task=task(problems=30)),
+                        task=Gsm8kTask(problems=30)),
         "paper": Preset("ltm-l", [{"inference.steps": 64}], description="evaluate LTM-L checkpoints (--checkpoint)",
-                        cpus=8, gpus=1, profile="gpu", task=task()),
+                        cpus=8, gpus=1, profile="gpu", task=Gsm8kTask()),
     },
 )
 

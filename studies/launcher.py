@@ -19,6 +19,7 @@ from their checkpoint; a point is never run twice at once (`ltm.runlock`).
 
 from __future__ import annotations
 
+import dataclasses
 import importlib
 import json
 import sys
@@ -27,6 +28,7 @@ import time
 from ltm.names import EXIT_OF, Exit, Status
 from studies.costs import cost_columns, cost_summary, memory_columns, memory_summary, point_cost
 from studies.interrupt import Interruption, StudyInterrupted, wait_for_stragglers
+from studies.messages import CheckpointSource
 from studies.parent import finish_parent, open_parent, summary
 from studies.plan import Plan, UsageError, plan
 from studies.points import grid_table
@@ -52,13 +54,14 @@ def print_plan(plan_: Plan) -> None:
     print(f"\n{plan_.study.name} / {plan_.preset}: {len(plan_.points)} points, backend {plan_.cluster}, {per_trial}, "
           f"at most {plan_.trials_at_once} at once")
     print("\n".join(cost_summary(costs, plan_.mfu, plan_.peak_tflops, plan_.gpus * plan_.nodes, plan_.trials_at_once,
-                                 plan_.profile if plan_.cluster == "slurm" else None)
+                                 plan_.profile)
                     + memory_summary(plan_.memory, plan_.gpus, plan_.gpu_mem_gb)))
     print(f"tracking {redact(plan_.tracking_uri)}, experiment {plan_.experiment}, runs folder {plan_.runs_dir}")
     first = plan_.points[0] if plan_.points else None
     if first is not None and first.task:
-        sources = "the checkpoints given" if "checkpoint" in first.source else "each point's model, trained first"
-        print(f"evaluation on {sources}: {json.dumps(first.task)}")
+        given = isinstance(first.source, CheckpointSource)
+        sources = "the checkpoints given" if given else "each point's model, trained first"
+        print(f"evaluation on {sources}: {json.dumps(first.task.to_dict())}")
     if plan_.cluster == "slurm":
         from studies.slurm_backend import sbatch_preview
 
@@ -80,7 +83,7 @@ def main(study: Study, argv: list[str] | None = None) -> int:
 
 def _main(study: Study, argv: list[str] | None, interruption: Interruption) -> int:
     from ltm.config import ConfigError
-    from ltm.tracking import TrackingError, redact
+    from ltm.tracking import TrackingError, configure_mlflow, redact
 
     try:
         plan_ = plan(study, argv)
@@ -93,6 +96,7 @@ def _main(study: Study, argv: list[str] | None, interruption: Interruption) -> i
             print(f"error: {plan_.problem}", file=sys.stderr)
             return Exit.USAGE
         return Exit.OK
+    configure_mlflow(plan_.tracking_uri)  # this driver's MLflow client: fail fast, authenticate
     backend = importlib.import_module(BACKENDS[plan_.cluster])
     keys = [p.key for p in plan_.points]
     started, tracker, completed = time.time(), None, False
@@ -101,7 +105,8 @@ def _main(study: Study, argv: list[str] | None, interruption: Interruption) -> i
         backend.before_start(plan_)  # e.g. SLURM: no earlier job may still run, before any status is touched
         wait_for_stragglers(plan_.runs_dir, keys, plan_.study_key)
         with interruption.deferred():
-            tracker = open_parent(plan_)
+            tracker, parent_run_id = open_parent(plan_)
+            plan_ = dataclasses.replace(plan_, parent_run_id=parent_run_id)
         print(f"study parent run {plan_.parent_run_id} (key {plan_.study_key})\n")
         completed = backend.run(plan_, tracker, interruption)
     except StudyInterrupted:

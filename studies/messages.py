@@ -10,6 +10,42 @@ import dataclasses
 from dataclasses import dataclass, field
 
 from ltm.names import Status
+from studies.study import Task
+
+
+@dataclass(frozen=True)
+class CheckpointSource:
+    """An evaluation of a checkpoint given with --checkpoint (`ltm.checkpoint.resolve`)."""
+
+    checkpoint: str
+    """The absolute checkpoint file or folder."""
+    run_id: str | None = None
+    """The training run that owns it; None when it is not in the store."""
+
+    def to_dict(self) -> dict:
+        return {"checkpoint": self.checkpoint, "run_id": self.run_id}
+
+
+@dataclass(frozen=True)
+class TrainSource:
+    """An evaluation of a grid point's model, trained first (skipped when FINISHED, resumed when interrupted)."""
+
+    train_key: str
+    """The training point's run key."""
+
+    def to_dict(self) -> dict:
+        return {"train": True, "train_key": self.train_key}
+
+
+Source = CheckpointSource | TrainSource
+"""What an evaluation point evaluates."""
+
+
+def source_from_dict(data: dict) -> Source:
+    """The source a `to_dict` wrote."""
+    if data.get("train"):
+        return TrainSource(data["train_key"])
+    return CheckpointSource(data["checkpoint"], data.get("run_id"))
 
 
 @dataclass(frozen=True)
@@ -22,17 +58,21 @@ class Point:
     """The run config (`RunConfig.to_dict()`)."""
     label: dict
     """The grid's overrides that made this point, for tables."""
-    task: dict | None = None
-    """An evaluation task (`studies.tasks`), or None for a training point."""
-    source: dict | None = None
-    """An evaluation's checkpoint: {"checkpoint", "run_id"} or {"train": True, "train_key"}."""
+    task: Task | None = None
+    """An evaluation task (`studies.study.Task`, run by `studies.tasks`), or None for a training point."""
+    source: Source | None = None
+    """An evaluation's checkpoint: one given, or the training point's model."""
 
     def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
+        return {"key": self.key, "config": self.config, "label": self.label,
+                "task": self.task.to_dict() if self.task else None,
+                "source": self.source.to_dict() if self.source else None}
 
     @classmethod
     def from_dict(cls, data: dict) -> "Point":
-        return cls(**data)
+        task, source = data.get("task"), data.get("source")
+        return cls(key=data["key"], config=data["config"], label=data["label"],
+                   task=Task.from_dict(task) if task else None, source=source_from_dict(source) if source else None)
 
 
 @dataclass(frozen=True)

@@ -2,17 +2,22 @@
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 from ltm.names import (BACKEND_TAG, COUNT_TAG_PREFIX, NOTE_TAG, POINTS_TAG, REASON_TAG, ROLE_STUDY, ROLE_TAG, RUN_KEY_TAG,
                        STUDY_KEY_TAG, TOKENS, Status)
 from studies.plan import Plan
 from studies.points import grid_table
 
+if TYPE_CHECKING:
+    from ltm.tracking import Tracker
 
-def open_parent(plan: Plan):
+
+def open_parent(plan: Plan) -> tuple[Tracker, str]:
     """Find or create the study's parent run (RUNNING); mark children left RUNNING by dead workers KILLED.
 
     A child counts as dead only when nobody holds its run lock (`ltm.runlock`): a held lock is a
-    live process, wherever it runs. Returns the Tracker, with plan.parent_run_id set.
+    live process, wherever it runs. Returns the Tracker and the parent run's id.
     """
     from ltm.runlock import holder
     from ltm.tracking import Tracker
@@ -35,7 +40,6 @@ def open_parent(plan: Plan):
         parent = run.info.run_id
         client.log_dict(parent, {"study": plan.study.name, "preset": plan.preset,
                                  "points": [p.to_dict() for p in plan.points]}, "grid.json")
-    plan.parent_run_id = parent
     keys = {p.key for p in plan.points}
     stale = client.search_runs([tracker.experiment_id], filter_string="attributes.status = 'RUNNING'", max_results=5000)
     for run in stale:
@@ -44,7 +48,7 @@ def open_parent(plan: Plan):
             tracker.finish(run.info.run_id, Status.KILLED.value, "left RUNNING by a worker that died; the study driver "
                                                                  "marked it KILLED and resumes it from its last checkpoint")
             print(f"marked run {key} KILLED (left RUNNING by a dead worker); it will resume")
-    return tracker
+    return tracker, parent
 
 
 def finish_parent(tracker, parent_run_id: str, status: str, counts: dict, reason: str = "") -> None:

@@ -24,11 +24,11 @@ def run_point(point: Point, context: TrialContext, progress: Path | None = None)
 
     from ltm.config import RunConfig
     from ltm.runlock import STUDY_DRIVER_ENV, RunBusy
-    from ltm.tracking import use_credentials
+    from ltm.tracking import configure_mlflow
     from ltm.train import run
 
     torch.set_num_threads(context.threads)
-    use_credentials(context.credentials_file)
+    configure_mlflow(credentials_file=context.credentials_file)
     os.environ[STUDY_DRIVER_ENV] = context.driver  # recorded in the run locks this point takes
     try:
         if point.task:

@@ -14,6 +14,7 @@ import os
 import select
 import subprocess
 import sys
+import threading
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -98,7 +99,16 @@ class _ActorState:
     worker it spawned, and Tune runs each trial in a new thread."""
 
     worker: PointWorker | None = None
-    spawner = ThreadPoolExecutor(max_workers=1, thread_name_prefix="point-worker-spawner")
+    _spawner: ThreadPoolExecutor | None = None
+    _lock = threading.Lock()
+
+    @classmethod
+    def spawner(cls) -> ThreadPoolExecutor:
+        """The actor's one spawning thread, started with its first worker."""
+        with cls._lock:
+            if cls._spawner is None:
+                cls._spawner = ThreadPoolExecutor(max_workers=1, thread_name_prefix="point-worker-spawner")
+            return cls._spawner
 
 
 def run_point_subprocess(point: Point, context: TrialContext) -> Result:
@@ -118,7 +128,7 @@ def run_point_subprocess(point: Point, context: TrialContext) -> Result:
     if worker is None or not worker.alive() or worker.identity != (context.runs_dir, context.threads):
         if worker is not None:
             worker.stop()
-        worker = _ActorState.worker = PointWorker(Path(context.runs_dir), context.threads, _ActorState.spawner)
+        worker = _ActorState.worker = PointWorker(Path(context.runs_dir), context.threads, _ActorState.spawner())
     try:
         code = worker.run(spec, out, log, progress)
     except BaseException:
@@ -176,7 +186,7 @@ def run(plan: Plan, tracker, interruption: Interruption) -> bool:
         # Ray kills an actor's child processes with SIGKILL when the actor goes: tell the workers
         # first and wait for their checkpoints, then break out of Tune.
         print("SIGTERM: checkpointing the running trials ...", flush=True)
-        stop_local_workers(plan.runs_dir, [p.key for p in plan.points], plan.context().driver)
+        stop_local_workers(plan.runs_dir, [p.key for p in plan.points], plan.driver)
         raise KeyboardInterrupt
 
     try:
@@ -197,7 +207,8 @@ def run(plan: Plan, tracker, interruption: Interruption) -> bool:
         storage = plan.runs_dir / "ray"
         name = f"{plan.study.name}-{plan.preset}-{plan.study_key}"
         points = {p.key: p.to_dict() for p in plan.points}
-        trainable = tune.with_resources(tune.with_parameters(_trial, points=points, context=plan.context().to_dict()),
+        context = plan.context(credentials_file=plan.write_credentials())
+        trainable = tune.with_resources(tune.with_parameters(_trial, points=points, context=context.to_dict()),
                                         {"cpu": plan.cpus, "gpu": plan.gpus})
         path = storage / name
         if not plan.fresh and tune.Tuner.can_restore(str(path)):

@@ -19,18 +19,15 @@ used) keep their data; the newest MLflow run is the one found, and a second fold
 from __future__ import annotations
 
 import argparse
-import ast
 import json
 import sys
 import tempfile
 from pathlib import Path
 
-from ltm.names import ROLE_EVAL, ROLE_STUDY, ROLE_TAG, RUN_KEY_TAG, STUDY_KEY_TAG, Exit
+from ltm.names import (PREVIOUS_KEY_TAG, PREVIOUS_STUDY_KEY_TAG, ROLE_EVAL, ROLE_STUDY, ROLE_TAG, RUN_KEY_TAG,
+                       STUDY_KEY_TAG, Exit)
 from studies.points import study_key_of
-from studies.tasks import evaluation_key
-
-PREVIOUS_KEY_TAG = "ltm.previous_run_key"
-PREVIOUS_STUDY_KEY_TAG = "ltm.previous_study_key"
+from studies.tasks import evaluation_key, logged_task
 
 
 def new_key(config: dict) -> str:
@@ -63,18 +60,6 @@ def _artifact_json(client, run_id: str, name: str) -> dict | None:
             return json.loads(Path(client.download_artifacts(run_id, name, tmp)).read_text())
         except Exception:
             return None
-
-
-def _task_of(params: dict[str, str]) -> dict:
-    """The task dict as logged (task.<k> = str(v)): literals read back, everything else a string."""
-    task = {}
-    for name, text in params.items():
-        if name.startswith("task."):
-            try:
-                task[name[5:]] = ast.literal_eval(text)
-            except (ValueError, SyntaxError):
-                task[name[5:]] = text
-    return task
 
 
 class Rekey:
@@ -115,7 +100,7 @@ class Rekey:
         for run in self.runs:
             if run.data.tags.get(ROLE_TAG) != ROLE_EVAL:
                 continue
-            old, task = run.data.tags[RUN_KEY_TAG], _task_of(run.data.params)
+            old, task = run.data.tags[RUN_KEY_TAG], logged_task(run.data.params)
             trained = next((o for o in known if evaluation_key(o, task) == old), None)
             if trained is not None:  # an evaluation of a training point whose key moved
                 self._move(old, evaluation_key(known[trained], task), [run], folder=False)

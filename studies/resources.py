@@ -8,18 +8,62 @@ and one process per GPU (`studies.slurm_backend`); Ray runs each point in one wo
 
 from __future__ import annotations
 
+import dataclasses
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from studies.messages import Point
 
 PROFILES_DIR = Path(__file__).resolve().parents[1] / "slurm" / "profiles"
-PROFILE_KEYS = {"one_node", "partition", "cpus_per_task", "gpus_per_task", "gpu_mem_gb", "mem_gb", "time_min", "setup",
-                "array_parallelism", "signal_delay_s", "max_num_timeout", "account", "qos", "constraint",
-                "additional_parameters"}
 
 
 class ResourceError(ValueError):
     """Processes, nodes or GPUs that the backend cannot give a point, with what to change."""
+
+
+@dataclass(frozen=True)
+class SlurmProfile:
+    """A SLURM profile (slurm/profiles/<name>.yaml): where the study's job array runs and what each job
+    gets. A key the YAML leaves out takes the default here."""
+
+    partition: str = "debug"
+    one_node: bool = False
+    """Every job runs on this node (the one-node test cluster): the study's mlflow server listens on
+    127.0.0.1 only, and a point gets one node."""
+    cpus_per_task: float | None = None
+    """CPUs per process of a trial; None: the preset's (--cpus-per-trial wins over both)."""
+    gpus_per_task: float | None = None
+    """GPUs per trial on each of its nodes; None: the preset's (--gpus-per-trial wins over both)."""
+    gpu_mem_gb: float | None = None
+    """Memory of one GPU in GB: the dry run fits each point's micro-batch to it (--gpu-mem-gb wins)."""
+    mem_gb: float | None = None
+    """Memory per node; None: the partition's default."""
+    time_min: int = 60
+    """A job's time limit: a longer point requeues and resumes from its checkpoint."""
+    array_parallelism: int = 64
+    """Array tasks at once, unless --max-concurrent says."""
+    signal_delay_s: int = 90
+    """SIGUSR2 this long before the time limit: checkpoint, then requeue."""
+    max_num_timeout: int = 10
+    """Requeues after a timeout before a point gives up."""
+    account: str | None = None
+    qos: str | None = None
+    constraint: str | None = None
+    additional_parameters: dict = field(default_factory=dict)
+    """More #SBATCH parameters, as submitit's slurm_additional_parameters."""
+    setup: list[str] = field(default_factory=list)
+    """Shell lines run before each job (module load, conda activate, ...)."""
+
+    @classmethod
+    def from_dict(cls, data: dict, where: Path | str = "") -> SlurmProfile:
+        """The profile a YAML file holds; raises ResourceError on an unknown key."""
+        known = sorted(f.name for f in dataclasses.fields(cls))
+        bad = set(data) - set(known)
+        if bad:
+            raise ResourceError(f"unknown keys {sorted(bad)} in SLURM profile {where}; known: {known}")
+        given = {k: v for k, v in data.items() if v is not None}
+        return cls(**{**given, "setup": list(given.get("setup") or []),
+                      "additional_parameters": dict(given.get("additional_parameters") or {})})
 
 
 def processes_per_node(cluster: str, processes: int | None, nodes: int, gpus: float, one_node: bool = False) -> int:
@@ -66,9 +110,9 @@ def check_world(points: list[Point], processes: int, nodes: int) -> None:
                                 f"train.batch_size=N with N a multiple of {world * (micro or 1)}, or fewer processes")
 
 
-def gpu_memory(option: float | None, profile: dict, gpus: float) -> float | None:
+def gpu_memory(option: float | None, profile: SlurmProfile | None, gpus: float) -> float | None:
     """The memory (GB) of a trial's GPU: --gpu-mem-gb, else the SLURM profile's gpu_mem_gb; None without GPUs."""
-    gpu_mem = option if option is not None else profile.get("gpu_mem_gb")
+    gpu_mem = option if option is not None else profile.gpu_mem_gb if profile else None
     if gpu_mem is not None and not (isinstance(gpu_mem, (int, float)) and gpu_mem > 0):
         raise ResourceError(f"the GPU's memory (--gpu-mem-gb, or the profile's gpu_mem_gb) is in GB and > 0, e.g. 80 "
                             f"for an H100; got {gpu_mem!r}")
@@ -78,7 +122,7 @@ def gpu_memory(option: float | None, profile: dict, gpus: float) -> float | None
     return float(gpu_mem) if gpus and gpu_mem else None
 
 
-def load_profile(name: str) -> dict:
+def load_profile(name: str) -> SlurmProfile:
     """A SLURM profile from slurm/profiles/<name>.yaml or a YAML path."""
     import yaml
 
@@ -86,8 +130,4 @@ def load_profile(name: str) -> dict:
     if not path.is_file():
         known = sorted(p.stem for p in PROFILES_DIR.glob("*.yaml"))
         raise ResourceError(f"no SLURM profile {name!r} ({path}); known: {', '.join(known)} or a YAML path")
-    profile = yaml.safe_load(path.read_text()) or {}
-    bad = set(profile) - PROFILE_KEYS
-    if bad:
-        raise ResourceError(f"unknown keys {sorted(bad)} in SLURM profile {path}; known: {sorted(PROFILE_KEYS)}")
-    return profile
+    return SlurmProfile.from_dict(yaml.safe_load(path.read_text()) or {}, path)

@@ -18,11 +18,15 @@ import socket
 import subprocess
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from ltm.names import Status
 from studies.interrupt import Interruption
 from studies.messages import Point, Result, TrialContext
 from studies.plan import ROOT, Plan, UsageError
+
+if TYPE_CHECKING:
+    from studies.mlflow_server import MlflowServer
 
 
 class SlurmTrial:
@@ -68,7 +72,7 @@ def slurm_executor(plan: Plan, folder) -> "submitit.AutoExecutor":
     import submitit
 
     executor = submitit.AutoExecutor(folder=folder, cluster="slurm",
-                                     slurm_max_num_timeout=int(plan.profile.get("max_num_timeout", 10)))
+                                     slurm_max_num_timeout=int(plan.profile.max_num_timeout))
     executor.update_parameters(**slurm_parameters(plan))
     return executor
 
@@ -78,25 +82,25 @@ def slurm_parameters(plan: Plan) -> dict:
     p = plan.profile
     params = {
         "name": f"{plan.study.name}-{plan.preset}",
-        "slurm_partition": p.get("partition", "debug"),
+        "slurm_partition": p.partition,
         "cpus_per_task": max(1, round(plan.cpus)),
-        "timeout_min": int(p.get("time_min", 60)),
-        "slurm_array_parallelism": int(plan.max_concurrent or p.get("array_parallelism", 64)),
-        "slurm_signal_delay_s": int(p.get("signal_delay_s", 90)),
+        "timeout_min": int(p.time_min),
+        "slurm_array_parallelism": int(plan.max_concurrent or p.array_parallelism),
+        "slurm_signal_delay_s": int(p.signal_delay_s),
         "nodes": plan.nodes, "tasks_per_node": plan.processes,
     }
     if plan.gpus and plan.processes > 1:  # per node: each process sees them all and takes its own
         params["slurm_gpus_per_node"] = int(plan.gpus)
     elif plan.gpus:
         params["slurm_gpus_per_task"] = int(plan.gpus)
-    if p.get("mem_gb"):
-        params["mem_gb"] = p["mem_gb"]
+    if p.mem_gb:
+        params["mem_gb"] = p.mem_gb
     for key in ("account", "qos", "constraint"):
-        if p.get(key):
-            params[f"slurm_{key}"] = p[key]
-    if p.get("additional_parameters"):
-        params["slurm_additional_parameters"] = dict(p["additional_parameters"])
-    params["slurm_setup"] = list(p.get("setup") or [])
+        if getattr(p, key):
+            params[f"slurm_{key}"] = getattr(p, key)
+    if p.additional_parameters:
+        params["slurm_additional_parameters"] = dict(p.additional_parameters)
+    params["slurm_setup"] = list(p.setup)
     return params
 
 
@@ -162,27 +166,13 @@ def before_start(plan: Plan) -> None:
 
 def run(plan: Plan, tracker, interruption: Interruption) -> bool:
     """Submit the points not yet FINISHED as one submitit job array and wait; returns False if interrupted."""
-    from tqdm import tqdm
-
     folder = slurm_folder(plan)
     folder.mkdir(parents=True, exist_ok=True)
-    jobs_file = folder / "jobs.json"
     todo = [p for p in plan.points if (run := tracker.find_run(p.key)) is None or run.info.status != "FINISHED"]
     if not todo:
         print("every point already FINISHED; nothing to submit")
         return True
-    server = None
-    tracking_uri = plan.tracking_uri
-    credentials = plan.credentials_file
-    if tracking_uri.startswith("sqlite:") and plan.mlflow_server == "auto":
-        from studies.mlflow_server import MlflowServer
-
-        server = MlflowServer(tracking_uri, folder, one_node=bool(plan.profile.get("one_node")))
-        tracking_uri, credentials = server.uri, server.credentials
-        print(f"serving {plan.tracking_uri} at {tracking_uri} for the workers (mlflow server on {socket.gethostname()}, "
-              f"basic auth, credentials in {credentials})")
-    elif tracking_uri.startswith("sqlite:"):
-        print("workers write the sqlite store directly (--mlflow-server off): safe only on one node's local disk")
+    server, tracking_uri, credentials = _store_for_jobs(plan, folder)
     try:
         code = snapshot_code(folder)
         executor = slurm_executor(plan, folder / "%j")
@@ -193,41 +183,64 @@ def run(plan: Plan, tracker, interruption: Interruption) -> bool:
         interruption.running()  # from the submission on, a signal cancels the array (the poll loop below)
         jobs = executor.map_array(SlurmTrial(), todo, [context] * len(todo))
         ids = [j.job_id for j in jobs]
+        jobs_file = folder / "jobs.json"
         tmp = jobs_file.with_name(f"jobs.json.{os.getpid()}.tmp")  # whole or absent, even if the driver dies now
         tmp.write_text(json.dumps(ids))
         os.replace(tmp, jobs_file)
         print(f"submitted array {ids[0].split('_')[0]} ({len(ids)} tasks) from {folder}")
-        if plan.no_wait:
-            return True
-        bar = tqdm(total=len(ids), unit="point", desc=plan.study.name, dynamic_ncols=True)
-        finished: set[str] = set()
-        misses = 0
-        while len(finished) < len(ids):
-            try:
-                time.sleep(2)
-            except KeyboardInterrupt:  # Ctrl-C: as SIGTERM
-                interruption.requested = True
-            if interruption.requested:
-                array = ids[0].split("_")[0]
-                print("interrupted: cancelling pending tasks; running ones checkpoint on SIGTERM ...", flush=True)
-                subprocess.run(["scancel", "--state=PENDING", array], check=False)
-                subprocess.run(["scancel", "--signal=TERM", array], check=False)  # the steps, not the batch shell
-                deadline = time.time() + 120
-                while time.time() < deadline and (_squeue_ids(ids) or set()):
-                    time.sleep(1)
-                subprocess.run(["scancel", array], check=False)  # whatever did not stop in time
-                return False
-            alive = _squeue_ids(ids)
-            if alive is None:
-                misses += 1
-                if misses > 30:
-                    raise RuntimeError("squeue keeps failing; is the SLURM controller up?")
-            else:
-                done = {i for i in ids if i not in alive} - finished
-                finished |= done
-                bar.update(len(done))
-        bar.close()
-        return True
+        return True if plan.no_wait else _wait(plan, ids, interruption)
     finally:
         if server is not None:
             server.stop()
+
+
+def _store_for_jobs(plan: Plan, folder: Path) -> tuple[MlflowServer | None, str, str | None]:
+    """(the mlflow server this driver starts for the jobs or None, the tracking URI and credentials file the
+    jobs get): a sqlite store is served over http unless --mlflow-server off."""
+    tracking_uri = plan.tracking_uri
+    if tracking_uri.startswith("sqlite:") and plan.mlflow_server == "auto":
+        from studies.mlflow_server import MlflowServer
+
+        server = MlflowServer(tracking_uri, folder, one_node=plan.profile.one_node)
+        print(f"serving {plan.tracking_uri} at {server.uri} for the workers (mlflow server on {socket.gethostname()}, "
+              f"basic auth, credentials in {server.credentials})")
+        return server, server.uri, str(server.credentials)
+    if tracking_uri.startswith("sqlite:"):
+        print("workers write the sqlite store directly (--mlflow-server off): safe only on one node's local disk")
+    return None, tracking_uri, plan.write_credentials()
+
+
+def _wait(plan: Plan, ids: list[str], interruption: Interruption) -> bool:
+    """Poll squeue until every array task has left the queue; on SIGTERM or Ctrl-C cancel the pending ones,
+    let the running ones checkpoint, and return False."""
+    from tqdm import tqdm
+
+    bar = tqdm(total=len(ids), unit="point", desc=plan.study.name, dynamic_ncols=True)
+    finished: set[str] = set()
+    misses = 0
+    while len(finished) < len(ids):
+        try:
+            time.sleep(2)
+        except KeyboardInterrupt:  # Ctrl-C: as SIGTERM
+            interruption.requested = True
+        if interruption.requested:
+            array = ids[0].split("_")[0]
+            print("interrupted: cancelling pending tasks; running ones checkpoint on SIGTERM ...", flush=True)
+            subprocess.run(["scancel", "--state=PENDING", array], check=False)
+            subprocess.run(["scancel", "--signal=TERM", array], check=False)  # the steps, not the batch shell
+            deadline = time.time() + 120
+            while time.time() < deadline and (_squeue_ids(ids) or set()):
+                time.sleep(1)
+            subprocess.run(["scancel", array], check=False)  # whatever did not stop in time
+            return False
+        alive = _squeue_ids(ids)
+        if alive is None:
+            misses += 1
+            if misses > 30:
+                raise RuntimeError("squeue keeps failing; is the SLURM controller up?")
+        else:
+            done = {i for i in ids if i not in alive} - finished
+            finished |= done
+            bar.update(len(done))
+    bar.close()
+    return True

@@ -1,18 +1,128 @@
-"""Declaring a study: named presets, each a base run recipe and a grid of override dicts.
+"""Declaring a study: named presets, each a base run recipe and a grid of override dicts, and the
+evaluation tasks a preset may run on its checkpoints.
 
 A study script is a `Study` and a call to `studies.launcher.main`; nothing here runs anything.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
-from dataclasses import dataclass
-from typing import Callable
+from dataclasses import dataclass, field
+from typing import Callable, ClassVar
 
+from ltm.config import ConfigError
 from ltm.names import VAL_PPL_BOUND, VAL_PPL_IW
 
 RECIPE = "recipe"
 """A grid point's key naming its run recipe (`ltm.config.run_preset`) instead of the preset's base."""
+
+
+class Task:
+    """An evaluation run on each checkpoint of an evaluation study: one frozen dataclass per task, its
+    arguments as fields, checked when made (ConfigError). As JSON (`to_dict`) it is {"name", arguments...}
+    in the fields' order: an evaluation's run key hashes it, its MLflow params are its items."""
+
+    name: ClassVar[str]
+    positive: ClassVar[tuple[str, ...]] = ()
+    """The arguments that must be positive integers."""
+
+    def __post_init__(self) -> None:
+        for key in self.positive:
+            value = getattr(self, key)
+            if not isinstance(value, int) or value < 1:
+                raise ConfigError(f"task {self.name}: {key} must be a positive integer, got {value!r}")
+
+    def to_dict(self) -> dict:
+        return {"name": self.name, **dataclasses.asdict(self)}
+
+    @staticmethod
+    def from_dict(data: dict) -> Task:
+        """The task a `to_dict` wrote; raises ConfigError on an unknown task or argument."""
+        kind = TASKS.get(data.get("name"))
+        if kind is None:
+            raise ConfigError(f"unknown task {data.get('name')!r}; known: {', '.join(TASKS)}")
+        args = {k: v for k, v in data.items() if k != "name"}
+        unknown = set(args) - {f.name for f in dataclasses.fields(kind)}
+        if unknown:
+            raise ConfigError(f"task {kind.name}: unknown arguments {sorted(unknown)}")
+        return kind(**args)
+
+    def arguments(self) -> list[str]:
+        """The task's argument names, in order (what --task KEY=VALUE may set)."""
+        return [f.name for f in dataclasses.fields(self)]
+
+
+@dataclass(frozen=True)
+class Gsm8kTask(Task):
+    """GSM8K in-context learning (`ltm.gsm8k`): k-shot accuracy, pass@k, on the test split."""
+
+    name: ClassVar[str] = "gsm8k"
+    positive: ClassVar[tuple[str, ...]] = ("pass_k", "problems", "max_new_tokens")
+    data: str = "gsm8k"
+    """The hub name gsm8k, or a folder with train.jsonl and test.jsonl."""
+    shots: list[int] = field(default_factory=lambda: [0, 5, 10])
+    """The shot counts, each scored."""
+    shots_from: str = "train"
+    """The split the shots are drawn from: train, or test (the paper's choice)."""
+    pass_k: int = 5
+    """Independent inferences per problem (an AR decodes once)."""
+    problems: int = 1319
+    """Test problems scored, from the first."""
+    max_new_tokens: int = 50
+    steps: int | None = None
+    """The inference steps; None: the checkpoint's."""
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if not self.shots or any(not isinstance(k, int) or k < 0 for k in self.shots):
+            raise ConfigError(f"task gsm8k: shots must be a list of integers >= 0, got {self.shots!r}")
+        if self.shots_from not in ("train", "test"):
+            raise ConfigError(f"task gsm8k: shots_from must be train or test, got {self.shots_from!r}")
+
+
+@dataclass(frozen=True)
+class ZeroShotTask(Task):
+    """Zero-shot perplexity bounds (`ltm.downstream`) on corpora the checkpoint was not trained on."""
+
+    name: ClassVar[str] = "zero_shot"
+    positive: ClassVar[tuple[str, ...]] = ("max_blocks",)
+    corpora: list[str] = field(default_factory=lambda: ["wikitext", "ptb", "lambada", "lm1b"])
+    """Hub corpora (their test splits) or local files."""
+    max_blocks: int = 64
+    """Blocks scored per corpus, from the first."""
+    iw_samples: int = 8
+    """Samples of the importance-weighted bound."""
+    steps: int | None = None
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if not self.corpora:
+            raise ConfigError("task zero_shot: corpora is empty; name hub corpora or local files")
+
+
+@dataclass(frozen=True)
+class GenerationTask(Task):
+    """Unconditional samples over prior temperatures and continuations of validation prefixes."""
+
+    name: ClassVar[str] = "generation"
+    positive: ClassVar[tuple[str, ...]] = ("samples", "length", "prefix")
+    samples: int = 16
+    length: int = 96
+    """Generated tokens per sample."""
+    prefix: int = 32
+    """Tokens of each validation block that a continuation starts from."""
+    prior_temperatures: list[float] = field(default_factory=lambda: [0.5, 1.0, 1.5])
+    top_p: float | None = None
+    reference: str | None = None
+    """A checkpoint (path or training run id) whose perplexity of the samples is gen_ppl."""
+    steps: int | None = None
+    seed: int = 0
+
+
+TASKS: dict[str, type[Task]] = {t.name: t for t in (Gsm8kTask, ZeroShotTask, GenerationTask)}
 
 
 @dataclass(frozen=True)
@@ -31,9 +141,9 @@ class Preset:
     """GPUs per trial; fractional values share a GPU between Ray trials."""
     profile: str = "local"
     """Default SLURM profile (slurm/profiles/<name>.yaml)."""
-    task: dict | None = None
-    """An evaluation (`studies.tasks`: name plus arguments) run on each point's checkpoint, or on
-    the checkpoints given with --checkpoint; None: the points are training runs."""
+    task: Task | None = None
+    """An evaluation (`Gsm8kTask`, `ZeroShotTask`, `GenerationTask`; run by `studies.tasks`) on each
+    point's checkpoint, or on the checkpoints given with --checkpoint; None: the points are training runs."""
 
 
 @dataclass(frozen=True)

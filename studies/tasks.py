@@ -2,7 +2,8 @@
 
 A task point names a checkpoint (a path or the MLflow run id of a training run) or a training
 config to train first (`ltm.train.run`: skipped when already FINISHED, resumed when interrupted),
-and a task: `gsm8k`, `zero_shot` or `generation`. Each point's evaluation is one MLflow run
+and a task: `gsm8k`, `zero_shot` or `generation` (`studies.study.Gsm8kTask`, `ZeroShotTask`,
+`GenerationTask`: typed and checked where a study declares them). Each point's evaluation is one MLflow run
 (a child of the study's parent) tagged `ltm.role=eval`, `ltm.task` and `ltm.source_run_id`, with
 the metrics at step 0 and its outputs (per-problem answers, samples) as artifacts. It runs on the
 trial's GPU when it was given one (`trial_device`, tagged `device`), under the checkpoint's training
@@ -13,6 +14,8 @@ the task) makes a finished evaluation skip when the study is started again; an i
 
 from __future__ import annotations
 
+import ast
+import dataclasses
 import hashlib
 import json
 import tempfile
@@ -24,62 +27,67 @@ import torch
 from ltm.checkpoint import load_model, resolve
 from ltm.names import ROLE_EVAL, ROLE_TAG, SOURCE_RUN_TAG, TASK_TAG, Status
 from ltm.signals import Interrupt, Stopped
-from studies.messages import Point, Result, TrialContext
+from studies.messages import CheckpointSource, Point, Result, TrainSource, TrialContext
+from studies.study import GenerationTask, Gsm8kTask, Task, ZeroShotTask
 
 
 # -- building the points -------------------------------------------------------------------------
 
-def check_task(task: dict, tracking_uri: str, runs_dir: Path) -> dict:
-    """The task with local paths made absolute; raises ConfigError (DataError) on what would fail later."""
-    from ltm.config import ConfigError
+def resolve_task(task: Task, tracking_uri: str, runs_dir: Path) -> Task:
+    """The task with local paths made absolute, its data and reference found; raises ConfigError
+    (DataError) on what would fail later."""
     from ltm.data import resolve_source
 
-    task = dict(task)
-    name = task.get("name")
-    if name not in EVALUATORS:
-        raise ConfigError(f"unknown task {name!r}; known: {', '.join(EVALUATORS)}")
-    positive = {"gsm8k": ("pass_k", "problems", "max_new_tokens"), "zero_shot": ("max_blocks",),
-                "generation": ("samples", "length", "prefix")}[name]
-    for key in positive:
-        if not isinstance(task.get(key), int) or task[key] < 1:
-            raise ConfigError(f"task {name}: {key} must be a positive integer, got {task.get(key)!r}")
-    if name == "gsm8k":
+    if isinstance(task, Gsm8kTask):
         from ltm.gsm8k import load_problems
 
-        if not task["shots"] or any(not isinstance(k, int) or k < 0 for k in task["shots"]):
-            raise ConfigError(f"task gsm8k: shots must be a list of integers >= 0, got {task['shots']!r}")
-        if task.get("shots_from", "train") not in ("train", "test"):
-            raise ConfigError(f"task gsm8k: shots_from must be train or test, got {task['shots_from']!r}")
-        if Path(task["data"]).expanduser().exists():
-            task["data"] = str(Path(task["data"]).expanduser().resolve())
-        load_problems(task["data"], "test")
-    elif name == "zero_shot":
-        if not task["corpora"]:
-            raise ConfigError("task zero_shot: corpora is empty; name hub corpora or local files")
-        task["corpora"] = [str(Path(c).expanduser().resolve()) if Path(c).expanduser().exists() else c
-                           for c in task["corpora"]]
-        for corpus in task["corpora"]:
+        data = Path(task.data).expanduser()
+        task = dataclasses.replace(task, data=str(data.resolve())) if data.exists() else task
+        load_problems(task.data, "test")
+    elif isinstance(task, ZeroShotTask):
+        task = dataclasses.replace(task, corpora=[str(Path(c).expanduser().resolve()) if Path(c).expanduser().exists()
+                                                  else c for c in task.corpora])
+        for corpus in task.corpora:
             resolve_source(corpus)
-    elif task.get("reference"):
-        task["reference"] = resolve(str(task["reference"]), tracking_uri, runs_dir)["checkpoint"]
+    elif isinstance(task, GenerationTask) and task.reference:
+        task = dataclasses.replace(task, reference=resolve(str(task.reference), tracking_uri, runs_dir)["checkpoint"])
     return task
 
 
-def task_points(train_points: list[Point], task: dict, sources: list[dict]) -> list[Point]:
+def task_points(train_points: list[Point], task: Task, sources: list[dict]) -> list[Point]:
     """One evaluation point per checkpoint source (`ltm.checkpoint.resolve`), or per training point
     when no source is given."""
     if sources:
-        return [Point(key=evaluation_key(s["identity"], task), config=s["config"], task=task,
-                      source={"checkpoint": s["checkpoint"], "run_id": s["run_id"]},
+        return [Point(key=evaluation_key(s["identity"], task.to_dict()), config=s["config"], task=task,
+                      source=CheckpointSource(s["checkpoint"], s["run_id"]),
                       label={"checkpoint": s["run_id"] or s["checkpoint"]}) for s in sources]
-    return [Point(key=evaluation_key(p.key, task), config=p.config, task=task, source={"train": True, "train_key": p.key},
+    return [Point(key=evaluation_key(p.key, task.to_dict()), config=p.config, task=task, source=TrainSource(p.key),
                   label=p.label) for p in train_points]
 
 
 def evaluation_key(identity: str, task: dict) -> str:
-    """An evaluation's run key: its checkpoint's identity (a training run key or "<file>:<size>") and task."""
+    """An evaluation's run key: its checkpoint's identity (a training run key or "<file>:<size>") and task,
+    as JSON (`Task.to_dict()`; `studies.rekey`: as logged, `logged_task`)."""
     blob = json.dumps([identity, task], sort_keys=True).encode()
     return hashlib.sha256(blob).hexdigest()[:16]
+
+
+def task_params(task: Task) -> dict:
+    """The task as its evaluation run's MLflow params: task.<argument>."""
+    return {f"task.{k}": v for k, v in task.to_dict().items()}
+
+
+def logged_task(params: dict[str, str]) -> dict:
+    """The task as JSON from an evaluation run's params (`task_params`, logged as str(value)): literals
+    read back, everything else a string. Not checked: a run may have logged a task of an older shape."""
+    task = {}
+    for name, text in params.items():
+        if name.startswith("task."):
+            try:
+                task[name[5:]] = ast.literal_eval(text)
+            except (ValueError, SyntaxError):
+                task[name[5:]] = text
+    return task
 
 
 # -- running one point ---------------------------------------------------------------------------
@@ -123,13 +131,12 @@ def _run_task_locked(point: Point, context: TrialContext, interrupt: Interrupt) 
             decision = decide(tracker, point.key)  # a FINISHED evaluation is skipped, any other rerun in its run
             if decision.skipped:
                 return Result(Status.SKIPPED, decision.run_id, metrics=decision.metrics)
-            source = point.source
-            if source.get("train"):
+            if isinstance(point.source, TrainSource):
                 checkpoint, source_run, failed = _trained_checkpoint(point, context)
                 if failed is not None:
                     return failed
             else:
-                checkpoint, source_run = source["checkpoint"], source.get("run_id")
+                checkpoint, source_run = point.source.checkpoint, point.source.run_id
             device = trial_device()
             model, cfg = load_model(checkpoint, device=str(device))
     except Stopped as stop:
@@ -137,10 +144,10 @@ def _run_task_locked(point: Point, context: TrialContext, interrupt: Interrupt) 
     task = point.task
 
     def create() -> str:
-        params = {**cfg.flat(), **{f"task.{k}": v for k, v in task.items()}, "source.checkpoint": str(checkpoint)}
-        tags = {**context.tags, ROLE_TAG: ROLE_EVAL, TASK_TAG: task["name"], SOURCE_RUN_TAG: source_run or "",
+        params = {**cfg.flat(), **task_params(task), "source.checkpoint": str(checkpoint)}
+        tags = {**context.tags, ROLE_TAG: ROLE_EVAL, TASK_TAG: task.name, SOURCE_RUN_TAG: source_run or "",
                 "model.kind": cfg.model.kind, "device": str(device)}
-        name = f"{task['name']}-{cfg.model.kind}-L{cfg.model.n_layers}-T{cfg.inference.steps}"
+        name = f"{task.name}-{cfg.model.kind}-L{cfg.model.n_layers}-T{cfg.inference.steps}"
         return tracker.create_run(point.key, name, params, tags, context.parent_run_id)
 
     # signals wait while the evaluation's run is reopened (on this start's device) or created
@@ -149,7 +156,7 @@ def _run_task_locked(point: Point, context: TrialContext, interrupt: Interrupt) 
     try:
         # The checkpoint's training precision ("auto": bf16 autocast on CUDA, fp32 on a CPU).
         with interrupt.stoppable(), autocast_for(device, cfg.train.precision):
-            metrics, artifacts = EVALUATORS[task["name"]](model, cfg, task)
+            metrics, artifacts = EVALUATORS[task.name](model, cfg, task)
     except Stopped as stop:
         reason = f"interrupted by {stop}; start the study again to rerun this evaluation"
         tracker.finish(run_id, Status.KILLED.value, reason)
@@ -157,7 +164,7 @@ def _run_task_locked(point: Point, context: TrialContext, interrupt: Interrupt) 
     except Exception as err:
         tracker.finish(run_id, Status.FAILED.value, f"{type(err).__name__}: {err}")
         raise
-    metrics[f"{task['name']}/seconds"] = time.time() - started
+    metrics[f"{task.name}/seconds"] = time.time() - started
     tracker.log_metrics(run_id, metrics, step=0)
     with tempfile.TemporaryDirectory() as tmp:
         for name, content in artifacts.items():
@@ -188,63 +195,61 @@ def _trained_checkpoint(point: Point, context: TrialContext) -> tuple[Path, str 
     return trained.run_dir, trained.run_id, None
 
 
-# -- the evaluators: (model, run config, task) -> (metrics, artifacts {file name: text}) -----------------
+# -- the evaluators: (model, run config, task) -> (metrics, artifacts {file name: text}) --------------
 
-def _gsm8k(model, cfg, task: dict) -> tuple[dict, dict]:
+def _gsm8k(model, cfg, task: Gsm8kTask) -> tuple[dict, dict]:
     from ltm.data import load_tokenizer
     from ltm.gsm8k import evaluate_gsm8k, load_problems
 
     tok = load_tokenizer(cfg.data)
-    test = load_problems(task["data"], "test")[: int(task["problems"])]
-    pool = load_problems(task["data"], "test" if task.get("shots_from") == "test" else "train")
+    test = load_problems(task.data, "test")[: task.problems]
+    pool = load_problems(task.data, task.shots_from)
     inference = _inference(cfg, task)
     metrics, outputs = {}, {}
-    for k in task["shots"]:
+    for k in task.shots:
         def progress(done: int, total: int, k=k) -> None:
             if done % 10 == 0 or done == total:
                 print(f"gsm8k {k}-shot: {done}/{total} problems", flush=True)
 
-        values, records = evaluate_gsm8k(model, tok, inference, test, pool, shots=int(k), pass_k=int(task["pass_k"]),
-                                         max_new_tokens=int(task["max_new_tokens"]), seed=int(task.get("seed", 0)),
-                                         progress=progress)
+        values, records = evaluate_gsm8k(model, tok, inference, test, pool, shots=k, pass_k=task.pass_k,
+                                         max_new_tokens=task.max_new_tokens, seed=int(task.seed), progress=progress)
         metrics.update({f"gsm8k/k{k}/{name}": v for name, v in values.items()})
         outputs[f"gsm8k_k{k}.json"] = json.dumps(records, indent=1)
     return metrics, outputs
 
 
-def _zero_shot(model, cfg, task: dict) -> tuple[dict, dict]:
+def _zero_shot(model, cfg, task: ZeroShotTask) -> tuple[dict, dict]:
     from ltm.downstream import zero_shot
 
     cfg = _with_inference(cfg, task)
     metrics = {}
-    for corpus in task["corpora"]:
+    for corpus in task.corpora:
         def progress(done: int, total: int, corpus=corpus) -> None:
             print(f"zero-shot {corpus}: {done}/{total} blocks", flush=True)
 
-        metrics.update(zero_shot(model, cfg, corpus, max_blocks=int(task["max_blocks"]),
-                                 iw_samples=int(task["iw_samples"]), seed=int(task.get("seed", 0)), progress=progress))
+        metrics.update(zero_shot(model, cfg, corpus, max_blocks=task.max_blocks, iw_samples=int(task.iw_samples),
+                                 seed=int(task.seed), progress=progress))
     return metrics, {"zero_shot.json": json.dumps(metrics, indent=1)}
 
 
-def _generation(model, cfg, task: dict) -> tuple[dict, dict]:
+def _generation(model, cfg, task: GenerationTask) -> tuple[dict, dict]:
     from ltm.data import load_blocks, load_tokenizer
     from ltm.downstream import (check_same_tokenizer, conditional_samples, generative_perplexity,
                                 unconditional_samples, unigram_entropy)
 
     tok = load_tokenizer(cfg.data)
-    seed, n, length = int(task.get("seed", 0)), int(task["samples"]), int(task["length"])
-    top_p = task.get("top_p")
+    seed, n, length, top_p = int(task.seed), task.samples, task.length, task.top_p
     print(f"generation: {n} unconditional samples of {length} tokens per prior temperature ...", flush=True)
     sets = unconditional_samples(model, tok.bos_id, n=n, length=length, seed=seed,
-                                 prior_temperatures=[float(s) for s in task["prior_temperatures"]], top_p=top_p)
+                                 prior_temperatures=[float(s) for s in task.prior_temperatures], top_p=top_p)
     device = next(model.parameters()).device
     val = load_blocks(cfg.data, cfg.model.ctx, "validation")
-    prefixes = val.batch(range(min(n, len(val))))[:, : int(task["prefix"])].to(device)
+    prefixes = val.batch(range(min(n, len(val))))[:, : task.prefix].to(device)
     print(f"generation: {len(prefixes)} continuations of validation prefixes ...", flush=True)
     sets.append(conditional_samples(model, _inference(cfg, task), prefixes, length=length, seed=seed, top_p=top_p))
     reference = None
-    if task.get("reference"):
-        reference, ref_cfg = load_model(task["reference"], device=str(device))
+    if task.reference:
+        reference, ref_cfg = load_model(task.reference, device=str(device))
         check_same_tokenizer(cfg, ref_cfg)
         reference.eval()
     metrics, text = {}, []
@@ -261,13 +266,13 @@ def _generation(model, cfg, task: dict) -> tuple[dict, dict]:
     return metrics, {"samples.md": "\n".join(text)}
 
 
-def _inference(cfg, task: dict):
+def _inference(cfg, task: Task):
     return _with_inference(cfg, task).inference
 
 
-def _with_inference(cfg, task: dict):
+def _with_inference(cfg, task: Task):
     """The checkpoint's config, with the task's inference steps when it sets them."""
-    return cfg.with_overrides({"inference.steps": int(task["steps"])}) if task.get("steps") else cfg
+    return cfg.with_overrides({"inference.steps": int(task.steps)}) if task.steps else cfg
 
 
 EVALUATORS = {"gsm8k": _gsm8k, "zero_shot": _zero_shot, "generation": _generation}

@@ -15,12 +15,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from studies.launcher import main  # noqa: E402
-from studies.study import Preset, Study  # noqa: E402
-
-
-def task(**overrides) -> dict:
-    return {"name": "zero_shot", "corpora": ["wikitext", "ptb", "lambada", "lm1b"], "max_blocks": 64,
-            "iw_samples": 8, "steps": None, "seed": 0, **overrides}
+from studies.study import Preset, Study, ZeroShotTask  # noqa: E402
 
 
 TEXT = {"data.name": "wikitext-103", "data.tokenizer": "bpe"}
@@ -32,13 +27,14 @@ STUDY = Study(
         "smoke": Preset("smoke", [{**TEXT, "data.bpe_vocab_size": 512, "model.ctx": 64, "model.window": 32,
                                    "model.kind": kind, "inference.steps": steps, "train.eval_every": 0}
                                   for kind, steps in (("ltm", 4), ("ar", 0))],
-                        description="tiny LTM and AR, 8 blocks per corpus", task=task(max_blocks=8, iw_samples=2)),
+                        description="tiny LTM and AR, 8 blocks per corpus",
+                        task=ZeroShotTask(max_blocks=8, iw_samples=2)),
         "micro": Preset("micro", [{**TEXT, "data.bpe_vocab_size": 4096, "model.kind": kind, "inference.steps": steps}
                                   for kind, steps in (("ltm", 16), ("ar", 0))],
                         description="micro LTM (T=16) and AR trained on --data, 64 blocks per corpus (2 CPUs)",
-                        task=task()),
+                        task=ZeroShotTask()),
         "paper": Preset("ltm-l", [{"inference.steps": 64}], description="evaluate LTM checkpoints (--checkpoint)",
-                        cpus=8, gpus=1, profile="gpu", task=task(max_blocks=1024)),
+                        cpus=8, gpus=1, profile="gpu", task=ZeroShotTask(max_blocks=1024)),
     },
 )
 

@@ -179,11 +179,11 @@ def test_evaluations_of_checkpoints_get_a_table_and_are_not_training_runs(tracke
     from ltm.checkpoint import resolve
     from ltm.names import Status
     from studies.messages import TrialContext
-    from studies.tasks import check_task, run_task, task_points
+    from studies.study import GenerationTask
+    from studies.tasks import resolve_task, run_task, task_points
 
     uri = default_tracking_uri(tracked)
-    task = check_task({"name": "generation", "samples": 2, "length": 4, "prefix": 4, "prior_temperatures": [1.0],
-                       "top_p": None, "reference": None, "steps": None, "seed": 0}, uri, tracked)
+    task = resolve_task(GenerationTask(samples=2, length=4, prefix=4, prior_temperatures=[1.0]), uri, tracked)
     sources = [resolve(str(c), uri, tracked) for c in sorted((tracked / "checkpoints").iterdir())[:2]]
     context = TrialContext(tracking_uri=uri, experiment="e", runs_dir=str(tracked), parent_run_id=None)
     for point in task_points([], task, sources):

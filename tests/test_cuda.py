@@ -26,7 +26,8 @@ from ltm.tracking import default_tracking_uri
 from ltm.lifecycle import RunResult
 from ltm.objective import decoder_loss
 from ltm.train import run
-from studies.messages import Point, TrialContext
+from studies.messages import CheckpointSource, Point, TrialContext
+from studies.study import Task
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(),
                                 reason="needs a CUDA GPU (a CUDA build of torch that sees one)")
@@ -101,8 +102,8 @@ def test_a_checkpoint_loads_for_the_gpu_with_its_rng_state_on_the_cpu(trained_on
 def evaluate_task(task: dict, trained_on_cuda, key: str) -> tuple[dict, dict]:
     """(metrics, MLflow tags) of an evaluation task (`studies.tasks`) on the trained checkpoint."""
     runs, trained = trained_on_cuda
-    point = Point(key=key, config={}, label={}, task=task,
-                  source={"checkpoint": str(trained.run_dir), "run_id": trained.run_id})
+    point = Point(key=key, config={}, label={}, task=Task.from_dict(task),
+                  source=CheckpointSource(str(trained.run_dir), trained.run_id))
     context = TrialContext(tracking_uri=default_tracking_uri(runs), experiment="cuda", runs_dir=str(runs),
                            parent_run_id=None)
     result = tasks.run_task(point, context)

@@ -16,8 +16,10 @@ from studies.costs import DEFAULT_PEAK_TFLOPS, Cost, point_cost
 from studies.generation import STUDY as GENERATION
 from studies.inference_scaling import STUDY as INFERENCE_SCALING
 from studies.launcher import main
-from studies.messages import Point
+from studies.messages import CheckpointSource, Point
 from studies.plan import load_profile, plan
+from studies.resources import SlurmProfile
+from studies.study import GenerationTask
 from studies.points import build_points
 
 ROUNDING = 5e-3
@@ -85,8 +87,8 @@ def test_a_study_without_gpus_gets_no_wall_time_estimate(tmp_path, capsys):
 
 
 def test_evaluating_a_given_checkpoint_trains_nothing():
-    point = Point(key="k", config=run_preset("smoke").to_dict(), label={}, task={"name": "generation"},
-                  source={"checkpoint": "/some/ckpt", "run_id": None})
+    point = Point(key="k", config=run_preset("smoke").to_dict(), label={}, task=GenerationTask(),
+                  source=CheckpointSource("/some/ckpt"))
     assert point_cost(point) == Cost(0, 0.0, 0.0)
 
 
@@ -129,10 +131,10 @@ def test_slurm_requeues_needed_by_long_points_are_named():
     from studies.costs import Cost, cost_summary
 
     costs = [Cost(1, 0.4 * 989e12 * 3600 * h, 0.0) for h in (0.5, 25.0)]  # 0.5 and 25 GPU-hours
-    lines = cost_summary(costs, 0.4, 989.0, 1, 2, {"time_min": 600, "max_num_timeout": 1})
+    lines = cost_summary(costs, 0.4, 989.0, 1, 2, SlurmProfile(time_min=600, max_num_timeout=1))
     assert "note: 1 point(s) outlast one job (time_min=600)" in lines[-1] and "up to 3 jobs" in lines[-1]
     assert "more than the profile's max_num_timeout=1 requeues" in lines[-1]
-    assert not any("outlast" in line for line in cost_summary(costs, 0.4, 989.0, 1, 2, {"time_min": 1600}))
+    assert not any("outlast" in line for line in cost_summary(costs, 0.4, 989.0, 1, 2, SlurmProfile(time_min=1600)))
     assert not any("outlast" in line for line in cost_summary(costs, 0.4, 989.0, 1, 2))  # not SLURM
 
 
@@ -194,7 +196,7 @@ def test_the_dry_run_shows_the_grid_then_names_the_points_that_cannot_fit(tmp_pa
 
 
 def test_the_gpu_profile_gives_the_gpu_memory(tmp_path, capsys):
-    assert load_profile("gpu")["gpu_mem_gb"] == 141  # an H200
+    assert load_profile("gpu").gpu_mem_gb == 141  # an H200
     # the synthetic corpus stands in for OpenWebText, whose GPT-2 tokenizer a test machine may not have
     argv = ["--preset", "paper", "--cluster", "slurm", "--runs-dir", str(tmp_path), "--set", "data.name=synthetic"]
     rows, rest = dry_run(INFERENCE_SCALING, argv, capsys)

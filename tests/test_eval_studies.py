@@ -12,6 +12,7 @@ from studies.generation import STUDY as GENERATION
 from studies.icl_gsm8k import STUDY as ICL_GSM8K
 from ltm.names import Exit
 from studies.launcher import main
+from studies.study import GenerationTask, Gsm8kTask, Task, ZeroShotTask
 from studies.zero_shot import STUDY as ZERO_SHOT
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -170,7 +171,8 @@ def test_run_task_loads_the_model_on_the_trial_device_and_tags_the_run_with_it(t
     from ltm.model import build_model
     from ltm.names import Status
     from ltm.tracking import default_tracking_uri
-    from studies.messages import Point, TrialContext
+    from studies.messages import CheckpointSource, Point, TrialContext
+    from studies.study import GenerationTask
 
     runs = tmp_path / "runs"
     cfg = run_preset("smoke")
@@ -190,8 +192,8 @@ def test_run_task_loads_the_model_on_the_trial_device_and_tags_the_run_with_it(t
     monkeypatch.setattr(tasks, "trial_device", lambda: torch.device("cpu"))
     monkeypatch.setattr(tasks, "load_model", load_model)
     monkeypatch.setitem(tasks.EVALUATORS, "generation", evaluator)
-    point = Point(key="probe", config=cfg.to_dict(), label={}, task={"name": "generation"},
-                  source={"checkpoint": str(checkpoint), "run_id": None})
+    point = Point(key="probe", config=cfg.to_dict(), label={}, task=GenerationTask(),
+                  source=CheckpointSource(str(checkpoint)))
     context = TrialContext(tracking_uri=default_tracking_uri(runs), experiment="e", runs_dir=str(runs),
                            parent_run_id=None)
     result = tasks.run_task(point, context)
@@ -209,7 +211,8 @@ def test_an_evaluation_that_failed_is_rerun_in_its_own_run_and_then_skipped(tmp_
     from ltm.model import build_model
     from ltm.names import Status
     from ltm.tracking import default_tracking_uri
-    from studies.messages import Point, TrialContext
+    from studies.messages import CheckpointSource, Point, TrialContext
+    from studies.study import GenerationTask
 
     runs = tmp_path / "runs"
     cfg = run_preset("smoke")
@@ -224,8 +227,8 @@ def test_an_evaluation_that_failed_is_rerun_in_its_own_run_and_then_skipped(tmp_
         return outcome
 
     monkeypatch.setitem(tasks.EVALUATORS, "generation", evaluator)
-    point = Point(key="probe", config=cfg.to_dict(), label={}, task={"name": "generation"},
-                  source={"checkpoint": str(checkpoint), "run_id": None})
+    point = Point(key="probe", config=cfg.to_dict(), label={}, task=GenerationTask(),
+                  source=CheckpointSource(str(checkpoint)))
     context = TrialContext(tracking_uri=default_tracking_uri(runs), experiment="e", runs_dir=str(runs),
                            parent_run_id=None)
     with pytest.raises(RuntimeError, match="the evaluator broke"):
@@ -238,3 +241,56 @@ def test_an_evaluation_that_failed_is_rerun_in_its_own_run_and_then_skipped(tmp_
     assert "ltm.status_reason" not in client.get_run(rerun.run_id).data.tags  # the failure's reason is cleared
     again = tasks.run_task(point, context)
     assert again.status == Status.SKIPPED and again.run_id == rerun.run_id and again.metrics["probe/value"] == 2.0
+
+
+def test_evaluation_keys_are_those_of_the_dict_tasks_before(tmp_path):
+    """An evaluation's run key hashes its checkpoint's identity and its task as JSON: the typed tasks give
+    the JSON, so the keys, that the dict tasks gave (pinned at commit 7b5a446), and finished evaluations are
+    still found."""
+    from studies.plan import plan
+    from studies.tasks import evaluation_key
+
+    identity = "0123456789abcdef"
+    assert json.dumps([identity, GENERATION.presets["smoke"].task.to_dict()], sort_keys=True) == (
+        '["0123456789abcdef", {"length": 16, "name": "generation", "prefix": 8, "prior_temperatures": [0.5, 1.0, 1.5], '
+        '"reference": null, "samples": 4, "seed": 0, "steps": null, "top_p": null}]')
+    assert evaluation_key(identity, GENERATION.presets["smoke"].task.to_dict()) == "a162abdd8ed80202"
+    assert evaluation_key(identity, ICL_GSM8K.presets["micro"].task.to_dict()) == "646abf9d190dee7c"
+    assert evaluation_key(identity, ZERO_SHOT.presets["paper"].task.to_dict()) == "6c8cd793fb5cfaa1"
+    planned = plan(GENERATION, ["--preset", "smoke", "--runs-dir", str(tmp_path), "--dry-run",
+                                "--task", "prior_temperatures=1,2", "--task", "top_p=0.9"])
+    assert [p.key for p in planned.points] == ["cb6aad27842964b3", "396dd01bb2c0efb2"]  # 1, 2 stay integers
+
+
+@pytest.mark.parametrize("make, message", [
+    (lambda: GenerationTask(samples=0), "task generation: samples must be a positive integer, got 0"),
+    (lambda: Gsm8kTask(problems="all"), "task gsm8k: problems must be a positive integer, got 'all'"),
+    (lambda: Gsm8kTask(shots=[0, -1]), "task gsm8k: shots must be a list of integers >= 0, got [0, -1]"),
+    (lambda: Gsm8kTask(shots_from="val"), "task gsm8k: shots_from must be train or test, got 'val'"),
+    (lambda: ZeroShotTask(corpora=[]), "task zero_shot: corpora is empty; name hub corpora or local files"),
+    (lambda: Task.from_dict({"name": "sums"}), "unknown task 'sums'; known: gsm8k, zero_shot, generation"),
+    (lambda: Task.from_dict({"name": "generation", "colour": "red"}), "task generation: unknown arguments ['colour']"),
+], ids=["not-positive", "not-an-integer", "bad-shots", "bad-shots-from", "no-corpora", "unknown-task",
+        "unknown-argument"])
+def test_a_task_is_checked_when_it_is_made(make, message):
+    from ltm.config import ConfigError
+
+    with pytest.raises(ConfigError) as err:
+        make()
+    assert str(err.value) == message
+
+
+def test_an_evaluation_point_crosses_a_process_boundary_unchanged(tmp_path):
+    from studies.messages import CheckpointSource, Point, TrainSource
+    from studies.plan import plan
+
+    trained_first = plan(ICL_GSM8K, ["--preset", "smoke", "--runs-dir", str(tmp_path), "--dry-run", "--data",
+                                     str(GSM8K)]).points
+    given = Point(key="k", config={}, label={}, task=ZeroShotTask(corpora=["ptb"]), source=CheckpointSource("/c", "r"))
+    for point in [*trained_first, given]:
+        sent = json.dumps(point.to_dict())
+        received = Point.from_dict(json.loads(sent))
+        assert (received.task, received.source) == (point.task, point.source) and json.dumps(received.to_dict()) == sent
+    assert isinstance(trained_first[0].source, TrainSource) and trained_first[0].task.data == str(GSM8K.resolve())
+    assert trained_first[0].to_dict()["source"] == {"train": True, "train_key": trained_first[0].source.train_key}
+    assert given.to_dict()["source"] == {"checkpoint": "/c", "run_id": "r"}

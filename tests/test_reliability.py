@@ -99,10 +99,11 @@ def test_a_lock_dies_with_its_holder_and_a_stale_pid_is_never_signalled(tmp_path
 
 
 def test_an_evaluation_point_holds_its_own_lock(tmp_path):
-    from studies.messages import Point, TrialContext
+    from studies.messages import CheckpointSource, Point, TrialContext
     from studies.point import run_point
+    from studies.study import ZeroShotTask
 
-    point = Point(key="evalkey", config={}, label={}, task={"name": "zero_shot"}, source={})
+    point = Point(key="evalkey", config={}, label={}, task=ZeroShotTask(), source=CheckpointSource("/nowhere"))
     with RunLock(tmp_path, "evalkey", "evaluated"):
         result = run_point(point, TrialContext(default_tracking_uri(tmp_path), "e", str(tmp_path), None))
     assert result.status == Status.BUSY and "already being evaluated" in result.reason
@@ -410,7 +411,7 @@ def test_passwords_in_a_tracking_uri_are_never_printed_or_stored(tmp_path, capsy
     plan_ = plan(STUDY, ["--preset", "smoke", "--runs-dir", str(tmp_path),
                          "--tracking-uri", f"sqlite:///{tmp_path / 'm.db'}", "--dry-run"])
     plan_.tracking_uri = uri  # as if the server had answered
-    context = plan_.context()
+    context = plan_.context(credentials_file=plan_.write_credentials())
     assert "hunter2" not in json.dumps(context.to_dict()) and context.tracking_uri == "http://127.0.0.1:9/"
     saved = Path(context.credentials_file)
     assert json.loads(saved.read_text()) == {"username": "alice", "password": "hunter2"}

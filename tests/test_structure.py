@@ -67,6 +67,17 @@ def test_studies_modules_stay_small():
     assert max(sizes.values()) <= 300, sizes
 
 
+def function_lengths(folder: Path) -> dict[str, int]:
+    """"<file>:<function>" -> its lines, from its def to its last line, for every function in the folder."""
+    return {f"{p.name}:{node.name}": node.end_lineno - node.lineno + 1 for p in sorted(folder.glob("*.py"))
+            for node in ast.walk(ast.parse(p.read_text())) if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef))}
+
+
+def test_studies_functions_fit_on_a_screen():
+    long = {name: n for name, n in function_lengths(ROOT / "studies").items() if n > 60}
+    assert not long, long
+
+
 def test_the_worker_and_the_study_scripts_import_only_what_they_run():
     graph = _imports()
     assert graph["studies.worker"] <= {"ltm.names", "studies.messages", "studies.point"}

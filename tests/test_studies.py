@@ -110,6 +110,37 @@ def test_study_key_depends_on_the_grid_not_its_order():
     assert study_key(INFERENCE_SCALING, "smoke", points) != study_key(INFERENCE_SCALING, "smoke", more)
 
 
+def test_a_plan_and_a_tracker_write_nothing_until_asked(tmp_path, monkeypatch):
+    """Reading a plan writes no file and opening a store sets no environment: a password given in
+    --tracking-uri reaches a file when a backend writes it, and MLflow's environment is set once where a
+    process starts (`ltm.tracking.configure_mlflow`)."""
+    from ltm.tracking import Tracker, configure_mlflow, default_tracking_uri
+    from studies.plan import plan
+
+    plan_ = plan(INFERENCE_SCALING, ["--preset", "smoke", "--runs-dir", str(tmp_path / "runs"), "--dry-run"])
+    plan_.tracking_uri = "http://alice:hunter2@127.0.0.1:9/"
+    context = plan_.context()
+    assert context.credentials_file is None and context.tracking_uri == "http://127.0.0.1:9/"
+    assert not (tmp_path / "runs" / "mlflow-credentials.json").exists()
+    assert Path(plan_.write_credentials()) == tmp_path / "runs" / "mlflow-credentials.json"
+    for var in ("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD"):
+        monkeypatch.delenv(var, raising=False)
+    before = dict(os.environ)
+    Tracker(default_tracking_uri(tmp_path), "e")
+    assert dict(os.environ) == before
+    configure_mlflow(plan_.tracking_uri)
+    assert (os.environ["MLFLOW_TRACKING_USERNAME"], os.environ["MLFLOW_HTTP_REQUEST_MAX_RETRIES"]) == ("alice", "2")
+
+
+def test_importing_the_backends_makes_no_thread_pool():
+    code = ("import gc, concurrent.futures as f, studies.ray_backend, studies.slurm_backend; "
+            "print([getattr(o, '_thread_name_prefix', '') for o in gc.get_objects() "
+            "if isinstance(o, f.ThreadPoolExecutor)])")
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True,
+                         env={**os.environ, "PYTHONPATH": str(ROOT)}).stdout
+    assert "point-worker-spawner" not in out  # a Ray actor makes its spawning thread with its first worker
+
+
 def test_dry_run_prints_the_grid_and_launches_nothing(tmp_path, capsys):
     runs = tmp_path / "runs"
     assert main(INFERENCE_SCALING, ["--preset", "smoke", "--runs-dir", str(runs), "--seeds", "0,1", "--dry-run"]) == 0
