@@ -275,7 +275,7 @@ def plot_bound_decomposition(runs: pd.DataFrame, refs: dict, out: Path) -> list:
 
 def _curves(hist: pd.DataFrame, runs: pd.DataFrame, x: str) -> pd.DataFrame:
     cols = ["run_id", "model.kind", "inference.steps", "model.n_layers", "model.d_model", "model.n_latents",
-            "model.window"]
+            "model.window", "inference.start", "inference.init_logvar", "inference.encoder_layers", "inference.lr_max"]
     h = hist.dropna(subset=[METRIC, x]).merge(runs[[c for c in cols if c in runs]], on="run_id")
     h["label"] = h.apply(_label, axis=1)
     h["size"] = h.apply(_size_label, axis=1)
@@ -288,9 +288,10 @@ def _steps_of(label: str) -> int:
 
 
 def plot_efficiency(hist: pd.DataFrame, runs: pd.DataFrame, out: Path, x: str, name: str, xlabel: str,
-                    frontier: bool) -> list:
+                    frontier: bool, refs: dict[str, float] | None = None) -> list:
     """Validation bound against training tokens or FLOPs: a curve per run, coloured by T (AR in dark
-    colours, one per window), with a line style per latent count N_z when the LTM runs differ in it."""
+    colours, one per window), with a line style per latent count N_z when the LTM runs differ in it,
+    and the corpus optima `refs` as horizontal lines."""
     h = _curves(hist, runs, x)
     if h.empty:
         return []
@@ -314,6 +315,8 @@ def plot_efficiency(hist: pd.DataFrame, runs: pd.DataFrame, out: Path, x: str, n
             idx = fit.compute_frontier(hs[x].to_numpy(), hs[METRIC].to_numpy())
             ax.plot(hs[x].to_numpy()[idx], hs[METRIC].to_numpy()[idx], color="0.5", lw=3, alpha=0.4,
                     label="compute frontier", zorder=0)
+        for (ref, value), ls in zip((refs or {}).items(), (":", "--", "-.", (0, (1, 3)))):
+            ax.axhline(value, color="0.3", ls=ls, lw=1, label=f"{ref}: {value:.2f}")
         ax.set(xscale="log", yscale="log", xlabel=xlabel, title=size)
         handles, names = ax.get_legend_handles_labels()
         unique = dict(zip(names, handles))
@@ -482,9 +485,9 @@ def main(argv: list[str] | None = None) -> int:
         flops_key = "flops" if args.flops_convention == "exact" else "flops_paper"
         refs = optimal_reference(runs, uri)
         figure1, fits1 = plot_inference_scaling(runs, refs, out, args.bootstrap)
-        figures = figure1 + plot_bound_decomposition(runs, refs, out) + plot_efficiency(hist, runs, out, "tokens", "sample_efficiency", "training tokens", False)
+        figures = figure1 + plot_bound_decomposition(runs, refs, out) + plot_efficiency(hist, runs, out, "tokens", "sample_efficiency", "training tokens", False, refs)
         figures += plot_efficiency(hist, runs, out, flops_key, "compute_efficiency",
-                                   f"training FLOPs ({args.flops_convention} convention)", True)
+                                   f"training FLOPs ({args.flops_convention} convention)", True, refs)
         costs = cost_table(runs, lambda run_id: _config_of(uri, run_id), METRIC)
         figures += plot_inference_cost(costs, refs, out, _save)
         if not costs.empty:
