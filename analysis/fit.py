@@ -432,19 +432,30 @@ def _fit_one_var(x: np.ndarray, loss: np.ndarray, *, with_offset: bool, bootstra
 
 @dataclass(frozen=True, eq=False)
 class PowerLawFit:
-    """L(x) = E + A x^-alpha (E = 0 when fitted without offset), as fitted by `fit_power_law`."""
+    """L(x) = E + A x^-alpha (E = 0 when fitted without offset), as fitted by `fit_power_law`, or
+    L(T) = E + A T^-gamma in inference compute T by `fit_inference_law` (the same law, its exponent
+    named gamma: `exponent`)."""
 
     E: float
     A: float
     alpha: float
+    """The exponent, whatever its name (`gamma` reads it too)."""
     loss: float
     """Huber objective at the optimum, summed over points."""
     n_points: int
     method: str
     intervals: dict[str, tuple[float, float]] = field(default_factory=dict)
-    """Percentile 95% bootstrap interval per parameter (E only with an offset); empty without a bootstrap."""
+    """Percentile 95% bootstrap interval per parameter, the exponent under its name (E only with an
+    offset); empty without a bootstrap."""
     samples: np.ndarray | None = None
-    """Bootstrap fits, shape (bootstrap, 3), columns E, A, alpha."""
+    """Bootstrap fits, shape (bootstrap, 3), columns E, A and the exponent."""
+    exponent: str = "alpha"
+    """The exponent's name: "alpha" (`fit_power_law`) or "gamma" (`fit_inference_law`)."""
+
+    @property
+    def gamma(self) -> float:
+        """The exponent, as the inference law names it."""
+        return self.alpha
 
     def predict(self, x: ArrayLike) -> np.ndarray:
         """Predicted loss at x."""
@@ -456,57 +467,36 @@ def fit_power_law(x: ArrayLike, loss: ArrayLike, *, with_offset: bool = True, bo
     """Fit L = E + A x^-alpha (or A x^-alpha) to one curve, e.g. loss vs tokens or FLOPs.
 
     `points`: a label per observation, equal for the runs of one point (e.g. its seeds); see the module notes."""
-    x, loss = _positive("x", x), _positive("loss", loss)
+    return _fit_power_law(x, loss, with_offset=with_offset, bootstrap=bootstrap, seed=seed, huber_delta=huber_delta,
+                          points=points, variable="x", exponent="alpha", what="the power law")
+
+
+def _fit_power_law(x: ArrayLike, loss: ArrayLike, *, with_offset: bool, bootstrap: int, seed: int,
+                   huber_delta: float, points: ArrayLike | None, variable: str, exponent: str,
+                   what: str) -> PowerLawFit:
+    x, loss = _positive(variable, x), _positive("loss", loss)
     point, samples, objective, pts = _fit_one_var(x, loss, with_offset=with_offset, bootstrap=bootstrap, seed=seed,
-                                                  huber_delta=huber_delta, what="the power law", points=points)
-    law = ("L = exp(logsumexp(e, a - alpha log x)), E = e^e, A = e^a" if with_offset
-           else "L = exp(a - alpha log x), A = e^a (no offset)")
+                                                  huber_delta=huber_delta, what=what, points=points)
+    law = (f"L = exp(logsumexp(e, a - {exponent} log {variable})), E = e^e, A = e^a" if with_offset
+           else f"L = exp(a - {exponent} log {variable}), A = e^a (no offset)")
     # Without an offset E is fixed at 0, not estimated, so it gets no interval.
-    fitted = dict(zip(("E", "A", "alpha"), samples.T)) if samples is not None else {}
+    fitted = dict(zip(("E", "A", exponent), samples.T)) if samples is not None else {}
     intervals = _intervals({k: v for k, v in fitted.items() if with_offset or k != "E"})
     method = _describe(law, _one_var_grid_text(with_offset), _ONE_VAR_TOP_STARTS, huber_delta, bootstrap,
                        points=pts)
     return PowerLawFit(*map(float, point), loss=objective, n_points=pts.sizes.size, method=method,
-                       intervals=intervals, samples=samples)
+                       intervals=intervals, samples=samples, exponent=exponent)
 
 
 # --------------------------------------------------------------------------- inference-time laws
 
-
-@dataclass(frozen=True, eq=False)
-class InferenceLawFit:
-    """L(T) = E + A T^-gamma in inference compute T, as fitted by `fit_inference_law`."""
-
-    E: float
-    A: float
-    gamma: float
-    loss: float
-    """Huber objective at the optimum, summed over points."""
-    n_points: int
-    method: str
-    intervals: dict[str, tuple[float, float]] = field(default_factory=dict)
-    """Percentile 95% bootstrap interval for E, A and gamma; empty without a bootstrap."""
-    samples: np.ndarray | None = None
-    """Bootstrap fits, shape (bootstrap, 3), columns E, A, gamma."""
-
-    def predict(self, T: ArrayLike) -> np.ndarray:
-        """Predicted loss at inference compute T."""
-        return self.E + self.A * np.asarray(T, dtype=float) ** -self.gamma
-
-
 def fit_inference_law(T: ArrayLike, loss: ArrayLike, *, bootstrap: int = 0, seed: int = 0,
-                      huber_delta: float = 1e-3, points: ArrayLike | None = None) -> InferenceLawFit:
+                      huber_delta: float = 1e-3, points: ArrayLike | None = None) -> PowerLawFit:
     """Fit L(T) = E + A T^-gamma (T: inference steps or FLOPs) by Huber on log L, multi-start L-BFGS.
 
     `points`: a label per observation, equal for the runs of one point (e.g. its seeds); see the module notes."""
-    T, loss = _positive("T", T), _positive("loss", loss)
-    point, samples, objective, pts = _fit_one_var(T, loss, with_offset=True, bootstrap=bootstrap, seed=seed,
-                                                  huber_delta=huber_delta, what="the inference law", points=points)
-    method = _describe("L = exp(logsumexp(e, a - gamma log T)), E = e^e, A = e^a", _one_var_grid_text(True),
-                       _ONE_VAR_TOP_STARTS, huber_delta, bootstrap, points=pts)
-    return InferenceLawFit(*map(float, point), loss=objective, n_points=pts.sizes.size, method=method,
-                           intervals={} if samples is None else _intervals(dict(zip(("E", "A", "gamma"), samples.T))),
-                           samples=samples)
+    return _fit_power_law(T, loss, with_offset=True, bootstrap=bootstrap, seed=seed, huber_delta=huber_delta,
+                          points=points, variable="T", exponent="gamma", what="the inference law")
 
 
 @dataclass(frozen=True, eq=False)

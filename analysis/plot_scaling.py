@@ -42,8 +42,8 @@ import seaborn as sns  # noqa: E402
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from analysis import fit  # noqa: E402
 from analysis.inference_cost import cost_table, plot_inference_cost, start_label  # noqa: E402
-from analysis.runs import (NoRunsError, find_study, load_evaluations, load_histories, load_runs,  # noqa: E402
-                           parent_run)
+from analysis.runs import (FULL_CONTEXT, NoRunsError, find_study, load_evaluations, load_histories,  # noqa: E402
+                           load_runs, parent_run)
 from ltm.names import ANALYSIS_TAG, N_RUNS_TAG, VAL_PPL_BOUND  # noqa: E402
 
 METRIC = VAL_PPL_BOUND
@@ -118,7 +118,7 @@ def optimal_reference(runs: pd.DataFrame, tracking_uri: str) -> dict[str, float]
 def _receptive_field(model, row) -> int:
     """The run's receptive field: the model config with the run's layers and window."""
     window = row.get("model.window", model.window)
-    window = None if window in (None, "None") or pd.isna(window) else int(window)
+    window = None if window in (None, FULL_CONTEXT) or pd.isna(window) else int(window)
     return dataclasses.replace(model, kind="ar", n_layers=int(row["model.n_layers"]), window=window).receptive_field
 
 
@@ -220,7 +220,9 @@ def _variant(row) -> str:
 
 def _ar_label(row) -> str:
     window = row.get("model.window")
-    return "AR" if not isinstance(window, str) else ("AR, full context" if window == "None" else f"AR, window {window}")
+    if not isinstance(window, str):
+        return "AR"
+    return "AR, full context" if window == FULL_CONTEXT else f"AR, window {window}"
 
 
 def plot_bound_decomposition(runs: pd.DataFrame, refs: dict, out: Path) -> list:

@@ -18,6 +18,7 @@ import pandas as pd
 from mlflow.tracking import MlflowClient
 
 from ltm import names
+from ltm.files import atomic_file
 from ltm.names import ROLE_EVAL, ROLE_STUDY, ROLE_TAG, RUN_KEY_TAG, SOURCE_RUN_TAG, STUDY_TAG, TASK_TAG
 
 HISTORY_KEYS = (names.TOKENS, names.FLOPS, names.FLOPS_PAPER, names.TRAIN_LOSS, names.TRAIN_PPL_BOUND, names.VAL_NLL,
@@ -29,6 +30,11 @@ _PARAMS = {"model.kind": str, "model.n_layers": int, "model.d_model": int, "mode
            "n_params": int, "n_params_nonembedding": int, "inference.decoder_grad": str, "model.window": str,
            "inference.start": str, "inference.init_logvar": float, "inference.encoder_layers": int,
            "inference.lr_max": float}
+
+
+FULL_CONTEXT = "None"
+"""model.window of a full-context run as the analysis reads it: MLflow stores params as text, and the
+window stays text so that pandas keeps a full-context run (None) apart from a run without the param (NaN)."""
 
 
 _NOT_CONFIG = ("seed", "data.cache_dir", "train.compile", "model.vocab_size", "n_params", "n_params_nonembedding")
@@ -207,7 +213,8 @@ def load_histories(tracking_uri: str, runs: pd.DataFrame, *, keys=HISTORY_KEYS,
         frame.columns.name = None
         if path is not None and run.status == "FINISHED":
             path.parent.mkdir(parents=True, exist_ok=True)
-            frame.to_parquet(path)
+            with atomic_file(path) as f:  # a reader never finds half a cache file
+                frame.to_parquet(f)
         frames.append(frame)
     return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(columns=["run_id", "step"])
 

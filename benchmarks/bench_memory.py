@@ -14,7 +14,7 @@ import time
 import torch
 
 from ltm.attention import uses_window_kernel
-from ltm.config import RunConfig, run_preset
+from ltm.config import GPT2_VOCAB, RunConfig, run_preset
 from ltm.memory import _traced, gib, measure_peak_bytes, step_memory, trace_peak_bytes
 from studies.costs import usable_gb
 
@@ -32,7 +32,6 @@ VALIDATION = [  # (config, micro-batch): tests/test_memory.py measures the same 
     (run_preset("micro-rf").with_overrides({"model.kind": "ar", "model.n_layers": 3, "model.ctx": 512,
                                              "model.window": 64, "train.batch_size": 6}), 3),
 ]
-PAPER_VOCAB = 50258
 
 
 def attention_form(cfg: RunConfig) -> str:
@@ -62,7 +61,7 @@ def paper_shapes() -> list[str]:
     rows = ["| preset | N_z | micro-batch | interpolated (GB) | full trace (GB) | ratio |", "|---|---|---|---|---|---|"]
     for preset, n_latents, micro in [("ltm-s", 24, 32), ("ltm-m", 192, 5), ("ltm-l", 24, 32), ("ltm-l", 192, 8)]:
         cfg = run_preset(preset).with_overrides({"inference.steps": 2, "model.n_latents": n_latents,
-                                                  "model.vocab_size": PAPER_VOCAB})
+                                                  "model.vocab_size": GPT2_VOCAB})
         estimate = step_memory(cfg, "cuda").peak_bytes(micro)
         full = max(trace_peak_bytes(cfg, micro, "bf16").values())
         rows.append(f"| {preset} | {n_latents} | {micro} | {gib(estimate):.3f} | {gib(full):.3f} | {estimate / full:.5f} |")
@@ -77,7 +76,7 @@ def paper_presets() -> list[str]:
     for preset in ("ltm-s", "ltm-m", "ltm-l"):
         for n_latents in (24, 192):
             cfg = run_preset(preset).with_overrides({"inference.steps": 64, "model.n_latents": n_latents,
-                                                      "model.vocab_size": PAPER_VOCAB})
+                                                      "model.vocab_size": GPT2_VOCAB})
             memory = step_memory(cfg, "cuda")
             fits = [memory.largest_micro_batch(usable_gb(g, 1) * 2**30) for g in gpus]
             rows.append(f"| {preset} | {n_latents} | {gib(memory.peak_bytes()):.2f} | {gib(memory.peak_bytes(1)):.2f} | "
@@ -93,7 +92,7 @@ def estimator_time() -> str:
         for steps in (16, 32, 64, 128):
             for n_latents in (24, 48, 96, 192):
                 cfg = run_preset(preset).with_overrides({"inference.steps": steps, "model.n_latents": n_latents,
-                                                          "model.vocab_size": PAPER_VOCAB})
+                                                          "model.vocab_size": GPT2_VOCAB})
                 memory = step_memory(cfg, "cuda")
                 memory.peak_bytes(1), memory.largest_micro_batch(usable_gb(141, 1) * 2**30)
     return (f"the paper preset's 48 points (peak, peak at 1, largest micro-batch on 141 GB) from cold: "

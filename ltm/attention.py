@@ -47,14 +47,14 @@ class Window:
     """flex: FlexAttention's BlockMask."""
 
 
-def windowed_keys(T: int, w: int) -> int:
+def windowed_keys(w: int) -> int:
     """Keys each query block sees in the windowed forms: its own CHUNK and the blocks that reach back w - 1."""
     return (math.ceil((w - 1) / CHUNK) + 1) * CHUNK
 
 
 def uses_window_kernel(T: int, w: int) -> bool:
     """Whether a length-T sequence with window w gets a windowed form: whole blocks, and a saving."""
-    return T % CHUNK == 0 and windowed_keys(T, w) * MIN_SAVING <= T
+    return T % CHUNK == 0 and windowed_keys(w) * MIN_SAVING <= T
 
 
 def dense_mask(T: int, w: int, device: torch.device) -> torch.Tensor:
@@ -102,7 +102,7 @@ def window_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, window: 
         # (torch 2.13, tests/test_attention.py). The copies cost little next to the attention.
         return _flex_attention()(q.contiguous(), k.contiguous(), v.contiguous(), block_mask=window.block_mask)
     B, H, T, Dh = q.shape
-    n, p = T // CHUNK, windowed_keys(T, window.size) // CHUNK - 1
+    n, p = T // CHUNK, windowed_keys(window.size) // CHUNK - 1
     y = F.scaled_dot_product_attention(q.reshape(B, H * n, CHUNK, Dh), _blocks_before(k, n, p),
                                        _blocks_before(v, n, p), attn_mask=window.mask.to(q.dtype))
     return y.view(B, H, T, Dh)
@@ -118,7 +118,7 @@ def _blocks_before(x: torch.Tensor, n: int, p: int) -> torch.Tensor:
 
 def _chunk_mask(T: int, w: int, device: torch.device) -> torch.Tensor:
     """(blocks, CHUNK, keys per block): query and key positions of each block, in the window and >= 0."""
-    n, keys = T // CHUNK, windowed_keys(T, w)
+    n, keys = T // CHUNK, windowed_keys(w)
     start = torch.arange(n, device=device)[:, None, None] * CHUNK
     q = start + torch.arange(CHUNK, device=device)[None, :, None]
     k = start - (keys - CHUNK) + torch.arange(keys, device=device)[None, None, :]

@@ -29,6 +29,7 @@ import numpy as np
 import torch
 
 from ltm.config import ConfigError, ModelConfig, RunConfig
+from ltm.files import atomic_file, atomic_write
 from ltm.model import LatentThoughtModel, build_model
 from ltm.names import ROLE_EVAL, ROLE_TAG, RUN_KEY_TAG, TOKENS
 
@@ -70,21 +71,6 @@ def _sha256(path: Path) -> str:
         for chunk in iter(lambda: f.read(1 << 20), b""):
             h.update(chunk)
     return h.hexdigest()
-
-
-def _write_atomically(path: Path, write) -> None:
-    """Write through <name>.<pid>.tmp, then rename: readers see the old file or the new one, and a
-    failed write (a full disk) leaves nothing behind."""
-    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
-    try:
-        with open(tmp, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
 
 
 def remove_stale_temporaries(run_dir: Path) -> None:
@@ -142,9 +128,10 @@ def save_checkpoint(run_dir: Path, state: dict, keep: int = 2) -> Path:
     run_dir.mkdir(parents=True, exist_ok=True)
     path = run_dir / f"ckpt-{state['tokens']:015d}.pt"
     try:
-        _write_atomically(path, lambda f: torch.save(state, f))
+        with atomic_file(path) as f:
+            torch.save(state, f)
         digest = _sha256(path).encode()
-        _write_atomically(path.with_suffix(".sha256"), lambda f: f.write(digest))
+        atomic_write(path.with_suffix(".sha256"), digest)
     except (OSError, RuntimeError) as err:  # torch.save reports a full disk as a RuntimeError
         _remove(path)
         raise OSError(f"cannot write checkpoint {path}: {_write_error(err)}; {_free(run_dir)} free on its disk. "
@@ -219,7 +206,7 @@ def write_run_config(run_dir: Path, cfg: RunConfig, model_cfg: ModelConfig, run_
     run_dir.mkdir(parents=True, exist_ok=True)
     blob = json.dumps({"run_key": cfg.run_key(), "run_id": run_id, "config": cfg.to_dict(),
                        "model_overrides": {"vocab_size": model_cfg.vocab_size}}, indent=1).encode()
-    _write_atomically(run_dir / CONFIG_FILE, lambda f: f.write(blob))
+    atomic_write(run_dir / CONFIG_FILE, blob)
 
 
 def read_config(checkpoint: Path) -> dict:

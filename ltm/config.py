@@ -18,13 +18,17 @@ class ConfigError(ValueError):
     """A configuration that cannot be run; the message says what to change."""
 
 
+GPT2_VOCAB = 50258
+"""GPT-2's 50,257 tokens (EOS last) plus the added BOS: the paper's vocabulary (ltm.data.gpt2_tokenizer)."""
+
+
 @dataclass(frozen=True)
 class ModelConfig:
     """The decoder: an LTM (latent-conditioned) or its autoregressive twin."""
 
     kind: Literal["ltm", "ar"] = "ltm"
     """"ltm" adds cross-attention to per-layer latent vectors z; "ar" is the same decoder without it."""
-    vocab_size: int = 50258
+    vocab_size: int = GPT2_VOCAB
     """Token vocabulary; GPT-2 BPE plus one begin-of-text token in the paper. Training takes it from
     the data (the tokenizer's vocabulary), so it is not part of a run's identity."""
     n_layers: int = 6
@@ -159,7 +163,7 @@ class InferenceConfig:
 # Presets. The paper's three sizes pin the architecture (parameter counts in METHOD.md);
 # the micro sizes keep the same shape ratios at a width a laptop CPU trains in minutes.
 
-_PAPER = dict(vocab_size=50258, d_model=512, n_heads=8, ctx=1024, window=256, n_latents=24)
+_PAPER = dict(vocab_size=GPT2_VOCAB, d_model=512, n_heads=8, ctx=1024, window=256, n_latents=24)
 _MICRO = dict(vocab_size=512, d_model=128, n_heads=4, ctx=128, window=64, n_latents=8)
 
 MODEL_PRESETS: dict[str, ModelConfig] = {
@@ -330,6 +334,16 @@ class RunConfig:
                               "never inferred and the decoder trains on the posterior's starting point; for a model "
                               "without latents use model.kind=ar (or inference.start=encoder for a purely amortised posterior)")
 
+    @property
+    def tokens_per_update(self) -> int:
+        """Tokens one optimiser update trains on: train.batch_size blocks of model.ctx."""
+        return self.train.batch_size * self.model.ctx
+
+    @property
+    def updates(self) -> int:
+        """Updates a run makes: train.tokens rounded up to whole updates, at least one."""
+        return max(1, math.ceil(self.train.tokens / self.tokens_per_update))
+
     def to_dict(self) -> dict:
         """Nested plain dict (JSON-able)."""
         return dataclasses.asdict(self)
@@ -366,13 +380,13 @@ class RunConfig:
 
     def with_overrides(self, assignments: list[str] | dict[str, object]) -> "RunConfig":
         """Apply "key=value" strings (or a {dotted key: value} dict), parsing values by the field's type."""
-        items = assignments.items() if isinstance(assignments, dict) else (_split_assignment(a) for a in assignments)
+        items = assignments.items() if isinstance(assignments, dict) else (split_assignment(a) for a in assignments)
         d = self.to_dict()
         current = self.flat()
         for key, raw in items:
             if key not in current:
                 raise ConfigError(f"unknown config key {key!r}; known keys: {', '.join(sorted(current))}")
-            value = _parse_like(raw, current[key], key) if isinstance(raw, str) else raw
+            value = parse_value(raw, current[key], key) if isinstance(raw, str) else raw
             if "." in key:
                 section, field = key.split(".", 1)
                 d[section][field] = value
@@ -409,37 +423,46 @@ class RunConfig:
         return hashlib.sha256(blob).hexdigest()[:16]
 
 
-def _split_assignment(text: str) -> tuple[str, str]:
-    if "=" not in text:
-        raise ConfigError(f"expected key=value, got {text!r} (e.g. inference.steps=32)")
-    key, value = text.split("=", 1)
+def split_assignment(text: str, example: str = "inference.steps=32") -> tuple[str, str]:
+    """"key=value" as (key, value), both stripped; ConfigError without an "=" or a key."""
+    key, eq, value = text.partition("=")
+    if not eq or not key.strip():
+        raise ConfigError(f"expected key=value, got {text!r} (e.g. {example})")
     return key.strip(), value.strip()
 
 
-def _parse_like(raw: str, current: object, key: str) -> object:
-    """Parse a command-line value with the type of the field's current value."""
+def parse_value(raw: str, like: object, key: str) -> object:
+    """A command-line value typed like `like`, the option's current value: "none", "null" or nothing is
+    None; bools from true/false/1/0; ints (1e6 too); floats; tuples of floats and lists from commas; where
+    `like` is None (an optional number or string) or a list's items, an int, else a float, else the text."""
+    def scalar(text: str) -> object:
+        for parse in (int, float):
+            try:
+                return parse(text)
+            except ValueError:
+                pass
+        return text
+
     try:
-        if raw.lower() in ("none", "null"):
+        if raw.lower() in ("none", "null", ""):
             return None
-        if isinstance(current, bool):
+        if isinstance(like, bool):
             if raw.lower() not in ("true", "false", "1", "0"):
                 raise ValueError
             return raw.lower() in ("true", "1")
-        if isinstance(current, int):
+        if isinstance(like, int):
             return int(float(raw)) if "e" in raw.lower() else int(raw)
-        if isinstance(current, float):
+        if isinstance(like, float):
             return float(raw)
-        if isinstance(current, tuple):
+        if isinstance(like, tuple):
             return tuple(float(x) for x in raw.split(","))
-        if current is None:  # an optional number (e.g. model.window) or string
-            for parse in (int, float):
-                try:
-                    return parse(raw)
-                except ValueError:
-                    pass
+        if isinstance(like, list):
+            return [scalar(x.strip()) for x in raw.split(",") if x.strip()]
+        if like is None:
+            return scalar(raw)
         return raw
     except ValueError:
-        raise ConfigError(f"cannot parse {key}={raw!r} as {type(current).__name__}") from None
+        raise ConfigError(f"cannot parse {key}={raw!r} as {type(like).__name__}") from None
 
 
 # Run presets: a model preset with a training recipe sized for it.

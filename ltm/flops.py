@@ -59,7 +59,7 @@ def _forward_ops(cfg: ModelConfig, S: int) -> list[_Op]:
     d, V, hid = cfg.d_model, cfg.vocab_size, cfg.mlp_hidden
     m = cfg.latents_per_layer
     # the windowed kernels compute each query block's window; the dense mask, every key
-    keys = windowed_keys(S, cfg.attn_window) if uses_window_kernel(S, cfg.attn_window) else S
+    keys = windowed_keys(cfg.attn_window) if uses_window_kernel(S, cfg.attn_window) else S
     ops: list[_Op] = []
     for layer in range(cfg.n_layers):
         stem = layer == 0

@@ -25,10 +25,13 @@ import torch
 
 from ltm.config import InferenceConfig
 from ltm.data import DataError, DataNotFoundError, TextTokenizer
-from ltm.data.sources import qa_text
+from ltm.data.sources import HUB_DATASETS, qa_text
 from ltm.generate import generate
 from ltm.model import LatentThoughtModel
 from ltm.posterior import infer_posterior
+
+GSM8K_HUB = HUB_DATASETS["gsm8k"]
+"""Where the hub name gsm8k loads from (`ltm.data.sources.HUB_DATASETS`)."""
 
 SPLITS = ("train", "test")
 _NUMBER = re.compile(r"-?\d[\d,]*(?:\.\d+)?")
@@ -78,9 +81,9 @@ def _hub_records(split: str) -> Iterator[dict]:
     import datasets
 
     try:
-        yield from datasets.load_dataset("openai/gsm8k", "main", split=split)
+        yield from datasets.load_dataset(GSM8K_HUB.repo, GSM8K_HUB.config, split=split)
     except Exception as e:  # offline or no cache: the user needs a local copy
-        raise DataError(f"could not load openai/gsm8k ({split}) from the Hugging Face hub or its cache: "
+        raise DataError(f"could not load {GSM8K_HUB.repo} ({split}) from the Hugging Face hub or its cache: "
                         f"{type(e).__name__}: {e}. Pass a local folder with train.jsonl and test.jsonl instead") from e
 
 

@@ -76,8 +76,7 @@ class StepPlan:
     def of(cls, cfg: RunConfig, model_cfg: ModelConfig, procs: Processes) -> StepPlan:
         """The plan of `cfg` on these processes; ValueError when the batch does not split."""
         tc, icfg = cfg.train, cfg.inference
-        tokens_per_step = tc.batch_size * model_cfg.ctx
-        total_steps = max(1, math.ceil(tc.tokens / tokens_per_step))
+        tokens_per_step, total_steps = cfg.tokens_per_update, cfg.updates
         if tc.batch_size % procs.world:
             raise ValueError(f"train.batch_size={tc.batch_size} must be divisible by the {procs.world} processes")
         local = tc.batch_size // procs.world
@@ -188,11 +187,13 @@ def evaluate(ctx: TrainContext, state: TrainState) -> dict | None:
     metrics: dict | None = {}
     if ctx.procs.is_main:
         state.model.eval()
+        started = time.perf_counter()
         try:
             with ctx.interrupt.stoppable(), objective.autocast_for(ctx.procs.device, ctx.cfg.train.precision):
                 metrics = ltm.evaluate.evaluate_bounds(state.model, ctx.val_batches, ctx.cfg.inference,
                                                        seed=objective.EVAL_SEED, iw_samples=ctx.cfg.train.iw_samples,
                                                        compiled=ctx.plan.compiled)
+            metrics[names.EVAL_SECONDS] = time.perf_counter() - started  # what this evaluation cost
         except Stopped:
             metrics = None
         finally:

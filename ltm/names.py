@@ -61,6 +61,8 @@ VAL_NLL_MIXTURE = "val/nll_mixture"
 VAL_NLL_PRIOR = "val/nll_prior"
 VAL_BOUND_START = "val/bound_start"
 VAL_AMORTISATION_GAP = "val/amortisation_gap"
+EVAL_SECONDS = "eval/seconds"
+"""Wall-clock seconds of one evaluation during training (what evaluating costs), logged with its val/ metrics."""
 
 
 # -- outcomes -----------------------------------------------------------------------------------------

@@ -104,8 +104,7 @@ def usable_gb(gpu_mem_gb: float, gpus_per_trial: float) -> float:
 
 def trained_tokens(cfg: RunConfig) -> int:
     """train.tokens rounded up to whole updates of batch_size x ctx tokens, as training runs them."""
-    per_update = cfg.train.batch_size * cfg.model.ctx
-    return math.ceil(cfg.train.tokens / per_update) * per_update
+    return cfg.updates * cfg.tokens_per_update
 
 
 def gpu_hours(flops: float, mfu: float, peak_tflops: float) -> float:

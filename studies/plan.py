@@ -14,6 +14,7 @@ import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
+from ltm.config import ConfigError, parse_value, split_assignment
 from ltm.names import BACKEND_TAG, PRESET_TAG, STUDY_KEY_TAG, STUDY_TAG
 from studies.costs import DEFAULT_MFU, DEFAULT_PEAK_TFLOPS, Memory, memory_problem, point_memory, usable_gb
 from studies.messages import Point, TrialContext
@@ -249,23 +250,13 @@ def _task_with_options(task: Task, args: argparse.Namespace, study: Study) -> Ta
     changes = dict(study.data_option(args.data)[1]) if args.data and study.data_option else {}
     keys = task.arguments()
     for item in args.task_overrides:
-        key, _, raw = item.partition("=")
-        if not _ or key not in keys:
+        try:
+            key, raw = split_assignment(item)
+        except ConfigError:
+            key = raw = ""
+        if key not in keys:
             raise UsageError(f"--task takes KEY=VALUE with KEY one of {', '.join(keys)}, got {item!r}")
-        changes[key] = _task_value(raw, changes.get(key, getattr(task, key)))
+        changes[key] = parse_value(raw, changes.get(key, getattr(task, key)), f"--task {key}")
     return dataclasses.replace(task, **changes)
 
 
-def _task_value(raw: str, current: object) -> object:
-    """A --task value typed like the preset's: lists from commas, numbers, strings; 'none' clears it."""
-    def one(text: str) -> object:
-        try:
-            return json.loads(text)
-        except ValueError:
-            return text
-
-    if raw.lower() in ("none", "null", ""):
-        return None
-    if isinstance(current, list):
-        return [one(v) for v in raw.split(",") if v.strip()]
-    return one(raw)

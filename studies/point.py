@@ -6,6 +6,7 @@ import json
 import os
 from pathlib import Path
 
+from ltm.files import atomic_write
 from ltm.names import Status
 from studies.messages import Point, Result, TrialContext
 
@@ -52,8 +53,6 @@ def _progress_writer(path: Path | None):
 
     def write(metrics: dict[str, float]) -> None:
         latest.update(metrics)
-        tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
-        tmp.write_text(json.dumps(latest))
-        tmp.replace(path)
+        atomic_write(path, json.dumps(latest))
 
     return write

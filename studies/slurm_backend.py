@@ -20,6 +20,7 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from ltm.files import atomic_write
 from ltm.names import Status
 from studies.interrupt import Interruption
 from studies.messages import Point, Result, TrialContext
@@ -184,9 +185,7 @@ def run(plan: Plan, tracker, interruption: Interruption) -> bool:
         jobs = executor.map_array(SlurmTrial(), todo, [context] * len(todo))
         ids = [j.job_id for j in jobs]
         jobs_file = folder / "jobs.json"
-        tmp = jobs_file.with_name(f"jobs.json.{os.getpid()}.tmp")  # whole or absent, even if the driver dies now
-        tmp.write_text(json.dumps(ids))
-        os.replace(tmp, jobs_file)
+        atomic_write(jobs_file, json.dumps(ids))  # whole or absent, even if the driver dies now
         print(f"submitted array {ids[0].split('_')[0]} ({len(ids)} tasks) from {folder}")
         return True if plan.no_wait else _wait(plan, ids, interruption)
     finally:

@@ -17,6 +17,7 @@ import sys
 import traceback
 from pathlib import Path
 
+from ltm.files import atomic_write
 from ltm.names import EXIT_OF, Exit, Status
 from studies.messages import Point, Result, TrialContext
 
@@ -31,9 +32,7 @@ def main(spec_path: str, result_path: str, progress_path: str | None = None) -> 
     except Exception as err:  # reported to the trial, which raises so that Ray retries it
         traceback.print_exc()
         result = Result(Status.ERROR, reason=f"{type(err).__name__}: {err}")
-    tmp = Path(f"{result_path}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(result.to_dict()))
-    tmp.replace(result_path)
+    atomic_write(result_path, json.dumps(result.to_dict()))
     return EXIT_OF[result.status]
 
 

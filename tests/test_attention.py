@@ -60,7 +60,7 @@ def test_flex_attention_inside_a_compiled_model_equals_the_dense_mask():
 
 
 def test_auto_uses_a_window_kernel_only_where_it_saves_half_the_scores():
-    assert windowed_keys(1024, 256) == 3 * CHUNK and uses_window_kernel(1024, 256)  # the paper's shape
+    assert windowed_keys(256) == 3 * CHUNK and uses_window_kernel(1024, 256)  # the paper's shape
     assert not uses_window_kernel(128, 64) and not uses_window_kernel(128, 8)  # the micro presets: dense
     assert not uses_window_kernel(1000, 100)  # not whole blocks
     cpu = torch.device("cpu")

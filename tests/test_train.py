@@ -16,7 +16,7 @@ import ltm.checkpoint as checkpoint
 import ltm.train as train
 from ltm import objective
 from ltm.config import ConfigError, run_preset
-from ltm.names import RUN_KEY_TAG, Exit
+from ltm.names import EVAL_SECONDS, RUN_KEY_TAG, Exit
 from ltm.processes import resolve_device
 from ltm.tracking import TrackingError, default_tracking_uri
 
@@ -81,6 +81,15 @@ def test_smoke_run_logs_everything_and_a_second_call_skips_it(tmp_path):
     forced = train.run(cfg, runs_dir=tmp_path / "runs", experiment="t", progress=False, force=True)
     assert forced.status == "FINISHED" and forced.run_id != result.run_id
     assert forced.metrics["val/ppl_bound"] == pytest.approx(result.metrics["val/ppl_bound"], rel=1e-5)  # seeded
+
+
+def test_each_evaluation_logs_what_it_cost_in_seconds(tmp_path):
+    result = train.run(smoke(tmp_path), runs_dir=tmp_path / "runs", experiment="t", progress=False)
+    uri = default_tracking_uri(tmp_path / "runs")
+    evaluations = sorted(step for step, _ in history(uri, result.run_id, "val/kl"))
+    seconds = sorted(history(uri, result.run_id, EVAL_SECONDS))
+    assert len(evaluations) >= 2 and [step for step, _ in seconds] == evaluations  # step = tokens seen
+    assert all(value > 0 for _, value in seconds)
 
 
 def test_ar_run_trains_and_scores_exactly(tmp_path):

@@ -16,7 +16,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterable, Sequence
@@ -30,6 +29,7 @@ from ltm.data.errors import DataError
 from ltm.data.sources import SPLITS, TextSource, resolve_source
 from ltm.data.synthetic import SyntheticCorpus, SyntheticSpec
 from ltm.data.tokenizer import GPT2_VOCAB, HFTokenizer, TextTokenizer, bpe_tokenizer, gpt2_tokenizer
+from ltm.files import atomic_file, atomic_write
 
 FORMAT_VERSION = 2
 """Part of every cache key; bump it when the packing format changes."""
@@ -223,31 +223,21 @@ def _cached(data_cfg: DataConfig, name: str, split: str, key: dict, tok: TextTok
     if not path.is_file():
         folder.mkdir(parents=True, exist_ok=True)
         n = 0
-        with tempfile.NamedTemporaryFile(dir=folder, suffix=".tmp", delete=False) as f:
-            try:
+        # The metadata first, each atomically: a reader that sees the tokens sees their metadata.
+        meta = path.with_suffix(".json")
+        try:
+            with atomic_file(path, mode=0o644) as f:  # the cache may be shared
                 for part in produce():
                     f.write(part.astype(dtype).tobytes())
                     n += len(part)
-                f.flush()
-            except OSError as err:  # a full disk, or a file over the size limit: name the file and the fix
-                os.unlink(f.name)
-                raise DataError(f"cannot write the token cache {path} ({err.strerror or err}, after "
-                                f"{n * np.dtype(dtype).itemsize:,} bytes); free space or raise the file size limit "
-                                "(ulimit -f), or point $LTM_CACHE (data.cache_dir) at a disk with room") from err
-            except BaseException:
-                os.unlink(f.name)
-                raise
-        if n == 0:
-            os.unlink(f.name)
-            raise DataError(f"no text in the {split} split of {name}: every document is empty; check the "
-                            "path and data.text_field")
-        os.chmod(f.name, 0o644)  # temp files are private; the cache may be shared
-        # The metadata first, each atomically: a reader that sees the tokens sees their metadata.
-        meta = path.with_suffix(".json")
-        meta_tmp = meta.with_name(f"{meta.name}.{os.getpid()}.tmp")
-        meta_tmp.write_text(json.dumps({**full_key, "n_tokens": n}, indent=1))
-        os.replace(meta_tmp, meta)
-        os.replace(f.name, path)  # atomic: readers see a complete file or none
+                if n == 0:
+                    raise DataError(f"no text in the {split} split of {name}: every document is empty; check "
+                                    "the path and data.text_field")
+                atomic_write(meta, json.dumps({**full_key, "n_tokens": n}, indent=1))
+        except OSError as err:  # a full disk, or a file over the size limit: name the file and the fix
+            raise DataError(f"cannot write the token cache {path} ({err.strerror or err}, after "
+                            f"{n * np.dtype(dtype).itemsize:,} bytes); free space or raise the file size limit "
+                            "(ulimit -f), or point $LTM_CACHE (data.cache_dir) at a disk with room") from err
     return _checked_cache(path, dtype, tok.vocab_size)
 
 

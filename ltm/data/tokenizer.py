@@ -6,7 +6,6 @@ from __future__ import annotations
 import hashlib
 import itertools
 import os
-import tempfile
 import time
 from pathlib import Path
 from typing import Iterable, Iterator, Protocol, Sequence
@@ -14,14 +13,14 @@ from typing import Iterable, Iterator, Protocol, Sequence
 from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, trainers
 from tqdm import tqdm
 
+from ltm.config import GPT2_VOCAB
 from ltm.data.errors import DataError, DataNotFoundError
+from ltm.files import atomic_write
 
 GPT2_ENV = "LTM_GPT2_TOKENIZER"
 """Environment variable: path to GPT-2's tokenizer.json (or a folder holding it)."""
 EOS_TOKEN = "<|endoftext|>"
 BOS_TOKEN = "<|beginoftext|>"
-GPT2_VOCAB = 50258
-"""GPT-2's 50,257 tokens (EOS last) plus the added BOS."""
 BPE_TRAIN_CHARS = 200_000_000
 """Training text used for the BPE merges (a minute or so); more changes the merges little."""
 
@@ -147,8 +146,4 @@ def _train_bpe(path: Path, vocab_size: int, texts: Iterable[str], source: str) -
 
 def _save(tok: Tokenizer, path: Path) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.NamedTemporaryFile("w", dir=path.parent, suffix=".tmp", delete=False) as f:
-        tmp = f.name
-    tok.save(tmp)
-    os.chmod(tmp, 0o644)
-    os.replace(tmp, path)  # atomic: concurrent trainers never leave a partial file
+    atomic_write(path, tok.to_str(pretty=True), mode=0o644)  # concurrent trainers never leave a partial file
