@@ -1,6 +1,7 @@
 """Data: sources (hub names, local files, the built-in synthetic corpus), tokenizers, packing
 into blocks of ctx + 1 tokens and an on-disk token cache."""
 
+from ltm.config import GPT2_VOCAB
 from ltm.data.blocks import (
     FORMAT_VERSION,
     TokenBlocks,
@@ -15,7 +16,7 @@ from ltm.data.blocks import (
 from ltm.data.errors import DataError, DataNotFoundError
 from ltm.data.sources import HUB_DATASETS, TextSource, resolve_source
 from ltm.data.synthetic import SyntheticCorpus, SyntheticSpec
-from ltm.data.tokenizer import BOS_TOKEN, EOS_TOKEN, GPT2_ENV, GPT2_VOCAB, HFTokenizer, TextTokenizer, gpt2_tokenizer
+from ltm.data.tokenizer import BOS_TOKEN, EOS_TOKEN, GPT2_ENV, HFTokenizer, TextTokenizer, gpt2_tokenizer
 
 __all__ = [
     "BOS_TOKEN", "EOS_TOKEN", "FORMAT_VERSION", "GPT2_ENV", "GPT2_VOCAB", "HUB_DATASETS",

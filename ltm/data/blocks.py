@@ -24,11 +24,11 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from ltm.config import DataConfig
+from ltm.config import GPT2_VOCAB, DataConfig
 from ltm.data.errors import DataError
 from ltm.data.sources import SPLITS, TextSource, resolve_source
 from ltm.data.synthetic import SyntheticCorpus, SyntheticSpec
-from ltm.data.tokenizer import GPT2_VOCAB, HFTokenizer, TextTokenizer, bpe_tokenizer, gpt2_tokenizer
+from ltm.data.tokenizer import HFTokenizer, TextTokenizer, bpe_tokenizer, gpt2_tokenizer
 from ltm.files import atomic_file, atomic_write
 
 FORMAT_VERSION = 2

@@ -13,7 +13,6 @@ from typing import Iterable, Iterator, Protocol, Sequence
 from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, trainers
 from tqdm import tqdm
 
-from ltm.config import GPT2_VOCAB
 from ltm.data.errors import DataError, DataNotFoundError
 from ltm.files import atomic_write
 
