@@ -575,7 +575,7 @@ def fit_inference_law_joint(T: ArrayLike, loss: ArrayLike, group: ArrayLike, *, 
         return out
 
     point = natural(sol.theta[None])[0]
-    keys = [l.item() if hasattr(l, "item") else l for l in labels]
+    keys = [lab.item() if hasattr(lab, "item") else lab for lab in labels]
     names = ["gamma"] + [f"{p}[{g}]" for g in keys for p in ("E", "A")]
     samples = None if sol.samples is None else natural(sol.samples)
     method = _describe("L_g = exp(logsumexp(e_g, a_g - gamma log T)), E_g = e^e_g, A_g = e^a_g, gamma shared by "

@@ -93,8 +93,8 @@ def plot_inference_cost(table: pd.DataFrame, refs: dict[str, float], out: Path, 
                                 textcoords="offset points", color=colour)
     for (name, value), ls in zip(refs.items(), (":", "--", "-.", (0, (1, 3)))):
         for ax in axes:
-            ax.axhline(value, color="0.3", ls=ls, lw=1,
-                       label=f"{name}: {value:.2f}" + (" (the same-window AR's ceiling)" if "receptive" in name else ""))
+            ceiling = " (the same-window AR's ceiling)" if "receptive" in name else ""
+            ax.axhline(value, color="0.3", ls=ls, lw=1, label=f"{name}: {value:.2f}" + ceiling)
     axes[0].set(xscale="log", yscale="log", xlabel="training FLOPs (exact)", ylabel="validation perplexity bound")
     axes[1].set(xscale="log", xlabel="inference FLOPs per evaluated token (exact)")
     for ax in axes:  # decades only: minor labels collide over a narrow FLOP range

@@ -158,7 +158,8 @@ def plot_inference_scaling(runs: pd.DataFrame, refs: dict, out: Path, bootstrap:
     ltm_runs["size"] = ltm_runs.apply(_size_label, axis=1)
     ltm_runs["N_z"] = ltm_runs["model.n_latents"].astype(str)
     fig, ax = plt.subplots(figsize=(6.4, 4.2))
-    palette = dict(zip(sorted(ltm_runs["N_z"].unique(), key=int), sns.color_palette("viridis", ltm_runs["N_z"].nunique())))
+    palette = dict(zip(sorted(ltm_runs["N_z"].unique(), key=int),
+                       sns.color_palette("viridis", ltm_runs["N_z"].nunique())))
     markers = dict(zip(sorted(ltm_runs["size"].unique()), "osD^v<>"))
     for (size, nz), g in ltm_runs.groupby(["size", "N_z"]):
         g = g.sort_values("inference.steps", kind="stable")
@@ -262,7 +263,8 @@ def plot_bound_decomposition(runs: pd.DataFrame, refs: dict, out: Path) -> list:
         for (label, a), colour in zip([] if same is None else same.groupby("label"),  # None: LTM runs only
                                       ("black", "#8c564b", "#2ca02c")):
             ax.axhline(a["nll"].mean(), color=colour, lw=1.3, label=f"{label} NLL: {a['nll'].mean():.2f}")
-        ax.set(xscale="log", title=f"{size}, {variant}\n({g['train.tokens'].max():,} tokens)", xlabel="inference steps T")
+        ax.set(xscale="log", title=f"{size}, {variant}\n({g['train.tokens'].max():,} tokens)",
+               xlabel="inference steps T")
         ax.set_xticks(t, [str(int(x)) for x in t])
         ax.xaxis.set_minor_locator(matplotlib.ticker.NullLocator())
         ax.legend(fontsize=7, loc="upper right")
@@ -337,8 +339,8 @@ def curve_power_laws(hist: pd.DataFrame, runs: pd.DataFrame, flops_key: str, boo
             if g[x].nunique() < 5:  # three parameters need a curve with room to spare
                 continue
             law = fit.fit_power_law(g[x], np.log(g[METRIC]), bootstrap=bootstrap)
-            rows += _fit_rows(f"log ppl = E + A {x}^-alpha", f"{g['label'].iloc[0]}, {g['size'].iloc[0]}, run {run_id[:8]}",
-                              law, ["E", "A", "alpha"])
+            rows += _fit_rows(f"log ppl = E + A {x}^-alpha",
+                              f"{g['label'].iloc[0]}, {g['size'].iloc[0]}, run {run_id[:8]}", law, ["E", "A", "alpha"])
     return rows
 
 
@@ -401,14 +403,15 @@ def seed_table(runs: pd.DataFrame) -> pd.DataFrame:
 def write_tables(runs: pd.DataFrame, fits: list[dict], out: Path) -> list[Path]:
     cols = ["run_id", "run_key", "model.kind", "n_params", "model.window", "model.n_latents", "inference.steps",
             "inference.decoder_grad", "train.tokens", "seed", "final/val/ppl_bound", "final/val/ppl_iw",
-            "final/val/ppl_reuse", "nll", "kl", "kl_floor", "kl_above_floor", "nll_other_z", "z_reliance", "nll_mixture", "z_info",
-            "nll_prior", "amortisation_gap", "inference.start", "inference.init_logvar",
+            "final/val/ppl_reuse", "nll", "kl", "kl_floor", "kl_above_floor", "nll_other_z", "z_reliance",
+            "nll_mixture", "z_info", "nll_prior", "amortisation_gap", "inference.start", "inference.init_logvar",
             "reuse_gap", "final/flops"]
     table = runs[[c for c in cols if c in runs]].sort_values(["model.kind", "n_params", "inference.steps"])
     paths = [out / "runs.csv", out / "runs.md", out / "fits.csv", out / "fits.md"]
     table.to_csv(paths[0], index=False)
     paths[1].write_text(_markdown(table))
-    fits_df = pd.DataFrame(fits, columns=["law", "group", "parameter", "value", "ci_low", "ci_high", "n_points", "method"])
+    fits_df = pd.DataFrame(fits, columns=["law", "group", "parameter", "value", "ci_low", "ci_high", "n_points",
+                                          "method"])
     fits_df.to_csv(paths[2], index=False)
     paths[3].write_text(_markdown(fits_df.drop(columns="method")) +
                         "".join(f"\n{m}\n" for m in fits_df["method"].unique()))
@@ -487,7 +490,8 @@ def main(argv: list[str] | None = None) -> int:
         flops_key = "flops" if args.flops_convention == "exact" else "flops_paper"
         refs = optimal_reference(runs, uri)
         figure1, fits1 = plot_inference_scaling(runs, refs, out, args.bootstrap)
-        figures = figure1 + plot_bound_decomposition(runs, refs, out) + plot_efficiency(hist, runs, out, "tokens", "sample_efficiency", "training tokens", False, refs)
+        figures = figure1 + plot_bound_decomposition(runs, refs, out)
+        figures += plot_efficiency(hist, runs, out, "tokens", "sample_efficiency", "training tokens", False, refs)
         figures += plot_efficiency(hist, runs, out, flops_key, "compute_efficiency",
                                    f"training FLOPs ({args.flops_convention} convention)", True, refs)
         costs = cost_table(runs, lambda run_id: _config_of(uri, run_id), METRIC)

@@ -22,7 +22,8 @@ from ltm.files import atomic_file
 from ltm.names import ROLE_EVAL, ROLE_STUDY, ROLE_TAG, RUN_KEY_TAG, SOURCE_RUN_TAG, STUDY_TAG, TASK_TAG
 
 HISTORY_KEYS = (names.TOKENS, names.FLOPS, names.FLOPS_PAPER, names.TRAIN_LOSS, names.TRAIN_PPL_BOUND, names.VAL_NLL,
-                names.VAL_KL, names.VAL_PPL_BOUND, names.VAL_PPL_IW, names.VAL_KL_FLOOR, names.VAL_NLL_OTHER_Z, names.VAL_NLL_MIXTURE)
+                names.VAL_KL, names.VAL_PPL_BOUND, names.VAL_PPL_IW, names.VAL_KL_FLOOR, names.VAL_NLL_OTHER_Z,
+                names.VAL_NLL_MIXTURE)
 """The metric histories the figures need."""
 
 _PARAMS = {"model.kind": str, "model.n_layers": int, "model.d_model": int, "model.n_latents": int,
@@ -69,7 +70,8 @@ def study_runs(tracking_uri: str) -> list[StudyRun]:
     """Every study parent run in the store, most recent first."""
     client = MlflowClient(tracking_uri)
     experiments = {e.experiment_id: e.name for e in client.search_experiments()}
-    runs = client.search_runs(list(experiments), filter_string=f"tags.`{ROLE_TAG}` = '{ROLE_STUDY}'", max_results=50_000)
+    runs = client.search_runs(list(experiments), filter_string=f"tags.`{ROLE_TAG}` = '{ROLE_STUDY}'",
+                              max_results=50_000)
     return sorted((_study_run(r, experiments[r.info.experiment_id]) for r in runs), key=lambda s: s.time, reverse=True)
 
 

@@ -196,8 +196,9 @@ def main() -> None:
           + (f", {torch.cuda.get_device_name()}" if device == "cuda" else ""))
     if "core" not in args.skip:
         print(f"\n## `{args.preset}` on {device}: batch {args.batch} x ctx {cfg.ctx}, T={args.steps}\n")
-        print("| dtype | mode | matmul peak TFLOP/s | inner step / forward (time) | (FLOPs) | AR tok/s | reference GPT tok/s "
-              "| AR / reference (median of rounds, range) | LTM T=%d tok/s | LTM MFU |" % args.steps)
+        print("| dtype | mode | matmul peak TFLOP/s | inner step / forward (time) | (FLOPs) | AR tok/s "
+              "| reference GPT tok/s | AR / reference (median of rounds, range) | LTM T=%d tok/s | LTM MFU |"
+              % args.steps)
         print("|---|---|---|---|---|---|---|---|---|---|")
         flops_ratio = ((flops_per_token(cfg, 1, phase="eval") - flops_per_token(cfg, 0, phase="eval"))
                        / flops_per_token(cfg, 0, phase="eval"))

@@ -64,7 +64,8 @@ def paper_shapes() -> list[str]:
                                                   "model.vocab_size": GPT2_VOCAB})
         estimate = step_memory(cfg, "cuda").peak_bytes(micro)
         full = max(trace_peak_bytes(cfg, micro, "bf16").values())
-        rows.append(f"| {preset} | {n_latents} | {micro} | {gib(estimate):.3f} | {gib(full):.3f} | {estimate / full:.5f} |")
+        rows.append(f"| {preset} | {n_latents} | {micro} | {gib(estimate):.3f} | {gib(full):.3f} "
+                    f"| {estimate / full:.5f} |")
     return rows
 
 
@@ -79,8 +80,8 @@ def paper_presets() -> list[str]:
                                                       "model.vocab_size": GPT2_VOCAB})
             memory = step_memory(cfg, "cuda")
             fits = [memory.largest_micro_batch(usable_gb(g, 1) * 2**30) for g in gpus]
-            rows.append(f"| {preset} | {n_latents} | {gib(memory.peak_bytes()):.2f} | {gib(memory.peak_bytes(1)):.2f} | "
-                        + " | ".join(map(str, fits)) + " |")
+            rows.append(f"| {preset} | {n_latents} | {gib(memory.peak_bytes()):.2f} "
+                        f"| {gib(memory.peak_bytes(1)):.2f} | " + " | ".join(map(str, fits)) + " |")
     return rows
 
 

@@ -21,7 +21,6 @@ passed, 1 a check failed, 2 no GPU.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import math
 import re
@@ -114,7 +113,8 @@ def resume_check(args) -> dict:
         proc.send_signal(signal.SIGTERM)
         if finish(proc) != 3:
             return {"ok": False, "error": f"the SIGTERM'd run exited {proc.returncode}, not 3 (interrupted); if 0, "
-                    "it finished before the signal: raise --run-tokens", "output_tail": output("interrupted")[1][-3000:]}
+                    "it finished before the signal: raise --run-tokens",
+                    "output_tail": output("interrupted")[1][-3000:]}
         interrupted_out = output("interrupted")[0]
         resumed = train("interrupted")
         (a, _), (b, b_err) = output("straight"), output("interrupted")
@@ -185,7 +185,7 @@ def mfu_check(args) -> dict:
                           lambda: decoder_loss(model, tokens, icfg, seeds, compiled=True)[0])
         tps = args.batch * cfg.ctx / median_seconds(step, "cuda", warmup=2, repeat=args.repeat)
         sizes[size] = {"tokens_per_s": tps, "mfu": mfu(tps, flops_per_token(cfg, 16), peak) if peak else None}
-        del model, step
+        model = step = None  # frees the GPU memory before the next size
         torch.cuda.empty_cache()
     return {"ok": all(s["tokens_per_s"] > 0 for s in sizes.values()), "peak_tflops": peak / 1e12 or None,
             "matmul_bf16_tflops": matmul_peak("cuda", torch.bfloat16, 8192) / 1e12, "batch": args.batch,
@@ -216,7 +216,8 @@ def markdown(report: dict) -> str:
         elif name == "inner_loop" and "attention" in r:
             ms = r["ms_per_inner_step_bf16"]
             lines.append(f"LTM-S, batch {r['batch']}, attention {r['attention']}: fp32 max |compiled - eager| "
-                         f"mu {r['max_abs_difference_fp32']['mu']:.1e}, logvar {r['max_abs_difference_fp32']['logvar']:.1e}; "
+                         f"mu {r['max_abs_difference_fp32']['mu']:.1e}, "
+                         f"logvar {r['max_abs_difference_fp32']['logvar']:.1e}; "
                          f"bf16 inner step {ms['eager']:.1f} ms eager, {ms['compiled']:.1f} ms compiled "
                          f"({r['compiled_speedup']:.2f}x)")
         elif name == "mfu" and "sizes" in r:
@@ -225,7 +226,8 @@ def markdown(report: dict) -> str:
                          f"measured bf16 matmul {r['matmul_bf16_tflops']:.0f} TFLOP/s")
             lines += ["", "| size | tokens/s per GPU | MFU |", "|---|---|---|"]
             lines += [f"| {size} | {s['tokens_per_s']:,.0f} | "
-                      + (f"{100 * s['mfu']:.1f}% |" if s["mfu"] is not None else "- |") for size, s in r["sizes"].items()]
+                      + (f"{100 * s['mfu']:.1f}% |" if s["mfu"] is not None else "- |")
+                      for size, s in r["sizes"].items()]
         lines.append("")
     return "\n".join(lines)
 

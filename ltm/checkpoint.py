@@ -4,12 +4,12 @@ A run's folder holds ckpt-<tokens>.pt files, each with its sha256 in ckpt-<token
 config.json. A folder belongs to exactly one MLflow run, its owner (the run id in its config.json
 and in every checkpoint): the first run of a run key gets <runs>/checkpoints/<run key>, any other
 run of the same key (another experiment or store sharing the runs folder, a --force rerun) gets
-<run key>.<run id> (`run_folder`). Nothing removes or resumes from a folder another run owns. Checkpoints hold tensors and plain Python values only,
-so they load with weights_only=True and a checkpoint file can never run code (numpy's RNG state
-is stored as a list for that reason). Every file is written through a temporary and a rename, so a
-reader sees the old file or the new one. The checkpoint a run folder stands for is the newest one
-whose checksum verifies (`latest_verified`): resuming, loading and planning an evaluation all
-take that one.
+<run key>.<run id> (`run_folder`). Nothing removes or resumes from a folder another run owns.
+Checkpoints hold tensors and plain Python values only, so they load with weights_only=True and a
+checkpoint file can never run code (numpy's RNG state is stored as a list for that reason). Every
+file is written through a temporary and a rename, so a reader sees the old file or the new one. The
+checkpoint a run folder stands for is the newest one whose checksum verifies (`latest_verified`):
+resuming, loading and planning an evaluation all take that one.
 """
 
 from __future__ import annotations

@@ -149,7 +149,8 @@ class InferenceConfig:
         if self.encoder_layers < 1:
             raise ConfigError(f"inference.encoder_layers must be >= 1, got {self.encoder_layers}")
         if not 0 <= self.start_kl_warmup <= 1:
-            raise ConfigError(f"inference.start_kl_warmup is a fraction of training in [0, 1], got {self.start_kl_warmup}")
+            raise ConfigError("inference.start_kl_warmup is a fraction of training in [0, 1], "
+                              f"got {self.start_kl_warmup}")
         if self.start != "fixed" and self.fixed_variance:
             raise ConfigError(f"inference.fixed_variance needs inference.start=fixed (got {self.start!r}): a trained "
                               "start learns its log-variance")
@@ -332,7 +333,8 @@ class RunConfig:
         if self.model.kind == "ltm" and self.inference.steps < 1 and self.inference.start != "encoder":
             raise ConfigError(f"an LTM needs inference.steps >= 1 (got {self.inference.steps}): with 0 its latents are "
                               "never inferred and the decoder trains on the posterior's starting point; for a model "
-                              "without latents use model.kind=ar (or inference.start=encoder for a purely amortised posterior)")
+                              "without latents use model.kind=ar (or inference.start=encoder for a purely amortised "
+                              "posterior)")
 
     @property
     def tokens_per_update(self) -> int:
@@ -487,7 +489,8 @@ def _run_presets() -> dict[str, RunConfig]:
         train=TrainConfig(tokens=600_000, batch_size=8, lr=4e-3, min_lr=4e-4, warmup_steps=20,
                           eval_blocks=32, iw_samples=8, eval_every=150_000, checkpoint_every=150_000))
     paper = {size: RunConfig(
-        model=MODEL_PRESETS[size], inference=InferenceConfig(steps=16), data=DataConfig(name="openwebtext", val_blocks=256),
+        model=MODEL_PRESETS[size], inference=InferenceConfig(steps=16),
+        data=DataConfig(name="openwebtext", val_blocks=256),
         train=TrainConfig(tokens=3_000_000_000, batch_size=512, micro_batch_size=32, eval_every=50_000_000,
                           eval_blocks=256, checkpoint_every=50_000_000, log_every=5_242_880))
         for size in ("ltm-s", "ltm-m", "ltm-l")}

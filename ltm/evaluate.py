@@ -157,8 +157,9 @@ def evaluate_bounds(model: LatentThoughtModel, batches: Iterable[torch.Tensor], 
     ppl_reuse (released-code scoring, optimistic), ppl_iw (when iw_samples > 0); for an LTM also,
     in nats per token, kl_floor (not for start="encoder"), nll_other_z (given sequence i + N/2's
     sample, N sequences; needs N >= 2), nll_mixture (over up to K = min(8, N - 5) others at distances >= 3;
-    needs N >= 8), nll_prior, and for a trained start bound_start and amortisation_gap. Sequence i of the whole set always gets seed `seed + i`, so results do not
-    depend on batching. `compiled`: the inference loops through torch.compile.
+    needs N >= 8), nll_prior, and for a trained start bound_start and amortisation_gap. Sequence i of
+    the whole set always gets seed `seed + i`, so results do not depend on batching. `compiled`: the
+    inference loops through torch.compile.
     """
     batches = list(batches)
     parts: list[SequenceBounds] = []
@@ -194,7 +195,8 @@ def evaluate_bounds(model: LatentThoughtModel, batches: Iterable[torch.Tensor], 
             start = cat("start").sum().item() / tokens
             metrics[f"{prefix}/bound_start"] = start
             metrics[f"{prefix}/amortisation_gap"] = start - (nll + kl).sum().item() / tokens
-        metrics.update({f"{prefix}/{name}": value / tokens for name, value in _other_z_nlls(model, batches, parts).items()})
+        metrics.update({f"{prefix}/{name}": value / tokens
+                        for name, value in _other_z_nlls(model, batches, parts).items()})
     return metrics
 
 

@@ -211,7 +211,8 @@ def _encoder_param_count(cfg: ModelConfig, layers: int) -> int:
     from ltm.config import InferenceConfig
     from ltm.start import BlockEncoder
     with torch.device("meta"):
-        return sum(p.numel() for p in BlockEncoder(cfg, InferenceConfig(start="encoder", encoder_layers=layers)).parameters())
+        encoder = BlockEncoder(cfg, InferenceConfig(start="encoder", encoder_layers=layers))
+        return sum(p.numel() for p in encoder.parameters())
 
 
 def mfu(tokens_per_s: float, flops_per_tok: float, peak_flops: float, devices: int = 1) -> float:

@@ -4,9 +4,9 @@ A k-shot prompt is `[BOS]Question: q Answer: a[EOS]` for each shot (the training
 packing) then `[BOS]Question: q* Answer:`. The prompt ends at the colon: with byte-level BPE the
 answer's first word carries its leading space, so a trailing space token would be one the model
 never saw there. Shots that do not fit the model's context are left out, those nearest the
-question kept first (the number used is reported as `shots_used`). For an LTM, `pass_k` independent posterior inferences (different noise seeds)
-each give z = the inner loop's last sample, and each is decoded greedily with the KV cache; an AR
-model decodes once, so its pass@k equals its pass@1.
+question kept first (the number used is reported as `shots_used`). For an LTM, `pass_k`
+independent posterior inferences (different noise seeds) each give z = the inner loop's last
+sample, and each is decoded greedily with the KV cache; an AR model decodes once, so its pass@k equals its pass@1.
 
 Two scores per answer: the paper's substring match (the gold number appears in the decoded text)
 and an exact match of the final number (after `####` if the model wrote one, else the last number).
@@ -156,8 +156,9 @@ def evaluate_gsm8k(model: LatentThoughtModel, tok: TextTokenizer, cfg: Inference
 
     Metrics (fractions of problems): `pass{n}_substring`, `pass{n}_exact` (any of n inferences
     right), `pass1_substring`, `pass1_exact` (mean over inferences), `shots_used` (mean),
-    `format_rate` (answers that give a `#### N` final answer, the trained format) and `problems`. Problem i's inference j uses noise seed `seed + i * pass_k + j`. `progress(done,
-    total)` is called after each problem.
+    `format_rate` (answers that give a `#### N` final answer, the trained format) and `problems`.
+    Problem i's inference j uses noise seed `seed + i * pass_k + j`. `progress(done, total)` is
+    called after each problem.
     """
     if shots < 0 or pass_k < 1 or max_new_tokens < 1:
         raise ValueError(f"need shots >= 0, pass_k >= 1 and max_new_tokens >= 1, got {shots}, {pass_k}, "

@@ -166,7 +166,8 @@ def _start(model: LatentThoughtModel, tokens: torch.Tensor, cfg: InferenceConfig
         mu0, logvar0 = model.start(tokens, model.embed)
     else:
         shape = (tokens.shape[0], model.cfg.n_latents, model.cfg.d_model)
-        mu0, logvar0 = torch.zeros(shape, device=tokens.device), torch.full(shape, cfg.init_logvar, device=tokens.device)
+        mu0 = torch.zeros(shape, device=tokens.device)
+        logvar0 = torch.full(shape, cfg.init_logvar, device=tokens.device)
     mu = mu0 + cfg.init_mu_std * noise.draw()
     if cfg.fixed_variance:
         return mu, logvar0

@@ -211,7 +211,8 @@ def build_parser() -> argparse.ArgumentParser:
                "Several processes: torchrun --nproc-per-node N -m ltm.train ... "
                "Exit status: 0 finished (or skipped), 1 failed, 3 interrupted (resumable), 4 another process "
                "is running this run.")
-    parser.add_argument("--preset", default="micro", help="run preset: smoke, micro, ltm-s, ltm-m, ltm-l (default micro)")
+    parser.add_argument("--preset", default="micro",
+                        help="run preset: smoke, micro, ltm-s, ltm-m, ltm-l (default micro)")
     parser.add_argument("--config", help="a JSON run config (as logged in config.json) instead of a preset")
     parser.add_argument("--data", help="data.name: 'synthetic', a hub name or a local path")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
@@ -219,7 +220,8 @@ def build_parser() -> argparse.ArgumentParser:
                              "train.tokens=1e6, seed=1 (repeatable)")
     parser.add_argument("--tracking-uri", help="MLflow tracking URI (default sqlite:///<runs-dir>/mlflow.db)")
     parser.add_argument("--experiment", default="ltm", help="MLflow experiment name (default ltm)")
-    parser.add_argument("--runs-dir", default="runs", help="folder for checkpoints, the default MLflow store and artifacts")
+    parser.add_argument("--runs-dir", default="runs",
+                        help="folder for checkpoints, the default MLflow store and artifacts")
     parser.add_argument("--device", help="cpu, cuda, cuda:1 (default: cuda if available)")
     parser.add_argument("--force", action="store_true", help="rerun even if this config already FINISHED")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -254,7 +256,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {err}", file=sys.stderr)
         return Exit.FAILED
     if int(os.environ.get("RANK", "0")) == 0:
-        print(f"{result.status}: run {cfg.run_key()} (MLflow run {result.run_id})" + (f": {result.reason}" if result.reason else ""))
+        print(f"{result.status}: run {cfg.run_key()} (MLflow run {result.run_id})"
+              + (f": {result.reason}" if result.reason else ""))
         for k, v in sorted(result.metrics.items()):
             print(f"  {k:24s} {v:.6g}")
         if names.VAL_NLL_OTHER_Z in result.metrics:

@@ -152,14 +152,16 @@ def memory_columns(memory: list[Memory | None]) -> dict[str, list]:
 
 def memory_summary(memory: list[Memory | None], gpus_per_trial: float, gpu_mem_gb: float | None) -> list[str]:
     """The lines that read the memory columns: what is estimated, the usable memory, the points over it."""
-    where = "on a GPU (train.precision=auto: bf16 autocast)" if gpus_per_trial else "on a CPU (train.precision=auto: fp32)"
+    where = ("on a GPU (train.precision=auto: bf16 autocast)" if gpus_per_trial
+             else "on a CPU (train.precision=auto: fp32)")
     lines = [f"memory: mem_gb is the peak per process of a training update at the point's micro-batch, in GB of "
              f"2^30 bytes, at the precision it runs at {where}: weights, gradients, AdamW state and the eager "
              "step's activations (ltm.memory; a compiled step usually holds less)"]
     if not gpus_per_trial:
         return lines
     if gpu_mem_gb is None:
-        return lines + ["fit_micro: not checked; give the GPU's memory with --gpu-mem-gb (or a SLURM profile's gpu_mem_gb)"]
+        return lines + ["fit_micro: not checked; give the GPU's memory with --gpu-mem-gb "
+                        "(or a SLURM profile's gpu_mem_gb)"]
     share = f" ({gpus_per_trial:g} of it per trial)" if gpus_per_trial < 1 else ""
     lines.append(f"fit_micro: the largest micro-batch dividing the per-process batch whose peak fits "
                  f"{usable_gb(gpu_mem_gb, gpus_per_trial):.3g} GB: a {gpu_mem_gb:g} GB GPU{share} less "
@@ -174,7 +176,8 @@ def memory_summary(memory: list[Memory | None], gpus_per_trial: float, gpu_mem_g
 
 def memory_problem(points: list[Point], memory: list[Memory | None], gpus_per_trial: float,
                    gpu_mem_gb: float) -> str | None:
-    """Why the points that do not fit their GPU even at micro-batch 1 cannot run, and what to change; None if all fit."""
+    """Why the points that do not fit their GPU even at micro-batch 1 cannot run, and what to change;
+    None if all fit."""
     unfit = [(p, m) for p, m in zip(points, memory) if m is not None and m.largest_fit == 0]
     if not unfit:
         return None

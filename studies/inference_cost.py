@@ -70,7 +70,8 @@ AR_MATCHED = {**AR, "model.window": 8, "train.tokens": MATCHED, "train.eval_ever
               "train.checkpoint_every": MATCHED // 4, "data.synthetic_tokens": max(2_000_000, MATCHED + 1_000_000)}
 
 # Most expensive first, so the two CPUs stay busy to the end (a trial's cost grows with T).
-MICRO = ([{**BUDGET, **PAPER, "inference.steps": t} for t in (64, 32, 16)] + [{**BUDGET, **PRIOR, "inference.steps": 64}]
+MICRO = ([{**BUDGET, **PAPER, "inference.steps": t} for t in (64, 32, 16)]
+         + [{**BUDGET, **PRIOR, "inference.steps": 64}]
          + [{**BUDGET, **PRIOR, "inference.steps": 16}, AR_MATCHED]
          + [{**BUDGET, **PAPER, "inference.steps": 4}]
          + [{**BUDGET, **PRIOR, "inference.steps": t} for t in (4, 1)]

@@ -26,7 +26,8 @@ def build_parser(study: Study) -> argparse.ArgumentParser:
                         help="override a config value in every point, e.g. train.tokens=1e5 (repeatable)")
     parser.add_argument("--tracking-uri", help="MLflow tracking URI (default sqlite:///<runs-dir>/mlflow.db)")
     parser.add_argument("--experiment", default=None, help=f"MLflow experiment (default {study.name})")
-    parser.add_argument("--runs-dir", default="runs", help="checkpoints, MLflow store, Ray and SLURM folders (default runs)")
+    parser.add_argument("--runs-dir", default="runs",
+                        help="checkpoints, MLflow store, Ray and SLURM folders (default runs)")
     parser.add_argument("--seeds", default="0", help="comma-separated seeds, e.g. 0,1,2 (default 0)")
     parser.add_argument("--max-concurrent", type=int, default=0,
                         help="trials at once (default: CPUs / CPUs per trial locally; unlimited otherwise)")
@@ -67,7 +68,8 @@ def _add_group_options(parser: argparse.ArgumentParser, study: Study) -> None:
                                      "(repeatable; --dry-run shows them)")
     ray_group = parser.add_argument_group("ray")
     ray_group.add_argument("--address", help="address of an existing Ray cluster (implies --cluster ray)")
-    ray_group.add_argument("--fresh", action="store_true", help="do not restore the Tune experiment of an earlier start")
+    ray_group.add_argument("--fresh", action="store_true",
+                           help="do not restore the Tune experiment of an earlier start")
     slurm_group = parser.add_argument_group("slurm")
     slurm_group.add_argument("--profile", help="SLURM profile: a name in slurm/profiles/ or a YAML path "
                                                "(default: the preset's)")

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from ltm.names import (BACKEND_TAG, COUNT_TAG_PREFIX, NOTE_TAG, POINTS_TAG, REASON_TAG, ROLE_STUDY, ROLE_TAG, RUN_KEY_TAG,
-                       STUDY_KEY_TAG, TOKENS, Status)
+from ltm.names import (BACKEND_TAG, COUNT_TAG_PREFIX, NOTE_TAG, POINTS_TAG, REASON_TAG, ROLE_STUDY, ROLE_TAG,
+                       RUN_KEY_TAG, STUDY_KEY_TAG, TOKENS, Status)
 from studies.plan import Plan
 from studies.points import grid_table
 
@@ -45,8 +45,9 @@ def open_parent(plan: Plan) -> tuple[Tracker, str]:
     for run in stale:
         key = run.data.tags.get(RUN_KEY_TAG)
         if key in keys and holder(plan.runs_dir, key) is None:
-            tracker.finish(run.info.run_id, Status.KILLED.value, "left RUNNING by a worker that died; the study driver "
-                                                                 "marked it KILLED and resumes it from its last checkpoint")
+            tracker.finish(run.info.run_id, Status.KILLED.value,
+                           "left RUNNING by a worker that died; the study driver "
+                           "marked it KILLED and resumes it from its last checkpoint")
             print(f"marked run {key} KILLED (left RUNNING by a dead worker); it will resume")
     return tracker, parent
 

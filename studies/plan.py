@@ -228,7 +228,8 @@ def _check_backend(args: argparse.Namespace, uri: str, cpus: float) -> None:
     elif args.cluster == "local" and not args.dry_run and cpus > (os.cpu_count() or 1):
         raise UsageError(f"a trial needs {cpus:g} CPUs but this machine has {os.cpu_count()}; lower --cpus-per-trial")
     if args.max_failures < 0:
-        raise UsageError(f"--max-failures is how many times a crashed trial is retried: 0 or more, got {args.max_failures}")
+        raise UsageError("--max-failures is how many times a crashed trial is retried: 0 or more, "
+                         f"got {args.max_failures}")
     if args.max_concurrent < 0:
         raise UsageError(f"--max-concurrent must be >= 0, got {args.max_concurrent}")
 

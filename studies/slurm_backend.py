@@ -27,6 +27,8 @@ from studies.messages import Point, Result, TrialContext
 from studies.plan import ROOT, Plan, UsageError
 
 if TYPE_CHECKING:
+    import submitit  # for the annotations only: the functions below import it lazily
+
     from studies.mlflow_server import MlflowServer
 
 

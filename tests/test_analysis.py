@@ -134,7 +134,8 @@ def test_histories_are_tidy_and_cached(tracked, tmp_path):
     uri = default_tracking_uri(tracked)
     runs = load_runs(uri, "a")
     hist = load_histories(uri, runs, cache_dir=tmp_path)
-    assert set(hist.dropna(subset=["val/ppl_bound"])["step"]) == {2048, 4096} and not hist.duplicated(["run_id", "step"]).any()
+    assert set(hist.dropna(subset=["val/ppl_bound"])["step"]) == {2048, 4096}
+    assert not hist.duplicated(["run_id", "step"]).any()
     assert len(list(tmp_path.glob("*.parquet"))) == 5
     again = load_histories("sqlite:////nonexistent/never/read.db", runs, cache_dir=tmp_path)  # served from cache
     pd.testing.assert_frame_equal(hist.sort_values(["run_id", "step"]).reset_index(drop=True),
@@ -157,13 +158,15 @@ def test_plot_scaling_writes_figures_tables_and_an_analysis_run(tracked, tmp_pat
     table = pd.read_csv(tmp_path / "runs.csv")
     assert len(table) == 5
     ltm_rows = table[table["model.kind"] == "ltm"]
-    assert ltm_rows[["kl_floor", "nll_other_z", "z_reliance", "nll_mixture", "nll_prior", "z_info", "reuse_gap"]].notna().all().all()
+    latent_cols = ["kl_floor", "nll_other_z", "z_reliance", "nll_mixture", "nll_prior", "z_info", "reuse_gap"]
+    assert ltm_rows[latent_cols].notna().all().all()
     assert (ltm_rows["kl_above_floor"] == ltm_rows["kl"] - ltm_rows["kl_floor"]).all()
     assert table.loc[table["model.kind"] == "ar", ["kl_floor", "nll_other_z", "z_info"]].isna().all().all()
     client = MlflowClient(default_tracking_uri(tracked))
     analysis = client.search_runs([client.get_experiment_by_name("a").experiment_id],
                                   filter_string="tags.`ltm.analysis` = 'plot_scaling'")
-    assert len(analysis) == 1 and {"fits.csv", "inference_scaling.png"} <= {a.path for a in client.list_artifacts(analysis[0].info.run_id)}
+    assert len(analysis) == 1
+    assert {"fits.csv", "inference_scaling.png"} <= {a.path for a in client.list_artifacts(analysis[0].info.run_id)}
     # the analysis run is not mistaken for a training run
     assert len(load_runs(default_tracking_uri(tracked), "a")) == 5
 
@@ -202,7 +205,8 @@ def test_compare_scores_two_runs_on_the_same_blocks(tracked, tmp_path, capsys):
 
     base = run_preset("smoke").with_overrides([f"data.cache_dir={tracked.parent / 'cache'}", "train.tokens=4096",
                                                "train.eval_every=2048"])
-    ltm_key, ar_key = base.with_overrides(["inference.steps=4"]).run_key(), base.with_overrides(["model.kind=ar"]).run_key()
+    ltm_key = base.with_overrides(["inference.steps=4"]).run_key()
+    ar_key = base.with_overrides(["model.kind=ar"]).run_key()
     out = tmp_path / "compare.csv"
     assert compare.main([ltm_key, ar_key, "--runs-dir", str(tracked), "--blocks", "8", "--bootstrap", "200",
                          "--out", str(out)]) == 0
@@ -237,7 +241,8 @@ def test_seeds_of_a_point_are_averaged_with_their_spread_and_resampled_together(
     T = [1, 2, 4, 8, 16]
     runs = pd.DataFrame([{"run_id": f"r{t}-{s}", "model.kind": "ltm", "inference.steps": t, "model.n_layers": 2,
                           "model.d_model": 32, "model.n_latents": 4, "train.tokens": 4096, "seed": s,
-                          "config_key": f"T{t}", "final/val/ppl_bound": float(np.exp(2 + 3 * t ** -0.5 + 0.05 * (s - 1))),
+                          "config_key": f"T{t}",
+                          "final/val/ppl_bound": float(np.exp(2 + 3 * t ** -0.5 + 0.05 * (s - 1))),
                           "nll": 1.0 + s, "kl": 0.5} for t in T for s in (0, 1, 2)])
     paths, rows = plot_scaling.plot_inference_scaling(runs, {}, tmp_path, bootstrap=20)
     assert (tmp_path / "inference_scaling.png").exists()
@@ -254,7 +259,8 @@ def test_the_inference_cost_figure_puts_each_start_beside_the_papers_and_the_ar(
     base = run_preset("smoke").with_overrides([f"data.cache_dir={tmp_path / 'cache'}", "train.tokens=2048"])
     for overrides in (["inference.steps=2"], ["inference.steps=2", "inference.init_logvar=0"],
                       ["inference.steps=0", "inference.start=encoder"], ["model.kind=ar"]):
-        result = train.run(base.with_overrides(overrides), runs_dir=tmp_path / "runs", experiment="cost", progress=False)
+        result = train.run(base.with_overrides(overrides), runs_dir=tmp_path / "runs", experiment="cost",
+                           progress=False)
         assert result.status == "FINISHED"
     assert plot_scaling.main(["--runs-dir", str(tmp_path / "runs"), "--experiment", "cost", "--bootstrap", "0"]) == 0
     out = tmp_path / "runs" / "figures" / "cost"

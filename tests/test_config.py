@@ -32,7 +32,8 @@ def test_unknown_preset_lists_the_known_ones():
 
 
 @pytest.mark.parametrize("overrides,message", [
-    (dict(n_latents=10, n_layers=4), r"n_latents=10 is not divisible by model.n_layers=4; use a multiple of 4, e.g. 8 or 12"),
+    (dict(n_latents=10, n_layers=4),
+     r"n_latents=10 is not divisible by model.n_layers=4; use a multiple of 4, e.g. 8 or 12"),
     (dict(window=2048, ctx=1024), r"window=2048 must be between 1 and model.ctx=1024"),
     (dict(d_model=100, n_heads=8), r"d_model=100 is not divisible by model.n_heads=8"),
     (dict(kind="rnn"), r"model.kind must be 'ltm' or 'ar'"),

@@ -160,7 +160,8 @@ def test_dry_run_prints_each_points_memory_and_the_micro_batch_that_fits_its_gpu
     assert "at the precision it runs at on a GPU (train.precision=auto: bf16 autocast)" in rest
     assert (f"whose peak fits {gib((low + high) / 2):.3g} GB: a {gpu_gb:g} GB GPU less 10% headroom (allocator "
             "rounding, fragmentation, workspaces) and 1 GB for the CUDA context") in rest
-    assert "note: 4 point(s) need more than that at their micro-batch: set train.micro_batch_size to their fit_micro" in rest
+    assert ("note: 4 point(s) need more than that at their micro-batch: "
+            "set train.micro_batch_size to their fit_micro") in rest
 
 
 def test_cpu_trials_get_the_cpu_estimate_and_no_fit(tmp_path, capsys):
@@ -218,7 +219,8 @@ def test_ltm_l_at_t64_and_micro_batch_32_fits_an_h200_with_room_to_spare():
     weights_and_adamw = 16 * 76_279_296 / 2**30  # fp32 weights, gradients and two moments: 1.1 GB
     assert 10 * weights_and_adamw < memory.peak_gb < 126  # activations dominate; it fits
     assert memory.largest_fit == estimate.largest_micro_batch(usable_gb(141, 1) * 2**30) >= 32
-    assert estimate.peak_bytes(memory.largest_fit) <= usable_gb(141, 1) * 2**30 < estimate.peak_bytes(2 * memory.largest_fit)
+    usable = usable_gb(141, 1) * 2**30
+    assert estimate.peak_bytes(memory.largest_fit) <= usable < estimate.peak_bytes(2 * memory.largest_fit)
 
 
 @pytest.mark.parametrize("args, message", [

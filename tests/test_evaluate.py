@@ -5,7 +5,7 @@ import pytest
 import torch
 
 import ltm
-from ltm.evaluate import evaluate_bounds, perplexity, perplexity_seqmean, sequence_bounds, sequence_nll
+from ltm.evaluate import evaluate_bounds, sequence_bounds, sequence_nll
 from ltm.kl_floor import kl_floor
 from ltm.model import token_nll
 
@@ -180,7 +180,8 @@ def test_kl_floor_table_command(capsys):
     from ltm import kl_floor as floor_module
 
     assert floor_module.main(["--steps", "16,64"]) == 0
-    rows = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| 16 ") or line.startswith("| 64 ")]
+    rows = [line for line in capsys.readouterr().out.splitlines()
+            if line.startswith("| 16 ") or line.startswith("| 64 ")]
     assert rows[0].split("|")[2].strip() == f"{floor_module.kl_floor_per_dim(ltm.InferenceConfig(steps=16)):.3f}"
     assert rows[1].split("|")[2].strip() == "0.000"
     with pytest.raises(SystemExit):

@@ -147,7 +147,8 @@ def _hold(runs: Path, key: str, driver: str | None) -> subprocess.Popen:
     if driver:
         env[STUDY_DRIVER_ENV] = driver
     proc = subprocess.Popen([sys.executable, "-c", "import time; from ltm.runlock import RunLock; "
-                             f"l = RunLock({str(runs)!r}, {key!r}, 'trained'); print('held', flush=True); time.sleep(120)"],
+                             f"l = RunLock({str(runs)!r}, {key!r}, 'trained'); "
+                             "print('held', flush=True); time.sleep(120)"],
                             cwd=ROOT, stdout=subprocess.PIPE, text=True, env=env)
     assert proc.stdout.readline().strip() == "held"
     return proc

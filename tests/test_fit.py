@@ -209,8 +209,8 @@ def test_frontier_is_the_monotone_lower_envelope():
     loss = 2 + 10 * flops ** -0.1 + rng.exponential(0.2, flops.size)
     idx = compute_frontier(flops, loss)
     assert np.all(np.diff(flops[idx]) > 0) and np.all(np.diff(loss[idx]) < 0)
-    for f, l in zip(flops, loss):  # no point beats the envelope at its own compute
-        assert loss[idx][flops[idx] <= f].min() <= l
+    for f, loss_f in zip(flops, loss):  # no point beats the envelope at its own compute
+        assert loss[idx][flops[idx] <= f].min() <= loss_f
 
 
 def test_frontier_of_a_small_example():

@@ -96,7 +96,8 @@ def test_tritons_c_compiler_is_cc_else_gcc_else_clang_on_the_path(tmp_path):
 
 
 def test_no_c_compiler_is_refused_with_how_to_get_one_and_how_to_do_without(tmp_path):
-    with pytest.raises(RuntimeError, match=r"neither gcc nor clang is on PATH; install one .* --set train\.compile=off"):
+    with pytest.raises(RuntimeError,
+                       match=r"neither gcc nor clang is on PATH; install one .* --set train\.compile=off"):
         check_c_compiler({"PATH": str(tmp_path)})
     with pytest.raises(RuntimeError, match=r"CC='cc-9' is not an executable"):
         check_c_compiler({"PATH": str(tmp_path), "CC": "cc-9"})

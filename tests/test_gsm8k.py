@@ -27,7 +27,8 @@ class ByteTokenizer:
         return bytes(i for i in ids if i < 256).decode(errors="replace")
 
 
-PROBLEMS = [Problem(f"What is {i} + {i}?", f"{i} + {i} = <<{i}+{i}={2 * i}>>{2 * i}\n#### {2 * i}") for i in range(1, 9)]
+PROBLEMS = [Problem(f"What is {i} + {i}?", f"{i} + {i} = <<{i}+{i}={2 * i}>>{2 * i}\n#### {2 * i}")
+            for i in range(1, 9)]
 
 
 @pytest.mark.parametrize("text, number", [("18", "18"), ("$1,234.50", "1234.5"), ("7.00 dollars", "7"),

@@ -13,7 +13,8 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def _run(args: list[str], env: dict, timeout: float) -> str:
     proc = subprocess.run([sys.executable, *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
-    assert proc.returncode == 0, f"{' '.join(args)} exited {proc.returncode}\n{proc.stdout[-4000:]}\n{proc.stderr[-4000:]}"
+    assert proc.returncode == 0, (f"{' '.join(args)} exited {proc.returncode}\n"
+                                  f"{proc.stdout[-4000:]}\n{proc.stderr[-4000:]}")
     return proc.stdout
 
 

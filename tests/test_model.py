@@ -95,7 +95,8 @@ def test_stem_split_equals_the_full_forward(smoke_model, smoke_cfg, tokens):
 
 def test_embeddings_are_tied_and_counted_once(smoke_model, smoke_cfg):
     assert smoke_model.unembed.weight is smoke_model.embed.weight
-    assert smoke_model.num_params() - smoke_model.num_params(non_embedding=True) == smoke_cfg.vocab_size * smoke_cfg.d_model
+    embedding = smoke_model.num_params() - smoke_model.num_params(non_embedding=True)
+    assert embedding == smoke_cfg.vocab_size * smoke_cfg.d_model
 
 
 def test_latent_rope_option_changes_the_cross_attention(smoke_cfg, tokens):

@@ -95,7 +95,9 @@ def test_reuse_noise_keeps_one_draw_for_the_whole_call(smoke_model, tokens):
     one, three = (ltm.infer_posterior(smoke_model, tokens, dataclasses.replace(reuse, steps=s), seeds=[0, 1, 2])
                   for s in (1, 3))
     assert torch.equal(one.eps, three.eps)
-    fresh_one, fresh_three = (ltm.infer_posterior(smoke_model, tokens, dataclasses.replace(reuse, steps=s, reuse_noise=False), seeds=[0, 1, 2])
+    fresh_one, fresh_three = (ltm.infer_posterior(smoke_model, tokens,
+                                                  dataclasses.replace(reuse, steps=s, reuse_noise=False),
+                                                  seeds=[0, 1, 2])
                               for s in (1, 3))
     assert not torch.equal(fresh_one.eps, fresh_three.eps)
     torch.testing.assert_close(three.z, three.mu + three.eps * (0.5 * three.logvar).exp())

@@ -152,7 +152,8 @@ def fail_one(rank: int, port: int, tmp: str, failing: int) -> None:
 def test_a_process_stops_with_the_reason_another_one_failed(tmp_path, failing):
     spawn(fail_one, str(tmp_path), failing)
     seen = [json.loads((tmp_path / f"rank{rank}.json").read_text()) for rank in (0, 1)]
-    assert seen[failing] == [] and seen[1 - failing] == [f"process {failing} failed: RuntimeError: process {failing} ran out of memory"]
+    assert seen[failing] == []
+    assert seen[1 - failing] == [f"process {failing} failed: RuntimeError: process {failing} ran out of memory"]
 
 
 def test_one_process_has_no_process_group_and_no_watcher(monkeypatch):

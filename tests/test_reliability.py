@@ -362,7 +362,8 @@ def test_the_study_server_listens_locally_and_only_answers_the_study(tmp_path):
         assert server.uri.startswith("http://127.0.0.1:")
         import psutil
 
-        bound = {c.laddr.ip for c in psutil.net_connections("tcp") if c.status == "LISTEN" and c.laddr.port == server.port}
+        bound = {c.laddr.ip for c in psutil.net_connections("tcp")
+                 if c.status == "LISTEN" and c.laddr.port == server.port}
         assert bound == {"127.0.0.1"}  # not 0.0.0.0: nothing off this node reaches it
         creds = json.loads(server.credentials.read_text())
         assert stat.S_IMODE(server.credentials.stat().st_mode) == 0o600
@@ -393,7 +394,8 @@ def test_the_study_server_listens_locally_and_only_answers_the_study(tmp_path):
             os.environ.pop(var, None)
     server = MlflowServer(f"sqlite:///{tmp_path / 'm.db'}", tmp_path, one_node=False)  # jobs on other nodes
     try:
-        bound = {c.laddr.ip for c in psutil.net_connections("tcp") if c.status == "LISTEN" and c.laddr.port == server.port}
+        bound = {c.laddr.ip for c in psutil.net_connections("tcp")
+                 if c.status == "LISTEN" and c.laddr.port == server.port}
         assert bound == {node_address()} and server.uri == f"http://{node_address()}:{server.port}"
     finally:
         server.stop()
@@ -420,7 +422,8 @@ def test_passwords_in_a_tracking_uri_are_never_printed_or_stored(tmp_path, capsy
 
 # -- SLURM restarts ------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("answer, message", [(None, "cannot tell whether the jobs"), ({"77_0"}, "still queued or running")],
+@pytest.mark.parametrize("answer, message",
+                         [(None, "cannot tell whether the jobs"), ({"77_0"}, "still queued or running")],
                          ids=["squeue-unanswered", "jobs-alive"])
 def test_a_slurm_restart_touches_no_run_while_earlier_jobs_may_live(tmp_path, monkeypatch, capsys, answer, message):
     import studies.plan

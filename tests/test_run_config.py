@@ -36,7 +36,10 @@ def test_run_key_is_stable_and_changes_with_the_config_and_seed():
 
 def test_run_key_ignores_only_what_the_run_does_not_use():
     ltm_run = run_preset("smoke")
-    same = lambda cfg, *sets: cfg.run_key() == cfg.with_overrides(list(sets)).run_key()
+
+    def same(cfg, *sets):
+        return cfg.run_key() == cfg.with_overrides(list(sets)).run_key()
+
     # the vocabulary always comes from the data
     assert same(ltm_run, "model.vocab_size=999")
     # an AR has no latents and no inference loop: one baseline whatever T a grid gives it

@@ -69,13 +69,15 @@ def test_studies_modules_stay_small():
 
 def function_lengths(folder: Path) -> dict[str, int]:
     """"<file>:<function>" -> its lines, from its def to its last line, for every function in the folder."""
-    return {f"{p.name}:{node.name}": node.end_lineno - node.lineno + 1 for p in sorted(folder.glob("*.py"))
-            for node in ast.walk(ast.parse(p.read_text())) if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef))}
+    return {f"{p.relative_to(folder)}:{node.name}": node.end_lineno - node.lineno + 1
+            for p in sorted(folder.rglob("*.py")) for node in ast.walk(ast.parse(p.read_text()))
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef))}
 
 
-def test_studies_functions_fit_on_a_screen():
-    long = {name: n for name, n in function_lengths(ROOT / "studies").items() if n > 60}
-    assert not long, long
+def test_functions_fit_on_a_screen():
+    for pkg in PACKAGES:  # studies/, ltm/ (subpackages included) and analysis/
+        long = {name: n for name, n in function_lengths(ROOT / pkg).items() if n > 60}
+        assert not long, (pkg, long)
 
 
 def test_the_worker_and_the_study_scripts_import_only_what_they_run():

@@ -99,7 +99,8 @@ def test_a_point_names_its_run_recipe():
     assert RunConfig.from_dict(plain.config) == run_preset("smoke").with_overrides({"seed": 3})
     assert named.label == {"recipe": "micro", "train.tokens": 1000, "seed": 3}
     # LTM-S/M/L of the paper presets are the ltm-s/m/l recipes, one per size
-    layers = {RunConfig.from_dict(p.config).model.n_layers for p in build_points(INFERENCE_SCALING, "paper", [0], None, [])}
+    layers = {RunConfig.from_dict(p.config).model.n_layers
+              for p in build_points(INFERENCE_SCALING, "paper", [0], None, [])}
     assert layers == {run_preset(r).model.n_layers for r in ("ltm-s", "ltm-m", "ltm-l")} == {3, 6, 12}
 
 
@@ -168,7 +169,9 @@ def test_slurm_dry_run_prints_the_sbatch_parameters(tmp_path, capsys):
 ], ids=["preset", "config", "budget", "data", "tracking-server", "tracking-path", "profile", "seeds"])
 def test_bad_options_fail_before_anything_is_launched(tmp_path, capsys, args, message):
     runs = tmp_path / "runs"
-    argv = ["--preset", "smoke", "--runs-dir", str(runs), *args] if "--preset" not in args else ["--runs-dir", str(runs), *args]
+    argv = ["--runs-dir", str(runs), *args]
+    if "--preset" not in args:
+        argv = ["--preset", "smoke", *argv]
     assert main(INFERENCE_SCALING, argv) == 2
     err = capsys.readouterr().err
     assert err.startswith("error: ") and message in err and err.count("\n") == 1
@@ -308,7 +311,8 @@ def test_slurm_scancel_of_one_task_then_restart_completes_only_that_point(tmp_pa
     longer = ["--set", "train.tokens=131072", "--set", "train.checkpoint_every=16384"]
     first_key = build_points(INFERENCE_SCALING, "smoke", [0], None, longer[1::2])[0].key
     proc = subprocess.Popen([sys.executable, str(SCRIPT), "--preset", "smoke", "--runs-dir", str(runs), "--cluster",
-                             "slurm", *longer], cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+                             "slurm", *longer],
+                            cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
         _wait_for(lambda: len(_array_tasks(runs)) == 4, 180, "the array's submission")
         victim = _array_tasks(runs)[0]
@@ -375,7 +379,8 @@ def test_micro_presets_sit_where_the_latents_can_pay(tmp_path):
     assert cfg.model.receptive_field < period < cfg.model.ctx
     data = cfg.with_overrides({"data.cache_dir": str(tmp_path)}).data
     blocks = load_blocks(data, cfg.model.ctx, "validation")
-    gap = math.log(optimal_ppl(blocks, window=cfg.model.receptive_field, n_blocks=32) / optimal_ppl(blocks, n_blocks=32))
+    gap = math.log(optimal_ppl(blocks, window=cfg.model.receptive_field, n_blocks=32)
+                   / optimal_ppl(blocks, n_blocks=32))
     assert gap >= 0.3, gap
     efficiency = [RunConfig.from_dict(p.config) for p in build_points(SAMPLE_EFFICIENCY, "micro", [0], None, [])]
     assert {c.model.window for c in efficiency if c.model.kind == "ar"} == {8, None}
