@@ -41,7 +41,9 @@ def start_label(row) -> str:
         layers = int(_value(row, "inference.encoder_layers", 1))
         label = f"encoder, {layers} layer" + ("s" if layers > 1 else "")
     lr = float(_value(row, "inference.lr_max", PAPER_LR))
-    return label + ("" if lr == PAPER_LR else f", inner lr {lr:g}")
+    warmup = float(_value(row, "inference.start_kl_warmup", 0.0))
+    return (label + ("" if lr == PAPER_LR else f", inner lr {lr:g}")
+            + (f", KL warm-up {warmup:g}" if warmup and start != "fixed" else ""))
 
 
 def cost_table(runs: pd.DataFrame, config_of: Callable[[str], dict], metric: str) -> pd.DataFrame:
@@ -69,37 +71,56 @@ def cost_table(runs: pd.DataFrame, config_of: Callable[[str], dict], metric: str
                                    eval_flops_per_token=("eval_flops_per_token", "first")).reset_index()
 
 
+CLIP = 3.0
+"""The figure's top, in multiples of the best AR's bound: larger bounds are drawn as arrows at the top,
+labelled with their value, so the region where the starts and the ARs compete stays readable."""
+
+
+def _draw(ax, g: pd.DataFrame, x: str, colour, label: str, is_ar: bool, top: float) -> None:
+    shown = g["bound_ppl"].clip(upper=top * 0.97)
+    err = [shown - g["low"].clip(upper=top * 0.97), g["high"].clip(upper=top * 0.97) - shown]
+    ax.errorbar(g[x], shown, yerr=err if g["seeds"].max() > 1 else None, fmt="s" if is_ar else "o-",
+                color=colour, ms=5, lw=1.2, capsize=2, label=label)
+    for (_, r), y in zip(g.iterrows(), shown):
+        clipped = r["bound_ppl"] > top * 0.97
+        if clipped:
+            ax.plot(r[x], y, "^", color=colour, ms=7)
+        text = (f"T={r['T']}" if not is_ar else f"{r['train_tokens'] / 1e6:g}M tokens") + \
+            (f": {r['bound_ppl']:.0f}" if clipped else "")
+        ax.annotate(text, (r[x], y), fontsize=6, xytext=(3, 3), textcoords="offset points", color=colour)
+
+
 def plot_inference_cost(table: pd.DataFrame, refs: dict[str, float], out: Path, save) -> list[Path]:
     """Two panels, bound against training FLOPs and against inference FLOPs per evaluated token: a
-    line per start through its T values (labelled), the ARs as squares, the corpus optima as lines."""
+    line per start through its T values (labelled), the ARs as squares at each budget, the corpus optima
+    as lines; bounds above CLIP x the best AR's as labelled arrows at the top."""
     starts = sorted({label for label in table["label"] if not label.startswith("AR")} if not table.empty else [],
                     key=lambda s: (not s.startswith("paper"), s))
     if not starts:
         return []
-    fig, axes = plt.subplots(1, 2, figsize=(11.5, 4.4), sharey=True)
+    fig, axes = plt.subplots(1, 2, figsize=(12.5, 4.8), sharey=True)
     colours = dict(zip(starts, sns.color_palette("tab10", len(starts))))
     ar_colours = iter(["black", "#8c564b", "#2ca02c", "0.4"])
+    top = CLIP * table.loc[table["label"].str.startswith("AR"), "bound_ppl"].min() if \
+        table["label"].str.startswith("AR").any() else table["bound_ppl"].max() * 1.1
     for label, g in table.groupby("label"):
-        g = g[g["train_tokens"] == g["train_tokens"].min()].sort_values("T")  # one budget per line
         is_ar = label.startswith("AR")
+        if not is_ar:  # a start's line through its T values at one budget; an AR's points at every budget
+            g = g[g["train_tokens"] == g["train_tokens"].min()]
+        g = g.sort_values(["T", "train_tokens"])
         colour = next(ar_colours) if is_ar else colours[label]
         for ax, x in zip(axes, ("train_flops", "eval_flops_per_token")):
-            err = [g["bound_ppl"] - g["low"], g["high"] - g["bound_ppl"]]
-            ax.errorbar(g[x], g["bound_ppl"], yerr=err if g["seeds"].max() > 1 else None, fmt="s" if is_ar else "o-",
-                        color=colour, ms=5, lw=1.2, capsize=2, label=label)
-            if not is_ar:
-                for _, r in g.iterrows():
-                    ax.annotate(f"T={r['T']}", (r[x], r["bound_ppl"]), fontsize=6, xytext=(3, 3),
-                                textcoords="offset points", color=colour)
+            _draw(ax, g, x, colour, label, is_ar, top)
     for (name, value), ls in zip(refs.items(), (":", "--", "-.", (0, (1, 3)))):
         for ax in axes:
             ceiling = " (the same-window AR's ceiling)" if "receptive" in name else ""
             ax.axhline(value, color="0.3", ls=ls, lw=1, label=f"{name}: {value:.2f}" + ceiling)
-    axes[0].set(xscale="log", yscale="log", xlabel="training FLOPs (exact)", ylabel="validation perplexity bound")
+    axes[0].set(xscale="log", yscale="log", xlabel="training FLOPs (exact)", ylabel="validation perplexity bound",
+                ylim=(None, top))
     axes[1].set(xscale="log", xlabel="inference FLOPs per evaluated token (exact)")
     for ax in axes:  # decades only: minor labels collide over a narrow FLOP range
         ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
-    axes[1].legend(fontsize=7, loc="upper right")
+    axes[1].legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.02, 1))
     seeds = table["seeds"].max() > 1
     fig.suptitle("Where the posterior starts: bound against cost" + (" (mean over seeds, bars min to max)" if seeds
                                                                       else ""))

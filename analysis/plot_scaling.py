@@ -279,7 +279,8 @@ def plot_bound_decomposition(runs: pd.DataFrame, refs: dict, out: Path) -> list:
 
 def _curves(hist: pd.DataFrame, runs: pd.DataFrame, x: str) -> pd.DataFrame:
     cols = ["run_id", "model.kind", "inference.steps", "model.n_layers", "model.d_model", "model.n_latents",
-            "model.window", "inference.start", "inference.init_logvar", "inference.encoder_layers", "inference.lr_max"]
+            "model.window", "inference.start", "inference.init_logvar", "inference.encoder_layers", "inference.lr_max",
+            "inference.start_kl_warmup"]
     h = hist.dropna(subset=[METRIC, x]).merge(runs[[c for c in cols if c in runs]], on="run_id")
     h["label"] = h.apply(_label, axis=1)
     h["size"] = h.apply(_size_label, axis=1)
