@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import sys
 
 import torch
@@ -56,6 +57,7 @@ def _floor_per_dim(cfg: InferenceConfig, mu0: torch.Tensor, logvar0: torch.Tenso
     return 0.5 * mu.square().mean(-1) + 0.5 * (logvar.exp() - 1 - logvar).mean(-1)
 
 
+@functools.lru_cache(maxsize=64)  # a function of the config alone: every evaluation of a run reuses it
 def kl_floor_per_dim(cfg: InferenceConfig) -> float:
     """Expected KL(q || N(0, 1)) of one latent dimension after the inner loop with a z-blind decoder,
     from the fixed start (mu 0, logvar init_logvar)."""
