@@ -46,6 +46,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from ltm.checkpoint import load_model, resolve  # noqa: E402
 from ltm.config import ConfigError, RunConfig  # noqa: E402
+from ltm.names import Exit  # noqa: E402
 from ltm.data import load_blocks  # noqa: E402
 from ltm.evaluate import sequence_bounds  # noqa: E402
 from ltm.tracking import default_tracking_uri  # noqa: E402
@@ -301,15 +302,15 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: A has {len(sides['A'])} runs and B {len(sides['B'])}: an interval over training seeds needs "
               f"at least 2 seeds on each side; give {one} its other seeds (comma-separated) or compare one run "
               "per side", file=sys.stderr)
-        return 2
+        return Exit.USAGE
     try:
         scored, problem = _score_sides(args, sides)
     except (ConfigError, FileNotFoundError, ValueError) as err:
         print(f"error: {err}", file=sys.stderr)
-        return 2
+        return Exit.USAGE
     if problem:
         print(f"error: {problem}", file=sys.stderr)
-        return 2
+        return Exit.USAGE
     a, b = ([s.frame for s in scored[name]] for name in ("A", "B"))
     labels = {"A_run": a[0]["run"].iloc[0], "B_run": b[0]["run"].iloc[0]}
     if len(a) == 1:
@@ -320,7 +321,7 @@ def main(argv: list[str] | None = None) -> int:
         _print_seeds(result, args.bootstrap)
     if args.out:
         pd.DataFrame([result]).to_csv(args.out, index=False)
-    return 0
+    return Exit.OK
 
 
 if __name__ == "__main__":

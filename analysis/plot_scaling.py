@@ -44,7 +44,7 @@ from analysis import fit  # noqa: E402
 from analysis.inference_cost import cost_table, plot_inference_cost, start_label  # noqa: E402
 from analysis.runs import (FULL_CONTEXT, NoRunsError, find_study, load_evaluations, load_histories,  # noqa: E402
                            load_runs, parent_run)
-from ltm.names import ANALYSIS_TAG, N_RUNS_TAG, VAL_PPL_BOUND  # noqa: E402
+from ltm.names import ANALYSIS_TAG, N_RUNS_TAG, VAL_PPL_BOUND, Exit  # noqa: E402
 
 METRIC = VAL_PPL_BOUND
 
@@ -480,7 +480,7 @@ def main(argv: list[str] | None = None) -> int:
     except NoRunsError as err:
         if evals.empty:
             print(f"error: {err}", file=sys.stderr)
-            return 2
+            return Exit.USAGE
         runs = pd.DataFrame()  # only evaluations of checkpoints trained elsewhere: their tables
     out = Path(args.out or runs_dir / "figures" / name).resolve()
     out.mkdir(parents=True, exist_ok=True)
@@ -513,7 +513,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"{len(runs)} training runs and {len(evals)} evaluations -> {len(figures + figure4)} figure files and "
           f"{len(tables)} tables in {out}")
     print(f"logged to MLflow run {run_id} ('analysis') in experiment {experiment!r}")
-    return 0
+    return Exit.OK
 
 
 if __name__ == "__main__":

@@ -82,7 +82,7 @@ class Status(str, enum.Enum):
 
 
 class Exit(enum.IntEnum):
-    """The exit status of every command of the suite (`ltm.train`, the studies, the worker)."""
+    """The exit status of every command of the suite (`ltm.train`, the studies, the worker, the analysis)."""
 
     OK = 0
     FAILED = 1

@@ -21,7 +21,8 @@ from typing import TYPE_CHECKING
 
 from ltm import lifecycle, loop, names
 from ltm.checkpoint import checkpoints, load_latest_checkpoint, remove_stale_temporaries, write_run_config
-from ltm.config import ModelConfig, RunConfig, run_preset
+from ltm.cli import add_run_options
+from ltm.config import ConfigError, ModelConfig, RunConfig, run_preset
 from ltm.lifecycle import UNSENT_FILE, RunDecision, RunResult
 from ltm.names import EXIT_OF, Exit, Status
 from ltm.objective import check_c_compiler, use_compile
@@ -209,19 +210,12 @@ def build_parser() -> argparse.ArgumentParser:
         prog="python -m ltm.train", description="Train one LTM or AR run, tracked in MLflow and resumable.",
         epilog="Run the same command again to resume an interrupted run or to skip a finished one. "
                "Several processes: torchrun --nproc-per-node N -m ltm.train ... "
-               "Exit status: 0 finished (or skipped), 1 failed, 3 interrupted (resumable), 4 another process "
-               "is running this run.")
+               "Exit status: 0 finished (or skipped), 1 failed, 2 bad options (nothing started), 3 interrupted "
+               "(resumable), 4 another process is running this run.")
     parser.add_argument("--preset", default="micro",
                         help="run preset: smoke, micro, ltm-s, ltm-m, ltm-l (default micro)")
     parser.add_argument("--config", help="a JSON run config (as logged in config.json) instead of a preset")
-    parser.add_argument("--data", help="data.name: 'synthetic', a hub name or a local path")
-    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                        help="override a config value by its dotted key, e.g. inference.steps=32, model.n_latents=8, "
-                             "train.tokens=1e6, seed=1 (repeatable)")
-    parser.add_argument("--tracking-uri", help="MLflow tracking URI (default sqlite:///<runs-dir>/mlflow.db)")
-    parser.add_argument("--experiment", default="ltm", help="MLflow experiment name (default ltm)")
-    parser.add_argument("--runs-dir", default="runs",
-                        help="folder for checkpoints, the default MLflow store and artifacts")
+    add_run_options(parser, experiment_default="ltm")
     parser.add_argument("--device", help="cpu, cuda, cuda:1 (default: cuda if available)")
     parser.add_argument("--force", action="store_true", help="rerun even if this config already FINISHED")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -241,17 +235,29 @@ def config_from_args(args: argparse.Namespace) -> RunConfig:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Train one run from the command line; returns the exit status (`ltm.names.Exit`): bad options
+    (the config, --data, --tracking-uri, --tracking-patience) are refused with Exit.USAGE."""
     from ltm.runlock import RunBusy
+    from ltm.tracking import TrackingError
 
     args = build_parser().parse_args(argv)
     try:
+        if args.tracking_patience <= 0:
+            raise ConfigError(f"--tracking-patience must be > 0 seconds, got {args.tracking_patience}")
         cfg = config_from_args(args)
+    except (ConfigError, OSError, ValueError) as err:  # a bad --config file too
+        print(f"error: {err}", file=sys.stderr)
+        return Exit.USAGE
+    try:
         result = run(cfg, tracking_uri=args.tracking_uri, experiment=args.experiment, runs_dir=args.runs_dir,
                      force=args.force, progress=not args.no_progress, device=args.device,
                      tracking_patience=args.tracking_patience)
     except RunBusy as err:
         print(f"error: {err}", file=sys.stderr)
         return Exit.BUSY
+    except (ConfigError, TrackingError) as err:  # --data, --tracking-uri, a checkpoint: refused by run's checks
+        print(f"error: {err}", file=sys.stderr)
+        return Exit.USAGE
     except (ValueError, FileNotFoundError, RuntimeError, OSError) as err:
         print(f"error: {err}", file=sys.stderr)
         return Exit.FAILED

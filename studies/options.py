@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 
+from ltm.cli import add_run_options
 from studies.costs import DEFAULT_MFU, DEFAULT_PEAK_TFLOPS
 from studies.study import Study
 
@@ -14,20 +15,14 @@ def build_parser(study: Study) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog=f"python studies/{study.name}.py", description=f"{study.description} Presets: {presets}.",
         epilog="Starting the same study again skips finished points and resumes interrupted ones. "
-               "Exit status: 0 all finished, 1 some failed, 2 bad options (nothing launched), 3 interrupted, "
+               "Exit status: 0 all finished, 1 some failed, 2 bad options (nothing started), 3 interrupted, "
                "4 busy (points held by other processes).")
     parser.add_argument("--cluster", choices=["local", "ray", "slurm"], default="local",
                         help="local: Ray Tune on this machine (default); ray: an existing Ray cluster (--address); "
                              "slurm: a submitit job array")
     parser.add_argument("--preset", default=study.default_preset, help=f"one of {', '.join(study.presets)} "
                                                                         f"(default {study.default_preset})")
-    parser.add_argument("--data", help="data.name for every point: synthetic, openwebtext, a local path, ...")
-    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                        help="override a config value in every point, e.g. train.tokens=1e5 (repeatable)")
-    parser.add_argument("--tracking-uri", help="MLflow tracking URI (default sqlite:///<runs-dir>/mlflow.db)")
-    parser.add_argument("--experiment", default=None, help=f"MLflow experiment (default {study.name})")
-    parser.add_argument("--runs-dir", default="runs",
-                        help="checkpoints, MLflow store, Ray and SLURM folders (default runs)")
+    add_run_options(parser, experiment_default=None, experiment_shown=study.name, every_point=True)
     parser.add_argument("--seeds", default="0", help="comma-separated seeds, e.g. 0,1,2 (default 0)")
     parser.add_argument("--max-concurrent", type=int, default=0,
                         help="trials at once (default: CPUs / CPUs per trial locally; unlimited otherwise)")

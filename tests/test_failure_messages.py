@@ -61,7 +61,7 @@ def test_an_ltm_without_inference_steps_is_refused():
 
 def test_ltm_train_refuses_zero_steps_before_creating_anything(tmp_path, capsys):
     runs = tmp_path / "runs"
-    assert train.main(["--preset", "smoke", "--runs-dir", str(runs), "--set", "inference.steps=0"]) == Exit.FAILED
+    assert train.main(["--preset", "smoke", "--runs-dir", str(runs), "--set", "inference.steps=0"]) == Exit.USAGE
     assert "an LTM needs inference.steps >= 1" in capsys.readouterr().err
     assert not runs.exists()
 
@@ -80,7 +80,7 @@ def test_a_damaged_sqlite_store_is_named_not_a_traceback(tmp_path, capsys):
         check_tracking_uri(f"sqlite:///{db}")
     code = train.main(["--preset", "smoke", "--runs-dir", str(tmp_path / "runs"), "--tracking-uri", f"sqlite:///{db}",
                        "--set", f"data.cache_dir={tmp_path / 'cache'}"])
-    assert code == Exit.FAILED and "is not a SQLite database" in capsys.readouterr().err
+    assert code == Exit.USAGE and "is not a SQLite database" in capsys.readouterr().err
 
 
 @pytest.fixture
@@ -197,3 +197,19 @@ def test_a_study_meeting_a_point_held_by_another_process_reports_it_busy_and_lea
         assert parent.data.tags["ltm.status_reason"].startswith("busy:")
     finally:
         user.kill()
+
+
+# -- exit status ---------------------------------------------------------------------------------------
+
+def test_bad_options_exit_2_for_training_the_studies_and_the_analysis(tmp_path, capsys):
+    from analysis import compare
+    from studies.inference_scaling import STUDY
+    from studies.launcher import main as study_main
+
+    runs = tmp_path / "runs"
+    assert train.main(["--preset", "smoke", "--runs-dir", str(runs), "--set", "no.such=1"]) == Exit.USAGE == 2
+    assert "unknown config key" in capsys.readouterr().err
+    assert study_main(STUDY, ["--runs-dir", str(runs), "--set", "no.such=1", "--dry-run"]) == Exit.USAGE
+    assert "unknown config key" in capsys.readouterr().err
+    assert compare.main(["no-such-run", "no-such-run-either", "--runs-dir", str(runs)]) == Exit.USAGE
+    assert "no-such-run" in capsys.readouterr().err

@@ -446,8 +446,9 @@ def test_a_slurm_restart_touches_no_run_while_earlier_jobs_may_live(tmp_path, mo
 
 
 def test_a_tracking_patience_that_is_not_positive_is_refused_before_anything_starts(tmp_path, capsys):
-    assert train.main(["--preset", "smoke", "--runs-dir", str(tmp_path / "runs"), "--tracking-patience", "0"]) == 1
-    assert "tracking_patience must be > 0 seconds" in capsys.readouterr().err
+    argv = ["--preset", "smoke", "--runs-dir", str(tmp_path / "runs"), "--tracking-patience", "0"]
+    assert train.main(argv) == Exit.USAGE
+    assert "--tracking-patience must be > 0 seconds" in capsys.readouterr().err
     assert not (tmp_path / "runs" / "mlflow.db").exists()
 
 

@@ -307,13 +307,13 @@ def test_unreachable_tracking_server_fails_before_training(tmp_path):
 ])
 def test_bad_data_fails_with_a_clear_message_on_the_command_line(tmp_path, data, message):
     out = subprocess.run(cli(tmp_path, "--data", data), capture_output=True, text=True, cwd=ROOT)
-    assert out.returncode == Exit.FAILED
+    assert out.returncode == Exit.USAGE
     assert message in out.stderr and "Traceback" not in out.stderr
 
 
 def test_bad_overrides_fail_on_the_command_line(tmp_path):
     out = subprocess.run(cli(tmp_path, "--set", "inference.step=3"), capture_output=True, text=True, cwd=ROOT)
-    assert out.returncode == Exit.FAILED and "unknown config key 'inference.step'" in out.stderr
+    assert out.returncode == Exit.USAGE and "unknown config key 'inference.step'" in out.stderr
 
 
 @pytest.mark.slow
