@@ -33,6 +33,11 @@ class TrackingError(RuntimeError):
     """The tracking store cannot be used; the message says what to change."""
 
 
+class TrackingUnusable(TrackingError):
+    """The store --tracking-uri names cannot be used (unreachable, not a URI, read-only, damaged):
+    found before a run is created, so nothing was started (a bad option: exit 2)."""
+
+
 def default_tracking_uri(runs_dir: str | Path) -> str:
     """sqlite:///<absolute runs dir>/mlflow.db (absolute, so workers in other folders find it)."""
     return f"sqlite:///{Path(runs_dir).resolve() / 'mlflow.db'}"
@@ -97,7 +102,7 @@ def check_tracking_uri(uri: str, timeout: float = 5.0) -> None:
         try:
             urllib.request.urlopen(split_credentials(uri)[0].rstrip("/") + "/health", timeout=timeout).read()
         except (urllib.error.URLError, OSError) as err:
-            raise TrackingError(
+            raise TrackingUnusable(
                 f"cannot reach the MLflow tracking server at {redact(uri)} ({err}); start one with "
                 f"`mlflow server --backend-store-uri sqlite:///$PWD/runs/mlflow.db --port 5000`, or pass "
                 f"--tracking-uri sqlite:///<absolute path>/mlflow.db to track in a local file") from None
@@ -105,10 +110,10 @@ def check_tracking_uri(uri: str, timeout: float = 5.0) -> None:
         _check_sqlite(Path(uri[len("sqlite:///"):]), uri)
     elif "://" not in uri:
         where = Path(uri).expanduser().resolve()
-        raise TrackingError(f"--tracking-uri {uri!r} is a path, not a URI; pass sqlite:///{where} for a SQLite store "
-                            f"(or file://{where} for MLflow's folder store)")
+        raise TrackingUnusable(f"--tracking-uri {uri!r} is a path, not a URI; pass sqlite:///{where} for a SQLite "
+                               f"store (or file://{where} for MLflow's folder store)")
     elif not uri.startswith(("file://", "databricks")):
-        raise TrackingError(f"unsupported tracking URI {redact(uri)!r}; use sqlite:////abs/path/mlflow.db or http://host:port")
+        raise TrackingUnusable(f"unsupported tracking URI {redact(uri)!r}; use sqlite:////abs/path/mlflow.db or http://host:port")
 
 
 _SQLITE_HEADER = b"SQLite format 3\x00"
@@ -117,25 +122,25 @@ _SQLITE_HEADER = b"SQLite format 3\x00"
 def _check_sqlite(path: Path, uri: str) -> None:
     """A SQLite store the suite can write: absolute, in a writable folder, and a SQLite file if it exists."""
     if not path.is_absolute():
-        raise TrackingError(f"use an absolute SQLite path (sqlite:////abs/path/mlflow.db), got {uri}: "
+        raise TrackingUnusable(f"use an absolute SQLite path (sqlite:////abs/path/mlflow.db), got {uri}: "
                             "Ray and SLURM workers run in other folders")
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
     except OSError as err:
-        raise TrackingError(f"cannot create the folder for the tracking database {path}: {err}") from None
+        raise TrackingUnusable(f"cannot create the folder for the tracking database {path}: {err}") from None
     # SQLite writes a journal beside the file, so the folder must be writable as well as the file.
     for target in (path.parent, path) if path.exists() else (path.parent,):
         if not os.access(target, os.W_OK):
-            raise TrackingError(f"the tracking database {path} is read-only here ({target} is not writable); "
+            raise TrackingUnusable(f"the tracking database {path} is read-only here ({target} is not writable); "
                                 "pass --tracking-uri sqlite:////<a writable folder>/mlflow.db, or fix its permissions")
     if path.exists():
         try:
             with open(path, "rb") as f:
                 header = f.read(len(_SQLITE_HEADER))
         except OSError as err:
-            raise TrackingError(f"cannot read the tracking database {path}: {err}") from None
+            raise TrackingUnusable(f"cannot read the tracking database {path}: {err}") from None
         if path.stat().st_size and header != _SQLITE_HEADER:
-            raise TrackingError(f"{path} is not a SQLite database (damaged or truncated: it does not start with the "
+            raise TrackingUnusable(f"{path} is not a SQLite database (damaged or truncated: it does not start with the "
                                 "SQLite header); restore it from a backup, or move it away to start a new store")
 
 
@@ -164,7 +169,7 @@ def open_store(uri: str) -> MlflowClient:
             client = MlflowClient(uri)
             client.search_experiments(max_results=1)  # creates and migrates a new SQLite file
     except Exception as err:
-        raise TrackingError(f"cannot open the tracking store {redact(uri)}: {type(err).__name__}: "
+        raise TrackingUnusable(f"cannot open the tracking store {redact(uri)}: {type(err).__name__}: "
                             f"{str(err).splitlines()[0][:300] if str(err) else ''}") from None
     return client
 

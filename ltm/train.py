@@ -238,7 +238,7 @@ def main(argv: list[str] | None = None) -> int:
     """Train one run from the command line; returns the exit status (`ltm.names.Exit`): bad options
     (the config, --data, --tracking-uri, --tracking-patience) are refused with Exit.USAGE."""
     from ltm.runlock import RunBusy
-    from ltm.tracking import TrackingError
+    from ltm.tracking import TrackingUnusable
 
     args = build_parser().parse_args(argv)
     try:
@@ -255,10 +255,10 @@ def main(argv: list[str] | None = None) -> int:
     except RunBusy as err:
         print(f"error: {err}", file=sys.stderr)
         return Exit.BUSY
-    except (ConfigError, TrackingError) as err:  # --data, --tracking-uri, a checkpoint: refused by run's checks
+    except (ConfigError, TrackingUnusable) as err:  # --data, --tracking-uri: refused by run's checks, nothing started
         print(f"error: {err}", file=sys.stderr)
         return Exit.USAGE
-    except (ValueError, FileNotFoundError, RuntimeError, OSError) as err:
+    except (ValueError, FileNotFoundError, RuntimeError, OSError) as err:  # a TrackingError once the run exists too
         print(f"error: {err}", file=sys.stderr)
         return Exit.FAILED
     if int(os.environ.get("RANK", "0")) == 0:
