@@ -219,13 +219,16 @@ def _other_z_nlls(model: LatentThoughtModel, batches: list[torch.Tensor], parts:
     if n < 2:
         return {}
     offsets = other_offsets(n) or [n // 2]
-    per_offset = {}
-    for d in offsets:
-        shifted, nlls, start = z.roll(-d, dims=0), [], 0
-        for batch in batches:
-            nlls.append(sequence_nll(model, batch, shifted[start:start + len(batch)]).double())
-            start += len(batch)
-        per_offset[d] = torch.cat(nlls)
+    shifted = {d: z.roll(-d, dims=0) for d in offsets}
+    nlls: dict[int, list[torch.Tensor]] = {d: [] for d in offsets}
+    start = 0
+    for batch in batches:  # one batch's z-independent stem at a time, for all K offsets
+        with torch.no_grad():
+            stem = model.stem(batch[:, :-1])
+        for d in offsets:
+            nlls[d].append(sequence_nll(model, batch, shifted[d][start:start + len(batch)], stem=stem).double())
+        start += len(batch)
+    per_offset = {d: torch.cat(per_batch) for d, per_batch in nlls.items()}
     out = {"nll_other_z": per_offset[n // 2].sum().item()}
     if len(offsets) >= 2:
         stacked = torch.stack([per_offset[d] for d in offsets])

@@ -160,8 +160,9 @@ def _start(model: LatentThoughtModel, tokens: torch.Tensor, cfg: InferenceConfig
            noise: NoiseSource) -> tuple[torch.Tensor, torch.Tensor]:
     """Each sequence's starting (mu, logvar) (`ltm.start`); the fixed and learned starts draw from
     `noise` in the same order (mu first), so a learned start at its initial value is the fixed start."""
-    if cfg.start == "encoder":
-        return model.start(tokens, model.embed)
+    if cfg.start == "encoder":  # float32 under bf16 autocast too: the loop's AdamW state follows these dtypes
+        mu0, logvar0 = model.start(tokens, model.embed)
+        return mu0.float(), logvar0.float()
     if cfg.start == "learned":
         mu0, logvar0 = model.start(tokens, model.embed)
     else:

@@ -159,6 +159,21 @@ def test_the_mixture_measure_scores_each_sequence_under_other_sequences_samples(
     mixture = -(torch.logsumexp(-nll, 0) - math.log(len(offsets))).sum().item() / tokens[:, 1:].numel()
     assert metrics["val/nll_mixture"] == pytest.approx(mixture, rel=1e-5)
     assert other_offsets(7) == [] and "val/nll_mixture" not in evaluate_bounds(model, [tokens[:7]], icfg)
+    with torch.no_grad():  # a decoder that ignores z: other blocks' samples tell it as much as the own one
+        for block in model.blocks:
+            block.cross.o.weight.zero_()
+    blind = evaluate_bounds(model, [tokens], icfg, seed=5)
+    assert blind["val/nll_mixture"] == pytest.approx(blind["val/nll"], rel=1e-6)
+
+
+def test_an_encoder_start_under_bf16_autocast_leaves_the_loop_in_float32():
+    model, icfg, tokens = model_and_tokens("encoder", 2)
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # the CPU form of the GPU's bf16 autocast
+        post = infer_posterior(model, tokens, icfg, seeds=range(8))
+        loss, _ = decoder_loss(model, tokens, icfg, seeds=range(8))
+    assert post.mu.dtype == post.logvar.dtype == post.start_mu.dtype == torch.float32
+    loss.backward()
+    assert model.start.out.bias.grad is not None and torch.isfinite(model.start.out.bias.grad).all()
 
 
 @pytest.mark.parametrize("start,steps", [("learned", 3), ("encoder", 3), ("encoder", 0)])
