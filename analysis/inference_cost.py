@@ -17,6 +17,7 @@ import numpy as np
 import pandas as pd
 import seaborn as sns
 
+from ltm import names
 from ltm.config import InferenceConfig, RunConfig
 from ltm.flops import flops_per_token
 
@@ -59,8 +60,9 @@ def cost_table(runs: pd.DataFrame, config_of: Callable[[str], dict], metric: str
         label = (f"AR, window {cfg.model.window}" if cfg.model.window else "AR, full context") if is_ar \
             else start_label(run)
         rows.append({"label": label, "T": 0 if is_ar else inf.steps, "seed": cfg.seed,
-                     "train_tokens": cfg.train.tokens, "bound_ppl": run[f"final/{metric}"],
-                     "train_flops": run.get("final/flops", np.nan), "eval_flops_per_token": eval_flops})
+                     "train_tokens": cfg.train.tokens, "bound_ppl": run[names.metric(names.FINAL, metric)],
+                     "train_flops": run.get(names.metric(names.FINAL, names.FLOPS), np.nan),
+                     "eval_flops_per_token": eval_flops})
     table = pd.DataFrame(rows)
     if table.empty:
         return table

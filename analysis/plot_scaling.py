@@ -44,9 +44,11 @@ from analysis import fit  # noqa: E402
 from analysis.inference_cost import cost_table, plot_inference_cost, start_label  # noqa: E402
 from analysis.runs import (FULL_CONTEXT, NoRunsError, find_study, load_evaluations, load_histories,  # noqa: E402
                            load_runs, parent_run)
-from ltm.names import ANALYSIS_TAG, N_RUNS_TAG, VAL_PPL_BOUND, Exit  # noqa: E402
+from ltm.names import (ANALYSIS_TAG, FINAL, FLOPS, FLOPS_PAPER, N_RUNS_TAG, VAL_PPL_BOUND, VAL_PPL_IW,  # noqa: E402
+                       VAL_PPL_REUSE, Exit, Status, metric)
 
 METRIC = VAL_PPL_BOUND
+FINAL_BOUND, FINAL_FLOPS = metric(FINAL, METRIC), metric(FINAL, FLOPS)  # their columns in the runs table
 
 
 def _size_label(row) -> str:
@@ -74,7 +76,7 @@ def _save(fig, out: Path, name: str) -> list[Path]:
     return paths
 
 
-def _over_seeds(g: pd.DataFrame, by: str | list[str], column: str = f"final/{METRIC}") -> pd.DataFrame:
+def _over_seeds(g: pd.DataFrame, by: str | list[str], column: str = FINAL_BOUND) -> pd.DataFrame:
     """Per plotted point (`by`): the mean of `column` over its runs (seeds), their min and max, and how many."""
     return g.groupby(by)[column].agg(mean="mean", low="min", high="max", runs="size").reset_index()
 
@@ -167,7 +169,7 @@ def plot_inference_scaling(runs: pd.DataFrame, refs: dict, out: Path, bootstrap:
         _plot_points(ax, points, "inference.steps", markers.get(size, "o"), color=palette[nz],
                      label=f"{size}, N_z={nz}" if ltm_runs["size"].nunique() > 1 else f"N_z={nz}")
         if len(points) >= 4:  # fitted to every run; a bootstrap draw resamples the T values, then each one's seeds
-            law = fit.fit_inference_law(g["inference.steps"], np.log(g[f"final/{METRIC}"]), bootstrap=bootstrap,
+            law = fit.fit_inference_law(g["inference.steps"], np.log(g[FINAL_BOUND]), bootstrap=bootstrap,
                                         points=g["inference.steps"])
             t = np.geomspace(g["inference.steps"].min(), g["inference.steps"].max(), 100)
             ax.plot(t, np.exp(law.predict(t)), "-", color=palette[nz], lw=1.2)
@@ -176,7 +178,7 @@ def plot_inference_scaling(runs: pd.DataFrame, refs: dict, out: Path, bootstrap:
             ax.plot(points["inference.steps"], points["mean"], "--", color=palette[nz], lw=0.8)
     rows += _joint_fit(ltm_runs, bootstrap)
     for nz, g in released.groupby(released["model.n_latents"].astype(str)):
-        g = g.groupby("inference.steps")[f"final/{METRIC}"].mean()
+        g = g.groupby("inference.steps")[FINAL_BOUND].mean()
         ax.plot(g.index, g.to_numpy(), "X", ms=8, mec="black", color=palette.get(nz, "tab:red"),
                 label=f"N_z={nz}, decoder_grad=trajectory")
     for (name, value), ls in zip(refs.items(), (":", "-.", "--", (0, (1, 3)))):
@@ -184,7 +186,7 @@ def plot_inference_scaling(runs: pd.DataFrame, refs: dict, out: Path, bootstrap:
     ar = runs[runs["model.kind"] == "ar"]
     for (label, a), colour in zip(ar.assign(label=ar.apply(_ar_label, axis=1)).groupby("label") if not ar.empty else [],
                                   ("black", "#8c564b", "#2ca02c")):
-        ax.axhline(a[f"final/{METRIC}"].min(), color=colour, lw=1, label=f"best {label}")
+        ax.axhline(a[FINAL_BOUND].min(), color=colour, lw=1, label=f"best {label}")
     seeds = ltm_runs.groupby(["size", "N_z", "inference.steps"]).size().max() > 1
     ax.set(xscale="log", yscale="log", xlabel="inference steps T", ylabel="validation perplexity bound (ELBO)",
            title="Inference-time scaling" + ("\n(mean over seeds, bars: min to max)" if seeds else ""))
@@ -197,13 +199,13 @@ def plot_inference_scaling(runs: pd.DataFrame, refs: dict, out: Path, bootstrap:
 
 def _joint_fit(ltm_runs: pd.DataFrame, bootstrap: int) -> list[dict]:
     """L_g(T) with one gamma shared by the (size, N_z) lines, where every line has 2 or more T values."""
-    finals = ltm_runs.groupby(["size", "N_z", "inference.steps"])[f"final/{METRIC}"].mean().reset_index()
+    finals = ltm_runs.groupby(["size", "N_z", "inference.steps"])[FINAL_BOUND].mean().reset_index()
     groups = finals.groupby(["size", "N_z"])["inference.steps"].nunique()
     if not (len(groups) >= 2 and (groups >= 2).all() and len(finals) >= 2 * len(groups) + 2):
         return []
     runs = ltm_runs.sort_values(["size", "N_z", "inference.steps"], kind="stable")
     group = runs["size"] + " N_z=" + runs["N_z"]
-    joint = fit.fit_inference_law_joint(runs["inference.steps"], np.log(runs[f"final/{METRIC}"]), group,
+    joint = fit.fit_inference_law_joint(runs["inference.steps"], np.log(runs[FINAL_BOUND]), group,
                                         bootstrap=bootstrap, points=group + " T=" + runs["inference.steps"].astype(str))
     return _fit_rows("log ppl = E_g + A_g T^-gamma (shared gamma)", "all groups", joint, ["gamma"])
 
@@ -355,7 +357,7 @@ def plot_model_size(runs: pd.DataFrame, out: Path, bootstrap: int) -> tuple[list
             continue
         if not paths:
             fig, ax = plt.subplots(figsize=(6.4, 4.2))
-        loss = np.log(g[f"final/{METRIC}"])
+        loss = np.log(g[FINAL_BOUND])
         points = _over_seeds(g, ["n_params", "train.tokens"])
         _plot_points(ax, points, "n_params", "o", label=label)
         seeds |= bool(points["runs"].max() > 1)
@@ -367,7 +369,7 @@ def plot_model_size(runs: pd.DataFrame, out: Path, bootstrap: int) -> tuple[list
             for d in sorted(g["train.tokens"].unique()):
                 ax.plot(n, np.exp(law.predict(n, np.full_like(n, d))), lw=0.8, alpha=0.7)
             # Chinchilla's approach 2, as a diagnostic: the loss-optimal N within each band of compute.
-            iso = fit.isoflop_minima(g["n_params"], g["final/flops"], loss, bins=max(2, g["train.tokens"].nunique()))
+            iso = fit.isoflop_minima(g["n_params"], g[FINAL_FLOPS], loss, bins=max(2, g["train.tokens"].nunique()))
             rows += [{"law": "IsoFLOP minimum (approach 2)", "group": f"{label}, C={c:.3g}", "parameter": "N_opt",
                       "value": n_opt, "ci_low": np.nan, "ci_high": np.nan, "n_points": int(k),
                       "method": "parabola of log ppl in log N per compute bin"}
@@ -394,7 +396,7 @@ def seed_table(runs: pd.DataFrame) -> pd.DataFrame:
             continue
         row = {c: g[c].iloc[0] for c in ident if c in g}
         row.update(n_seeds=len(g), seeds=" ".join(str(s) for s in sorted(g["seed"])) if "seed" in g else "")
-        for column in (f"final/{METRIC}", "nll", "kl"):
+        for column in (FINAL_BOUND, "nll", "kl"):
             row.update({f"{column} mean": g[column].mean(), f"{column} min": g[column].min(),
                         f"{column} max": g[column].max()})
         rows.append(row)
@@ -403,10 +405,10 @@ def seed_table(runs: pd.DataFrame) -> pd.DataFrame:
 
 def write_tables(runs: pd.DataFrame, fits: list[dict], out: Path) -> list[Path]:
     cols = ["run_id", "run_key", "model.kind", "n_params", "model.window", "model.n_latents", "inference.steps",
-            "inference.decoder_grad", "train.tokens", "seed", "final/val/ppl_bound", "final/val/ppl_iw",
-            "final/val/ppl_reuse", "nll", "kl", "kl_floor", "kl_above_floor", "nll_other_z", "z_reliance",
+            "inference.decoder_grad", "train.tokens", "seed", FINAL_BOUND, metric(FINAL, VAL_PPL_IW),
+            metric(FINAL, VAL_PPL_REUSE), "nll", "kl", "kl_floor", "kl_above_floor", "nll_other_z", "z_reliance",
             "nll_mixture", "z_info", "nll_prior", "amortisation_gap", "inference.start", "inference.init_logvar",
-            "reuse_gap", "final/flops"]
+            "reuse_gap", FINAL_FLOPS]
     table = runs[[c for c in cols if c in runs]].sort_values(["model.kind", "n_params", "inference.steps"])
     paths = [out / "runs.csv", out / "runs.md", out / "fits.csv", out / "fits.md"]
     table.to_csv(paths[0], index=False)
@@ -488,7 +490,7 @@ def main(argv: list[str] | None = None) -> int:
     if not runs.empty:
         hist = load_histories(uri, runs, cache_dir=runs_dir / "cache" / "histories")
         _style()
-        flops_key = "flops" if args.flops_convention == "exact" else "flops_paper"
+        flops_key = FLOPS if args.flops_convention == "exact" else FLOPS_PAPER
         refs = optimal_reference(runs, uri)
         figure1, fits1 = plot_inference_scaling(runs, refs, out, args.bootstrap)
         figures = figure1 + plot_bound_decomposition(runs, refs, out)
@@ -509,7 +511,7 @@ def main(argv: list[str] | None = None) -> int:
                                        tags={ANALYSIS_TAG: "plot_scaling", N_RUNS_TAG: str(len(runs))}).info.run_id
     for path in figures + figure4 + tables:
         tracker.client.log_artifact(run_id, str(path))
-    tracker.finish(run_id, "FINISHED")
+    tracker.finish(run_id, Status.FINISHED)
     print(f"{len(runs)} training runs and {len(evals)} evaluations -> {len(figures + figure4)} figure files and "
           f"{len(tables)} tables in {out}")
     print(f"logged to MLflow run {run_id} ('analysis') in experiment {experiment!r}")

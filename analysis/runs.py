@@ -19,7 +19,9 @@ from mlflow.tracking import MlflowClient
 
 from ltm import names
 from ltm.files import atomic_file
-from ltm.names import ROLE_EVAL, ROLE_STUDY, ROLE_TAG, RUN_KEY_TAG, SOURCE_RUN_TAG, STUDY_TAG, TASK_TAG
+from ltm.names import (AMORTISATION_GAP, FINAL, KL, KL_FLOOR, NLL, NLL_MIXTURE, NLL_OTHER_Z, NLL_OTHER_Z_OLD, NLL_PRIOR,
+                       PARENT_TAG, PPL_BOUND, PPL_REUSE, ROLE_EVAL, ROLE_STUDY, ROLE_TAG, RUN_KEY_TAG, SECONDS,
+                       SOURCE_RUN_TAG, STUDY_TAG, TASK_TAG, VAL, Status, metric, status_is, tag_is)
 
 HISTORY_KEYS = (names.TOKENS, names.FLOPS, names.FLOPS_PAPER, names.TRAIN_LOSS, names.TRAIN_PPL_BOUND, names.VAL_NLL,
                 names.VAL_KL, names.VAL_PPL_BOUND, names.VAL_PPL_IW, names.VAL_KL_FLOOR, names.VAL_NLL_OTHER_Z,
@@ -123,20 +125,20 @@ def load_runs(tracking_uri: str, experiment: str, *, parent_run_id: str | None =
         raise NoRunsError(f"no experiment {experiment!r} in {tracking_uri} (experiments: "
                           f"{', '.join(experiment_names(tracking_uri))}); run a study first, e.g. "
                           f"`python studies/inference_scaling.py --preset smoke --experiment {experiment}`")
-    query = "tags.`ltm.run_key` != ''"
+    query = f"tags.`{RUN_KEY_TAG}` != ''"
     if parent_run_id:
-        query += f" and tags.`mlflow.parentRunId` = '{parent_run_id}'"
+        query += f" and {tag_is(PARENT_TAG, parent_run_id)}"
     runs = client.search_runs([exp.experiment_id], filter_string=query, max_results=50_000)
     rows = []
     for r in runs:
-        if r.info.status != "FINISHED" and not include_unfinished or r.data.tags.get(ROLE_TAG) == ROLE_EVAL:
+        if r.info.status != Status.FINISHED and not include_unfinished or r.data.tags.get(ROLE_TAG) == ROLE_EVAL:
             continue
         row = {"run_id": r.info.run_id, "status": r.info.status, "run_key": r.data.tags.get(RUN_KEY_TAG),
                "config_key": config_key(r.data.params), "end_time": r.info.end_time}
         for key, kind in _PARAMS.items():
             if key in r.data.params:
                 row[key] = kind(r.data.params[key])
-        row.update({f"final/{k}": v for k, v in r.data.metrics.items()})
+        row.update({metric(FINAL, k): v for k, v in r.data.metrics.items()})
         rows.append(row)
     if not rows:
         where = f"parent run {parent_run_id}" if parent_run_id else f"experiment {experiment!r}"
@@ -160,15 +162,17 @@ def decompose(runs: pd.DataFrame) -> pd.DataFrame:
     reuse_gap = log ppl_bound - log ppl_reuse (how optimistic the released code's scoring is).
     AR runs get nll and kl = 0; the LTM-only columns stay NaN for them."""
     out = runs.copy()
-    final = lambda key: out.get(f"final/val/{key}", pd.Series(np.nan, index=out.index))  # noqa: E731
-    out["nll"], out["kl"], out["kl_floor"] = final("nll"), final("kl"), final("kl_floor")
-    out["kl_above_floor"] = out["kl"] - out["kl_floor"]
-    out["nll_other_z"] = final("nll_other_z").fillna(final("nll_swap"))
-    out["nll_mixture"], out["nll_prior"] = final("nll_mixture"), final("nll_prior")
-    out["z_reliance"] = out["nll_other_z"] - out["nll"]
-    out["z_info"] = out["nll_mixture"] - out["nll"]
-    out["amortisation_gap"] = final("amortisation_gap")
-    out["reuse_gap"] = np.log(final("ppl_bound")) - np.log(final("ppl_reuse"))
+
+    def final(measure: str) -> pd.Series:
+        return out.get(metric(FINAL, VAL, measure), pd.Series(np.nan, index=out.index))
+
+    for measure in (NLL, KL, KL_FLOOR, NLL_MIXTURE, NLL_PRIOR, AMORTISATION_GAP):
+        out[measure] = final(measure)
+    out[NLL_OTHER_Z] = final(NLL_OTHER_Z).fillna(final(NLL_OTHER_Z_OLD))
+    out["kl_above_floor"] = out[KL] - out[KL_FLOOR]
+    out["z_reliance"] = out[NLL_OTHER_Z] - out[NLL]
+    out["z_info"] = out[NLL_MIXTURE] - out[NLL]
+    out["reuse_gap"] = np.log(final(PPL_BOUND)) - np.log(final(PPL_REUSE))
     return out
 
 
@@ -181,9 +185,9 @@ def load_evaluations(tracking_uri: str, experiment: str, *, parent_run_id: str |
     exp = client.get_experiment_by_name(experiment)
     if exp is None:
         return pd.DataFrame()
-    query = "tags.`ltm.role` = 'eval' and attributes.status = 'FINISHED'"
+    query = f"{tag_is(ROLE_TAG, ROLE_EVAL)} and {status_is(Status.FINISHED)}"
     if parent_run_id:
-        query += f" and tags.`mlflow.parentRunId` = '{parent_run_id}'"
+        query += f" and {tag_is(PARENT_TAG, parent_run_id)}"
     rows = []
     for r in client.search_runs([exp.experiment_id], filter_string=query, max_results=50_000):
         row = {"run_id": r.info.run_id, "task": r.data.tags.get(TASK_TAG),
@@ -192,7 +196,7 @@ def load_evaluations(tracking_uri: str, experiment: str, *, parent_run_id: str |
         for key, kind in _PARAMS.items():
             if key in r.data.params:
                 row[key] = kind(r.data.params[key])
-        row.update({k: v for k, v in r.data.metrics.items() if not k.endswith("/seconds")})
+        row.update({k: v for k, v in r.data.metrics.items() if not k.endswith(metric("", SECONDS))})
         rows.append(row)
     return pd.DataFrame(rows)
 
@@ -213,7 +217,7 @@ def load_histories(tracking_uri: str, runs: pd.DataFrame, *, keys=HISTORY_KEYS,
         tidy = pd.DataFrame(points, columns=["run_id", "key", "step", "timestamp", "value"])
         frame = dedupe(tidy).pivot(index=["run_id", "step"], columns="key", values="value").reset_index()
         frame.columns.name = None
-        if path is not None and run.status == "FINISHED":
+        if path is not None and run.status == Status.FINISHED:
             path.parent.mkdir(parents=True, exist_ok=True)
             with atomic_file(path) as f:  # a reader never finds half a cache file
                 frame.to_parquet(f)

@@ -41,6 +41,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from ltm.names import RUN_KEY_TAG, Status  # noqa: E402
 from studies.launcher import main  # noqa: E402
 from studies.points import build_points  # noqa: E402
 from studies.study import Preset, Study  # noqa: E402
@@ -100,7 +101,7 @@ def bare(study: Study, seeds: list[int], runs: Path) -> dict:
             t = time.perf_counter()
             result = run(RunConfig.from_dict(point.config), runs_dir=runs, experiment="bare", progress=False)
             walls.append(time.perf_counter() - t)
-        assert result.status == "FINISHED", result
+        assert result.status == Status.FINISHED, result
         mlflow_s.append(spent["s"])
     return {"trial_wall_s": walls, "mlflow_s": mlflow_s}
 
@@ -122,7 +123,7 @@ def timeline(runs: Path, started: float) -> list[dict]:
     exp = client.get_experiment_by_name("bench_orchestration")
     rows = []
     for r in client.search_runs([exp.experiment_id]):
-        if key := r.data.tags.get("ltm.run_key"):
+        if key := r.data.tags.get(RUN_KEY_TAG):
             logs = runs / "logs"
             rows.append(((logs / f"{key}.spec.json").stat().st_mtime, r.info.start_time / 1e3, r.info.end_time / 1e3,
                          (logs / f"{key}.result.json").stat().st_mtime))

@@ -33,10 +33,12 @@ from pathlib import Path
 
 import torch
 
+from ltm.names import TOKENS_PER_S, TRAIN_LOSS, VAL_NLL, VAL_PPL_BOUND
+
 ROOT = Path(__file__).resolve().parents[1]
 SECTIONS = ("cuda_tests", "resume", "inner_loop", "mfu")
 NO_GPU = "no CUDA device: run this on a GPU machine"
-COMPARED = ("val/ppl_bound", "val/nll", "train/loss")
+COMPARED = (VAL_PPL_BOUND, VAL_NLL, TRAIN_LOSS)
 """The final numbers the resumed run must share with the uninterrupted one."""
 HANG_S = 900
 """A subprocess still running after this long is hung: it is killed and its check fails."""
@@ -184,10 +186,10 @@ def mfu_check(args) -> dict:
         step = train_step(model, "cuda", torch.bfloat16,
                           lambda: decoder_loss(model, tokens, icfg, seeds, compiled=True)[0])
         tps = args.batch * cfg.ctx / median_seconds(step, "cuda", warmup=2, repeat=args.repeat)
-        sizes[size] = {"tokens_per_s": tps, "mfu": mfu(tps, flops_per_token(cfg, 16), peak) if peak else None}
+        sizes[size] = {TOKENS_PER_S: tps, "mfu": mfu(tps, flops_per_token(cfg, 16), peak) if peak else None}
         model = step = None  # frees the GPU memory before the next size
         torch.cuda.empty_cache()
-    return {"ok": all(s["tokens_per_s"] > 0 for s in sizes.values()), "peak_tflops": peak / 1e12 or None,
+    return {"ok": all(s[TOKENS_PER_S] > 0 for s in sizes.values()), "peak_tflops": peak / 1e12 or None,
             "matmul_bf16_tflops": matmul_peak("cuda", torch.bfloat16, 8192) / 1e12, "batch": args.batch,
             "T": 16, "sizes": sizes}
 
@@ -225,7 +227,7 @@ def markdown(report: dict) -> str:
             lines.append(f"T={r['T']}, batch {r['batch']} x ctx 1024, compiled, bf16; dense bf16 peak {peak}; "
                          f"measured bf16 matmul {r['matmul_bf16_tflops']:.0f} TFLOP/s")
             lines += ["", "| size | tokens/s per GPU | MFU |", "|---|---|---|"]
-            lines += [f"| {size} | {s['tokens_per_s']:,.0f} | "
+            lines += [f"| {size} | {s[TOKENS_PER_S]:,.0f} | "
                       + (f"{100 * s['mfu']:.1f}% |" if s["mfu"] is not None else "- |")
                       for size, s in r["sizes"].items()]
         lines.append("")

@@ -31,7 +31,7 @@ import torch
 from ltm.config import ConfigError, ModelConfig, RunConfig
 from ltm.files import atomic_file, atomic_write
 from ltm.model import LatentThoughtModel, build_model
-from ltm.names import ROLE_EVAL, ROLE_TAG, RUN_KEY_TAG, TOKENS
+from ltm.names import ROLE_EVAL, ROLE_TAG, RUN_KEY_TAG, TOKENS, Status
 
 CONFIG_FILE = "config.json"
 """Beside the checkpoints: the run's config as plain JSON, readable without loading a checkpoint."""
@@ -252,7 +252,7 @@ def resolve(ref: str, tracking_uri: str, runs_dir: str | Path) -> dict:
         file = path
     config = read_config(file)
     run = _stored_run(tracking_uri, owner(file.parent) or "")
-    if run is not None and path.is_dir() and run.info.status == "FINISHED":
+    if run is not None and path.is_dir() and run.info.status == Status.FINISHED:
         final, held = int(run.data.metrics.get(TOKENS, 0)), _tokens_of(file)
         if held is not None and held < final:
             raise ConfigError(f"{path} stands for MLflow run {run.info.run_id}, which FINISHED at {final:,} tokens, "

@@ -20,6 +20,7 @@ from ltm.data import HUB_DATASETS, DataError, TokenBlocks, load_blocks, load_tok
 from ltm.evaluate import evaluate_bounds, sequence_bounds
 from ltm.generate import generate, posterior_latents, sample_prior
 from ltm.model import LatentThoughtModel
+from ltm.names import BLOCKS, ZERO_SHOT, metric
 
 # -- zero-shot perplexity ----------------------------------------------------------------------
 
@@ -65,10 +66,10 @@ def zero_shot(model: LatentThoughtModel, cfg: RunConfig, corpus: str, *, max_blo
             if progress is not None:  # the consumer came back for more: this batch is scored
                 progress(min(i + batch_size, n), n)
 
-    prefix = f"zeroshot/{corpus_label(corpus)}"
+    prefix = metric(ZERO_SHOT, corpus_label(corpus))
     model.eval()
     metrics = evaluate_bounds(model, batches(), cfg.inference, seed=seed, iw_samples=iw_samples, prefix=prefix)
-    return {**metrics, f"{prefix}/blocks": float(n)}
+    return {**metrics, metric(prefix, BLOCKS): float(n)}
 
 
 # -- generation -------------------------------------------------------------------------------

@@ -43,7 +43,8 @@ import torch
 from ltm.config import InferenceConfig
 from ltm.kl_floor import start_kl_floor
 from ltm.model import LatentThoughtModel, token_nll
-from ltm.names import VAL
+from ltm.names import (AMORTISATION_GAP, BOUND_START, KL, KL_FLOOR, NLL, NLL_MIXTURE, NLL_OTHER_Z, NLL_PRIOR, PPL_BOUND,
+                       PPL_BOUND_SEQMEAN, PPL_IW, PPL_REUSE, VAL, metric)
 from ltm.posterior import NoiseSource, infer_posterior, start_bound
 
 # Seed offsets keep each kind of scoring noise independent of the inference noise of the same sequence.
@@ -177,27 +178,26 @@ def evaluate_bounds(model: LatentThoughtModel, batches: Iterable[torch.Tensor], 
     n = cat("n_tokens")
     tokens = n.sum().item()
     nll, kl = cat("nll"), cat("kl")
-    metrics = {
-        f"{prefix}/nll": nll.sum().item() / tokens,
-        f"{prefix}/kl": kl.sum().item() / tokens,
-        f"{prefix}/ppl_bound": perplexity(nll + kl, n),
-        f"{prefix}/ppl_bound_seqmean": perplexity_seqmean(nll + kl, n),
-        f"{prefix}/ppl_reuse": perplexity(cat("reuse"), n),
+    values = {
+        NLL: nll.sum().item() / tokens,
+        KL: kl.sum().item() / tokens,
+        PPL_BOUND: perplexity(nll + kl, n),
+        PPL_BOUND_SEQMEAN: perplexity_seqmean(nll + kl, n),
+        PPL_REUSE: perplexity(cat("reuse"), n),
     }
     if iw_samples:
-        metrics[f"{prefix}/ppl_iw"] = perplexity(cat("iw"), n)
+        values[PPL_IW] = perplexity(cat("iw"), n)
     if model.cfg.kind == "ltm":
         floor = start_kl_floor(model, cfg)
         if floor is not None:
-            metrics[f"{prefix}/kl_floor"] = floor * len(n) / tokens
-        metrics[f"{prefix}/nll_prior"] = cat("nll_prior").sum().item() / tokens
+            values[KL_FLOOR] = floor * len(n) / tokens
+        values[NLL_PRIOR] = cat("nll_prior").sum().item() / tokens
         if parts[0].start is not None:
             start = cat("start").sum().item() / tokens
-            metrics[f"{prefix}/bound_start"] = start
-            metrics[f"{prefix}/amortisation_gap"] = start - (nll + kl).sum().item() / tokens
-        metrics.update({f"{prefix}/{name}": value / tokens
-                        for name, value in _other_z_nlls(model, batches, parts).items()})
-    return metrics
+            values[BOUND_START] = start
+            values[AMORTISATION_GAP] = start - (nll + kl).sum().item() / tokens
+        values.update({name: value / tokens for name, value in _other_z_nlls(model, batches, parts).items()})
+    return {metric(prefix, name): value for name, value in values.items()}
 
 
 def other_offsets(n: int, k_max: int = 8) -> list[int]:
@@ -229,8 +229,8 @@ def _other_z_nlls(model: LatentThoughtModel, batches: list[torch.Tensor], parts:
             nlls[d].append(sequence_nll(model, batch, shifted[d][start:start + len(batch)], stem=stem).double())
         start += len(batch)
     per_offset = {d: torch.cat(per_batch) for d, per_batch in nlls.items()}
-    out = {"nll_other_z": per_offset[n // 2].sum().item()}
+    out = {NLL_OTHER_Z: per_offset[n // 2].sum().item()}
     if len(offsets) >= 2:
         stacked = torch.stack([per_offset[d] for d in offsets])
-        out["nll_mixture"] = -(torch.logsumexp(-stacked, dim=0) - math.log(len(offsets))).sum().item()
+        out[NLL_MIXTURE] = -(torch.logsumexp(-stacked, dim=0) - math.log(len(offsets))).sum().item()
     return out

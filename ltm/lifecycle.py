@@ -33,7 +33,7 @@ UNSENT_FILE = "unsent-metrics.jsonl"
 class RunResult:
     """How a training run ended (`ltm.train.run`)."""
 
-    status: str
+    status: Status
     """FINISHED, FAILED, KILLED (interrupted, resumable) or SKIPPED (already finished)."""
     run_id: str | None
     metrics: dict[str, float]
@@ -64,7 +64,7 @@ def decide(tracker: Tracker, key: str, force: bool = False) -> RunDecision:
     existing = tracker.find_run(key)
     if existing is None or force:
         return RunDecision(None)
-    if existing.info.status == Status.FINISHED.value:
+    if existing.info.status == Status.FINISHED:
         return RunDecision(existing.info.run_id, skipped=True, metrics=dict(existing.data.metrics))
     return RunDecision(existing.info.run_id, resume=True)
 
@@ -135,8 +135,8 @@ def _git_commit() -> str:
 
 # -- the end of a run ----------------------------------------------------------------------------
 
-def finish(tracker: Tracker, run_id: str, status: str, reason: str, *, patience: float, run_dir: Path,
-           tokens: int) -> tuple[str, str]:
+def finish(tracker: Tracker, run_id: str, status: Status, reason: str, *, patience: float, run_dir: Path,
+           tokens: int) -> tuple[Status, str]:
     """End the MLflow run as `status`; the (status, reason) the run ends with. If the store never
     answers, the unsent metrics are kept beside the checkpoints and a run that was not FAILED is
     KILLED (resumable), its reason saying how to finish it."""
@@ -146,11 +146,11 @@ def finish(tracker: Tracker, run_id: str, status: str, reason: str, *, patience:
         tracker.finish(run_id, status, reason or None, patience=patience)
     except TrackingError as err:
         note = f"{err}; {keep_unsent(tracker, run_dir, tokens)}"
-        return ("FAILED" if status == "FAILED" else "KILLED"), (f"{reason}; {note}" if reason else note)
+        return (Status.FAILED if status == Status.FAILED else Status.KILLED), (f"{reason}; {note}" if reason else note)
     return status, reason
 
 
-def finish_after_setup(tracker: Tracker, run_id: str, status: str, reason: str, patience: float) -> None:
+def finish_after_setup(tracker: Tracker, run_id: str, status: Status, reason: str, patience: float) -> None:
     """End a run that stopped before or while it was set up; a store that does not answer only gets
     a warning (the original error matters more)."""
     from ltm.tracking import TrackingError

@@ -21,6 +21,7 @@ import torch
 
 import ltm.evaluate
 from ltm import lifecycle, names, objective
+from ltm.names import Status
 from ltm.checkpoint import restore_rng, rng_state, save_checkpoint
 from ltm.config import ModelConfig, RunConfig
 from ltm.flops import flops_per_token, mfu, peak_flops
@@ -223,7 +224,7 @@ def log(ctx: TrainContext, metrics: dict[str, float], tokens: int) -> None:
             ctx.on_log(metrics)
 
 
-def close(ctx: TrainContext, status: str, tokens: int, metrics: dict[str, float], reason: str = "") -> RunResult:
+def close(ctx: TrainContext, status: Status, tokens: int, metrics: dict[str, float], reason: str = "") -> RunResult:
     """End the MLflow run (rank 0) and say how the run ended."""
     if ctx.procs.is_main:
         status, reason = lifecycle.finish(ctx.tracker, ctx.run_id, status, reason, patience=ctx.patience,
@@ -274,7 +275,7 @@ def train(ctx: TrainContext, state: TrainState, progress: bool) -> RunResult:
         window, ended = _Window(), None
         while ended is None and state.step < plan.total_steps:
             ended = _update(ctx, state, window, bar, metrics)
-    return ended or close(ctx, "FINISHED", state.step * plan.tokens_per_step, metrics)
+    return ended or close(ctx, Status.FINISHED, state.step * plan.tokens_per_step, metrics)
 
 
 def _pending_evaluation(ctx: TrainContext, state: TrainState, metrics: dict) -> RunResult | None:
@@ -282,8 +283,8 @@ def _pending_evaluation(ctx: TrainContext, state: TrainState, metrics: dict) -> 
     tokens = state.step * ctx.plan.tokens_per_step
     found = evaluate(ctx, state)
     if ctx.procs.broadcast(found is None):  # rank 0 evaluates; every process stops with it
-        return close(ctx, "KILLED", tokens, metrics, f"interrupted during the evaluation at {tokens:,} tokens; run "
-                                                     "the same command again to resume")
+        return close(ctx, Status.KILLED, tokens, metrics,
+                     f"interrupted during the evaluation at {tokens:,} tokens; run the same command again to resume")
     if ctx.procs.is_main:
         ctx.tracker.log_metrics(ctx.run_id, found, step=tokens)
     metrics.update(found)
@@ -298,7 +299,7 @@ def _update(ctx: TrainContext, state: TrainState, window: _Window, bar, metrics:
     loss, kl = train_step(ctx, state)
     if not math.isfinite(loss):
         reason = f"non-finite training loss ({loss}) at update {state.step}; the last good checkpoint is kept"
-        return close(ctx, "FAILED", state.step * plan.tokens_per_step, metrics, reason)
+        return close(ctx, Status.FAILED, state.step * plan.tokens_per_step, metrics, reason)
     tokens = state.step * plan.tokens_per_step
     bar.update(plan.tokens_per_step)
     window.add(loss, kl, time.perf_counter() - started)
@@ -332,10 +333,10 @@ def _checkpoint_or_stop(ctx: TrainContext, state: TrainState, tokens: int, last:
         reason = f"the tracking store did not answer for {ctx.patience:.0f} s"
         if procs.is_main:
             reason += f" ({ctx.tracker.last_error}); {lifecycle.keep_unsent(ctx.tracker, ctx.run_dir, tokens)}"
-        return RunResult("KILLED", ctx.run_id, metrics, ctx.run_dir, reason)
+        return RunResult(Status.KILLED, ctx.run_id, metrics, ctx.run_dir, reason)
     if stop[0].item() and (not last or state.eval_pending):
         during = " during the evaluation" if state.eval_pending else ""
-        return close(ctx, "KILLED", tokens, metrics, f"interrupted by {ctx.interrupt.name or 'signal'}{during} at "
+        return close(ctx, Status.KILLED, tokens, metrics, f"interrupted by {ctx.interrupt.name or 'signal'}{during} at "
                                                      f"{tokens:,} tokens; run the same command again to resume")
     return None
 

@@ -39,30 +39,62 @@ ANALYSIS_TAG = "ltm.analysis"
 N_RUNS_TAG = "ltm.n_runs"
 """How many training runs that analysis read."""
 
+
+def tag_is(tag: str, value: str) -> str:
+    """An MLflow search filter: runs whose tag `tag` is `value`."""
+    return f"tags.`{tag}` = '{value}'"
+
 # -- metrics (step = tokens seen) -------------------------------------------------------------------
+def metric(prefix: str, *parts: object) -> str:
+    """A metric key: its prefix and parts joined by "/" (`metric(VAL, NLL)` is "val/nll")."""
+    return "/".join((prefix, *map(str, parts)))
+
+
 TOKENS = "tokens"
 FLOPS = "flops"
 FLOPS_PAPER = "flops_paper"
 TOKENS_PER_S = "tokens_per_s"
 MFU = "mfu"
-TRAIN_LOSS = "train/loss"
-TRAIN_PPL_BOUND = "train/ppl_bound"
-TRAIN_LR = "train/lr"
+TRAIN = "train"
+TRAIN_LOSS = metric(TRAIN, "loss")
+TRAIN_PPL_BOUND = metric(TRAIN, "ppl_bound")
+TRAIN_LR = metric(TRAIN, "lr")
+
+# What `ltm.evaluate.evaluate_bounds` measures, under a prefix: VAL during training, ZERO_SHOT's per corpus.
+NLL, KL, PPL_BOUND, PPL_BOUND_SEQMEAN = "nll", "kl", "ppl_bound", "ppl_bound_seqmean"
+PPL_REUSE, PPL_IW, KL_FLOOR, NLL_PRIOR = "ppl_reuse", "ppl_iw", "kl_floor", "nll_prior"
+NLL_OTHER_Z = "nll_other_z"
+"""Named nll_swap before 2026-12: old runs carry that name (analysis.runs reads both)."""
+NLL_OTHER_Z_OLD = "nll_swap"
+NLL_MIXTURE, BOUND_START, AMORTISATION_GAP = "nll_mixture", "bound_start", "amortisation_gap"
+BLOCKS = "blocks"
+"""How many blocks a zero-shot corpus's bounds were measured on."""
 VAL = "val"
-"""Prefix of the validation metrics: <prefix>/nll, /kl, /ppl_bound, /ppl_iw, ... (ltm.evaluate)."""
-VAL_NLL = "val/nll"
-VAL_KL = "val/kl"
-VAL_PPL_BOUND = "val/ppl_bound"
-VAL_PPL_IW = "val/ppl_iw"
-VAL_KL_FLOOR = "val/kl_floor"
-VAL_NLL_OTHER_Z = "val/nll_other_z"
-"""Named val/nll_swap before 2026-12: old runs carry that name (analysis.runs reads both)."""
-VAL_NLL_MIXTURE = "val/nll_mixture"
-VAL_NLL_PRIOR = "val/nll_prior"
-VAL_BOUND_START = "val/bound_start"
-VAL_AMORTISATION_GAP = "val/amortisation_gap"
-EVAL_SECONDS = "eval/seconds"
+"""Prefix of the validation metrics during training."""
+VAL_NLL, VAL_KL, VAL_PPL_BOUND, VAL_PPL_IW = (metric(VAL, n) for n in (NLL, KL, PPL_BOUND, PPL_IW))
+VAL_PPL_REUSE = metric(VAL, PPL_REUSE)
+VAL_KL_FLOOR, VAL_NLL_PRIOR, VAL_NLL_OTHER_Z = (metric(VAL, n) for n in (KL_FLOOR, NLL_PRIOR, NLL_OTHER_Z))
+VAL_NLL_MIXTURE, VAL_BOUND_START = metric(VAL, NLL_MIXTURE), metric(VAL, BOUND_START)
+VAL_AMORTISATION_GAP = metric(VAL, AMORTISATION_GAP)
+EVAL_SECONDS = metric("eval", "seconds")
 """Wall-clock seconds of one evaluation during training (what evaluating costs), logged with its val/ metrics."""
+
+# The evaluation tasks' metrics (studies/tasks.py), step 0 of an evaluation run.
+SECONDS = "seconds"
+"""<task>/seconds: how long the task's evaluation took."""
+ZERO_SHOT = "zeroshot"
+"""zeroshot/<corpus>/<measure>: `evaluate_bounds`'s measures on another corpus (ltm.downstream)."""
+GSM8K = "gsm8k"
+"""gsm8k/k<shots>/<measure>: accuracy and friends of k-shot prompting (ltm.gsm8k)."""
+GENERATION = "gen"
+"""gen/<sample set>/<measure>: ENTROPY and GEN_PPL of generated samples (ltm.downstream)."""
+ENTROPY, GEN_PPL = "entropy", "gen_ppl"
+FINAL = "final"
+"""Prefix of a run's last logged value of each metric in the analysis tables (final/val/ppl_bound)."""
+
+
+def gsm8k_metric(shots: int, measure: str) -> str:
+    return metric(GSM8K, f"k{shots}", measure)
 
 
 # -- outcomes -----------------------------------------------------------------------------------------
@@ -79,6 +111,8 @@ class Status(str, enum.Enum):
     """Another live process holds the run's lock."""
     ERROR = "ERROR"
     """An exception before or outside the run (a launcher retries it)."""
+    RUNNING = "RUNNING"
+    """An MLflow run still open (or left open by a process that died); never how a point ended."""
 
 
 class Exit(enum.IntEnum):
@@ -95,3 +129,15 @@ class Exit(enum.IntEnum):
 
 EXIT_OF = {Status.FINISHED: Exit.OK, Status.SKIPPED: Exit.OK, Status.FAILED: Exit.FAILED, Status.ERROR: Exit.FAILED,
            Status.KILLED: Exit.INTERRUPTED, Status.BUSY: Exit.BUSY}
+
+
+def status_is(status: Status) -> str:
+    """An MLflow search filter: runs whose status is `status`."""
+    return f"attributes.status = '{status.value}'"
+
+
+def exit_help(ok: str, failed: str, busy: str) -> str:
+    """The exit-status sentence of a command's --help, from `Exit`: what 0, 1 and 4 mean for it."""
+    meaning = {Exit.OK: ok, Exit.FAILED: failed, Exit.USAGE: "bad options (nothing started)",
+               Exit.INTERRUPTED: "interrupted (the same command resumes)", Exit.BUSY: busy}
+    return "Exit status: " + ", ".join(f"{int(code)} {text}" for code, text in meaning.items()) + "."

@@ -25,7 +25,7 @@ from pathlib import Path
 from mlflow.entities import Metric, Param, RunTag
 from mlflow.tracking import MlflowClient
 
-from ltm.names import PARENT_TAG, REASON_TAG, RUN_KEY_TAG
+from ltm.names import PARENT_TAG, REASON_TAG, RUN_KEY_TAG, Status
 
 
 
@@ -295,7 +295,7 @@ class Tracker:
 
     def reopen(self, run_id: str) -> None:
         """Mark an interrupted run RUNNING again (it resumes from its checkpoint)."""
-        self.client.update_run(run_id, status="RUNNING")
+        self.client.update_run(run_id, status=Status.RUNNING.value)
         if REASON_TAG in self.client.get_run(run_id).data.tags:
             self.client.delete_tag(run_id, REASON_TAG)
 
@@ -361,10 +361,11 @@ class Tracker:
         """The run's data as an MLflow dataset input (lineage: the UI's Dataset column); runs whose
         data `identity` is the same share its digest."""
         from mlflow.entities import Dataset, DatasetInput, InputTag
+        from mlflow.utils.mlflow_tags import MLFLOW_DATASET_CONTEXT
 
         digest = hashlib.sha256(json.dumps(identity, sort_keys=True, default=str).encode()).hexdigest()[:16]
         dataset = Dataset(name=name, digest=digest, source_type=source_type, source=json.dumps({"uri": source}))
-        inputs = [DatasetInput(dataset, tags=[InputTag("mlflow.data.context", "training")])]
+        inputs = [DatasetInput(dataset, tags=[InputTag(MLFLOW_DATASET_CONTEXT, "training")])]
         for wait in (0.5, 2.0, None):
             try:
                 self.client.log_inputs(run_id, datasets=inputs)
@@ -389,7 +390,7 @@ class Tracker:
         history = self.client.get_metric_history(run_id, key)
         return max((m.step for m in history), default=-1)
 
-    def finish(self, run_id: str, status: str, reason: str | None = None, patience: float = 600.0) -> None:
+    def finish(self, run_id: str, status: Status, reason: str | None = None, patience: float = 600.0) -> None:
         """Send what is queued, then end the run as FINISHED, FAILED or KILLED with the reason as a tag.
 
         Waits up to `patience` s for an unreachable store; raises TrackingError if it never answers
@@ -398,16 +399,16 @@ class Tracker:
         deadline = time.time() + patience
         if not self.flush(patience):
             raise TrackingError(f"the tracking store {redact(self.uri)} did not answer for {patience:.0f} s "
-                                f"({self.last_error}); run {run_id} could not be marked {status}")
+                                f"({self.last_error}); run {run_id} could not be marked {status.value}")
         while True:
             try:
                 if reason:
                     self.set_tags(run_id, {REASON_TAG: reason[:5000]})
-                self.client.set_terminated(run_id, status=status)
+                self.client.set_terminated(run_id, status=status.value)
                 return
             except Exception as err:
                 if time.time() > deadline:
                     raise TrackingError(f"the tracking store {redact(self.uri)} did not answer for {patience:.0f} s "
                                         f"({type(err).__name__}: {err}); run {run_id} could not be marked "
-                                        f"{status}") from None
+                                        f"{status.value}") from None
                 time.sleep(2.0)

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import json
 import os
 import sys
@@ -94,7 +95,7 @@ def run(cfg: RunConfig, *, tracking_uri: str | None = None, experiment: str = "l
 
 def _not_started(stop: Stopped, run_dir: Path) -> RunResult:
     """A signal before the MLflow run was created or reopened: nothing to mark, nothing lost."""
-    return RunResult(Status.KILLED.value, None, {}, run_dir,
+    return RunResult(Status.KILLED, None, {}, run_dir,
                      f"interrupted by {stop} before the run started; nothing was changed; run the same command again")
 
 
@@ -119,7 +120,7 @@ def _run_locked(cfg: RunConfig, procs: Processes, tracking_uri: str, experiment:
     if decision.skipped:
         if procs.is_main:
             print(f"run {key} already FINISHED as MLflow run {decision.run_id}; skipping (use --force to rerun)")
-        return RunResult(Status.SKIPPED.value, decision.run_id, decision.metrics, decision.run_dir)
+        return RunResult(Status.SKIPPED, decision.run_id, decision.metrics, decision.run_dir)
 
     monitor = None
     try:  # from here on the MLflow run exists: any failure marks it FAILED with the reason, a signal KILLED
@@ -132,11 +133,12 @@ def _run_locked(cfg: RunConfig, procs: Processes, tracking_uri: str, experiment:
         reason = (f"interrupted by {stop} while the run was being set up, before its first update here; run the "
                   "same command again to resume")
         if procs.is_main:
-            lifecycle.finish_after_setup(tracker, decision.run_id, Status.KILLED.value, reason, patience)
-        return RunResult(Status.KILLED.value, decision.run_id, {}, decision.run_dir, reason)
+            lifecycle.finish_after_setup(tracker, decision.run_id, Status.KILLED, reason, patience)
+        return RunResult(Status.KILLED, decision.run_id, {}, decision.run_dir, reason)
     except Exception as err:
         if procs.is_main:
-            lifecycle.finish_after_setup(tracker, decision.run_id, "FAILED", f"{type(err).__name__}: {err}", patience)
+            lifecycle.finish_after_setup(tracker, decision.run_id, Status.FAILED, f"{type(err).__name__}: {err}",
+                                         patience)
         raise
     finally:
         if monitor is not None:
@@ -171,23 +173,24 @@ def _set_up(cfg: RunConfig, model_cfg: ModelConfig, procs: Processes, interrupt:
     return ctx, state, checkpoint is not None
 
 
-def bound_summary(metrics: dict[str, float], prefix: str = "val") -> str:
+def bound_summary(metrics: dict[str, float], prefix: str = names.VAL) -> str:
     """Lines that read an LTM bound (nats per token): NLL given z, KL above the start's floor and the
     floor, the information the decoder takes from its own z, how much it relies on z, and for a
     trained start the amortisation gap."""
-    m = {k.removeprefix(f"{prefix}/"): v for k, v in metrics.items()}
-    floor = m.get("kl_floor")
-    kl = (f"KL above the floor {m['kl'] - floor:.3f} + KL floor {floor:.3f}" if floor is not None
-          else f"KL {m['kl']:.3f} (an encoder's start has no floor)")
-    lines = [f"bound {m['nll'] + m['kl']:.3f} nats/token = NLL given z {m['nll']:.3f} + {kl}"]
-    if "nll_mixture" in m:
-        lines.append(f"its own z tells the decoder {m['nll_mixture'] - m['nll']:.3f} nats/token more than a mixture of "
-                     f"other blocks' ({prefix}/nll_mixture - {prefix}/nll)")
-    lines.append(f"one other block's z costs it {m['nll_other_z'] - m['nll']:.3f} (reliance on z: {prefix}/nll_other_z "
-                 f"- {prefix}/nll); NLL given a prior sample {m['nll_prior']:.3f}")
-    if "amortisation_gap" in m:
-        lines.append(f"bound at the start (T=0) {m['bound_start']:.3f}: refinement gains {m['amortisation_gap']:.3f} "
-                     "(the amortisation gap)")
+    key = functools.partial(names.metric, prefix)
+    m = {k.removeprefix(key("")): v for k, v in metrics.items() if k.startswith(key(""))}  # by measure
+    nll, floor = m[names.NLL], m.get(names.KL_FLOOR)
+    kl = (f"KL above the floor {m[names.KL] - floor:.3f} + KL floor {floor:.3f}" if floor is not None
+          else f"KL {m[names.KL]:.3f} (an encoder's start has no floor)")
+    lines = [f"bound {nll + m[names.KL]:.3f} nats/token = NLL given z {nll:.3f} + {kl}"]
+    if names.NLL_MIXTURE in m:
+        lines.append(f"its own z tells the decoder {m[names.NLL_MIXTURE] - nll:.3f} nats/token more than a mixture of "
+                     f"other blocks' ({key(names.NLL_MIXTURE)} - {key(names.NLL)})")
+    lines.append(f"one other block's z costs it {m[names.NLL_OTHER_Z] - nll:.3f} (reliance on z: "
+                 f"{key(names.NLL_OTHER_Z)} - {key(names.NLL)}); NLL given a prior sample {m[names.NLL_PRIOR]:.3f}")
+    if names.AMORTISATION_GAP in m:
+        lines.append(f"bound at the start (T=0) {m[names.BOUND_START]:.3f}: refinement gains "
+                     f"{m[names.AMORTISATION_GAP]:.3f} (the amortisation gap)")
     return "\n".join(lines)
 
 
@@ -210,8 +213,7 @@ def build_parser() -> argparse.ArgumentParser:
         prog="python -m ltm.train", description="Train one LTM or AR run, tracked in MLflow and resumable.",
         epilog="Run the same command again to resume an interrupted run or to skip a finished one. "
                "Several processes: torchrun --nproc-per-node N -m ltm.train ... "
-               "Exit status: 0 finished (or skipped), 1 failed, 2 bad options (nothing started), 3 interrupted "
-               "(resumable), 4 another process is running this run.")
+               + names.exit_help("finished (or skipped)", "failed", "another process is running this run"))
     parser.add_argument("--preset", default="micro",
                         help="run preset: smoke, micro, ltm-s, ltm-m, ltm-l (default micro)")
     parser.add_argument("--config", help="a JSON run config (as logged in config.json) instead of a preset")
@@ -262,7 +264,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {err}", file=sys.stderr)
         return Exit.FAILED
     if int(os.environ.get("RANK", "0")) == 0:
-        print(f"{result.status}: run {cfg.run_key()} (MLflow run {result.run_id})"
+        print(f"{result.status.value}: run {cfg.run_key()} (MLflow run {result.run_id})"
               + (f": {result.reason}" if result.reason else ""))
         for k, v in sorted(result.metrics.items()):
             print(f"  {k:24s} {v:.6g}")
@@ -270,7 +272,7 @@ def main(argv: list[str] | None = None) -> int:
             print(bound_summary(result.metrics))
         if cfg.data.name == "synthetic" and result.metrics:
             print(corpus_optimum(cfg))
-    return EXIT_OF[Status(result.status)]
+    return EXIT_OF[result.status]
 
 
 if __name__ == "__main__":

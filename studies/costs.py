@@ -14,6 +14,7 @@ import math
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
+from ltm.names import FLOPS, FLOPS_PAPER, TOKENS
 from studies.messages import Point, TrainSource
 
 if TYPE_CHECKING:
@@ -114,8 +115,8 @@ def gpu_hours(flops: float, mfu: float, peak_tflops: float) -> float:
 
 def cost_columns(costs: list[Cost], mfu: float, peak_tflops: float) -> dict[str, list]:
     """The grid table's cost columns, FLOPs to 3 significant digits."""
-    return {"tokens": [f"{c.tokens:,}" for c in costs], "flops": [f"{c.flops:.2e}" for c in costs],
-            "flops_paper": [f"{c.flops_paper:.2e}" for c in costs],
+    return {TOKENS: [f"{c.tokens:,}" for c in costs], FLOPS: [f"{c.flops:.2e}" for c in costs],
+            FLOPS_PAPER: [f"{c.flops_paper:.2e}" for c in costs],
             "gpu_h": [_number(gpu_hours(c.flops, mfu, peak_tflops)) for c in costs]}
 
 

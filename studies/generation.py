@@ -15,6 +15,7 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from ltm.names import ENTROPY, GEN_PPL, GENERATION, metric  # noqa: E402
 from studies.launcher import main  # noqa: E402
 from studies.study import GenerationTask, Preset, Study  # noqa: E402
 
@@ -22,7 +23,7 @@ from studies.study import GenerationTask, Preset, Study  # noqa: E402
 STUDY = Study(
     name="generation",
     description="Unconditional (prior temperature sweep) and conditional generation of LTM and AR checkpoints.",
-    summary_metrics=("gen/*/entropy", "gen/*/gen_ppl"),
+    summary_metrics=(metric(GENERATION, "*", ENTROPY), metric(GENERATION, "*", GEN_PPL)),
     presets={
         "smoke": Preset("smoke", [{"model.kind": kind, "inference.steps": steps, "train.eval_every": 0}
                                   for kind, steps in (("ltm", 4), ("ar", 0))],

@@ -14,6 +14,7 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from ltm.names import GSM8K, metric  # noqa: E402
 from studies.launcher import main  # noqa: E402
 from studies.study import Gsm8kTask, Preset, Study  # noqa: E402
 
@@ -35,7 +36,7 @@ TEXT = {"data.name": "gsm8k", "data.tokenizer": "bpe"}
 STUDY = Study(
     name="icl_gsm8k",
     description="GSM8K few-shot accuracy (METHOD.md §4) of LTM and AR checkpoints.",
-    summary_metrics=("gsm8k/*/pass*",),
+    summary_metrics=(metric(GSM8K, "*", "pass*"),),
     data_option=data_option,
     presets={
         "smoke": Preset("smoke", [{**TEXT, "data.bpe_vocab_size": 512, "model.ctx": 256, "model.window": 32,

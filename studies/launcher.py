@@ -130,7 +130,7 @@ def _main(study: Study, argv: list[str] | None, interruption: Interruption) -> i
     table = summary(tracker, plan_)
     counts = table["status"].value_counts().to_dict()
     outcome, reason = _outcome(counts, len(plan_.points), stopped)
-    finish_parent(tracker, plan_.parent_run_id, PARENT_STATUS[outcome].value, counts, reason)
+    finish_parent(tracker, plan_.parent_run_id, PARENT_STATUS[outcome], counts, reason)
     import pandas as pd
 
     with pd.option_context("display.max_rows", 500, "display.width", 200):

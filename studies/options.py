@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 
 from ltm.cli import add_run_options
+from ltm.names import exit_help
 from studies.costs import DEFAULT_MFU, DEFAULT_PEAK_TFLOPS
 from studies.study import Study
 
@@ -15,8 +16,7 @@ def build_parser(study: Study) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog=f"python studies/{study.name}.py", description=f"{study.description} Presets: {presets}.",
         epilog="Starting the same study again skips finished points and resumes interrupted ones. "
-               "Exit status: 0 all finished, 1 some failed, 2 bad options (nothing started), 3 interrupted, "
-               "4 busy (points held by other processes).")
+               + exit_help("all finished", "some failed", "busy (points held by other processes)"))
     parser.add_argument("--cluster", choices=["local", "ray", "slurm"], default="local",
                         help="local: Ray Tune on this machine (default); ray: an existing Ray cluster (--address); "
                              "slurm: a submitit job array")

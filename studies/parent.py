@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from ltm.names import (BACKEND_TAG, COUNT_TAG_PREFIX, NOTE_TAG, POINTS_TAG, REASON_TAG, ROLE_STUDY, ROLE_TAG,
-                       RUN_KEY_TAG, STUDY_KEY_TAG, TOKENS, Status)
+                       RUN_KEY_TAG, STUDY_KEY_TAG, TOKENS, Status, status_is, tag_is)
 from studies.plan import Plan
 from studies.points import grid_table
 
@@ -26,12 +26,12 @@ def open_parent(plan: Plan) -> tuple[Tracker, str]:
     client = tracker.client
     if plan.experiment == plan.study.name:  # the study's own experiment: describe it in the UI
         client.set_experiment_tag(tracker.experiment_id, NOTE_TAG, plan.study.description)
-    found = client.search_runs([tracker.experiment_id], filter_string=f"tags.`{STUDY_KEY_TAG}` = '{plan.study_key}' "
-                                                                       f"and tags.`{ROLE_TAG}` = '{ROLE_STUDY}'",
+    found = client.search_runs([tracker.experiment_id], filter_string=f"{tag_is(STUDY_KEY_TAG, plan.study_key)} "
+                                                                       f"and {tag_is(ROLE_TAG, ROLE_STUDY)}",
                                order_by=["attributes.start_time ASC"], max_results=1)
     if found:
         parent = found[0].info.run_id
-        client.update_run(parent, status="RUNNING")
+        client.update_run(parent, status=Status.RUNNING.value)
         client.set_tag(parent, BACKEND_TAG, plan.cluster)
     else:
         run = client.create_run(tracker.experiment_id, run_name=f"{plan.study.name}-{plan.preset}",
@@ -41,25 +41,25 @@ def open_parent(plan: Plan) -> tuple[Tracker, str]:
         client.log_dict(parent, {"study": plan.study.name, "preset": plan.preset,
                                  "points": [p.to_dict() for p in plan.points]}, "grid.json")
     keys = {p.key for p in plan.points}
-    stale = client.search_runs([tracker.experiment_id], filter_string="attributes.status = 'RUNNING'", max_results=5000)
+    stale = client.search_runs([tracker.experiment_id], filter_string=status_is(Status.RUNNING), max_results=5000)
     for run in stale:
         key = run.data.tags.get(RUN_KEY_TAG)
         if key in keys and holder(plan.runs_dir, key) is None:
-            tracker.finish(run.info.run_id, Status.KILLED.value,
+            tracker.finish(run.info.run_id, Status.KILLED,
                            "left RUNNING by a worker that died; the study driver "
                            "marked it KILLED and resumes it from its last checkpoint")
             print(f"marked run {key} KILLED (left RUNNING by a dead worker); it will resume")
     return tracker, parent
 
 
-def finish_parent(tracker, parent_run_id: str, status: str, counts: dict, reason: str = "") -> None:
+def finish_parent(tracker, parent_run_id: str, status: Status, counts: dict, reason: str = "") -> None:
     tags = {f"{COUNT_TAG_PREFIX}{k}": v for k, v in counts.items()}
     if reason:
         tags[REASON_TAG] = reason
     elif REASON_TAG in tracker.client.get_run(parent_run_id).data.tags:
         tracker.client.delete_tag(parent_run_id, REASON_TAG)
     tracker.set_tags(parent_run_id, tags)
-    tracker.client.set_terminated(parent_run_id, status=status)
+    tracker.client.set_terminated(parent_run_id, status=status.value)
 
 
 def summary(tracker, plan: Plan):

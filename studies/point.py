@@ -42,7 +42,7 @@ def run_point(point: Point, context: TrialContext, progress: Path | None = None)
     except RunBusy as busy:
         return Result(Status.BUSY, reason=str(busy))
     metrics = {k: float(v) for k, v in result.metrics.items() if isinstance(v, (int, float))}
-    return Result(Status(result.status), result.run_id, result.reason, metrics)
+    return Result(result.status, result.run_id, result.reason, metrics)
 
 
 def _progress_writer(path: Path | None):

@@ -24,6 +24,7 @@ from studies.messages import Point, Result, TrialContext
 from studies.plan import ROOT, Plan, UsageError
 
 REPORT_EVERY_S = 5.0
+_TUNE_BOUND = VAL_PPL_BOUND.replace("/", "_")  # Tune's name for it in its status table ("/" would nest)
 """How often a running trial reads its point's progress file and reports it to Tune."""
 
 
@@ -89,8 +90,8 @@ def _report_progress(progress: Path) -> None:
         latest = json.loads(progress.read_text())
     except (OSError, ValueError):
         return
-    tune.report({"status": "RUNNING", TOKENS: latest.get(TOKENS, 0.0), "tokens_per_s": latest.get(TOKENS_PER_S, 0.0),
-                 "val_ppl_bound": latest.get(VAL_PPL_BOUND, float("nan"))})
+    tune.report({"status": Status.RUNNING.value, TOKENS: latest.get(TOKENS, 0.0),
+                 TOKENS_PER_S: latest.get(TOKENS_PER_S, 0.0), _TUNE_BOUND: latest.get(VAL_PPL_BOUND, float("nan"))})
 
 
 class _ActorState:
@@ -155,7 +156,7 @@ def _trial(config: dict, points: dict, context: dict) -> None:
         raise RuntimeError(f"point {config['key']}: {result.status.value}: {result.reason}")
     m = result.metrics
     tune.report({"status": result.status.value, "run_id": result.run_id or "", TOKENS: m.get(TOKENS, 0.0),
-                 "tokens_per_s": m.get(TOKENS_PER_S, 0.0), "val_ppl_bound": m.get(VAL_PPL_BOUND, float("nan"))})
+                 TOKENS_PER_S: m.get(TOKENS_PER_S, 0.0), _TUNE_BOUND: m.get(VAL_PPL_BOUND, float("nan"))})
 
 
 def _progress_table():
@@ -164,7 +165,7 @@ def _progress_table():
 
     return CLIReporter(parameter_columns={"key": "point"}, max_report_frequency=int(REPORT_EVERY_S),
                        print_intermediate_tables=True,
-                       metric_columns={TOKENS: "tokens", "tokens_per_s": "tok/s", "val_ppl_bound": "val ppl bound",
+                       metric_columns={TOKENS: "tokens", TOKENS_PER_S: "tok/s", _TUNE_BOUND: "val ppl bound",
                                        "status": "run"})
 
 

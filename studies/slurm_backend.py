@@ -171,7 +171,7 @@ def run(plan: Plan, tracker, interruption: Interruption) -> bool:
     """Submit the points not yet FINISHED as one submitit job array and wait; returns False if interrupted."""
     folder = slurm_folder(plan)
     folder.mkdir(parents=True, exist_ok=True)
-    todo = [p for p in plan.points if (run := tracker.find_run(p.key)) is None or run.info.status != "FINISHED"]
+    todo = [p for p in plan.points if (run := tracker.find_run(p.key)) is None or run.info.status != Status.FINISHED]
     if not todo:
         print("every point already FINISHED; nothing to submit")
         return True

@@ -25,7 +25,8 @@ from pathlib import Path
 import torch
 
 from ltm.checkpoint import load_model, resolve
-from ltm.names import ROLE_EVAL, ROLE_TAG, SOURCE_RUN_TAG, TASK_TAG, Status
+from ltm.names import (ENTROPY, GEN_PPL, GENERATION, ROLE_EVAL, ROLE_TAG, SECONDS, SOURCE_RUN_TAG, TASK_TAG, Status,
+                       gsm8k_metric, metric)
 from ltm.signals import Interrupt, Stopped
 from studies.messages import CheckpointSource, Point, Result, TrainSource, TrialContext
 from studies.study import GenerationTask, Gsm8kTask, Task, ZeroShotTask
@@ -159,18 +160,18 @@ def _run_task_locked(point: Point, context: TrialContext, interrupt: Interrupt) 
             metrics, artifacts = EVALUATORS[task.name](model, cfg, task)
     except Stopped as stop:
         reason = f"interrupted by {stop}; start the study again to rerun this evaluation"
-        tracker.finish(run_id, Status.KILLED.value, reason)
+        tracker.finish(run_id, Status.KILLED, reason)
         return Result(Status.KILLED, run_id, reason)
     except Exception as err:
-        tracker.finish(run_id, Status.FAILED.value, f"{type(err).__name__}: {err}")
+        tracker.finish(run_id, Status.FAILED, f"{type(err).__name__}: {err}")
         raise
-    metrics[f"{task.name}/seconds"] = time.time() - started
+    metrics[metric(task.name, SECONDS)] = time.time() - started
     tracker.log_metrics(run_id, metrics, step=0)
     with tempfile.TemporaryDirectory() as tmp:
         for name, content in artifacts.items():
             (Path(tmp) / name).write_text(content)
         tracker.client.log_artifacts(run_id, tmp)
-    tracker.finish(run_id, Status.FINISHED.value)
+    tracker.finish(run_id, Status.FINISHED)
     return Result(Status.FINISHED, run_id, metrics=metrics)
 
 
@@ -185,8 +186,8 @@ def _trained_checkpoint(point: Point, context: TrialContext) -> tuple[Path, str 
     trained = run(RunConfig.from_dict(point.config), tracking_uri=context.tracking_uri,
                   experiment=context.experiment, runs_dir=context.runs_dir, parent_run_id=context.parent_run_id,
                   tags=context.tags, progress=False)
-    if trained.status not in (Status.FINISHED.value, Status.SKIPPED.value):
-        return trained.run_dir, trained.run_id, Result(Status(trained.status), trained.run_id,
+    if trained.status not in (Status.FINISHED, Status.SKIPPED):
+        return trained.run_dir, trained.run_id, Result(trained.status, trained.run_id,
                                                        f"training: {trained.reason}")
     if owner(trained.run_dir) != trained.run_id:
         return trained.run_dir, trained.run_id, Result(
@@ -213,7 +214,7 @@ def _gsm8k(model, cfg, task: Gsm8kTask) -> tuple[dict, dict]:
 
         values, records = evaluate_gsm8k(model, tok, inference, test, pool, shots=k, pass_k=task.pass_k,
                                          max_new_tokens=task.max_new_tokens, seed=int(task.seed), progress=progress)
-        metrics.update({f"gsm8k/k{k}/{name}": v for name, v in values.items()})
+        metrics.update({gsm8k_metric(k, name): v for name, v in values.items()})
         outputs[f"gsm8k_k{k}.json"] = json.dumps(records, indent=1)
     return metrics, outputs
 
@@ -256,9 +257,10 @@ def _generation(model, cfg, task: GenerationTask) -> tuple[dict, dict]:
     for i, s in enumerate(sets, 1):
         print(f"generation: scoring {s.name} ({i}/{len(sets)})", flush=True)
         tokens = s.tokens.cpu()  # counted and decoded token by token
-        metrics[f"gen/{s.name}/entropy"] = unigram_entropy(tokens[:, s.prompt_length:])
+        metrics[metric(GENERATION, s.name, ENTROPY)] = unigram_entropy(tokens[:, s.prompt_length:])
         if reference is not None:
-            metrics[f"gen/{s.name}/gen_ppl"] = generative_perplexity(reference, ref_cfg.inference, s, seed=seed)
+            metrics[metric(GENERATION, s.name, GEN_PPL)] = generative_perplexity(reference, ref_cfg.inference, s,
+                                                                                 seed=seed)
         text.append(f"## {s.name}\n")
         for row in tokens:
             prompt, cont = tok.decode(row[: s.prompt_length]), tok.decode(row[s.prompt_length:])

@@ -13,6 +13,7 @@ import torch
 import ltm
 import ltm.train as train
 from ltm import checkpoint
+from ltm.names import Status
 from ltm.config import run_preset
 from ltm.flops import mfu, peak_flops
 from ltm.lifecycle import RunResult
@@ -178,7 +179,7 @@ def gpu_check(monkeypatch):
 
 def test_the_gpu_check_reads_the_numbers_a_training_command_ends_with(gpu_check, monkeypatch, capsys, tmp_path):
     metrics = {"train/loss": 2.25, "val/nll": 2.5, "val/ppl_bound": 12.375}  # exact in the 6 digits printed
-    monkeypatch.setattr(train, "run", lambda cfg, **kwargs: RunResult("FINISHED", "id", metrics, tmp_path))
+    monkeypatch.setattr(train, "run", lambda cfg, **kwargs: RunResult(Status.FINISHED, "id", metrics, tmp_path))
     assert train.main(["--preset", "smoke", "--data", str(tmp_path / "text.txt")]) == 0
     read = gpu_check.final_metrics(capsys.readouterr().out)
     assert read == metrics

@@ -346,7 +346,7 @@ def test_metrics_logged_while_the_store_is_down_are_sent_when_it_answers(tmp_pat
         tracker.log_metrics(run_id, {"m": float(step)}, step=step)
     logged.set()
     assert wait_for(lambda: tracker.outage() > 0, timeout=5) and "server away" in tracker.last_error
-    tracker.finish(run_id, "FINISHED", patience=30)
+    tracker.finish(run_id, Status.FINISHED, patience=30)
     assert steps(tracker.uri, run_id, "m") == [0, 1, 2] and tracker.outage() == 0
     assert not any(waited_for)  # logging never waited for the store
 
@@ -387,7 +387,7 @@ def test_the_study_server_listens_locally_and_only_answers_the_study(tmp_path):
         use_credentials(server.credentials)  # what a job does with the file it is pointed to
         tracker = Tracker(server.uri, "authed")
         run_id = tracker.create_run("k", "r", {}, {})
-        tracker.finish(run_id, "FINISHED")
+        tracker.finish(run_id, Status.FINISHED)
     finally:
         server.stop()
         for var in ("MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD"):
