@@ -11,67 +11,51 @@ import time
 from pathlib import Path
 from typing import Callable
 
-
-class StudyInterrupted(Exception):
-    """A signal during the driver's startup: nothing runs yet that needs a graceful stop, so it ends there."""
+from ltm.signals import Interrupt, Stopped
 
 
-class Interruption:
-    """Whether the driver was asked to stop, and what it does about it at once.
+class Interruption(Interrupt):
+    """The study driver's `ltm.signals.Interrupt`: whether it was asked to stop, and what it does at once.
 
-    Installed from the driver's first line. SIGTERM (and Ctrl-C, SIGINT) set `requested`; during
-    startup they raise StudyInterrupted at once (planning, waiting, `ray.init`: nothing is launched
-    past that point). Once a backend has work running it calls `running(on_request)`: then a signal
-    calls `on_request` (Ray checkpoints its trials and breaks out of Tune) or, with None, only sets
-    the flag (SLURM's poll loop sees it and cancels its array).
+    Entered from the driver's first line. SIGTERM (and Ctrl-C, SIGINT; SIGUSR2) during startup raise
+    Stopped at once (planning, waiting, `ray.init`: nothing is launched past that point). Once a
+    backend has work running it calls `running(on_request)`: then a signal calls `on_request` (Ray
+    checkpoints its trials and breaks out of Tune) or, with None, only sets `signal` (SLURM's poll
+    loop sees it and cancels its array).
     """
 
-    def __init__(self) -> None:
-        self.requested = False
-        self.signal: str = ""
-        self.started = False
-        self.on_request: Callable[[], None] | None = None
-        self._deferring = False
+    def __enter__(self) -> Interruption:
+        super().__enter__()
+        self._raise = True  # startup: stoppable until `running`
+        return self
 
-    def handle(self, signum=None, frame=None) -> None:
-        self.requested = True
-        self.signal = signal.Signals(signum).name if signum else "a signal"
-        if not self.started and not self._deferring:
-            raise StudyInterrupted(f"interrupted by {self.signal} during startup")
-        if self.on_request is not None:
-            self.on_request()
+    @property
+    def requested(self) -> bool:
+        return self.signal is not None
 
-    def check(self) -> None:
-        """Raise StudyInterrupted if a signal came (for a startup step that ran with signals deferred)."""
-        if self.requested and not self.started:
-            raise StudyInterrupted(f"interrupted by {self.signal} during startup")
-
-    def running(self, on_request: Callable[[], None] | None = None) -> None:
-        """Work is launched from here on: signals stop it gracefully (and Ctrl-C is the backend's again)."""
-        self.check()
-        self.started, self.on_request = True, on_request
-        signal.signal(signal.SIGINT, signal.default_int_handler)
+    def request(self) -> None:
+        """Stop as for Ctrl-C (for a KeyboardInterrupt that a backend caught before this handler saw it)."""
+        self.signal = self.signal or signal.SIGINT
 
     @contextlib.contextmanager
     def deferred(self):
         """A startup step that must not be cut in half (creating the parent run): a signal inside it
-        raises StudyInterrupted when it is done."""
-        self._deferring = True
+        raises Stopped when it is done."""
+        outer, self._raise = self._raise, False
         try:
             yield
         finally:
-            self._deferring = False
-        self.check()
+            self._raise = outer
+        if outer and self.requested:
+            raise Stopped(self.name)
 
-    @contextlib.contextmanager
-    def installed(self):
-        """SIGTERM and SIGINT call `handle` inside the block."""
-        previous = {sig: signal.signal(sig, self.handle) for sig in (signal.SIGTERM, signal.SIGINT)}
-        try:
-            yield self
-        finally:
-            for sig, handler in previous.items():
-                signal.signal(sig, handler)
+    def running(self, on_request: Callable[[], None] | None = None) -> None:
+        """Work is launched from here on: signals stop it gracefully (and Ctrl-C is the backend's again).
+        Raises Stopped for a signal that came before."""
+        if self.requested:
+            raise Stopped(self.name)
+        self._raise, self.on_signal = False, on_request
+        signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
 def die_with_parent() -> None:

@@ -26,8 +26,9 @@ import sys
 import time
 
 from ltm.names import EXIT_OF, Exit, Status
+from ltm.signals import Stopped
 from studies.costs import cost_columns, cost_summary, memory_columns, memory_summary, point_cost
-from studies.interrupt import Interruption, StudyInterrupted, wait_for_stragglers
+from studies.interrupt import Interruption, wait_for_stragglers
 from studies.messages import CheckpointSource
 from studies.parent import finish_parent, open_parent, summary
 from studies.plan import Plan, UsageError, plan
@@ -72,12 +73,12 @@ def print_plan(plan_: Plan) -> None:
 def main(study: Study, argv: list[str] | None = None) -> int:
     """Run a study from the command line; returns the exit status. SIGTERM and Ctrl-C are honoured from
     here on: during startup they end the driver with exit 3 before anything is launched."""
-    interruption = Interruption()
-    with interruption.installed():
+    with Interruption() as interruption:
         try:
             return _main(study, argv, interruption)
-        except StudyInterrupted as stop:
-            print(f"{stop}: nothing was launched; start the same command again", file=sys.stderr)
+        except Stopped as stop:
+            print(f"interrupted by {stop} during startup: nothing was launched; start the same command again",
+                  file=sys.stderr)
             return Exit.INTERRUPTED
 
 
@@ -109,12 +110,12 @@ def _main(study: Study, argv: list[str] | None, interruption: Interruption) -> i
             plan_ = dataclasses.replace(plan_, parent_run_id=parent_run_id)
         print(f"study parent run {plan_.parent_run_id} (key {plan_.study_key})\n")
         completed = backend.run(plan_, tracker, interruption)
-    except StudyInterrupted:
+    except Stopped:
         if tracker is None:
-            raise
-        interruption.requested = True  # the parent exists: mark it, below
+            raise  # nothing was launched
+        # the parent exists: marked below (the signal is recorded)
     except KeyboardInterrupt:
-        interruption.requested = True
+        interruption.request()
     except (UsageError, TrackingError) as err:
         print(f"error: {err}", file=sys.stderr)
         return Exit.USAGE

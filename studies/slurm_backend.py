@@ -223,7 +223,7 @@ def _wait(plan: Plan, ids: list[str], interruption: Interruption) -> bool:
         try:
             time.sleep(2)
         except KeyboardInterrupt:  # Ctrl-C: as SIGTERM
-            interruption.requested = True
+            interruption.request()
         if interruption.requested:
             array = ids[0].split("_")[0]
             print("interrupted: cancelling pending tasks; running ones checkpoint on SIGTERM ...", flush=True)
