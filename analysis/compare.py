@@ -89,13 +89,6 @@ def score_run(ref: str, runs_dir: Path, n_blocks: int, batch_size: int = 16,
     return Scored(pd.DataFrame(rows).assign(run=label, seed=cfg.seed), tokens, cfg)
 
 
-def block_bounds(ref: str, runs_dir: Path, n_blocks: int, batch_size: int = 16,
-                 tracking_uri: str | None = None) -> tuple[pd.DataFrame, torch.Tensor]:
-    """Per validation block: bound, nll and kl (nats, summed over the block) and tokens; and the blocks."""
-    scored = score_run(ref, runs_dir, n_blocks, batch_size, tracking_uri)
-    return scored.frame, scored.blocks
-
-
 # --------------------------------------------------------------------------- statistics
 
 
