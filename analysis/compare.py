@@ -70,9 +70,9 @@ def score_run(ref: str, runs_dir: Path, n_blocks: int, batch_size: int = 16,
               tracking_uri: str | None = None) -> Scored:
     """Each of the first `n_blocks` validation blocks' bound, NLL and KL under the run `ref` names."""
     source = resolve(ref, tracking_uri or default_tracking_uri(runs_dir), runs_dir)
-    print(f"{ref}: {source['identity'].rsplit(':', 1)[0]}" + (f" (MLflow run {source['run_id']})" if source["run_id"]
-                                                              else ""))
-    model, cfg = load_model(source["checkpoint"])
+    print(f"{ref}: {source.identity.rsplit(':', 1)[0]}" + (f" (MLflow run {source.run_id})" if source.run_id
+                                                            else ""))
+    model, cfg = load_model(source.checkpoint)
     model.eval()
     blocks = load_blocks(cfg.data, cfg.model.ctx, "validation")
     n = min(n_blocks, len(blocks))
@@ -275,7 +275,7 @@ def _score_sides(args: argparse.Namespace, sides: dict[str, list[str]]) -> tuple
     uri = args.tracking_uri or default_tracking_uri(runs_dir)
     for name, refs in sides.items():  # from the checkpoints' configs, before any scoring
         if len(refs) > 1:
-            problem = side_problem(name, refs, [RunConfig.from_dict(resolve(r, uri, runs_dir)["config"]) for r in refs])
+            problem = side_problem(name, refs, [RunConfig.from_dict(resolve(r, uri, runs_dir).config) for r in refs])
             if problem:
                 return {}, problem
     scored = {name: [score_run(ref, runs_dir, args.blocks, tracking_uri=uri) for ref in refs]

@@ -23,6 +23,7 @@ import random
 import shutil
 import warnings
 from collections.abc import Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -35,6 +36,68 @@ from ltm.names import ROLE_EVAL, ROLE_TAG, RUN_KEY_TAG, TOKENS, Status
 
 CONFIG_FILE = "config.json"
 """Beside the checkpoints: the run's config as plain JSON, readable without loading a checkpoint."""
+
+
+@dataclass(frozen=True)
+class Checkpoint:
+    """A training loop's saved state: what a run resumes from and a trained model is rebuilt from."""
+
+    model: dict[str, torch.Tensor]
+    """The model's state_dict."""
+    optimizer: dict
+    """The optimiser's state_dict."""
+    step: int
+    """Updates done."""
+    samples: int
+    """Training sequences consumed."""
+    tokens: int
+    """Training tokens consumed: the file's name (ckpt-<tokens>.pt)."""
+    run_id: str
+    """The MLflow run that wrote it (the folder's owner)."""
+    config: dict
+    """The run config as `RunConfig.to_dict()` wrote it: a dict, so a resume never depends on parsing it."""
+    model_overrides: dict
+    """ModelConfig fields taken from the data (vocab_size)."""
+    rng: dict
+    """torch's, numpy's and Python's RNG states (`rng_state`)."""
+    run_key: str | None = None
+    """The run's key (None: not recorded)."""
+    eval_pending: bool = False
+    """A signal stopped the evaluation at this step: it is done first on resume (absent in older files)."""
+    unsent_metrics: list[list] = field(default_factory=list)
+    """Metrics logged but not yet stored when it was written (`Tracker.unsent`; absent in older files)."""
+
+    def to_dict(self) -> dict:
+        """The file's content: tensors and plain values only, so it loads with weights_only=True."""
+        return {"model": self.model, "optimizer": self.optimizer, "step": self.step, "samples": self.samples,
+                "tokens": self.tokens, "run_id": self.run_id, "run_key": self.run_key, "config": self.config,
+                "model_overrides": self.model_overrides, "eval_pending": self.eval_pending, "rng": self.rng,
+                "unsent_metrics": self.unsent_metrics}
+
+    @classmethod
+    def from_dict(cls, data: dict) -> Checkpoint:
+        """The checkpoint a file holds (any version's: a key added later takes its default, one unknown
+        is ignored); ValueError when a key every version writes is missing."""
+        fields = dataclasses.fields(cls)
+        missing = [f.name for f in fields if f.default is dataclasses.MISSING
+                   and f.default_factory is dataclasses.MISSING and f.name not in data]
+        if missing:
+            raise ValueError(f"not a checkpoint of this suite: it has no {', '.join(missing)}")
+        return cls(**{f.name: data[f.name] for f in fields if f.name in data})
+
+
+@dataclass(frozen=True)
+class CheckpointRef:
+    """What a checkpoint reference names (`resolve`), found without loading a model."""
+
+    checkpoint: str
+    """The absolute checkpoint file or folder."""
+    run_id: str | None
+    """The training run that owns it; None when it is not in the store."""
+    config: dict
+    """Its run config as a dict (`RunConfig.to_dict()`), as an evaluation point carries it."""
+    identity: str
+    """"<file>:<size>" of the checkpoint `load_model` loads: what an evaluation's run key hashes."""
 
 
 def rng_state() -> dict:
@@ -52,16 +115,16 @@ def restore_rng(state: dict) -> None:
     random.setstate(state["python"])
 
 
-def _load(path: Path, device: str | torch.device = "cpu") -> dict:
-    """A checkpoint's state, unpickling only tensors and plain values (never arbitrary objects).
+def _load(path: Path, device: str | torch.device = "cpu") -> Checkpoint:
+    """A checkpoint file's state, unpickling only tensors and plain values (never arbitrary objects).
 
     The model's tensors go to `device`; everything else stays on the CPU whatever the device: the RNG
     states must (torch.set_rng_state takes a CPU ByteTensor), and optimizer.load_state_dict moves the
     optimiser's state to its parameters' device itself, by its own rules (a step count stays on the CPU
     unless the optimiser is fused)."""
-    state = torch.load(path, map_location="cpu", weights_only=True)
-    if "model" in state and torch.device(device).type != "cpu":
-        state["model"] = {name: t.to(device) for name, t in state["model"].items()}
+    state = Checkpoint.from_dict(torch.load(path, map_location="cpu", weights_only=True))
+    if torch.device(device).type != "cpu":
+        state = dataclasses.replace(state, model={name: t.to(device) for name, t in state.model.items()})
     return state
 
 
@@ -123,13 +186,13 @@ def key_folders(runs_dir: str | Path, key: str) -> list[Path]:
     return [f for f in [root / key, *sorted(root.glob(f"{key}.*"))] if checkpoints(f)]
 
 
-def save_checkpoint(run_dir: Path, state: dict, keep: int = 2) -> Path:
+def save_checkpoint(run_dir: Path, state: Checkpoint, keep: int = 2) -> Path:
     """Write ckpt-<tokens>.pt atomically with its sha256 beside it; keep the newest `keep`."""
     run_dir.mkdir(parents=True, exist_ok=True)
-    path = run_dir / f"ckpt-{state['tokens']:015d}.pt"
+    path = run_dir / f"ckpt-{state.tokens:015d}.pt"
     try:
         with atomic_file(path) as f:
-            torch.save(state, f)
+            torch.save(state.to_dict(), f)
         digest = _sha256(path).encode()
         atomic_write(path.with_suffix(".sha256"), digest)
     except (OSError, RuntimeError) as err:  # torch.save reports a full disk as a RuntimeError
@@ -184,19 +247,19 @@ def latest_verified(run_dir: Path) -> Path | None:
 
 
 def load_latest_checkpoint(run_dir: Path, device: str | torch.device = "cpu",
-                           run_id: str | None = None) -> dict | None:
+                           run_id: str | None = None) -> Checkpoint | None:
     """The state of the newest checkpoint whose checksum verifies (the model's tensors on `device`, the
     rest on the CPU: see `_load`) and, given `run_id`, that this MLflow run wrote; one that does not is
     skipped with a warning."""
     for path in _verified(run_dir):
         try:
             state = _load(path, device)
-        except Exception as err:  # verified but unreadable (a file that would run code): the previous one
+        except Exception as err:  # verified but unreadable (a file that would run code, not a checkpoint)
             _corrupt(path, err)
             continue
-        if run_id is None or state.get("run_id") == run_id:
+        if run_id is None or state.run_id == run_id:
             return state
-        warnings.warn(f"checkpoint {path} was written by MLflow run {state.get('run_id')}, not by run {run_id}; "
+        warnings.warn(f"checkpoint {path} was written by MLflow run {state.run_id}, not by run {run_id}; "
                       "skipped", stacklevel=2)
     return None
 
@@ -215,7 +278,7 @@ def read_config(checkpoint: Path) -> dict:
     beside = checkpoint.parent / CONFIG_FILE
     if beside.is_file():
         return json.loads(beside.read_text())["config"]
-    return _load(checkpoint)["config"]
+    return _load(checkpoint).config
 
 
 def load_model(path: str | Path, device: str = "cpu") -> tuple[LatentThoughtModel, RunConfig]:
@@ -224,20 +287,18 @@ def load_model(path: str | Path, device: str = "cpu") -> tuple[LatentThoughtMode
     state = load_latest_checkpoint(path, device) if path.is_dir() else _load(path, device)
     if state is None:
         raise FileNotFoundError(f"no readable checkpoint in {path}")
-    cfg = RunConfig.from_dict(state["config"])
-    model = build_model(ModelConfig(**{**dataclasses.asdict(cfg.model), **state["model_overrides"]}),
+    cfg = RunConfig.from_dict(state.config)
+    model = build_model(ModelConfig(**{**dataclasses.asdict(cfg.model), **state.model_overrides}),
                         cfg.inference).to(device)
-    model.load_state_dict(state["model"])
+    model.load_state_dict(state.model)
     return model, cfg
 
 
-def resolve(ref: str, tracking_uri: str, runs_dir: str | Path) -> dict:
+def resolve(ref: str, tracking_uri: str, runs_dir: str | Path) -> CheckpointRef:
     """What a checkpoint reference (a file, a run's folder, a run key with checkpoints under
-    <runs_dir>/checkpoints, or a training run's MLflow id) names, without loading a model:
-    {checkpoint: the absolute file or folder, run_id: the training run that owns it (None when not
-    in the store), config: the run config as a dict, identity: "<file>:<size>" of the checkpoint
-    `load_model` loads}. A folder stands for its run's final model: when that run FINISHED at more
-    tokens than the folder's newest verified checkpoint holds, it is refused. Raises ConfigError.
+    <runs_dir>/checkpoints, or a training run's MLflow id) names, without loading a model. A folder
+    stands for its run's final model: when that run FINISHED at more tokens than the folder's newest
+    verified checkpoint holds, it is refused. Raises ConfigError.
     """
     path = Path(ref).expanduser()
     if not path.exists():
@@ -258,8 +319,8 @@ def resolve(ref: str, tracking_uri: str, runs_dir: str | Path) -> dict:
             raise ConfigError(f"{path} stands for MLflow run {run.info.run_id}, which FINISHED at {final:,} tokens, "
                               f"but its newest usable checkpoint holds {held:,}: the final checkpoint is missing or "
                               f"corrupt; pass a checkpoint file to use {file.name} anyway")
-    return {"checkpoint": str(path.resolve()), "run_id": run.info.run_id if run is not None else None,
-            "config": config, "identity": f"{file.resolve()}:{file.stat().st_size}"}
+    return CheckpointRef(checkpoint=str(path.resolve()), run_id=run.info.run_id if run is not None else None,
+                         config=config, identity=f"{file.resolve()}:{file.stat().st_size}")
 
 
 def _tokens_of(file: Path) -> int | None:

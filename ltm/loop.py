@@ -21,11 +21,11 @@ import torch
 
 import ltm.evaluate
 from ltm import lifecycle, names, objective
-from ltm.names import Status
-from ltm.checkpoint import restore_rng, rng_state, save_checkpoint
+from ltm.checkpoint import Checkpoint, restore_rng, rng_state, save_checkpoint
 from ltm.config import ModelConfig, RunConfig
 from ltm.flops import flops_per_token, mfu, peak_flops
 from ltm.lifecycle import RunResult
+from ltm.names import Status
 from ltm.model import LatentThoughtModel, build_model
 from ltm.processes import Processes, all_reduce_gradients
 from ltm.signals import Interrupt, Stopped
@@ -48,13 +48,13 @@ class TrainState:
     eval_pending: bool = False
     """A signal stopped the evaluation at this step: it is done first on resume."""
 
-    def load(self, checkpoint: dict) -> None:
+    def load(self, checkpoint: Checkpoint) -> None:
         """Continue from a checkpoint's state (the RNGs too)."""
-        self.model.load_state_dict(checkpoint["model"])
-        self.optimizer.load_state_dict(checkpoint["optimizer"])
-        self.step, self.samples = checkpoint["step"], checkpoint["samples"]
-        self.eval_pending = checkpoint.get("eval_pending", False)
-        restore_rng(checkpoint["rng"])
+        self.model.load_state_dict(checkpoint.model)
+        self.optimizer.load_state_dict(checkpoint.optimizer)
+        self.step, self.samples = checkpoint.step, checkpoint.samples
+        self.eval_pending = checkpoint.eval_pending
+        restore_rng(checkpoint.rng)
 
 
 @dataclass(frozen=True)
@@ -206,14 +206,14 @@ def evaluate(ctx: TrainContext, state: TrainState) -> dict | None:
 def save(ctx: TrainContext, state: TrainState, tokens: int) -> None:
     """Checkpoint the loop (rank 0 writes it)."""
     if ctx.procs.is_main:
-        save_checkpoint(ctx.run_dir, {
-            "model": state.model.state_dict(), "optimizer": state.optimizer.state_dict(), "step": state.step,
-            "samples": state.samples, "tokens": tokens, "run_id": ctx.run_id, "run_key": ctx.cfg.run_key(),
-            "config": ctx.cfg.to_dict(), "model_overrides": {"vocab_size": ctx.model_cfg.vocab_size},
-            "eval_pending": state.eval_pending, "rng": rng_state(),
+        save_checkpoint(ctx.run_dir, Checkpoint(
+            model=state.model.state_dict(), optimizer=state.optimizer.state_dict(), step=state.step,
+            samples=state.samples, tokens=tokens, run_id=ctx.run_id, run_key=ctx.cfg.run_key(),
+            config=ctx.cfg.to_dict(), model_overrides={"vocab_size": ctx.model_cfg.vocab_size},
+            eval_pending=state.eval_pending, rng=rng_state(),
             # logged but maybe not yet stored: a process killed now would lose them, the resume sends them
-            "unsent_metrics": ctx.tracker.unsent(),
-        })
+            unsent_metrics=ctx.tracker.unsent(),
+        ))
 
 
 def log(ctx: TrainContext, metrics: dict[str, float], tokens: int) -> None:

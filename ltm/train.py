@@ -165,8 +165,8 @@ def _set_up(cfg: RunConfig, model_cfg: ModelConfig, procs: Processes, interrupt:
     if checkpoint is not None:
         state.load(checkpoint)
         if procs.is_main:
-            tracker.relog(checkpoint.get("unsent_metrics", []), after_step=tracker.max_logged_step(run_id))
-            print(f"resuming run {key} (MLflow {run_id}) from {checkpoint['tokens']:,} tokens")
+            tracker.relog(checkpoint.unsent_metrics, after_step=tracker.max_logged_step(run_id))
+            print(f"resuming run {key} (MLflow {run_id}) from {checkpoint.tokens:,} tokens")
     elif decision.resume and procs.is_main and (checkpoints(run_dir) or decision.logged_step >= 0):
         print(f"warning: no usable checkpoint of run {key} (MLflow {run_id}) in {run_dir} (see any warnings "
               "above); it starts again from zero tokens", file=sys.stderr)

@@ -24,7 +24,7 @@ from pathlib import Path
 
 import torch
 
-from ltm.checkpoint import load_model, resolve
+from ltm.checkpoint import CheckpointRef, load_model, resolve
 from ltm.names import (ENTROPY, GEN_PPL, GENERATION, ROLE_EVAL, ROLE_TAG, SECONDS, SOURCE_RUN_TAG, TASK_TAG, Status,
                        gsm8k_metric, metric)
 from ltm.signals import Interrupt, Stopped
@@ -51,17 +51,17 @@ def resolve_task(task: Task, tracking_uri: str, runs_dir: Path) -> Task:
         for corpus in task.corpora:
             resolve_source(corpus)
     elif isinstance(task, GenerationTask) and task.reference:
-        task = dataclasses.replace(task, reference=resolve(str(task.reference), tracking_uri, runs_dir)["checkpoint"])
+        task = dataclasses.replace(task, reference=resolve(str(task.reference), tracking_uri, runs_dir).checkpoint)
     return task
 
 
-def task_points(train_points: list[Point], task: Task, sources: list[dict]) -> list[Point]:
+def task_points(train_points: list[Point], task: Task, sources: list[CheckpointRef]) -> list[Point]:
     """One evaluation point per checkpoint source (`ltm.checkpoint.resolve`), or per training point
     when no source is given."""
     if sources:
-        return [Point(key=evaluation_key(s["identity"], task.to_dict()), config=s["config"], task=task,
-                      source=CheckpointSource(s["checkpoint"], s["run_id"]),
-                      label={"checkpoint": s["run_id"] or s["checkpoint"]}) for s in sources]
+        return [Point(key=evaluation_key(s.identity, task.to_dict()), config=s.config, task=task,
+                      source=CheckpointSource(s.checkpoint, s.run_id),
+                      label={"checkpoint": s.run_id or s.checkpoint}) for s in sources]
     return [Point(key=evaluation_key(p.key, task.to_dict()), config=p.config, task=task, source=TrainSource(p.key),
                   label=p.label) for p in train_points]
 

@@ -19,3 +19,14 @@ def smoke_model(smoke_cfg) -> ltm.LatentThoughtModel:
 def tokens(smoke_cfg) -> torch.Tensor:
     g = torch.Generator().manual_seed(1)
     return torch.randint(0, smoke_cfg.vocab_size, (3, smoke_cfg.ctx + 1), generator=g)
+
+
+@pytest.fixture
+def stub_checkpoint():
+    """Makes a `Checkpoint` of nothing but what a test of the checkpoint files sets (tokens, and any field)."""
+    from ltm.checkpoint import Checkpoint
+
+    def make(tokens: int, **fields) -> Checkpoint:
+        return Checkpoint(**{"model": {}, "optimizer": {}, "step": 0, "samples": 0, "tokens": tokens, "run_id": "",
+                             "config": {}, "model_overrides": {}, "rng": {}, **fields})
+    return make

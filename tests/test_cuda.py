@@ -93,9 +93,9 @@ def test_smoke_training_on_cuda_finishes_and_its_checkpoint_reloads(trained_on_c
 
 def test_a_checkpoint_loads_for_the_gpu_with_its_rng_state_on_the_cpu(trained_on_cuda):
     state = load_latest_checkpoint(trained_on_cuda[1].run_dir, CUDA)  # as a CUDA run resumes
-    assert {t.device for t in state["model"].values()} == {CUDA} and state["rng"]["torch"].device.type == "cpu"
+    assert {t.device for t in state.model.values()} == {CUDA} and state.rng["torch"].device.type == "cpu"
     before = rng_state()
-    restore_rng(state["rng"])
+    restore_rng(state.rng)
     restore_rng(before)
 
 

@@ -161,7 +161,7 @@ def test_an_evaluation_runs_on_a_visible_gpu_else_the_cpu(monkeypatch):
     assert trial_device() == torch.device("cpu")
 
 
-def test_run_task_loads_the_model_on_the_trial_device_and_tags_the_run_with_it(tmp_path, monkeypatch):
+def test_run_task_loads_the_model_on_the_trial_device_and_tags_the_run_with_it(tmp_path, monkeypatch, stub_checkpoint):
     import torch
     from mlflow.tracking import MlflowClient
 
@@ -176,8 +176,8 @@ def test_run_task_loads_the_model_on_the_trial_device_and_tags_the_run_with_it(t
 
     runs = tmp_path / "runs"
     cfg = run_preset("smoke")
-    checkpoint = save_checkpoint(tmp_path / "untrained", {"tokens": 0, "config": cfg.to_dict(), "model_overrides": {},
-                                                          "model": build_model(cfg.model).state_dict()})
+    checkpoint = save_checkpoint(tmp_path / "untrained", stub_checkpoint(0, config=cfg.to_dict(),
+                                                                          model=build_model(cfg.model).state_dict()))
     real_load_model, asked, seen = tasks.load_model, [], {}
 
     def load_model(path, device):
@@ -202,7 +202,7 @@ def test_run_task_loads_the_model_on_the_trial_device_and_tags_the_run_with_it(t
     assert MlflowClient(context.tracking_uri).get_run(result.run_id).data.tags["device"] == "cpu"
 
 
-def test_an_evaluation_that_failed_is_rerun_in_its_own_run_and_then_skipped(tmp_path, monkeypatch):
+def test_an_evaluation_that_failed_is_rerun_in_its_own_run_and_then_skipped(tmp_path, monkeypatch, stub_checkpoint):
     from mlflow.tracking import MlflowClient
 
     import studies.tasks as tasks
@@ -216,8 +216,8 @@ def test_an_evaluation_that_failed_is_rerun_in_its_own_run_and_then_skipped(tmp_
 
     runs = tmp_path / "runs"
     cfg = run_preset("smoke")
-    checkpoint = save_checkpoint(tmp_path / "untrained", {"tokens": 0, "config": cfg.to_dict(), "model_overrides": {},
-                                                          "model": build_model(cfg.model).state_dict()})
+    checkpoint = save_checkpoint(tmp_path / "untrained", stub_checkpoint(0, config=cfg.to_dict(),
+                                                                          model=build_model(cfg.model).state_dict()))
     outcomes = [RuntimeError("the evaluator broke"), ({"probe/value": 2.0}, {})]
 
     def evaluator(model, cfg, task):

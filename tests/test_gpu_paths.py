@@ -33,18 +33,18 @@ def test_a_checkpoint_loaded_for_another_device_keeps_its_rng_state_on_the_cpu(t
     optimizer = make_optimizer(model, cfg.train)
     model(torch.randint(0, 64, (2, 8)), torch.zeros(2, 4, 32)).sum().backward()
     optimizer.step()
-    checkpoint.save_checkpoint(tmp_path, {
-        "tokens": 1, "model": model.state_dict(), "optimizer": optimizer.state_dict(), "rng": checkpoint.rng_state(),
-        "config": cfg.to_dict(), "model_overrides": {"vocab_size": cfg.model.vocab_size}})
+    checkpoint.save_checkpoint(tmp_path, checkpoint.Checkpoint(
+        model=model.state_dict(), optimizer=optimizer.state_dict(), step=1, samples=2, tokens=1, run_id="r",
+        config=cfg.to_dict(), model_overrides={"vocab_size": cfg.model.vocab_size}, rng=checkpoint.rng_state()))
     device = torch.device("meta")  # not the CPU, as a GPU is not, and present without one
     state = checkpoint.load_latest_checkpoint(tmp_path, device)
-    assert {t.device for t in state["model"].values()} == {device}
+    assert {t.device for t in state.model.values()} == {device}
     before = checkpoint.rng_state()
-    checkpoint.restore_rng(state["rng"])  # torch.set_rng_state takes nothing but a CPU ByteTensor
+    checkpoint.restore_rng(state.rng)  # torch.set_rng_state takes nothing but a CPU ByteTensor
     checkpoint.restore_rng(before)
     with device:
         resumed = make_optimizer(ltm.build_model(cfg.model), cfg.train)
-    resumed.load_state_dict(state["optimizer"])  # the optimiser moves its state to its parameters itself
+    resumed.load_state_dict(state.optimizer)  # the optimiser moves its state to its parameters itself
     assert {s["exp_avg"].device for s in resumed.state.values()} == {device}
     loaded, _ = checkpoint.load_model(tmp_path, device)
     assert {p.device for p in loaded.parameters()} == {device}

@@ -129,7 +129,7 @@ def test_the_config_is_plain_json_beside_the_checkpoints_and_stale_temporaries_g
 
     monkeypatch.setattr(torch, "load", refuse)
     resolved = checkpoint.resolve(str(run_dir), default_tracking_uri(tmp_path / "runs"), tmp_path / "runs")
-    assert RunConfig.from_dict(resolved["config"]) == cfg and resolved["run_id"] == result.run_id
+    assert RunConfig.from_dict(resolved.config) == cfg and resolved.run_id == result.run_id
 
 
 @pytest.mark.parametrize("error, says", [
@@ -176,7 +176,7 @@ def test_a_signal_during_an_evaluation_stops_it_at_once_and_the_resume_redoes_it
     stopped = train.run(cfg, runs_dir=tmp_path / "runs", experiment="e", progress=False)
     assert stopped.status == "KILLED" and "SIGUSR2 during the evaluation at 8,192 tokens" in stopped.reason
     state = checkpoint.load_latest_checkpoint(stopped.run_dir)
-    assert state["tokens"] == 8192 and state["eval_pending"]
+    assert state.tokens == 8192 and state.eval_pending
     monkeypatch.setattr(ltm.evaluate, "evaluate_bounds", real)
     resumed = train.run(cfg, runs_dir=tmp_path / "runs", experiment="e", progress=False)
     assert resumed.status == "FINISHED"
@@ -316,7 +316,7 @@ def test_a_tracking_server_that_stays_away_gets_a_checkpoint_and_a_clear_exit(tm
     out, err = proc.communicate(timeout=300)
     assert proc.returncode == Exit.INTERRUPTED, err[-3000:]
     assert "did not answer for 3 s" in out and "run the same command again once the store answers" in out
-    assert checkpoint.load_latest_checkpoint(run_dir)["tokens"] < tokens  # stopped mid-run, not at the end
+    assert checkpoint.load_latest_checkpoint(run_dir).tokens < tokens  # stopped mid-run, not at the end
     assert (run_dir / lifecycle.UNSENT_FILE).exists()
     server.start()
     again = subprocess.run(cli(tmp_path, *args), cwd=ROOT, capture_output=True, text=True, timeout=600)

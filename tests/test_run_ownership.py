@@ -47,8 +47,8 @@ def assert_every_finished_run_holds_its_final_step(runs) -> None:
         run_id, key = run.info.run_id, run.data.tags[RUN_KEY_TAG]
         folder = checkpoint.run_folder(runs, key, run_id)
         state = checkpoint.load_latest_checkpoint(folder)
-        assert checkpoint.owner(folder) == run_id and state["run_id"] == run_id
-        assert state["tokens"] == run.data.metrics[TOKENS], (run_id, folder)
+        assert checkpoint.owner(folder) == run_id and state.run_id == run_id
+        assert state.tokens == run.data.metrics[TOKENS], (run_id, folder)
         assert VAL_PPL_BOUND in run.data.metrics
 
 
@@ -57,13 +57,13 @@ def test_a_study_never_takes_or_removes_a_hand_trained_runs_checkpoints(tmp_path
     key = cfg.run_key()
     by_hand = train_in(runs, "ltm", cfg, on_log=stop_at(1024))
     assert by_hand.status == "KILLED" and by_hand.run_dir == runs / "checkpoints" / key
-    assert checkpoint.load_latest_checkpoint(by_hand.run_dir)["tokens"] == 1024
+    assert checkpoint.load_latest_checkpoint(by_hand.run_dir).tokens == 1024
 
     # A study point with the same config in another experiment: a new run in a folder of its own.
     point = train_in(runs, "inference_scaling", cfg)
     assert point.status == "FINISHED" and point.run_id != by_hand.run_id
     assert point.run_dir == runs / "checkpoints" / f"{key}.{point.run_id}"
-    assert checkpoint.load_latest_checkpoint(by_hand.run_dir)["tokens"] == 1024  # untouched
+    assert checkpoint.load_latest_checkpoint(by_hand.run_dir).tokens == 1024  # untouched
     assert checkpoint.owner(by_hand.run_dir) == by_hand.run_id
 
     # The hand-trained command again: resumes its own 1,024-token checkpoint, not the study's 4,096.
@@ -84,10 +84,10 @@ def test_a_config_trained_by_hand_never_replaces_a_finished_study_points_checkpo
     by_hand = train_in(runs, "ltm", RunConfig.from_dict(config), on_log=stop_at(1024))  # `--config config.json`
     assert by_hand.status == "KILLED" and by_hand.run_dir != point.run_dir
     after = checkpoint.resolve(str(point.run_dir), default_tracking_uri(runs), runs)
-    assert after == before and after["run_id"] == point.run_id
-    assert checkpoint.load_latest_checkpoint(point.run_dir)["tokens"] == 4096
+    assert after == before and after.run_id == point.run_id
+    assert checkpoint.load_latest_checkpoint(point.run_dir).tokens == 4096
     # both runs' folders are found by the study run's id; the bare key is ambiguous and says so
-    assert checkpoint.resolve(point.run_id, default_tracking_uri(runs), runs)["checkpoint"] == str(point.run_dir)
+    assert checkpoint.resolve(point.run_id, default_tracking_uri(runs), runs).checkpoint == str(point.run_dir)
     with pytest.raises(ConfigError, match="has checkpoints of 2 MLflow runs"):
         checkpoint.resolve(cfg.run_key(), default_tracking_uri(runs), runs)
     assert_every_finished_run_holds_its_final_step(runs)
@@ -110,23 +110,23 @@ def test_a_folder_whose_finished_run_lost_its_final_checkpoint_is_refused(tmp_pa
     with pytest.raises(ConfigError, match="FINISHED at 4,096 tokens, but its newest usable checkpoint holds 3,072"):
         checkpoint.resolve(str(done.run_dir), default_tracking_uri(runs), runs)
     earlier = checkpoint.checkpoints(done.run_dir)[-1]  # a file names exactly what it holds: allowed
-    assert checkpoint.resolve(str(earlier), default_tracking_uri(runs), runs)["run_id"] == done.run_id
+    assert checkpoint.resolve(str(earlier), default_tracking_uri(runs), runs).run_id == done.run_id
 
 
-def test_a_checkpoint_another_run_wrote_is_never_resumed_from(tmp_path):
+def test_a_checkpoint_another_run_wrote_is_never_resumed_from(tmp_path, stub_checkpoint):
     checkpoint.write_run_config(tmp_path, run_preset("smoke"), run_preset("smoke").model, "mine")
-    checkpoint.save_checkpoint(tmp_path, {"tokens": 100, "run_id": "mine"})
-    checkpoint.save_checkpoint(tmp_path, {"tokens": 200, "run_id": "theirs"})
+    checkpoint.save_checkpoint(tmp_path, stub_checkpoint(100, run_id="mine"))
+    checkpoint.save_checkpoint(tmp_path, stub_checkpoint(200, run_id="theirs"))
     with pytest.warns(UserWarning, match="written by MLflow run theirs, not by run mine"):
-        assert checkpoint.load_latest_checkpoint(tmp_path, run_id="mine")["tokens"] == 100
+        assert checkpoint.load_latest_checkpoint(tmp_path, run_id="mine").tokens == 100
 
 
-def test_run_folder_gives_each_run_its_own(tmp_path):
+def test_run_folder_gives_each_run_its_own(tmp_path, stub_checkpoint):
     runs = tmp_path
     base = runs / "checkpoints" / "k"
     assert checkpoint.run_folder(runs, "k", "a") == base  # nobody owns it yet
     checkpoint.write_run_config(base, run_preset("smoke"), run_preset("smoke").model, "a")
-    checkpoint.save_checkpoint(base, {"tokens": 1, "run_id": "a"})
+    checkpoint.save_checkpoint(base, stub_checkpoint(1, run_id="a"))
     assert checkpoint.run_folder(runs, "k", "a") == base
     assert checkpoint.run_folder(runs, "k", "b") == runs / "checkpoints" / "k.b"
     # config.json missing: the newest readable checkpoint names the owner
@@ -148,4 +148,4 @@ def test_a_missing_checksum_file_is_called_missing_and_a_restart_from_zero_says_
     assert f"no usable checkpoint of run {cfg.run_key()} (MLflow {killed.run_id}) in {killed.run_dir}" in err
     assert "it starts again from zero tokens" in err
     state = checkpoint.load_latest_checkpoint(resumed.run_dir)
-    assert state["tokens"] == 4096 and torch.isfinite(next(iter(state["model"].values()))).all()
+    assert state.tokens == 4096 and torch.isfinite(next(iter(state.model.values()))).all()

@@ -12,6 +12,7 @@ import pytest
 import torch
 from mlflow.tracking import MlflowClient
 
+import ltm
 import ltm.checkpoint as checkpoint
 import ltm.train as train
 from ltm import objective
@@ -225,13 +226,67 @@ def test_checkpoints_hold_only_plain_values_and_resume_the_rng(tmp_path):
     cfg = smoke(tmp_path, "train.tokens=2048")
     result = train.run(cfg, runs_dir=tmp_path / "runs", progress=False)
     state = checkpoint.load_latest_checkpoint(result.run_dir)  # weights_only=True: would raise otherwise
-    assert isinstance(state["rng"]["numpy"][1], list) and len(state["rng"]["numpy"][1]) == 624
+    assert isinstance(state.rng["numpy"][1], list) and len(state.rng["numpy"][1]) == 624
     before = checkpoint.rng_state()
-    checkpoint.restore_rng(state["rng"])
+    checkpoint.restore_rng(state.rng)
     restored = checkpoint.rng_state()
     checkpoint.restore_rng(before)
-    assert restored["numpy"] == tuple(state["rng"]["numpy"]) and restored["python"] == state["rng"]["python"]
-    assert torch.equal(restored["torch"], state["rng"]["torch"])
+    assert restored["numpy"] == tuple(state.rng["numpy"]) and restored["python"] == state.rng["python"]
+    assert torch.equal(restored["torch"], state.rng["torch"])
+
+
+def _on_disk(cfg, tokens: int) -> dict:
+    """A checkpoint file's content in the layout ltm.loop.save has written since eval_pending and
+    unsent_metrics were added (a dict of tensors and plain values), spelled out key by key."""
+    model = ltm.build_model(cfg.model)
+    optimizer = objective.make_optimizer(model, cfg.train)
+    model(torch.randint(0, 64, (2, 8)), torch.zeros(2, 4, 32)).sum().backward()
+    optimizer.step()
+    return {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "step": 3, "samples": 12,
+            "tokens": tokens, "run_id": "r", "run_key": cfg.run_key(), "config": cfg.to_dict(),
+            "model_overrides": {"vocab_size": cfg.model.vocab_size}, "eval_pending": True,
+            "rng": checkpoint.rng_state(), "unsent_metrics": [["r", "train/loss", 1.5, 1700000000000, tokens]]}
+
+
+def _write_by_hand(run_dir: Path, state: dict) -> Path:
+    """A checkpoint file written as save_checkpoint writes it, without it: torch.save of a dict, sha256 beside."""
+    run_dir.mkdir(parents=True, exist_ok=True)
+    path = run_dir / f"ckpt-{state['tokens']:015d}.pt"
+    torch.save(state, path)
+    path.with_suffix(".sha256").write_text(checkpoint._sha256(path))
+    return path
+
+
+def test_checkpoint_files_of_todays_layout_and_older_ones_load_as_a_checkpoint(tmp_path):
+    cfg = run_preset("smoke")
+    today = _on_disk(cfg, 200)
+    _write_by_hand(tmp_path / "today", today)
+    state = checkpoint.load_latest_checkpoint(tmp_path / "today")
+    assert isinstance(state, checkpoint.Checkpoint) and state.to_dict().keys() == today.keys()
+    assert (state.step, state.samples, state.tokens, state.run_id, state.run_key, state.eval_pending) == (
+        3, 12, 200, "r", cfg.run_key(), True)
+    assert state.config == cfg.to_dict() and state.unsent_metrics == today["unsent_metrics"]
+    assert all(torch.equal(state.model[k], v) for k, v in today["model"].items())
+    model, loaded = checkpoint.load_model(tmp_path / "today")
+    assert loaded == cfg and all(torch.equal(model.state_dict()[k], v) for k, v in today["model"].items())
+    # written again, the file holds the same keys and values: the layout is unchanged
+    again = torch.load(checkpoint.save_checkpoint(tmp_path / "again", state), weights_only=True)
+    assert again.keys() == today.keys() and again["rng"]["python"] == today["rng"]["python"]
+    assert {k: again[k] for k in today if k not in ("model", "optimizer", "rng")} == {
+        k: today[k] for k in today if k not in ("model", "optimizer", "rng")}
+    # older files lack the keys added later: they take their defaults
+    older = {k: v for k, v in _on_disk(cfg, 100).items() if k not in ("eval_pending", "unsent_metrics", "run_key")}
+    _write_by_hand(tmp_path / "older", older)
+    state = checkpoint.load_latest_checkpoint(tmp_path / "older")
+    assert (state.tokens, state.eval_pending, state.unsent_metrics, state.run_key) == (100, False, [], None)
+    assert checkpoint.load_model(tmp_path / "older")[1] == cfg
+
+
+def test_a_file_without_what_every_checkpoint_holds_is_skipped_as_corrupt(tmp_path, stub_checkpoint):
+    checkpoint.save_checkpoint(tmp_path, stub_checkpoint(100))
+    _write_by_hand(tmp_path, {"tokens": 200, "run_id": "r"})
+    with pytest.warns(UserWarning, match="not a checkpoint of this suite: it has no model, optimizer"):
+        assert checkpoint.load_latest_checkpoint(tmp_path).tokens == 100
 
 
 def test_non_finite_loss_marks_the_run_failed_and_keeps_the_last_checkpoint(tmp_path, monkeypatch):
@@ -250,41 +305,41 @@ def test_non_finite_loss_marks_the_run_failed_and_keeps_the_last_checkpoint(tmp_
     run = MlflowClient(default_tracking_uri(tmp_path / "runs")).get_run(result.run_id)
     assert run.info.status == "FAILED" and "non-finite" in run.data.tags["ltm.status_reason"]
     state = checkpoint.load_latest_checkpoint(result.run_dir)
-    assert state["step"] == 16  # the last good checkpoint (2048 tokens per 8 updates), not the poisoned state
-    assert all(torch.isfinite(v).all() for v in state["model"].values())
+    assert state.step == 16  # the last good checkpoint (2048 tokens per 8 updates), not the poisoned state
+    assert all(torch.isfinite(v).all() for v in state.model.values())
 
 
-def test_corrupt_latest_checkpoint_falls_back_to_the_previous(tmp_path):
+def test_corrupt_latest_checkpoint_falls_back_to_the_previous(tmp_path, stub_checkpoint):
     for tokens in (100, 200):
-        checkpoint.save_checkpoint(tmp_path, {"tokens": tokens, "step": tokens})
+        checkpoint.save_checkpoint(tmp_path, stub_checkpoint(tokens, step=tokens))
     latest = checkpoint.checkpoints(tmp_path)[-1]
     latest.write_bytes(latest.read_bytes()[:-10] + b"corrupted!")
     with pytest.warns(UserWarning, match="corrupt"):
         state = checkpoint.load_latest_checkpoint(tmp_path)
-    assert state["tokens"] == 100
+    assert state.tokens == 100
 
 
-def test_planning_an_evaluation_names_the_checkpoint_that_loads_when_the_newest_is_corrupt(tmp_path):
+def test_planning_an_evaluation_names_the_checkpoint_that_loads_when_the_newest_is_corrupt(tmp_path, stub_checkpoint):
     cfg = run_preset("smoke")
     checkpoint.write_run_config(tmp_path, cfg, cfg.model, "r")
     for tokens in (100, 200):
-        checkpoint.save_checkpoint(tmp_path, {"tokens": tokens, "config": cfg.to_dict()})
+        checkpoint.save_checkpoint(tmp_path, stub_checkpoint(tokens, config=cfg.to_dict()))
     previous, newest = checkpoint.checkpoints(tmp_path)
     newest.write_bytes(newest.read_bytes()[:-10] + b"corrupted!")
     uri = default_tracking_uri(tmp_path / "runs")
     with pytest.warns(UserWarning, match="corrupt"):
         resolved = checkpoint.resolve(str(tmp_path), uri, tmp_path / "runs")
     with pytest.warns(UserWarning, match="corrupt"):
-        assert checkpoint.load_latest_checkpoint(tmp_path)["tokens"] == 100
-    assert resolved["identity"] == f"{previous.resolve()}:{previous.stat().st_size}"
+        assert checkpoint.load_latest_checkpoint(tmp_path).tokens == 100
+    assert resolved.identity == f"{previous.resolve()}:{previous.stat().st_size}"
     previous.write_bytes(b"corrupted too")
     with pytest.warns(UserWarning, match="corrupt"), pytest.raises(ConfigError, match="all are corrupt"):
         checkpoint.resolve(str(tmp_path), uri, tmp_path / "runs")
 
 
-def test_only_the_last_two_checkpoints_are_kept(tmp_path):
+def test_only_the_last_two_checkpoints_are_kept(tmp_path, stub_checkpoint):
     for tokens in (1, 2, 3, 4):
-        checkpoint.save_checkpoint(tmp_path, {"tokens": tokens})
+        checkpoint.save_checkpoint(tmp_path, stub_checkpoint(tokens))
     assert [p.name for p in checkpoint.checkpoints(tmp_path)] == ["ckpt-000000000000003.pt", "ckpt-000000000000004.pt"]
     assert not list(tmp_path.glob("*.tmp"))
 
