@@ -25,8 +25,8 @@ from ltm.checkpoint import Checkpoint, restore_rng, rng_state, save_checkpoint
 from ltm.config import ModelConfig, RunConfig
 from ltm.flops import flops_per_token, mfu, peak_flops
 from ltm.lifecycle import RunResult
-from ltm.names import Status
 from ltm.model import LatentThoughtModel, build_model
+from ltm.names import Status
 from ltm.processes import Processes, all_reduce_gradients
 from ltm.signals import Interrupt, Stopped
 
