@@ -82,6 +82,7 @@ def main(study: Study, argv: list[str] | None = None) -> int:
 
 
 def _main(study: Study, argv: list[str] | None, interruption: Interruption) -> int:
+    from ltm.cli import configure_logging
     from ltm.config import ConfigError
     from ltm.tracking import TrackingError, configure_mlflow, redact
 
@@ -90,12 +91,9 @@ def _main(study: Study, argv: list[str] | None, interruption: Interruption) -> i
     except (UsageError, ConfigError, TrackingError, FileNotFoundError) as err:
         print(f"error: {err}", file=sys.stderr)
         return Exit.USAGE
+    configure_logging(plan_.log_level)  # -v/-q; the points' processes get the level in their TrialContext
     if plan_.dry_run:
-        print_plan(plan_)
-        if plan_.problem is not None:
-            print(f"error: {plan_.problem}", file=sys.stderr)
-            return Exit.USAGE
-        return Exit.OK
+        return _dry_run(plan_)
     configure_mlflow(plan_.tracking_uri)  # this driver's MLflow client: fail fast, authenticate
     backend = importlib.import_module(BACKENDS[plan_.cluster])
     keys = [p.key for p in plan_.points]
@@ -141,6 +139,15 @@ def _main(study: Study, argv: list[str] | None, interruption: Interruption) -> i
     if reason:
         print(reason)
     return EXIT_OF[outcome]
+
+
+def _dry_run(plan_: Plan) -> int:
+    """The plan printed, nothing launched; Exit.USAGE if the plan has a problem (reported after it)."""
+    print_plan(plan_)
+    if plan_.problem is not None:
+        print(f"error: {plan_.problem}", file=sys.stderr)
+        return Exit.USAGE
+    return Exit.OK
 
 
 PARENT_STATUS = {Status.FINISHED: Status.FINISHED, Status.KILLED: Status.KILLED, Status.FAILED: Status.FAILED,

@@ -19,3 +19,19 @@ def smoke_model(smoke_cfg) -> ltm.LatentThoughtModel:
 def tokens(smoke_cfg) -> torch.Tensor:
     g = torch.Generator().manual_seed(1)
     return torch.randint(0, smoke_cfg.vocab_size, (3, smoke_cfg.ctx + 1), generator=g)
+
+
+@pytest.fixture(autouse=True)
+def _logging_as_imported():
+    """Every test starts with the library's logging unconfigured, as a program that imports `ltm` finds it: a
+    command an earlier test ran (`ltm.cli.configure_logging`) does not decide what this one shows."""
+    import logging
+
+    from ltm import cli
+
+    yield
+    for name in cli.LOGGERS:
+        logger = logging.getLogger(name)
+        logger.setLevel(logging.NOTSET)
+        logger.removeHandler(cli._HANDLER)
+    logging.captureWarnings(False)

@@ -132,7 +132,7 @@ def test_resume_after_sigkill_matches_an_uninterrupted_run(tmp_path):
     proc.wait()
     resumed = subprocess.run(cli(tmp_path, *args, runs="killed"), capture_output=True, text=True, cwd=ROOT)
     assert resumed.returncode == 0, resumed.stderr
-    assert "resuming run" in resumed.stdout
+    assert "resuming run" in resumed.stderr  # a message while it works: on stderr
 
     def only_run(runs):
         uri = default_tracking_uri(tmp_path / runs)
@@ -169,7 +169,7 @@ def test_a_stop_signal_checkpoints_and_leaves_the_run_resumable(tmp_path, sig):
     assert run.info.status == "KILLED" and sig.name in run.data.tags["ltm.status_reason"]
     assert list((tmp_path / "runs" / "checkpoints").glob("*/ckpt-*.pt"))
     again = subprocess.run(cli(tmp_path, *args), capture_output=True, text=True, cwd=ROOT)
-    assert again.returncode == 0 and "resuming run" in again.stdout
+    assert again.returncode == 0 and "resuming run" in again.stderr
     resumed = client.get_run(run.info.run_id)
     assert resumed.info.status == "FINISHED"
     straight = train.run(smoke(tmp_path, "train.tokens=65536", "train.checkpoint_every=2048"),
@@ -340,3 +340,17 @@ def test_the_command_line_reads_a_synthetic_run_against_its_corpus_optimum(tmp_p
     blocks = load_blocks(cfg.data, cfg.model.ctx, "validation")
     full = optimal_ppl(blocks, n_blocks=cfg.train.eval_blocks)
     assert f"Bayes-optimal perplexity on the same {cfg.train.eval_blocks} blocks: {full:.3f}" in capsys.readouterr().out
+
+
+def test_quiet_drops_the_messages_while_it_works_but_not_the_summary_on_stdout(tmp_path, capsys):
+    args = ["--preset", "smoke", "--runs-dir", str(tmp_path / "runs"), "--no-progress",
+            "--set", f"data.cache_dir={tmp_path / 'cache'}", "--set", "train.tokens=2048"]
+    assert train.main([*args, "-q"]) == 0
+    out, err = capsys.readouterr()
+    assert out.startswith("FINISHED: run ") and "val/ppl_bound" in out
+    assert train.main(args) == 0  # again: skipped, said on stderr while it works, and summed up on stdout
+    out, err = capsys.readouterr()
+    assert "already FINISHED" in err and "already FINISHED" not in out and out.startswith("SKIPPED: run ")
+    assert train.main([*args, "-q"]) == 0
+    out, err = capsys.readouterr()
+    assert "already FINISHED" not in err and out.startswith("SKIPPED: run ")
