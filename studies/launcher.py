@@ -22,6 +22,7 @@ from __future__ import annotations
 import dataclasses
 import importlib
 import json
+import logging
 import sys
 import time
 
@@ -33,6 +34,8 @@ from studies.parent import finish_parent, open_parent, summary
 from studies.plan import Plan, UsageError, plan
 from studies.points import grid_table
 from studies.study import Study
+
+log = logging.getLogger(__name__)
 
 BACKENDS = {"local": "studies.ray_backend", "ray": "studies.ray_backend", "slurm": "studies.slurm_backend"}
 """--cluster -> the module that runs the points: `before_start(plan)` and `run(plan, tracker, interruption)`."""
@@ -105,7 +108,7 @@ def _main(study: Study, argv: list[str] | None, interruption: Interruption) -> i
         with interruption.deferred():
             tracker, parent_run_id = open_parent(plan_)
             plan_ = dataclasses.replace(plan_, parent_run_id=parent_run_id)
-        print(f"study parent run {plan_.parent_run_id} (key {plan_.study_key})\n")
+        log.info("study parent run %s (key %s)", plan_.parent_run_id, plan_.study_key)
         completed = backend.run(plan_, tracker, interruption)
     except StudyInterrupted:
         if tracker is None:
