@@ -54,7 +54,7 @@ from ltm.evaluate import sequence_bounds  # noqa: E402
 from ltm.tracking import default_tracking_uri  # noqa: E402
 from ltm.objective import EVAL_SEED  # noqa: E402
 
-log = logging.getLogger(__name__)
+log = logging.getLogger("analysis.compare")  # by name: run as a command, __name__ is "__main__"
 
 _LEVEL = 0.95
 

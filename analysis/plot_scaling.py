@@ -48,7 +48,7 @@ from analysis.runs import (FULL_CONTEXT, NoRunsError, find_study, load_evaluatio
 from ltm.cli import add_verbosity, configure_logging, log_level  # noqa: E402
 from ltm.names import ANALYSIS_TAG, N_RUNS_TAG, VAL_PPL_BOUND, Exit  # noqa: E402
 
-log = logging.getLogger(__name__)
+log = logging.getLogger("analysis.plot_scaling")  # by name: run as a command, __name__ is "__main__"
 
 METRIC = VAL_PPL_BOUND
 

@@ -34,7 +34,7 @@ if TYPE_CHECKING:
     from ltm.data import TokenBlocks
     from ltm.tracking import Tracker
 
-log = logging.getLogger(__name__)
+log = logging.getLogger("ltm.train")  # by name: run as a command, __name__ is "__main__"
 
 
 def run(cfg: RunConfig, *, tracking_uri: str | None = None, experiment: str = "ltm", runs_dir: str | Path = "runs",

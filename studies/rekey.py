@@ -30,7 +30,7 @@ from ltm.names import (PREVIOUS_KEY_TAG, PREVIOUS_STUDY_KEY_TAG, ROLE_EVAL, ROLE
 from studies.points import study_key_of
 from studies.tasks import evaluation_key, logged_task
 
-log = logging.getLogger(__name__)
+log = logging.getLogger("studies.rekey")  # by name: run as a command, __name__ is "__main__"
 
 
 def new_key(config: dict) -> str:

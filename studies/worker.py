@@ -22,7 +22,7 @@ from ltm.files import atomic_write
 from ltm.names import EXIT_OF, Exit, Status
 from studies.messages import Point, Result, TrialContext
 
-log = logging.getLogger(__name__)
+log = logging.getLogger("studies.worker")  # by name: run as a command, __name__ is "__main__"
 
 
 def main(spec_path: str, result_path: str, progress_path: str | None = None) -> int:
