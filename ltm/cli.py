@@ -29,8 +29,9 @@ def add_run_options(parser: argparse.ArgumentParser, *, experiment_default: str 
 # -- messages --------------------------------------------------------------------------------------
 
 LOGGERS = ("ltm", "studies", "analysis", "py.warnings")
-"""The loggers a command configures: the library's (every module logs to `logging.getLogger(__name__)`) and
-Python's warnings (`logging.captureWarnings`)."""
+"""The loggers a command configures: the library's (every module logs to `logging.getLogger(__name__)`, or to its
+dotted name when it also runs as a command, where __name__ is "__main__") and Python's warnings
+(`logging.captureWarnings`)."""
 
 
 def add_verbosity(parser: argparse.ArgumentParser) -> None:

@@ -33,7 +33,7 @@ def main(spec_path: str, result_path: str, progress_path: str | None = None) -> 
         result = run_point(Point.from_dict(spec["point"]), TrialContext.from_dict(spec["context"]),
                            progress=Path(progress_path) if progress_path else None)
     except Exception as err:  # reported to the trial, which raises so that Ray retries it
-        log.exception("point failed")
+        log.exception("point %s failed", spec["point"]["key"])
         result = Result(Status.ERROR, reason=f"{type(err).__name__}: {err}")
     atomic_write(result_path, json.dumps(result.to_dict()))
     return EXIT_OF[result.status]

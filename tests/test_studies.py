@@ -184,6 +184,19 @@ def test_the_studys_message_level_reaches_the_process_that_runs_a_point(tmp_path
         assert logging.getLogger(name).level == logging.WARNING and _HANDLER in logging.getLogger(name).handlers
 
 
+def test_a_worker_process_reports_a_failed_point_on_its_stderr_even_at_the_quietest_level(tmp_path):
+    from studies.messages import TrialContext
+
+    context = TrialContext(f"sqlite:///{tmp_path / 'mlflow.db'}", "e", str(tmp_path), None, log_level=logging.ERROR)
+    spec, result = tmp_path / "spec.json", tmp_path / "result.json"
+    spec.write_text(json.dumps({"point": Point("badkey", {"model": {"no_such_field": 1}}, {}).to_dict(),
+                                "context": context.to_dict()}))
+    proc = subprocess.run([sys.executable, "-m", "studies.worker", str(spec), str(result)], cwd=ROOT,
+                          capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(ROOT)}, timeout=300)
+    assert proc.returncode == 1 and json.loads(result.read_text())["status"] == "ERROR"
+    assert "error: point badkey failed\nTraceback" in proc.stderr and proc.stdout == "", proc.stderr[-3000:]
+
+
 @pytest.mark.parametrize("args, message", [
     (["--preset", "huge"], "unknown preset 'huge'"),
     (["--set", "model.n_latents=3"], "model.n_latents=3 is not divisible"),
