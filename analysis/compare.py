@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import logging
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -45,12 +46,15 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from ltm.checkpoint import load_model, resolve  # noqa: E402
+from ltm.cli import add_verbosity, configure_logging, log_level  # noqa: E402
 from ltm.config import ConfigError, RunConfig  # noqa: E402
 from ltm.names import Exit  # noqa: E402
 from ltm.data import load_blocks  # noqa: E402
 from ltm.evaluate import sequence_bounds  # noqa: E402
 from ltm.tracking import default_tracking_uri  # noqa: E402
 from ltm.objective import EVAL_SEED  # noqa: E402
+
+log = logging.getLogger("analysis.compare")  # by name: run as a command, __name__ is "__main__"
 
 _LEVEL = 0.95
 
@@ -70,8 +74,8 @@ def score_run(ref: str, runs_dir: Path, n_blocks: int, batch_size: int = 16,
               tracking_uri: str | None = None) -> Scored:
     """Each of the first `n_blocks` validation blocks' bound, NLL and KL under the run `ref` names."""
     source = resolve(ref, tracking_uri or default_tracking_uri(runs_dir), runs_dir)
-    print(f"{ref}: {source.identity.rsplit(':', 1)[0]}" + (f" (MLflow run {source.run_id})" if source.run_id
-                                                            else ""))
+    log.info("%s: %s%s", ref, source.identity.rsplit(":", 1)[0],
+             f" (MLflow run {source.run_id})" if source.run_id else "")
     model, cfg = load_model(source.checkpoint)
     model.eval()
     blocks = load_blocks(cfg.data, cfg.model.ctx, "validation")
@@ -228,6 +232,7 @@ def blocks_problem(refs: Sequence[str], blocks: Sequence[torch.Tensor]) -> str |
 
 
 def _print_single(result: dict) -> None:
+    """The command's answer, on stdout (the CLI's own output: the library functions above print nothing)."""
     for name in ("A", "B"):
         print(f"{name}: {result[name + '_run']}: bound {result[name + '_bound']:.4f} nats/token = "
               f"NLL {result[name + '_nll']:.4f} + KL {result[name + '_kl']:.4f}")
@@ -238,6 +243,7 @@ def _print_single(result: dict) -> None:
 
 
 def _print_seeds(result: dict, bootstrap: int) -> None:
+    """The command's answer for seeded arms, on stdout."""
     for name in ("A", "B"):
         pairs = (p.split("=") for p in result[name + "_seed_bounds"].split(";"))
         per_seed = ", ".join(f"seed {s}: {float(v):.4f}" for s, v in pairs)
@@ -266,6 +272,7 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--blocks", type=int, default=64, help="validation blocks scored (default 64)")
     parser.add_argument("--bootstrap", type=int, default=2000)
     parser.add_argument("--out", help="also write the result as a one-row CSV")
+    add_verbosity(parser)
     return parser
 
 
@@ -287,6 +294,7 @@ def _score_sides(args: argparse.Namespace, sides: dict[str, list[str]]) -> tuple
 def main(argv: list[str] | None = None) -> int:
     parser = _parser()
     args = parser.parse_args(argv)
+    configure_logging(log_level(args))
     if args.blocks < 2 or args.bootstrap < 1:
         parser.error("--blocks must be >= 2 and --bootstrap >= 1")
     sides = {"A": _refs(args.a), "B": _refs(args.b)}

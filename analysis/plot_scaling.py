@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import logging
 import re
 import sys
 from pathlib import Path
@@ -44,8 +45,11 @@ from analysis import fit  # noqa: E402
 from analysis.inference_cost import cost_table, plot_inference_cost, start_label  # noqa: E402
 from analysis.runs import (FULL_CONTEXT, NoRunsError, find_study, load_evaluations, load_histories,  # noqa: E402
                            load_runs, parent_run)
+from ltm.cli import add_verbosity, configure_logging, log_level  # noqa: E402
 from ltm.names import (ANALYSIS_TAG, FINAL, FLOPS, FLOPS_PAPER, N_RUNS_TAG, VAL_PPL_BOUND, VAL_PPL_IW,  # noqa: E402
                        VAL_PPL_REUSE, Exit, Status, metric)
+
+log = logging.getLogger("analysis.plot_scaling")  # by name: run as a command, __name__ is "__main__"
 
 METRIC = VAL_PPL_BOUND
 FINAL_BOUND, FINAL_FLOPS = metric(FINAL, METRIC), metric(FINAL, FLOPS)  # their columns in the runs table
@@ -452,12 +456,12 @@ def select(uri: str, study: str | None, experiment: str | None, parent: str | No
     chosen = parent_run(uri, parent) if parent else find_study(uri, study, experiment)
     if not parent:  # chosen for the user: say which, and how to choose otherwise
         which = "invocation of that study" if study else "study in the store"
-        print(f"analysing {chosen}, parent run {chosen.parent_run_id}: the most recent {which} "
-              "(others: --study, --parent-run, --experiment)")
+        log.info("analysing %s, parent run %s: the most recent %s (others: --study, --parent-run, --experiment)",
+                 chosen, chosen.parent_run_id, which)
     return chosen.experiment, chosen.parent_run_id, chosen.name or chosen.experiment
 
 
-def main(argv: list[str] | None = None) -> int:
+def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--runs-dir", default="runs", help="the studies' runs folder (default: runs)")
     parser.add_argument("--tracking-uri", help="default sqlite:///<runs-dir>/mlflow.db")
@@ -467,7 +471,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", help="default <runs-dir>/figures/<study>, or /<experiment> without a study")
     parser.add_argument("--flops-convention", choices=["exact", "paper"], default="exact")
     parser.add_argument("--bootstrap", type=int, default=200, help="bootstrap refits per law (0 for none)")
-    args = parser.parse_args(argv)
+    add_verbosity(parser)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    configure_logging(log_level(args))
 
     from ltm.tracking import Tracker, configure_mlflow, default_tracking_uri
 

@@ -120,7 +120,7 @@ def resume_check(args) -> dict:
         interrupted_out = output("interrupted")[0]
         resumed = train("interrupted")
         (a, _), (b, b_err) = output("straight"), output("interrupted")
-    resumed_from = re.search(r"^resuming run .* from ([\d,]+) tokens", b, re.M)
+    resumed_from = re.search(r"^resuming run .* from ([\d,]+) tokens", b_err, re.M)  # a message: on stderr
     diffs = relative_differences(final_metrics(a), final_metrics(b))
     finished = resumed.returncode == 0 and re.search(r"^FINISHED: ", b, re.M) is not None
     return {"ok": finished and resumed_from is not None and max(diffs.values()) <= args.tolerance,

@@ -1,8 +1,11 @@
-"""The command-line options every run-starting command shares (`ltm.train`, the studies), declared once."""
+"""The command-line options every run-starting command shares (`ltm.train`, the studies), declared once, and how
+every command sets up its messages (-v/-q: `add_verbosity`, `configure_logging`)."""
 
 from __future__ import annotations
 
 import argparse
+import logging
+import sys
 
 
 def add_run_options(parser: argparse.ArgumentParser, *, experiment_default: str | None,
@@ -21,3 +24,61 @@ def add_run_options(parser: argparse.ArgumentParser, *, experiment_default: str 
     parser.add_argument("--runs-dir", default="runs",
                         help="folder for checkpoints, the default MLflow store and artifacts (and a study's Ray and "
                              "SLURM folders) (default runs)")
+
+
+# -- messages --------------------------------------------------------------------------------------
+
+LOGGERS = ("ltm", "studies", "analysis", "py.warnings")
+"""The loggers a command configures: the library's (every module logs to `logging.getLogger(__name__)`, or to its
+dotted name when it also runs as a command, where __name__ is "__main__") and Python's warnings
+(`logging.captureWarnings`)."""
+
+
+def add_verbosity(parser: argparse.ArgumentParser) -> None:
+    """-v/--verbose and -q/--quiet (both counting) on `parser`; `log_level` reads them."""
+    parser.add_argument("-v", "--verbose", action="count", default=0,
+                        help="more messages on stderr: -v adds debug messages")
+    parser.add_argument("-q", "--quiet", action="count", default=0,
+                        help="fewer messages on stderr: -q only warnings and errors, -qq only errors; the final "
+                             "summary still prints on stdout")
+
+
+def log_level(args: argparse.Namespace) -> int:
+    """The logging level -v/-q ask for: INFO by default, DEBUG with -v, WARNING with -q, ERROR with -qq."""
+    return min(max(logging.INFO + 10 * (args.quiet - args.verbose), logging.DEBUG), logging.ERROR)
+
+
+class _Stderr(logging.StreamHandler):
+    """A handler that writes to the sys.stderr of the moment (a worker redirects it for each point)."""
+
+    @property
+    def stream(self):
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, value) -> None:  # StreamHandler.__init__ sets it: always sys.stderr here
+        pass
+
+
+class _Formatter(logging.Formatter):
+    """An INFO message as it is; any other level prefixed with it, e.g. `warning: ...`."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        text = super().format(record)
+        return text if record.levelno == logging.INFO else f"{record.levelname.lower()}: {text}"
+
+
+_HANDLER = _Stderr()
+_HANDLER.setFormatter(_Formatter("%(message)s"))
+
+
+def configure_logging(level: int = logging.INFO) -> None:
+    """What a command (or a study's worker process) does once: the library's messages and Python's warnings
+    at `level` and above go to stderr. Calling it again only changes the level. The library itself never
+    configures logging: a program that imports `ltm` decides where its messages go."""
+    logging.captureWarnings(True)
+    for name in LOGGERS:
+        logger = logging.getLogger(name)
+        logger.setLevel(level)
+        if _HANDLER not in logger.handlers:
+            logger.addHandler(_HANDLER)

@@ -22,6 +22,7 @@ import sys
 
 import torch
 
+from ltm.cli import add_verbosity, configure_logging, log_level
 from ltm.config import InferenceConfig, model_preset
 from ltm.model import LatentThoughtModel
 from ltm.posterior import adamw_step
@@ -105,7 +106,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--steps", default="1,4,16,32,64,128", help="inference steps T, comma-separated")
     parser.add_argument("--init-logvar", type=float, default=InferenceConfig().init_logvar,
                         help="the fixed start's log-variance (inference.init_logvar; the paper's -5)")
+    add_verbosity(parser)
     args = parser.parse_args(argv)
+    configure_logging(log_level(args))
     try:
         steps = [int(s) for s in args.steps.split(",")]
     except ValueError:

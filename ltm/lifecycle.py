@@ -9,8 +9,8 @@ Training (`ltm.train.run`) and the studies' evaluation tasks (`studies.tasks`) b
 from __future__ import annotations
 
 import dataclasses
+import logging
 import subprocess
-import sys
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,6 +24,8 @@ from ltm.names import Status
 
 if TYPE_CHECKING:
     from ltm.tracking import Tracker
+
+log = logging.getLogger(__name__)
 
 UNSENT_FILE = "unsent-metrics.jsonl"
 """Beside the checkpoints: metrics the tracking store did not take before the run stopped; sent at the next start."""
@@ -112,9 +114,10 @@ def _create_training_run(tracker: Tracker, cfg: RunConfig, model_cfg: ModelConfi
     run_id = tracker.create_run(key, name, params, run_tags, parent_run_id)
     run_dir = run_folder(runs_dir, key, run_id)
     for other in elsewhere:
-        print(f"note: run key {key} is also MLflow run {other.info.run_id} ({other.info.status}) in experiment "
-              f"{tracker.experiment_name(other.info.experiment_id)!r}; this is a new run of experiment "
-              f"{tracker.experiment_name(tracker.experiment_id)!r} with its own checkpoints in {run_dir}")
+        log.info("note: run key %s is also MLflow run %s (%s) in experiment %r; this is a new run of experiment %r "
+                 "with its own checkpoints in %s", key, other.info.run_id, other.info.status,
+                 tracker.experiment_name(other.info.experiment_id), tracker.experiment_name(tracker.experiment_id),
+                 run_dir)
     # the config as run: its vocabulary is the data's (the same run key: identity() leaves vocab_size out)
     tracker.log_dict(run_id, dataclasses.replace(cfg, model=model_cfg).to_dict(), "config.json")
     data = {k: v for k, v in dataclasses.asdict(cfg.data).items() if k != "cache_dir"}
@@ -158,7 +161,7 @@ def finish_after_setup(tracker: Tracker, run_id: str, status: Status, reason: st
     try:
         tracker.finish(run_id, status, reason, patience=min(patience, 60.0))
     except TrackingError as err:
-        print(f"warning: {err}", file=sys.stderr)
+        log.warning("%s", err)
 
 
 def keep_unsent(tracker: Tracker, run_dir: Path, tokens: int) -> str:

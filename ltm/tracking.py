@@ -13,8 +13,8 @@ import contextlib
 import fcntl
 import hashlib
 import json
+import logging
 import os
-import sys
 import threading
 import time
 import urllib.error
@@ -27,6 +27,7 @@ from mlflow.tracking import MlflowClient
 
 from ltm.names import PARENT_TAG, REASON_TAG, RUN_KEY_TAG, Status
 
+log = logging.getLogger(__name__)
 
 
 class TrackingError(RuntimeError):
@@ -374,8 +375,8 @@ class Tracker:
                 # Runs that start together on the same data race to insert its dataset row (the store
                 # refuses the second with a UNIQUE constraint); once one is in, the retry links to it.
                 if wait is None:  # lineage only: the run goes on without it, and says so
-                    print(f"warning: the data of run {run_id} was not recorded as an MLflow dataset input: "
-                          f"{type(err).__name__}: {str(err)[:300]}", file=sys.stderr)
+                    log.warning("the data of run %s was not recorded as an MLflow dataset input: %s: %s", run_id,
+                                type(err).__name__, str(err)[:300])
                     return
                 time.sleep(wait)
 

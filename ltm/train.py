@@ -14,6 +14,7 @@ import argparse
 import dataclasses
 import functools
 import json
+import logging
 import os
 import sys
 from collections.abc import Callable
@@ -22,7 +23,7 @@ from typing import TYPE_CHECKING
 
 from ltm import lifecycle, loop, names
 from ltm.checkpoint import checkpoints, load_latest_checkpoint, remove_stale_temporaries, write_run_config
-from ltm.cli import add_run_options
+from ltm.cli import add_run_options, add_verbosity, configure_logging, log_level
 from ltm.config import ConfigError, ModelConfig, RunConfig, run_preset
 from ltm.lifecycle import UNSENT_FILE, RunDecision, RunResult
 from ltm.names import EXIT_OF, Exit, Status
@@ -33,6 +34,8 @@ from ltm.signals import Interrupt, Stopped
 if TYPE_CHECKING:
     from ltm.data import TokenBlocks
     from ltm.tracking import Tracker
+
+log = logging.getLogger("ltm.train")  # by name: run as a command, __name__ is "__main__"
 
 
 def run(cfg: RunConfig, *, tracking_uri: str | None = None, experiment: str = "ltm", runs_dir: str | Path = "runs",
@@ -119,7 +122,7 @@ def _run_locked(cfg: RunConfig, procs: Processes, tracking_uri: str, experiment:
     decision = procs.broadcast(decision)
     if decision.skipped:
         if procs.is_main:
-            print(f"run {key} already FINISHED as MLflow run {decision.run_id}; skipping (use --force to rerun)")
+            log.info("run %s already FINISHED as MLflow run %s; skipping (use --force to rerun)", key, decision.run_id)
         return RunResult(Status.SKIPPED, decision.run_id, decision.metrics, decision.run_dir)
 
     monitor = None
@@ -166,10 +169,10 @@ def _set_up(cfg: RunConfig, model_cfg: ModelConfig, procs: Processes, interrupt:
         state.load(checkpoint)
         if procs.is_main:
             tracker.relog(checkpoint.unsent_metrics, after_step=tracker.max_logged_step(run_id))
-            print(f"resuming run {key} (MLflow {run_id}) from {checkpoint.tokens:,} tokens")
+            log.info("resuming run %s (MLflow %s) from %s tokens", key, run_id, f"{checkpoint.tokens:,}")
     elif decision.resume and procs.is_main and (checkpoints(run_dir) or decision.logged_step >= 0):
-        print(f"warning: no usable checkpoint of run {key} (MLflow {run_id}) in {run_dir} (see any warnings "
-              "above); it starts again from zero tokens", file=sys.stderr)
+        log.warning("no usable checkpoint of run %s (MLflow %s) in %s (see any warnings above); it starts again "
+                    "from zero tokens", key, run_id, run_dir)
     return ctx, state, checkpoint is not None
 
 
@@ -224,6 +227,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--tracking-patience", type=float, default=600.0, metavar="SECONDS",
                         help="how long training goes on while the tracking store does not answer (metrics are kept "
                              "and sent when it is back); after that the run checkpoints and exits 3 (default 600)")
+    add_verbosity(parser)
     return parser
 
 
@@ -243,6 +247,7 @@ def main(argv: list[str] | None = None) -> int:
     from ltm.tracking import TrackingUnusable
 
     args = build_parser().parse_args(argv)
+    configure_logging(log_level(args))
     try:
         if args.tracking_patience <= 0:
             raise ConfigError(f"--tracking-patience must be > 0 seconds, got {args.tracking_patience}")

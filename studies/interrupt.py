@@ -4,6 +4,7 @@ of this host stopped through their run locks, and children that do not outlive t
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import signal
 import socket
@@ -12,6 +13,8 @@ from pathlib import Path
 from typing import Callable
 
 from ltm.signals import Interrupt, Stopped
+
+log = logging.getLogger(__name__)
 
 
 class Interruption(Interrupt):
@@ -94,7 +97,7 @@ def wait_for_stragglers(runs_dir: Path, keys, study_key: str, timeout: float = 9
     deadline = time.time() + timeout
     busy = [k for k in keys if _of_study(_held_here(runs_dir, k), study_key)]
     if busy:
-        print(f"waiting for {len(busy)} worker(s) of an earlier start to checkpoint and exit ...")
+        log.info("waiting for %d worker(s) of an earlier start to checkpoint and exit ...", len(busy))
     while busy and time.time() < deadline:
         time.sleep(0.5)
         busy = [k for k in busy if _of_study(_held_here(runs_dir, k), study_key)]

@@ -22,6 +22,7 @@ from __future__ import annotations
 import dataclasses
 import importlib
 import json
+import logging
 import sys
 import time
 
@@ -34,6 +35,8 @@ from studies.parent import finish_parent, open_parent, summary
 from studies.plan import Plan, UsageError, plan
 from studies.points import grid_table
 from studies.study import Study
+
+log = logging.getLogger(__name__)
 
 BACKENDS = {"local": "studies.ray_backend", "ray": "studies.ray_backend", "slurm": "studies.slurm_backend"}
 """--cluster -> the module that runs the points: `before_start(plan)` and `run(plan, tracker, interruption)`."""
@@ -83,6 +86,7 @@ def main(study: Study, argv: list[str] | None = None) -> int:
 
 
 def _main(study: Study, argv: list[str] | None, interruption: Interruption) -> int:
+    from ltm.cli import configure_logging
     from ltm.config import ConfigError
     from ltm.tracking import TrackingError, configure_mlflow, redact
 
@@ -91,12 +95,9 @@ def _main(study: Study, argv: list[str] | None, interruption: Interruption) -> i
     except (UsageError, ConfigError, TrackingError, FileNotFoundError) as err:
         print(f"error: {err}", file=sys.stderr)
         return Exit.USAGE
+    configure_logging(plan_.log_level)  # -v/-q; the points' processes get the level in their TrialContext
     if plan_.dry_run:
-        print_plan(plan_)
-        if plan_.problem is not None:
-            print(f"error: {plan_.problem}", file=sys.stderr)
-            return Exit.USAGE
-        return Exit.OK
+        return _dry_run(plan_)
     configure_mlflow(plan_.tracking_uri)  # this driver's MLflow client: fail fast, authenticate
     backend = importlib.import_module(BACKENDS[plan_.cluster])
     keys = [p.key for p in plan_.points]
@@ -108,7 +109,7 @@ def _main(study: Study, argv: list[str] | None, interruption: Interruption) -> i
         with interruption.deferred():
             tracker, parent_run_id = open_parent(plan_)
             plan_ = dataclasses.replace(plan_, parent_run_id=parent_run_id)
-        print(f"study parent run {plan_.parent_run_id} (key {plan_.study_key})\n")
+        log.info("study parent run %s (key %s)", plan_.parent_run_id, plan_.study_key)
         completed = backend.run(plan_, tracker, interruption)
     except Stopped:
         if tracker is None:
@@ -142,6 +143,15 @@ def _main(study: Study, argv: list[str] | None, interruption: Interruption) -> i
     if reason:
         print(reason)
     return EXIT_OF[outcome]
+
+
+def _dry_run(plan_: Plan) -> int:
+    """The plan printed, nothing launched; Exit.USAGE if the plan has a problem (reported after it)."""
+    print_plan(plan_)
+    if plan_.problem is not None:
+        print(f"error: {plan_.problem}", file=sys.stderr)
+        return Exit.USAGE
+    return Exit.OK
 
 
 PARENT_STATUS = {Status.FINISHED: Status.FINISHED, Status.KILLED: Status.KILLED, Status.FAILED: Status.FAILED,

@@ -7,6 +7,7 @@ submitit's pickles).
 from __future__ import annotations
 
 import dataclasses
+import logging
 from dataclasses import dataclass, field
 
 from ltm.names import Status
@@ -89,6 +90,9 @@ class TrialContext:
     credentials_file: str | None = None
     driver: str = ""
     """The study driver that started the trial (`studies.interrupt.driver_id`), recorded in its run locks."""
+    log_level: int = logging.INFO
+    """The level of the messages a trial's process shows (the study's -v/-q, `ltm.cli.log_level`): the process
+    that runs the point configures its logging with it (`ltm.cli.configure_logging`)."""
 
     @property
     def threads(self) -> int:

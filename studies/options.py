@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from ltm.cli import add_run_options
+from ltm.cli import add_run_options, add_verbosity
 from ltm.names import exit_help
 from studies.costs import DEFAULT_MFU, DEFAULT_PEAK_TFLOPS
 from studies.study import Study
@@ -47,6 +47,7 @@ def build_parser(study: Study) -> argparse.ArgumentParser:
     parser.add_argument("--gpu-mem-gb", type=float, help="memory of the GPU a trial gets, in GB of 2^30 bytes (141: "
                         "H200, 80: H100): each point's micro-batch is fitted to it, and a point that cannot fit even "
                         "at micro-batch 1 is refused (default: the SLURM profile's gpu_mem_gb)")
+    add_verbosity(parser)
     _add_group_options(parser, study)
     return parser
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from typing import TYPE_CHECKING
 
 from ltm.names import (BACKEND_TAG, COUNT_TAG_PREFIX, NOTE_TAG, POINTS_TAG, REASON_TAG, ROLE_STUDY, ROLE_TAG,
@@ -11,6 +12,8 @@ from studies.points import grid_table
 
 if TYPE_CHECKING:
     from ltm.tracking import Tracker
+
+log = logging.getLogger(__name__)
 
 
 def open_parent(plan: Plan) -> tuple[Tracker, str]:
@@ -48,7 +51,7 @@ def open_parent(plan: Plan) -> tuple[Tracker, str]:
             tracker.finish(run.info.run_id, Status.KILLED,
                            "left RUNNING by a worker that died; the study driver "
                            "marked it KILLED and resumes it from its last checkpoint")
-            print(f"marked run {key} KILLED (left RUNNING by a dead worker); it will resume")
+            log.info("marked run %s KILLED (left RUNNING by a dead worker); it will resume", key)
     return tracker, parent
 
 

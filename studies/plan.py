@@ -9,11 +9,13 @@ import argparse
 import dataclasses
 import functools
 import json
+import logging
 import os
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
+from ltm.cli import log_level
 from ltm.config import ConfigError, parse_value, split_assignment
 from ltm.names import BACKEND_TAG, PRESET_TAG, STUDY_KEY_TAG, STUDY_TAG
 from studies.costs import DEFAULT_MFU, DEFAULT_PEAK_TFLOPS, Memory, memory_problem, point_memory, usable_gb
@@ -76,6 +78,8 @@ class Plan:
     """SLURM: processes of a point on each of its nodes (one per GPU when it has GPUs)."""
     nodes: int = 1
     """SLURM: nodes of a point."""
+    log_level: int = logging.INFO
+    """The messages shown (-v/-q), by the driver and by the processes that run the points."""
 
     @property
     def world(self) -> int:
@@ -126,7 +130,8 @@ class Plan:
         return TrialContext(tracking_uri=split_credentials(tracking_uri or self.tracking_uri)[0],
                             experiment=self.experiment, runs_dir=str(self.runs_dir), parent_run_id=self.parent_run_id,
                             tags=self.tags, cpus=self.cpus,
-                            credentials_file=str(credentials_file) if credentials_file else None, driver=self.driver)
+                            credentials_file=str(credentials_file) if credentials_file else None, driver=self.driver,
+                            log_level=self.log_level)
 
 
 def plan(study: Study, argv: list[str] | None = None) -> Plan:
@@ -160,7 +165,8 @@ def plan(study: Study, argv: list[str] | None = None) -> Plan:
                   args.experiment or study.name, cpus, gpus, max_concurrent, args.max_failures, dry_run=args.dry_run,
                   mfu=args.mfu, peak_tflops=args.peak_tflops, gpu_mem_gb=gpu_mem,
                   address=args.address, fresh=args.fresh, profile=profile, mlflow_server=args.mlflow_server,
-                  no_wait=args.no_wait, problem=problem, processes=processes, nodes=args.nodes_per_trial)
+                  no_wait=args.no_wait, problem=problem, processes=processes, nodes=args.nodes_per_trial,
+                  log_level=log_level(args))
     unfit = result.gpu_mem_gb and memory_problem(result.points, result.memory, gpus, result.gpu_mem_gb)
     if unfit and not args.dry_run:
         raise UsageError(unfit)  # before anything is submitted

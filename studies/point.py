@@ -23,11 +23,13 @@ def run_point(point: Point, context: TrialContext, progress: Path | None = None)
     """
     import torch
 
+    from ltm.cli import configure_logging
     from ltm.config import RunConfig
     from ltm.runlock import STUDY_DRIVER_ENV, RunBusy
     from ltm.tracking import configure_mlflow
     from ltm.train import run
 
+    configure_logging(context.log_level)  # the process that runs a point shows its messages at the study's level
     torch.set_num_threads(context.threads)
     configure_mlflow(credentials_file=context.credentials_file)
     os.environ[STUDY_DRIVER_ENV] = context.driver  # recorded in the run locks this point takes

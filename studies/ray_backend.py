@@ -10,6 +10,7 @@ trial reports its progress (tokens, the latest validation bound, tokens/s) to Tu
 from __future__ import annotations
 
 import json
+import logging
 import os
 import select
 import subprocess
@@ -22,6 +23,8 @@ from ltm.names import TOKENS, TOKENS_PER_S, VAL_PPL_BOUND, Exit, Status
 from studies.interrupt import Interruption, die_with_parent, stop_local_workers
 from studies.messages import Point, Result, TrialContext
 from studies.plan import ROOT, Plan, UsageError
+
+log = logging.getLogger(__name__)
 
 REPORT_EVERY_S = 5.0
 _TUNE_BOUND = VAL_PPL_BOUND.replace("/", "_")  # Tune's name for it in its status table ("/" would nest)
@@ -147,9 +150,13 @@ def run_point_subprocess(point: Point, context: TrialContext) -> Result:
 def _trial(config: dict, points: dict, context: dict) -> None:
     from ray import tune
 
-    result = run_point_subprocess(Point.from_dict(points[config["key"]]), TrialContext.from_dict(context))
+    from ltm.cli import configure_logging
+
+    context = TrialContext.from_dict(context)
+    configure_logging(context.log_level)  # this Ray actor's messages (its worker process configures its own)
+    result = run_point_subprocess(Point.from_dict(points[config["key"]]), context)
     if result.status == Status.BUSY:  # another live process runs this point: no retry, no duplicate
-        print(f"point {config['key']}: {result.reason}")
+        log.warning("point %s: %s", config["key"], result.reason)
     if result.status in (Status.ERROR, Status.KILLED):
         # An exception (FailureConfig retries it) or an interruption: an errored trial is rerun by
         # Tuner.restore when the study is started again, and resumes from its checkpoint.
@@ -186,7 +193,7 @@ def run(plan: Plan, tracker, interruption: Interruption) -> bool:
     def checkpoint_trials() -> None:
         # Ray kills an actor's child processes with SIGKILL when the actor goes: tell the workers
         # first and wait for their checkpoints, then break out of Tune.
-        print("SIGTERM: checkpointing the running trials ...", flush=True)
+        log.info("SIGTERM: checkpointing the running trials ...")
         stop_local_workers(plan.runs_dir, [p.key for p in plan.points], plan.driver)
         raise KeyboardInterrupt
 
@@ -213,7 +220,7 @@ def run(plan: Plan, tracker, interruption: Interruption) -> bool:
                                         {"cpu": plan.cpus, "gpu": plan.gpus})
         path = storage / name
         if not plan.fresh and tune.Tuner.can_restore(str(path)):
-            print(f"restoring the Tune experiment {path}")
+            log.info("restoring the Tune experiment %s", path)
             tuner = tune.Tuner.restore(str(path), trainable, resume_unfinished=True, resume_errored=True)
         else:
             tuner = tune.Tuner(

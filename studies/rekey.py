@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import sys
 import tempfile
 from pathlib import Path
@@ -28,6 +29,8 @@ from ltm.names import (PREVIOUS_KEY_TAG, PREVIOUS_STUDY_KEY_TAG, ROLE_EVAL, ROLE
                        STUDY_KEY_TAG, Exit)
 from studies.points import study_key_of
 from studies.tasks import evaluation_key, logged_task
+
+log = logging.getLogger("studies.rekey")  # by name: run as a command, __name__ is "__main__"
 
 
 def new_key(config: dict) -> str:
@@ -121,8 +124,8 @@ class Rekey:
             known = {**self.earlier, **self.moved}
             new = study_key_of(grid["study"], grid["preset"], [known.get(k, k) for k in keys])
             if new != tags[STUDY_KEY_TAG] and study_key_of(grid["study"], grid["preset"], keys) == first:
-                print(f"study {grid['study']}-{grid['preset']} ({run.info.run_id}): study key "
-                      f"{tags[STUDY_KEY_TAG]} -> {new}")
+                log.info("study %s-%s (%s): study key %s -> %s", grid["study"], grid["preset"], run.info.run_id,
+                         tags[STUDY_KEY_TAG], new)
                 if not self.dry_run:
                     self.client.set_tag(run.info.run_id, STUDY_KEY_TAG, new)
                     self.client.set_tag(run.info.run_id, PREVIOUS_STUDY_KEY_TAG, first)
@@ -136,7 +139,7 @@ class Rekey:
         if rename and dst.exists():
             self.left.append(f"{src}: {dst} exists already (an older run with the same key); both kept")
             rename = False
-        print(f"{old} -> {new}: {len(runs)} MLflow run(s)" + (f", folder {src.name}" if rename else ""))
+        log.info("%s -> %s: %d MLflow run(s)%s", old, new, len(runs), f", folder {src.name}" if rename else "")
         self.moved[old] = new
         if self.dry_run:
             return
@@ -167,6 +170,7 @@ class Rekey:
 def main(argv: list[str] | None = None) -> int:
     import os
 
+    from ltm.cli import add_verbosity, configure_logging, log_level
     from ltm.tracking import default_tracking_uri
 
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # one bar per run read: noise
@@ -175,7 +179,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--runs-dir", default="runs", help="the runs folder (checkpoints/, the default store)")
     parser.add_argument("--tracking-uri", help="MLflow tracking URI (default sqlite:///<runs-dir>/mlflow.db)")
     parser.add_argument("--dry-run", action="store_true", help="say what would change, change nothing")
+    add_verbosity(parser)
     args = parser.parse_args(argv)
+    configure_logging(log_level(args))
     runs_dir = Path(args.runs_dir).resolve()
     if not runs_dir.is_dir():
         print(f"error: no runs folder {runs_dir}; pass --runs-dir", file=sys.stderr)

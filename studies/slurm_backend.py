@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import os
 import shutil
 import signal
@@ -30,6 +31,8 @@ if TYPE_CHECKING:
     import submitit  # for the annotations only: the functions below import it lazily
 
     from studies.mlflow_server import MlflowServer
+
+log = logging.getLogger(__name__)
 
 
 class SlurmTrial:
@@ -173,7 +176,7 @@ def run(plan: Plan, tracker, interruption: Interruption) -> bool:
     folder.mkdir(parents=True, exist_ok=True)
     todo = [p for p in plan.points if (run := tracker.find_run(p.key)) is None or run.info.status != Status.FINISHED]
     if not todo:
-        print("every point already FINISHED; nothing to submit")
+        log.info("every point already FINISHED; nothing to submit")
         return True
     server, tracking_uri, credentials = _store_for_jobs(plan, folder)
     try:
@@ -188,7 +191,7 @@ def run(plan: Plan, tracker, interruption: Interruption) -> bool:
         ids = [j.job_id for j in jobs]
         jobs_file = folder / "jobs.json"
         atomic_write(jobs_file, json.dumps(ids))  # whole or absent, even if the driver dies now
-        print(f"submitted array {ids[0].split('_')[0]} ({len(ids)} tasks) from {folder}")
+        log.info("submitted array %s (%d tasks) from %s", ids[0].split("_")[0], len(ids), folder)
         return True if plan.no_wait else _wait(plan, ids, interruption)
     finally:
         if server is not None:
@@ -203,11 +206,12 @@ def _store_for_jobs(plan: Plan, folder: Path) -> tuple[MlflowServer | None, str,
         from studies.mlflow_server import MlflowServer
 
         server = MlflowServer(tracking_uri, folder, one_node=plan.profile.one_node)
-        print(f"serving {plan.tracking_uri} at {server.uri} for the workers (mlflow server on {socket.gethostname()}, "
-              f"basic auth, credentials in {server.credentials})")
+        log.info("serving %s at %s for the workers (mlflow server on %s, basic auth, credentials in %s)",
+                 plan.tracking_uri, server.uri, socket.gethostname(), server.credentials)
         return server, server.uri, str(server.credentials)
     if tracking_uri.startswith("sqlite:"):
-        print("workers write the sqlite store directly (--mlflow-server off): safe only on one node's local disk")
+        log.warning("workers write the sqlite store directly (--mlflow-server off): safe only on one node's local "
+                    "disk")
     return None, tracking_uri, plan.write_credentials()
 
 
@@ -226,7 +230,7 @@ def _wait(plan: Plan, ids: list[str], interruption: Interruption) -> bool:
             interruption.request()
         if interruption.requested:
             array = ids[0].split("_")[0]
-            print("interrupted: cancelling pending tasks; running ones checkpoint on SIGTERM ...", flush=True)
+            log.info("interrupted: cancelling pending tasks; running ones checkpoint on SIGTERM ...")
             subprocess.run(["scancel", "--state=PENDING", array], check=False)
             subprocess.run(["scancel", "--signal=TERM", array], check=False)  # the steps, not the batch shell
             deadline = time.time() + 120

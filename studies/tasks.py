@@ -18,6 +18,7 @@ import ast
 import dataclasses
 import hashlib
 import json
+import logging
 import tempfile
 import time
 from pathlib import Path
@@ -30,6 +31,8 @@ from ltm.names import (ENTROPY, GEN_PPL, GENERATION, ROLE_EVAL, ROLE_TAG, SECOND
 from ltm.signals import Interrupt, Stopped
 from studies.messages import CheckpointSource, Point, Result, TrainSource, TrialContext
 from studies.study import GenerationTask, Gsm8kTask, Task, ZeroShotTask
+
+log = logging.getLogger(__name__)
 
 
 # -- building the points -------------------------------------------------------------------------
@@ -210,7 +213,7 @@ def _gsm8k(model, cfg, task: Gsm8kTask) -> tuple[dict, dict]:
     for k in task.shots:
         def progress(done: int, total: int, k=k) -> None:
             if done % 10 == 0 or done == total:
-                print(f"gsm8k {k}-shot: {done}/{total} problems", flush=True)
+                log.info("gsm8k %d-shot: %d/%d problems", k, done, total)
 
         values, records = evaluate_gsm8k(model, tok, inference, test, pool, shots=k, pass_k=task.pass_k,
                                          max_new_tokens=task.max_new_tokens, seed=int(task.seed), progress=progress)
@@ -226,7 +229,7 @@ def _zero_shot(model, cfg, task: ZeroShotTask) -> tuple[dict, dict]:
     metrics = {}
     for corpus in task.corpora:
         def progress(done: int, total: int, corpus=corpus) -> None:
-            print(f"zero-shot {corpus}: {done}/{total} blocks", flush=True)
+            log.info("zero-shot %s: %d/%d blocks", corpus, done, total)
 
         metrics.update(zero_shot(model, cfg, corpus, max_blocks=task.max_blocks, iw_samples=int(task.iw_samples),
                                  seed=int(task.seed), progress=progress))
@@ -240,13 +243,13 @@ def _generation(model, cfg, task: GenerationTask) -> tuple[dict, dict]:
 
     tok = load_tokenizer(cfg.data)
     seed, n, length, top_p = int(task.seed), task.samples, task.length, task.top_p
-    print(f"generation: {n} unconditional samples of {length} tokens per prior temperature ...", flush=True)
+    log.info("generation: %d unconditional samples of %d tokens per prior temperature ...", n, length)
     sets = unconditional_samples(model, tok.bos_id, n=n, length=length, seed=seed,
                                  prior_temperatures=[float(s) for s in task.prior_temperatures], top_p=top_p)
     device = next(model.parameters()).device
     val = load_blocks(cfg.data, cfg.model.ctx, "validation")
     prefixes = val.batch(range(min(n, len(val))))[:, : task.prefix].to(device)
-    print(f"generation: {len(prefixes)} continuations of validation prefixes ...", flush=True)
+    log.info("generation: %d continuations of validation prefixes ...", len(prefixes))
     sets.append(conditional_samples(model, _inference(cfg, task), prefixes, length=length, seed=seed, top_p=top_p))
     reference = None
     if task.reference:
@@ -255,7 +258,7 @@ def _generation(model, cfg, task: GenerationTask) -> tuple[dict, dict]:
         reference.eval()
     metrics, text = {}, []
     for i, s in enumerate(sets, 1):
-        print(f"generation: scoring {s.name} ({i}/{len(sets)})", flush=True)
+        log.info("generation: scoring %s (%d/%d)", s.name, i, len(sets))
         tokens = s.tokens.cpu()  # counted and decoded token by token
         metrics[metric(GENERATION, s.name, ENTROPY)] = unigram_entropy(tokens[:, s.prompt_length:])
         if reference is not None:

@@ -2,7 +2,8 @@
 
 The Ray backend keeps one `--serve` worker per Ray actor: it reads one JSON line
 `[SPEC, RESULT, LOG, PROGRESS]` per point from stdin, runs the point with its stdout and stderr
-redirected to LOG (and its latest logged numbers in PROGRESS), writes the result to RESULT and
+redirected to LOG (its messages, at the study's -v/-q level that the spec's context carries, go to
+stderr: `studies.point.run_point`; and its latest logged numbers to PROGRESS), writes the result to RESULT and
 answers with the point's exit status on a line of its stdout. Points run in the main thread, so
 SIGTERM and SIGUSR2 checkpoint the running one (the worker then exits: the trial is being
 stopped), and with exactly the trial's CPUs.
@@ -12,14 +13,16 @@ left in <runs>/logs/<key>.spec.json. Exit status as `python -m ltm.train` (`ltm.
 """
 
 import json
+import logging
 import os
 import sys
-import traceback
 from pathlib import Path
 
 from ltm.files import atomic_write
 from ltm.names import EXIT_OF, Exit, Status
 from studies.messages import Point, Result, TrialContext
+
+log = logging.getLogger("studies.worker")  # by name: run as a command, __name__ is "__main__"
 
 
 def main(spec_path: str, result_path: str, progress_path: str | None = None) -> int:
@@ -30,7 +33,7 @@ def main(spec_path: str, result_path: str, progress_path: str | None = None) -> 
         result = run_point(Point.from_dict(spec["point"]), TrialContext.from_dict(spec["context"]),
                            progress=Path(progress_path) if progress_path else None)
     except Exception as err:  # reported to the trial, which raises so that Ray retries it
-        traceback.print_exc()
+        log.exception("point %s failed", spec["point"]["key"])
         result = Result(Status.ERROR, reason=f"{type(err).__name__}: {err}")
     atomic_write(result_path, json.dumps(result.to_dict()))
     return EXIT_OF[result.status]

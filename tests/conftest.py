@@ -30,3 +30,19 @@ def stub_checkpoint():
         return Checkpoint(**{"model": {}, "optimizer": {}, "step": 0, "samples": 0, "tokens": tokens, "run_id": "",
                              "config": {}, "model_overrides": {}, "rng": {}, **fields})
     return make
+
+
+@pytest.fixture(autouse=True)
+def _logging_as_imported():
+    """Every test starts with the library's logging unconfigured, as a program that imports `ltm` finds it: a
+    command an earlier test ran (`ltm.cli.configure_logging`) does not decide what this one shows."""
+    import logging
+
+    from ltm import cli
+
+    yield
+    for name in cli.LOGGERS:
+        logger = logging.getLogger(name)
+        logger.setLevel(logging.NOTSET)
+        logger.removeHandler(cli._HANDLER)
+    logging.captureWarnings(False)

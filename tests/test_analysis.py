@@ -1,5 +1,6 @@
 """Runs to frames to figures: analysis/plot_scaling.py end to end on tracked smoke runs."""
 
+import logging
 import re
 
 import numpy as np
@@ -62,9 +63,10 @@ def _error_line(err: str) -> str:
 def test_plot_scaling_plots_the_latest_study_by_default_not_the_quick_start_run(studies, capsys):
     runs_dir, parents = studies
     assert plot_scaling.main(["--runs-dir", str(runs_dir), "--bootstrap", "0"]) == 0
-    out = capsys.readouterr().out
-    assert "analysing inference_scaling (experiment 'inference_scaling', " in out
-    assert f"parent run {parents['inference_scaling', 'new']}: the most recent study in the store" in out
+    out, err = capsys.readouterr()
+    assert "analysing inference_scaling (experiment 'inference_scaling', " in err  # a note, on stderr
+    assert f"parent run {parents['inference_scaling', 'new']}: the most recent study in the store" in err
+    assert " figure files and " in out and "analysing" not in out  # the summary, on stdout
     figures = runs_dir / "figures" / "inference_scaling"
     assert (figures / "inference_scaling.png").exists() and (figures / "sample_efficiency.png").exists()
     table = pd.read_csv(figures / "runs.csv")  # the latest invocation's children only: no T=1, no quick start
@@ -76,19 +78,22 @@ def test_plot_scaling_plots_the_latest_study_by_default_not_the_quick_start_run(
     assert len(analysis) == 1 and analysis[0].data.tags["ltm.n_runs"] == "2"
 
 
-def test_a_study_by_name_is_its_latest_invocation_and_experiment_and_parent_run_still_work(studies, capsys, tmp_path):
+def test_a_study_by_name_is_its_latest_invocation_and_experiment_and_parent_run_still_work(studies, capsys, caplog,
+                                                                                           tmp_path):
+    caplog.set_level(logging.INFO)
     runs_dir, parents = studies
     uri = default_tracking_uri(runs_dir)
     assert plot_scaling.select(uri, "inference_scaling", None, None) == (
         "inference_scaling", parents["inference_scaling", "new"], "inference_scaling")
     assert plot_scaling.select(uri, "sample_efficiency", None, None) == (
         "sample_efficiency", parents["sample_efficiency", "old"], "sample_efficiency")
-    assert "the most recent invocation of that study" in capsys.readouterr().out
+    assert "the most recent invocation of that study" in caplog.text
+    caplog.clear()
     # --parent-run: that invocation, in its own experiment; --experiment: every run of it, no study chosen
     assert plot_scaling.select(uri, None, None, parents["inference_scaling", "old"]) == (
         "inference_scaling", parents["inference_scaling", "old"], "inference_scaling")
     assert plot_scaling.select(uri, None, "ltm", None) == ("ltm", None, "ltm")
-    assert capsys.readouterr().out == ""
+    assert capsys.readouterr().out == "" and "analysing" not in caplog.text
     assert plot_scaling.main(["--runs-dir", str(runs_dir), "--study", "sample_efficiency", "--bootstrap", "0"]) == 0
     assert list(pd.read_csv(runs_dir / "figures" / "sample_efficiency" / "runs.csv")["model.kind"]) == ["ar"]
     assert plot_scaling.main(["--runs-dir", str(runs_dir), "--experiment", "ltm", "--out", str(tmp_path),
@@ -178,7 +183,8 @@ def test_no_runs_says_which_study_to_run(tmp_path, capsys):
     assert "studies/inference_scaling.py" in capsys.readouterr().err
 
 
-def test_evaluations_of_checkpoints_get_a_table_and_are_not_training_runs(tracked, tmp_path, capsys):
+def test_evaluations_of_checkpoints_get_a_table_and_are_not_training_runs(tracked, tmp_path, caplog):
+    caplog.set_level(logging.INFO)
     from ltm.checkpoint import resolve
     from ltm.names import Status
     from studies.messages import TrialContext
@@ -192,7 +198,7 @@ def test_evaluations_of_checkpoints_get_a_table_and_are_not_training_runs(tracke
     for point in task_points([], task, sources):
         assert run_task(point, context).status == Status.FINISHED
         assert run_task(point, context).status == Status.SKIPPED  # a finished evaluation is not repeated
-    assert "generation: scoring cond (2/2)" in capsys.readouterr().out  # what a study's log shows meanwhile
+    assert "generation: scoring cond (2/2)" in caplog.messages  # what a study's log shows meanwhile
     with pytest.raises(NoRunsError):
         load_runs(uri, "e")  # evaluations are not training runs
     assert plot_scaling.main(["--runs-dir", str(tracked), "--experiment", "e", "--out", str(tmp_path)]) == 0

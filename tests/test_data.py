@@ -4,8 +4,12 @@ from __future__ import annotations
 
 import itertools
 import json
+import logging
 import math
+import os
 import re
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -241,11 +245,12 @@ def test_unknown_hub_name_lists_known_names(tmp_path):
         check_data(DataConfig(name="wikitext2"))
 
 
-def test_empty_corpus_is_an_error_before_a_tokenizer_is_trained(tmp_path, capsys):
+def test_empty_corpus_is_an_error_before_a_tokenizer_is_trained(tmp_path, caplog):
+    caplog.set_level(logging.INFO)
     path = _write_jsonl(tmp_path / "e.jsonl", [{"text": ""}, {"text": "   "}])
     with pytest.raises(DataError, match="no text in the train split.*data.text_field"):
         load_blocks(DataConfig(name=str(path), tokenizer="bpe", cache_dir=str(tmp_path)), 8, "train")
-    assert "training a byte-level BPE" not in capsys.readouterr().out
+    assert "training a byte-level BPE" not in caplog.text
     assert not list(tmp_path.rglob("bpe*.json"))  # no tokenizer of no text cached for the next run
 
 
@@ -305,16 +310,48 @@ def test_bpe_round_trips_text_and_is_reused_from_disk(tmp_path):
     assert again.encode(text) == tok.encode(text)
 
 
-def test_training_a_bpe_says_so_in_plain_lines_and_loading_one_says_nothing(tmp_path, capsys):
+def test_training_a_bpe_says_so_in_plain_lines_and_loading_one_says_nothing(tmp_path, caplog):
+    caplog.set_level(logging.INFO)  # its messages are logged at INFO (`ltm.data.tokenizer`'s logger)
     cfg = _cfg(tmp_path, str(_stories_file(tmp_path)))
     load_tokenizer(cfg)
     chars = sum(len(d) for d in _stories(20))
     assert re.fullmatch(r"training a byte-level BPE \(vocab 300\) on the first [\d,]+ characters of "
                         r"\S+stories.jsonl \.\.\.\n"
                         rf"BPE trained: vocab \d+, {chars:,} characters read in [\d.]+ s, "
-                        r"saved to \S+bpe300-\S+\.json\n", capsys.readouterr().out)
+                        r"saved to \S+bpe300-\S+\.json\n", "".join(f"{m}\n" for m in caplog.messages))
+    assert {r.name for r in caplog.records} == {"ltm.data.tokenizer"}
+    caplog.clear()
     load_tokenizer(cfg)
-    assert "BPE" not in "".join(capsys.readouterr())
+    assert "BPE" not in caplog.text
+
+
+LIBRARY_USER = """
+import logging, sys
+from ltm.config import DataConfig
+from ltm.data import load_tokenizer
+
+def tokenizer(cache):
+    load_tokenizer(DataConfig(name=sys.argv[1], tokenizer="bpe", bpe_vocab_size=300, cache_dir=cache))
+
+tokenizer(sys.argv[2])  # logging as Python starts it: the library's INFO messages are not shown
+print("---", file=sys.stderr)
+logging.basicConfig(level=logging.INFO, format="%(name)s: %(message)s", stream=sys.stdout)
+tokenizer(sys.argv[3])  # the program routes them (here to its stdout)
+"""
+
+
+def test_a_program_that_imports_ltm_decides_where_its_messages_go(tmp_path):
+    """The library only logs (`logging.getLogger(__name__)`): unconfigured, its INFO messages print nowhere;
+    configured by the program, they go where it says, under the module's name."""
+    root = Path(__file__).resolve().parents[1]
+    proc = subprocess.run([sys.executable, "-c", LIBRARY_USER, str(_stories_file(tmp_path)), str(tmp_path / "a"),
+                           str(tmp_path / "b")], capture_output=True, text=True, cwd=root, timeout=300,
+                          env={**os.environ, "PYTHONPATH": str(root)})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "BPE" not in proc.stderr  # nothing from the first call, on either stream (stdout: below)
+    lines = proc.stdout.splitlines()  # the second call's messages, where the program sent them
+    assert len(lines) == 2 and lines[0].startswith("ltm.data.tokenizer: training a byte-level BPE (vocab 300)")
+    assert lines[1].startswith("ltm.data.tokenizer: BPE trained: vocab")
 
 
 def test_gpt2_tokenizer_missing_gives_a_clear_error(tmp_path, monkeypatch):

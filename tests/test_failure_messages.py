@@ -187,7 +187,7 @@ def test_a_study_meeting_a_point_held_by_another_process_reports_it_busy_and_lea
                                "--runs-dir", str(runs), "--set", overrides[0]],
                               cwd=tmp_path, capture_output=True, text=True, timeout=900)
         assert proc.returncode == Exit.BUSY, proc.stdout[-3000:] + proc.stderr[-3000:]
-        assert "waiting for" not in proc.stdout  # nothing of this study to wait for
+        assert "waiting for" not in proc.stdout + proc.stderr  # nothing of this study to wait for
         assert "busy: 1 point(s) are held by other live processes" in proc.stdout
         assert user.poll() is None  # never signalled
         client = MlflowClient(default_tracking_uri(runs))

@@ -135,7 +135,7 @@ def test_run_folder_gives_each_run_its_own(tmp_path, stub_checkpoint):
     assert checkpoint.owner(runs / "checkpoints" / "none") is None
 
 
-def test_a_missing_checksum_file_is_called_missing_and_a_restart_from_zero_says_so(tmp_path, capsys):
+def test_a_missing_checksum_file_is_called_missing_and_a_restart_from_zero_says_so(tmp_path, caplog):
     runs, cfg = tmp_path / "runs", smoke(tmp_path)
     killed = train_in(runs, "ltm", cfg, on_log=stop_at(2048))
     assert killed.status == "KILLED"
@@ -144,7 +144,7 @@ def test_a_missing_checksum_file_is_called_missing_and_a_restart_from_zero_says_
     with pytest.warns(UserWarning, match=r"checksum file ckpt-\d+\.sha256 is missing"):
         resumed = train_in(runs, "ltm", cfg)
     assert resumed.status == "FINISHED" and resumed.run_id == killed.run_id
-    err = capsys.readouterr().err
+    err = "\n".join(r.getMessage() for r in caplog.records if r.levelname == "WARNING")
     assert f"no usable checkpoint of run {cfg.run_key()} (MLflow {killed.run_id}) in {killed.run_dir}" in err
     assert "it starts again from zero tokens" in err
     state = checkpoint.load_latest_checkpoint(resumed.run_dir)

@@ -95,3 +95,11 @@ def test_the_readme_names_every_module():
     unnamed = [str(p.relative_to(ROOT)) for p in modules
                if str(p.relative_to(ROOT)) not in readme and f"`{p.name}`" not in readme]
     assert not unnamed, f"README.md does not describe {unnamed}: add each to a module table or list"
+
+
+def test_a_module_that_runs_as_a_command_names_its_logger():
+    """Run as `python -m ltm.train` or `python analysis/compare.py`, a module's __name__ is "__main__": a logger
+    of `getLogger(__name__)` would be outside the `ltm`/`studies`/`analysis` loggers that the command configures."""
+    unnamed = [str(p.relative_to(ROOT)) for pkg in PACKAGES for p in (ROOT / pkg).rglob("*.py")
+               if '__name__ == "__main__"' in (text := p.read_text()) and "getLogger(__name__)" in text]
+    assert not unnamed, unnamed

@@ -5,7 +5,9 @@ a temporary runs folder, and read the result back from MLflow. SLURM tests skip 
 on PATH and `sinfo` reaches a controller (`bash slurm/start_local_slurm.sh` starts one).
 """
 
+import dataclasses
 import json
+import logging
 import os
 import signal
 import subprocess
@@ -157,6 +159,44 @@ def test_slurm_dry_run_prints_the_sbatch_parameters(tmp_path, capsys):
     assert "#SBATCH --array=0-3%2" in out and "#SBATCH --partition=debug" in out and "#SBATCH --signal=USR2@" in out
 
 
+def test_the_studys_message_level_reaches_the_process_that_runs_a_point(tmp_path):
+    from ltm.cli import _HANDLER
+    from ltm.names import Status
+    from ltm.runlock import RunLock
+    from studies.messages import CheckpointSource, TrialContext
+    from studies.plan import plan
+    from studies.point import run_point
+    from studies.study import ZeroShotTask
+
+    argv = ["--preset", "smoke", "--runs-dir", str(tmp_path)]
+    assert plan(INFERENCE_SCALING, argv).context().log_level == logging.INFO
+    assert plan(INFERENCE_SCALING, [*argv, "-v"]).context().log_level == logging.DEBUG
+    context = plan(INFERENCE_SCALING, [*argv, "-qq"]).context()
+    assert context.log_level == logging.ERROR
+    # a typed field across the process boundary (the worker's JSON spec, submitit's pickle); an older spec: INFO
+    assert TrialContext.from_dict(json.loads(json.dumps(context.to_dict()))) == context
+    assert TrialContext.from_dict({k: v for k, v in context.to_dict().items() if k != "log_level"}).log_level == 20
+    # the process that runs the point shows its messages at that level, on stderr (the point's log)
+    point = Point(key="evalkey", config={}, label={}, task=ZeroShotTask(), source=CheckpointSource("/nowhere"))
+    with RunLock(tmp_path, "evalkey", "evaluated"):  # BUSY at once: only the set-up runs
+        assert run_point(point, dataclasses.replace(context, log_level=logging.WARNING)).status == Status.BUSY
+    for name in ("ltm", "studies", "analysis"):
+        assert logging.getLogger(name).level == logging.WARNING and _HANDLER in logging.getLogger(name).handlers
+
+
+def test_a_worker_process_reports_a_failed_point_on_its_stderr_even_at_the_quietest_level(tmp_path):
+    from studies.messages import TrialContext
+
+    context = TrialContext(f"sqlite:///{tmp_path / 'mlflow.db'}", "e", str(tmp_path), None, log_level=logging.ERROR)
+    spec, result = tmp_path / "spec.json", tmp_path / "result.json"
+    spec.write_text(json.dumps({"point": Point("badkey", {"model": {"no_such_field": 1}}, {}).to_dict(),
+                                "context": context.to_dict()}))
+    proc = subprocess.run([sys.executable, "-m", "studies.worker", str(spec), str(result)], cwd=ROOT,
+                          capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(ROOT)}, timeout=300)
+    assert proc.returncode == 1 and json.loads(result.read_text())["status"] == "ERROR"
+    assert "error: point badkey failed\nTraceback" in proc.stderr and proc.stdout == "", proc.stderr[-3000:]
+
+
 @pytest.mark.parametrize("args, message", [
     (["--preset", "huge"], "unknown preset 'huge'"),
     (["--set", "model.n_latents=3"], "model.n_latents=3 is not divisible"),
@@ -251,7 +291,7 @@ def test_a_run_left_running_by_a_dead_worker_is_marked_killed_and_resumed(tmp_pa
     orphan = tracker.create_run(key, "orphan", {}, {})  # RUNNING, its worker long gone
     result = study(runs)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    assert f"marked run {key} KILLED" in result.stdout
+    assert f"marked run {key} KILLED" in result.stderr
     runs_by_key = {c.data.tags["ltm.run_key"]: c for c in child_runs(runs)}
     assert runs_by_key[key].info.run_id == orphan and runs_by_key[key].info.status == "FINISHED"
     assert len(runs_by_key) == 4
@@ -265,7 +305,7 @@ def test_slurm_smoke_study_finishes_and_a_second_start_adds_nothing(tmp_path):
     runs = tmp_path / "runs"
     first = study(runs, "--cluster", "slurm")
     assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]
-    assert "mlflow server" in first.stdout  # a sqlite store is served to the workers over http
+    assert "mlflow server" in first.stderr  # a sqlite store is served to the workers over http
     assert_complete(runs, 4)
     # ... with basic auth: the password is in a file only this user reads, and in no other file or output.
     (creds,) = runs.glob("slurm/*/mlflow-credentials.json")
@@ -276,7 +316,7 @@ def test_slurm_smoke_study_finishes_and_a_second_start_adds_nothing(tmp_path):
     ids = {c.info.run_id for c in child_runs(runs)}
     again = study(runs, "--cluster", "slurm")
     assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
-    assert "nothing to submit" in again.stdout
+    assert "nothing to submit" in again.stderr
     assert {c.info.run_id for c in child_runs(runs)} == ids
     code = next((runs / "slurm").glob("inference_scaling-smoke-*/code/ltm/train.py"))
     assert code.read_text() == (ROOT / "ltm" / "train.py").read_text()  # the code was snapshotted
@@ -331,7 +371,7 @@ def test_slurm_scancel_of_one_task_then_restart_completes_only_that_point(tmp_pa
     assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
     assert_complete(runs, 4)
     assert killed.info.run_id in {c.info.run_id for c in child_runs(runs)}  # resumed, not duplicated
-    assert "(1 tasks)" in again.stdout  # only the missing point was submitted
+    assert "(1 tasks)" in again.stderr  # only the missing point was submitted
 
 
 @needs_slurm
@@ -354,7 +394,7 @@ def test_slurm_preemption_signal_checkpoints_requeues_and_resumes_the_same_run(t
         _stop(proc)
     assert proc.returncode == 0, out[-3000:]
     assert_complete(runs, 4)
-    logs = "".join(p.read_text() for p in (runs / "slurm").glob(f"*/{victim}/*.out"))
+    logs = "".join(p.read_text() for p in (runs / "slurm").glob(f"*/{victim}/*_log.*"))  # .out and .err
     assert "Requeued job" in logs and "resuming run" in logs, logs[-3000:]
 
 

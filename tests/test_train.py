@@ -133,7 +133,7 @@ def test_resume_after_sigkill_matches_an_uninterrupted_run(tmp_path):
     proc.wait()
     resumed = subprocess.run(cli(tmp_path, *args, runs="killed"), capture_output=True, text=True, cwd=ROOT)
     assert resumed.returncode == 0, resumed.stderr
-    assert "resuming run" in resumed.stdout
+    assert "resuming run" in resumed.stderr  # a message while it works: on stderr
 
     def only_run(runs):
         uri = default_tracking_uri(tmp_path / runs)
@@ -170,7 +170,7 @@ def test_a_stop_signal_checkpoints_and_leaves_the_run_resumable(tmp_path, sig):
     assert run.info.status == "KILLED" and sig.name in run.data.tags["ltm.status_reason"]
     assert list((tmp_path / "runs" / "checkpoints").glob("*/ckpt-*.pt"))
     again = subprocess.run(cli(tmp_path, *args), capture_output=True, text=True, cwd=ROOT)
-    assert again.returncode == 0 and "resuming run" in again.stdout
+    assert again.returncode == 0 and "resuming run" in again.stderr
     resumed = client.get_run(run.info.run_id)
     assert resumed.info.status == "FINISHED"
     straight = train.run(smoke(tmp_path, "train.tokens=65536", "train.checkpoint_every=2048"),
@@ -395,3 +395,16 @@ def test_the_command_line_reads_a_synthetic_run_against_its_corpus_optimum(tmp_p
     blocks = load_blocks(cfg.data, cfg.model.ctx, "validation")
     full = optimal_ppl(blocks, n_blocks=cfg.train.eval_blocks)
     assert f"Bayes-optimal perplexity on the same {cfg.train.eval_blocks} blocks: {full:.3f}" in capsys.readouterr().out
+
+
+def test_quiet_drops_the_messages_while_it_works_but_not_the_summary_on_stdout(tmp_path, capsys):
+    args = ["--set", "train.tokens=2048"]
+    assert train.main(cli(tmp_path, *args, "-q")[3:]) == 0  # trained here; the skips below as a user runs them
+    out, err = capsys.readouterr()
+    assert out.startswith("FINISHED: run ") and "val/ppl_bound" in out
+    again = subprocess.run(cli(tmp_path, *args), capture_output=True, text=True, cwd=ROOT)
+    assert again.returncode == 0 and again.stdout.startswith("SKIPPED: run ") and "val/ppl_bound" in again.stdout
+    assert "already FINISHED" in again.stderr and "already FINISHED" not in again.stdout  # said while it works
+    quiet = subprocess.run(cli(tmp_path, *args, "-q"), capture_output=True, text=True, cwd=ROOT)
+    assert quiet.returncode == 0 and quiet.stdout.startswith("SKIPPED: run ") and "val/ppl_bound" in quiet.stdout
+    assert "already FINISHED" not in quiet.stderr

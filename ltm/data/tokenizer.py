@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import hashlib
 import itertools
+import logging
 import os
 import time
 from pathlib import Path
@@ -15,6 +16,8 @@ from tqdm import tqdm
 
 from ltm.data.errors import DataError, DataNotFoundError
 from ltm.files import atomic_write
+
+log = logging.getLogger(__name__)
 
 GPT2_ENV = "LTM_GPT2_TOKENIZER"
 """Environment variable: path to GPT-2's tokenizer.json (or a folder holding it)."""
@@ -115,8 +118,8 @@ def _train_bpe(path: Path, vocab_size: int, texts: Iterable[str], source: str) -
         raise DataError(f"no text in the train split of {source} to train a BPE tokenizer on: every document is "
                         "empty; check the path and data.text_field")
     texts = itertools.chain([first], texts)
-    print(f"training a byte-level BPE (vocab {vocab_size}) on the first {BPE_TRAIN_CHARS:,} characters "
-          f"of {source} ...", flush=True)
+    log.info("training a byte-level BPE (vocab %d) on the first %s characters of %s ...", vocab_size,
+             f"{BPE_TRAIN_CHARS:,}", source)
     start = time.monotonic()
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
@@ -139,8 +142,8 @@ def _train_bpe(path: Path, vocab_size: int, texts: Iterable[str], source: str) -
 
     tok.train_from_iterator(first_texts(), trainer)
     _save(tok, path)
-    print(f"BPE trained: vocab {tok.get_vocab_size()}, {read:,} characters read in "
-          f"{time.monotonic() - start:.1f} s, saved to {path}", flush=True)
+    log.info("BPE trained: vocab %d, %s characters read in %.1f s, saved to %s", tok.get_vocab_size(), f"{read:,}",
+             time.monotonic() - start, path)
 
 
 def _save(tok: Tokenizer, path: Path) -> None:
