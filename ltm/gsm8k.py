@@ -144,7 +144,9 @@ def draw_shots(pool: list[Problem], k: int, index: int, seed: int, exclude: Prob
 
 
 @torch.no_grad()
-def _decode(model: LatentThoughtModel, prompt: torch.Tensor, z: torch.Tensor | None, max_new: int) -> list[list[int]]:
+def greedy_answers(model: LatentThoughtModel, prompt: torch.Tensor, z: torch.Tensor | None,
+                   max_new: int) -> list[list[int]]:
+    """Greedy continuations of each prompt row (given z, for an LTM), without the prompt: the answers scored."""
     return generate(model, prompt, max_new, z=z, temperature=0)[:, prompt.shape[1]:].tolist()
 
 
@@ -175,9 +177,9 @@ def evaluate_gsm8k(model: LatentThoughtModel, tok: TextTokenizer, cfg: Inference
         if ltm:
             prompt = torch.tensor([ids] * pass_k, device=device)
             post = infer_posterior(model, prompt, cfg, seeds=[seed + i * pass_k + j for j in range(pass_k)])
-            outputs = _decode(model, prompt, post.z.detach(), max_new_tokens)
+            outputs = greedy_answers(model, prompt, post.z.detach(), max_new_tokens)
         else:  # greedy AR decoding is deterministic: one decode stands for every inference
-            outputs = _decode(model, torch.tensor([ids], device=device), None, max_new_tokens) * pass_k
+            outputs = greedy_answers(model, torch.tensor([ids], device=device), None, max_new_tokens) * pass_k
         answers = [answer_text(tok, o) for o in outputs]
         scores = [is_correct(a, problem.final) for a in answers]
         records.append({"index": i, "prompt_tokens": len(ids), "shots_used": used, "gold": problem.final,

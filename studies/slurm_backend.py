@@ -135,7 +135,7 @@ def snapshot_code(dest: Path) -> Path:
     return code
 
 
-def _squeue_ids(job_ids: list[str]) -> set[str] | None:
+def squeue_ids(job_ids: list[str]) -> set[str] | None:
     """The array tasks still pending or running (requeued tasks count as pending); None if squeue failed."""
     ids = sorted({j.split("_")[0] for j in job_ids})
     proc = subprocess.run(["squeue", "-h", "-r", "-o", "%i", "-j", ",".join(ids)], capture_output=True, text=True)
@@ -157,7 +157,7 @@ def check_earlier_jobs(plan: Plan) -> None:
     if not jobs_file.exists():
         return
     old = json.loads(jobs_file.read_text())
-    alive = _squeue_ids(old)
+    alive = squeue_ids(old)
     if alive is None:
         raise UsageError(f"cannot tell whether the jobs of an earlier start ({', '.join(old[:4])} ...) still run: "
                          "squeue did not answer; check `squeue` (is slurmctld up?) and start again")
@@ -234,11 +234,11 @@ def _wait(plan: Plan, ids: list[str], interruption: Interruption) -> bool:
             subprocess.run(["scancel", "--state=PENDING", array], check=False)
             subprocess.run(["scancel", "--signal=TERM", array], check=False)  # the steps, not the batch shell
             deadline = time.time() + 120
-            while time.time() < deadline and (_squeue_ids(ids) or set()):
+            while time.time() < deadline and (squeue_ids(ids) or set()):
                 time.sleep(1)
             subprocess.run(["scancel", array], check=False)  # whatever did not stop in time
             return False
-        alive = _squeue_ids(ids)
+        alive = squeue_ids(ids)
         if alive is None:
             misses += 1
             if misses > 30:

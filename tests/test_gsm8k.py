@@ -113,7 +113,7 @@ def test_pass_at_k_counts_a_problem_right_when_any_inference_is(monkeypatch):
     def fake_decode(model, prompt, z, max_new):
         return [replies["wrong"], replies["right"], replies["wrong"]][: prompt.shape[0]]
 
-    monkeypatch.setattr(gsm8k, "_decode", fake_decode)
+    monkeypatch.setattr(gsm8k, "greedy_answers", fake_decode)
     metrics, records = evaluate_gsm8k(_model("ltm"), tok, ltm.InferenceConfig(steps=1), PROBLEMS[:1], PROBLEMS,
                                       shots=1, pass_k=3, max_new_tokens=4)
     assert metrics["pass3_exact"] == 1.0 and metrics["pass3_substring"] == 1.0

@@ -439,7 +439,7 @@ def test_a_slurm_restart_touches_no_run_while_earlier_jobs_may_live(tmp_path, mo
     folder = slurm.slurm_folder(plan_)
     folder.mkdir(parents=True)
     (folder / "jobs.json").write_text(json.dumps(["77_0", "77_1"]))
-    monkeypatch.setattr(slurm, "_squeue_ids", lambda ids: answer)
+    monkeypatch.setattr(slurm, "squeue_ids", lambda ids: answer)
     assert main(STUDY, argv) == Exit.USAGE
     assert message in capsys.readouterr().err
     assert tracker.client.get_run(running).info.status == "RUNNING"  # not marked KILLED under a live job
