@@ -113,6 +113,8 @@ class Status(str, enum.Enum):
     """An exception before or outside the run (a launcher retries it)."""
     RUNNING = "RUNNING"
     """An MLflow run still open (or left open by a process that died); never how a point ended."""
+    MISSING = "MISSING"
+    """A study's point with no MLflow run (never started, or its run was deleted): in its summary only."""
 
 
 class Exit(enum.IntEnum):

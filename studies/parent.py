@@ -85,8 +85,8 @@ def _status(run, plan: Plan, key: str) -> str:
     workers are gone by the time the summary is made)."""
     from ltm.runlock import holder
 
-    if run is not None and run.info.status == Status.FINISHED.value:
+    if run is not None and run.info.status == Status.FINISHED:
         return run.info.status
     if holder(plan.runs_dir, key) is not None:
         return Status.BUSY.value
-    return run.info.status if run else "MISSING"
+    return run.info.status if run else Status.MISSING.value
