@@ -124,10 +124,7 @@ def test_icl_gsm8k_study_then_zero_shot_of_its_checkpoint_by_run_id(tmp_path):
 ], ids=["unknown-task-key", "bad-count", "missing-checkpoint", "missing-corpus", "missing-gsm8k", "bad-shots",
         "bad-shots-from"])
 def test_bad_evaluation_options_fail_before_launch(tmp_path, capsys, study_def, args, message):
-    folder = tmp_path / "gsm8k"
-    folder.mkdir()
-    for split in ("train", "test"):
-        (folder / f"{split}.jsonl").write_text(json.dumps({"question": "1 + 1?", "answer": "1 + 1 = 2\n#### 2"}) + "\n")
+    folder = _tiny_gsm8k(tmp_path / "gsm8k")
     args = [a.replace("{gsm8k}", str(folder)) for a in args]
     code = main(study_def, ["--preset", "smoke", "--runs-dir", str(tmp_path / "runs"), *args])
     assert code == Exit.USAGE
@@ -280,17 +277,26 @@ def test_a_task_is_checked_when_it_is_made(make, message):
     assert str(err.value) == message
 
 
+def _tiny_gsm8k(folder: Path) -> Path:
+    """A GSM8K-shaped folder of one problem per split: enough to plan (not to train) an icl_gsm8k study."""
+    folder.mkdir()
+    for split in ("train", "test"):
+        (folder / f"{split}.jsonl").write_text(json.dumps({"question": "1 + 1?", "answer": "1 + 1 = 2\n#### 2"}) + "\n")
+    return folder
+
+
 def test_an_evaluation_point_crosses_a_process_boundary_unchanged(tmp_path):
     from studies.messages import CheckpointSource, Point, TrainSource
     from studies.plan import plan
 
+    gsm8k = _tiny_gsm8k(tmp_path / "gsm8k")
     trained_first = plan(ICL_GSM8K, ["--preset", "smoke", "--runs-dir", str(tmp_path), "--dry-run", "--data",
-                                     str(GSM8K)]).points
+                                     str(gsm8k)]).points
     given = Point(key="k", config={}, label={}, task=ZeroShotTask(corpora=["ptb"]), source=CheckpointSource("/c", "r"))
     for point in [*trained_first, given]:
         sent = json.dumps(point.to_dict())
         received = Point.from_dict(json.loads(sent))
         assert (received.task, received.source) == (point.task, point.source) and json.dumps(received.to_dict()) == sent
-    assert isinstance(trained_first[0].source, TrainSource) and trained_first[0].task.data == str(GSM8K.resolve())
+    assert isinstance(trained_first[0].source, TrainSource) and trained_first[0].task.data == str(gsm8k.resolve())
     assert trained_first[0].to_dict()["source"] == {"train": True, "train_key": trained_first[0].source.train_key}
     assert given.to_dict()["source"] == {"checkpoint": "/c", "run_id": "r"}
