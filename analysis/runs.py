@@ -196,7 +196,7 @@ def load_evaluations(tracking_uri: str, experiment: str, *, parent_run_id: str |
         for key, kind in _PARAMS.items():
             if key in r.data.params:
                 row[key] = kind(r.data.params[key])
-        row.update({k: v for k, v in r.data.metrics.items() if not k.endswith(metric("", SECONDS))})
+        row.update({k: v for k, v in r.data.metrics.items() if not k.endswith("/" + SECONDS)})
         rows.append(row)
     return pd.DataFrame(rows)
 

@@ -69,10 +69,7 @@ class Checkpoint:
 
     def to_dict(self) -> dict:
         """The file's content: tensors and plain values only, so it loads with weights_only=True."""
-        return {"model": self.model, "optimizer": self.optimizer, "step": self.step, "samples": self.samples,
-                "tokens": self.tokens, "run_id": self.run_id, "run_key": self.run_key, "config": self.config,
-                "model_overrides": self.model_overrides, "eval_pending": self.eval_pending, "rng": self.rng,
-                "unsent_metrics": self.unsent_metrics}
+        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}  # not asdict: it copies tensors
 
     @classmethod
     def from_dict(cls, data: dict) -> Checkpoint:

@@ -44,6 +44,7 @@ def tag_is(tag: str, value: str) -> str:
     """An MLflow search filter: runs whose tag `tag` is `value`."""
     return f"tags.`{tag}` = '{value}'"
 
+
 # -- metrics (step = tokens seen) -------------------------------------------------------------------
 def metric(prefix: str, *parts: object) -> str:
     """A metric key: its prefix and parts joined by "/" (`metric(VAL, NLL)` is "val/nll")."""
@@ -94,6 +95,7 @@ FINAL = "final"
 
 
 def gsm8k_metric(shots: int, measure: str) -> str:
+    """gsm8k/k<shots>/<measure>, e.g. gsm8k/k8/accuracy."""
     return metric(GSM8K, f"k{shots}", measure)
 
 

@@ -181,7 +181,8 @@ def bound_summary(metrics: dict[str, float], prefix: str = names.VAL) -> str:
     floor, the information the decoder takes from its own z, how much it relies on z, and for a
     trained start the amortisation gap."""
     key = functools.partial(names.metric, prefix)
-    m = {k.removeprefix(key("")): v for k, v in metrics.items() if k.startswith(key(""))}  # by measure
+    m = {measure: metrics[key(measure)] for measure in (names.NLL, names.KL, names.KL_FLOOR, names.NLL_MIXTURE,
+         names.NLL_OTHER_Z, names.NLL_PRIOR, names.BOUND_START, names.AMORTISATION_GAP) if key(measure) in metrics}
     nll, floor = m[names.NLL], m.get(names.KL_FLOOR)
     kl = (f"KL above the floor {m[names.KL] - floor:.3f} + KL floor {floor:.3f}" if floor is not None
           else f"KL {m[names.KL]:.3f} (an encoder's start has no floor)")

@@ -27,8 +27,8 @@ from studies.plan import ROOT, Plan, UsageError
 log = logging.getLogger(__name__)
 
 REPORT_EVERY_S = 5.0
-_TUNE_BOUND = VAL_PPL_BOUND.replace("/", "_")  # Tune's name for it in its status table ("/" would nest)
 """How often a running trial reads its point's progress file and reports it to Tune."""
+_TUNE_BOUND = VAL_PPL_BOUND.replace("/", "_")  # Tune's name for it in its status table ("/" would nest)
 
 
 def _pythonpath() -> str:

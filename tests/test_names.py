@@ -91,3 +91,14 @@ def test_composed_names_match_the_ones_analysis_reads():
     assert names.metric(names.ZERO_SHOT, "wikitext", names.PPL_BOUND) == "zeroshot/wikitext/ppl_bound"
     assert names.tag_is(names.ROLE_TAG, names.ROLE_EVAL) == "tags.`ltm.role` = 'eval'"
     assert names.status_is(names.Status.FINISHED) == "attributes.status = 'FINISHED'"
+
+
+def test_every_commands_help_states_the_exit_statuses_of_exit():
+    from ltm.train import build_parser
+    from studies.inference_scaling import STUDY
+    from studies.options import build_parser as study_parser
+
+    for epilog in (build_parser().epilog, study_parser(STUDY).epilog):
+        stated = re.findall(r"(\d) [a-z]", epilog.split("Exit status:")[1])
+        assert stated == [str(int(code)) for code in names.Exit]
+        assert f"{int(names.Exit.USAGE)} bad options (nothing started)" in epilog

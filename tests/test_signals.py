@@ -108,3 +108,19 @@ def test_a_study_driver_signalled_while_it_waits_for_earlier_workers_stops_at_on
     monkeypatch.setattr(launcher, "wait_for_stragglers", waiting)
     assert study_main(tmp_path) == Exit.INTERRUPTED
     assert not (tmp_path / "runs" / "checkpoints").exists()
+
+
+def test_a_running_study_driver_hands_a_signal_to_its_backend_and_restores_the_handlers_after():
+    from studies.interrupt import Interruption
+
+    before = signal.getsignal(signal.SIGTERM)
+    seen = []
+    with Interruption() as interruption:
+        interruption.running(lambda: seen.append(interruption.name))  # what Ray's backend passes
+        os.kill(os.getpid(), signal.SIGTERM)  # no Stopped: work is running, the backend stops it
+        assert seen == ["SIGTERM"] and interruption.requested
+    assert signal.getsignal(signal.SIGTERM) is before
+    with Interruption() as interruption:
+        interruption.running()
+        interruption.request()  # a Ctrl-C the backend saw as KeyboardInterrupt
+        assert interruption.requested and interruption.name == "SIGINT"

@@ -220,3 +220,19 @@ def test_an_ar_model_has_no_start():
     cfg = dataclasses.replace(ltm.model_preset("smoke"), kind="ar")
     assert ltm.build_model(cfg, ltm.InferenceConfig(start="encoder")).start is None
     assert flops_per_token(cfg, 4, start="encoder") == flops_per_token(cfg, 0)
+
+
+def test_the_bound_summary_reads_the_bound_into_its_parts():
+    fixed = {"val/nll": 2.0, "val/kl": 0.5, "val/kl_floor": 0.4, "val/nll_mixture": 2.1, "val/nll_other_z": 2.3,
+             "val/nll_prior": 2.6, "val/ppl_bound": 12.18}
+    lines = ltm.train.bound_summary(fixed).splitlines()
+    assert lines[0] == "bound 2.500 nats/token = NLL given z 2.000 + KL above the floor 0.100 + KL floor 0.400"
+    assert lines[1].startswith("its own z tells the decoder 0.100 nats/token")
+    assert "val/nll_mixture - val/nll" in lines[1]
+    assert lines[2].startswith("one other block's z costs it 0.300") and lines[2].endswith("prior sample 2.600")
+    encoder = {k.replace("val/", "zeroshot/c/"): v for k, v in fixed.items() if "kl_floor" not in k}
+    encoder.update({"zeroshot/c/bound_start": 2.7, "zeroshot/c/amortisation_gap": 0.2})
+    lines = ltm.train.bound_summary(encoder, prefix="zeroshot/c").splitlines()
+    assert "KL 0.500 (an encoder's start has no floor)" in lines[0]
+    assert "zeroshot/c/nll_mixture - zeroshot/c/nll" in lines[1]
+    assert lines[3] == "bound at the start (T=0) 2.700: refinement gains 0.200 (the amortisation gap)"
