@@ -60,7 +60,11 @@ class SlurmTrial:
 
 def join_process_group() -> int:
     """This task's rank in its job; with several tasks, torch.distributed's env:// variables (RANK,
-    WORLD_SIZE, LOCAL_RANK, MASTER_ADDR, MASTER_PORT) from SLURM's, for `ltm.processes`."""
+    WORLD_SIZE, LOCAL_RANK, MASTER_ADDR, MASTER_PORT) from SLURM's, for `ltm.processes`.
+
+    The tasks of a one-node job meet on 127.0.0.1: a node name that its own node cannot resolve would
+    otherwise leave every task waiting in the rendezvous for torch's timeout (30 minutes). On several
+    nodes they meet at the first node, whose name must resolve here; if it does not, this fails at once."""
     import submitit
 
     job = submitit.JobEnvironment()
@@ -70,7 +74,22 @@ def join_process_group() -> int:
         os.environ.pop("MASTER_PORT", None)
         # Every task keeps its node's GPUs visible and takes cuda:<LOCAL_RANK> (ltm.processes).
         submitit.helpers.TorchDistributedEnvironment().export(set_cuda_visible_devices=False, overwrite=True)
+        if job.num_nodes == 1:
+            os.environ["MASTER_ADDR"] = "127.0.0.1"
+        else:
+            _check_resolves(os.environ["MASTER_ADDR"])
     return job.global_rank
+
+
+def _check_resolves(host: str) -> None:
+    """Raise, naming the host and what to fix, when this node cannot resolve the point's first node."""
+    try:
+        socket.getaddrinfo(host, None)
+    except OSError as err:
+        raise RuntimeError(
+            f"the point's first node {host!r} (rank 0, where its processes meet) does not resolve on "
+            f"{socket.gethostname()}: {err}. Fix the cluster's name service (DNS or /etc/hosts) for its "
+            "nodes, or run the point on one node (--nodes-per-trial 1)") from err
 
 
 def slurm_executor(plan: Plan, folder) -> "submitit.AutoExecutor":

@@ -5,7 +5,6 @@ slurm/start_local_slurm.sh`) run smoke points as two gloo processes on the one-n
 read their numbers back from MLflow against the same points trained in one process.
 """
 
-import json
 import os
 import subprocess
 import sys
@@ -16,7 +15,8 @@ import pytest
 
 from ltm.config import RunConfig
 from ltm.names import VAL_PPL_BOUND
-from slurm_available import slurm_unavailable_reason
+from slurm_jobs import (array_tasks, run_driver, slurm_logs, slurm_unavailable_reason, stop_driver, task_running,
+                        what_slurm_did)
 from studies.inference_scaling import STUDY as INFERENCE_SCALING
 from studies.launcher import main
 from studies.messages import Point
@@ -119,17 +119,36 @@ def test_run_keys_do_not_depend_on_the_processes(tmp_path):
     assert one.study_key == two.study_key  # starting again with other processes resumes the same study
 
 
-def test_a_slurm_task_joins_its_points_process_group(monkeypatch):
-    """SLURM's place of the task (rank 3 of 4, second task on the second node) becomes torch.distributed's;
-    what the submitting shell left in the environment does not count, and every task sees its node's GPUs."""
+def slurm_task(monkeypatch, nodes: int, procid: int, localid: int, nodelist: str) -> None:
+    """The environment SLURM gives task `procid` of array task 1230_4 with 4 tasks on `nodes` node(s), under
+    what the submitting shell left behind (which must not count)."""
     slurm = {"SUBMITIT_EXECUTOR": "slurm", "SLURM_JOB_ID": "1234", "SLURM_ARRAY_JOB_ID": "1230",
-             "SLURM_ARRAY_TASK_ID": "4", "SLURM_NTASKS": "4", "SLURM_JOB_NUM_NODES": "2", "SLURM_NODEID": "1",
-             "SLURM_PROCID": "3", "SLURM_LOCALID": "1", "SLURM_JOB_NODELIST": "gpu[07-08]",
-             "CUDA_VISIBLE_DEVICES": "0,1", "WORLD_SIZE": "9", "MASTER_PORT": "1234"}
+             "SLURM_ARRAY_TASK_ID": "4", "SLURM_NTASKS": "4", "SLURM_JOB_NUM_NODES": str(nodes),
+             "SLURM_NODEID": str(procid // (4 // nodes)), "SLURM_PROCID": str(procid), "SLURM_LOCALID": str(localid),
+             "SLURM_JOB_NODELIST": nodelist, "CUDA_VISIBLE_DEVICES": "0,1", "WORLD_SIZE": "9", "MASTER_PORT": "1234"}
     for name, value in slurm.items():
         monkeypatch.setenv(name, value)
     for name in ("RANK", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR"):
         monkeypatch.delenv(name, raising=False)
+
+
+def name_service(monkeypatch, known: set[str]) -> None:
+    """This node resolves only the names in `known` (a cluster's DNS, or a node whose own name is missing)."""
+    import socket
+
+    def getaddrinfo(host, *args, **kwargs):
+        if host not in known:
+            raise socket.gaierror(socket.EAI_NONAME, "Name or service not known")
+        return [(socket.AF_INET, socket.SOCK_STREAM, 6, "", ("10.0.0.7", 0))]
+
+    monkeypatch.setattr(socket, "getaddrinfo", getaddrinfo)
+
+
+def test_a_slurm_task_joins_its_points_process_group(monkeypatch):
+    """SLURM's place of the task (rank 3 of 4, second task on the second node) becomes torch.distributed's;
+    what the submitting shell left in the environment does not count, and every task sees its node's GPUs."""
+    slurm_task(monkeypatch, nodes=2, procid=3, localid=1, nodelist="gpu[07-08]")
+    name_service(monkeypatch, {"gpu07", "gpu08"})
     assert join_process_group() == 3
     env = {k: os.environ[k] for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "CUDA_VISIBLE_DEVICES")}
     assert env == {"RANK": "3", "WORLD_SIZE": "4", "LOCAL_RANK": "1", "MASTER_ADDR": "gpu07",
@@ -139,6 +158,25 @@ def test_a_slurm_task_joins_its_points_process_group(monkeypatch):
     monkeypatch.setenv("SLURM_PROCID", "0")
     monkeypatch.setenv("SLURM_LOCALID", "0")
     assert join_process_group() == 0 and os.environ["MASTER_PORT"] == port  # every task of the job agrees
+
+
+def test_the_tasks_of_a_one_node_point_meet_on_loopback_without_the_name_service(monkeypatch):
+    """A node that cannot resolve its own name left both tasks of a one-node point waiting 30 minutes in
+    torch's rendezvous (seen on CI); on one node they need no name at all."""
+    slurm_task(monkeypatch, nodes=1, procid=1, localid=1, nodelist="vm")
+    name_service(monkeypatch, set())
+    assert join_process_group() == 1
+    assert (os.environ["MASTER_ADDR"], os.environ["WORLD_SIZE"], os.environ["LOCAL_RANK"]) == ("127.0.0.1", "4", "1")
+
+
+def test_a_first_node_that_does_not_resolve_fails_at_once_saying_what_to_fix(monkeypatch):
+    slurm_task(monkeypatch, nodes=2, procid=2, localid=0, nodelist="gpu[07-08]")
+    name_service(monkeypatch, {"gpu08"})
+    with pytest.raises(RuntimeError) as err:
+        join_process_group()
+    message = str(err.value)
+    assert "'gpu07'" in message and "does not resolve" in message
+    assert "DNS or /etc/hosts" in message and "--nodes-per-trial 1" in message
 
 
 def test_a_one_task_slurm_job_stays_one_process(monkeypatch):
@@ -173,10 +211,6 @@ def one_process_bound(point, runs: Path) -> float:
     return result.metrics[VAL_PPL_BOUND]
 
 
-def slurm_logs(runs: Path) -> str:
-    return "".join(p.read_text() for p in sorted((runs / "slurm").glob("*/*/*_log.*")))
-
-
 SAME_MICRO_BATCHES = ["train.micro_batch_size=4"]
 """Two processes of the smoke batch of 8 compute it in 4s; one process computes it in 4s with this too. Without
 it, one process's batch of 8 rounds differently (5e-8 of a gradient), and 16 updates make that 2e-4 of a bound."""
@@ -186,10 +220,9 @@ it, one process's batch of 8 rounds differently (5e-8 of a gradient), and 16 upd
 @pytest.mark.slow
 def test_a_slurm_study_of_two_process_points_gives_the_one_process_numbers(tmp_path):
     runs = tmp_path / "runs"
-    proc = subprocess.run([sys.executable, str(SCRIPT), "--preset", "smoke", "--runs-dir", str(runs), "--cluster",
-                           "slurm", "--processes-per-trial", "2", "--set", *SAME_MICRO_BATCHES], cwd=tmp_path,
-                          capture_output=True, text=True, timeout=1200)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:] + slurm_logs(runs)[-3000:]
+    proc = run_driver([sys.executable, str(SCRIPT), "--preset", "smoke", "--runs-dir", str(runs), "--cluster",
+                       "slurm", "--processes-per-trial", "2", "--set", *SAME_MICRO_BATCHES], runs, tmp_path, 1200)
+    assert proc.returncode == 0, what_slurm_did(runs, proc.stdout + proc.stderr)
     assert "#SBATCH --ntasks-per-node=2" in proc.stdout
     points = build_points(INFERENCE_SCALING, "smoke", [0], None, SAME_MICRO_BATCHES)
     found = runs_by_key(runs, "inference_scaling")
@@ -226,17 +259,6 @@ def one_point(overrides: list[str]) -> Point:
     return point
 
 
-def running_task(runs: Path) -> str | None:
-    """The study's one array task while SLURM runs it."""
-    files = list((runs / "slurm").glob("*/jobs.json"))
-    if not files:
-        return None
-    (task,) = json.loads(files[0].read_text())
-    out = subprocess.run(["squeue", "-h", "-r", "-o", "%i %T", "-j", task.split("_")[0]], capture_output=True,
-                         text=True).stdout
-    return task if f"{task} RUNNING" in out else None
-
-
 @needs_slurm
 @pytest.mark.slow
 def test_sigusr2_to_a_two_process_point_requeues_it_once_and_it_resumes_to_the_same_numbers(tmp_path):
@@ -249,16 +271,17 @@ def test_sigusr2_to_a_two_process_point_requeues_it_once_and_it_resumes_to_the_s
                             cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
         deadline = time.time() + 600
-        while not (running_task(runs) and any((runs / "checkpoints" / point.key).glob("ckpt-*.pt"))):
-            assert proc.poll() is None and time.time() < deadline, "the point never ran to a checkpoint"
+        while not ((task := next(iter(array_tasks(runs)), None)) and task_running(task)
+                   and any((runs / "checkpoints" / point.key).glob("ckpt-*.pt"))):
+            if proc.poll() is not None or time.time() > deadline:
+                stop_driver(proc, runs)
+                pytest.fail(f"the point never ran to a checkpoint\n{what_slurm_did(runs, proc.stdout.read())}")
             time.sleep(0.5)
         # to every task of the job, as SLURM does before its time limit
-        subprocess.run(["scancel", "--signal=USR2", running_task(runs)], check=True)
+        subprocess.run(["scancel", "--signal=USR2", task], check=True)
         out, _ = proc.communicate(timeout=900)  # SLURM holds a requeued job for about 2 minutes
     finally:
-        if proc.poll() is None:
-            proc.terminate()
-            proc.wait(timeout=180)
+        stop_driver(proc, runs)
     logs = slurm_logs(runs)
     assert proc.returncode == 0, out[-3000:] + logs[-3000:]
     assert logs.count("Requeued job") == 1, logs[-4000:]  # rank 0 alone requeues the job

@@ -9,7 +9,7 @@ import time
 from pathlib import Path
 
 import pytest
-from slurm_available import slurm_unavailable_reason
+from slurm_jobs import slurm_unavailable_reason
 
 from studies.inference_scaling import STUDY as INFERENCE_SCALING
 from studies.points import build_points

@@ -11,7 +11,7 @@ import time
 from pathlib import Path
 
 import pytest
-from slurm_available import slurm_unavailable_reason
+from slurm_jobs import slurm_unavailable_reason
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 

@@ -19,7 +19,7 @@ import pytest
 
 from ltm.config import RunConfig
 from studies.inference_scaling import STUDY as INFERENCE_SCALING
-from slurm_available import slurm_unavailable_reason
+from slurm_jobs import array_tasks, run_driver, slurm_unavailable_reason, stop_driver, task_running
 from studies.launcher import main
 from studies.messages import Point
 from studies.points import build_points, study_key
@@ -37,8 +37,8 @@ needs_slurm = pytest.mark.skipif(_SLURM_REASON is not None, reason=str(_SLURM_RE
 
 def study(runs: Path, *args: str, timeout: float = 600) -> subprocess.CompletedProcess:
     """Run the smoke inference-scaling study as a user would, in `runs`' parent folder."""
-    return subprocess.run([sys.executable, str(SCRIPT), "--preset", "smoke", "--runs-dir", str(runs), *args],
-                          cwd=runs.parent, capture_output=True, text=True, timeout=timeout)
+    return run_driver([sys.executable, str(SCRIPT), "--preset", "smoke", "--runs-dir", str(runs), *args], runs,
+                      runs.parent, timeout)
 
 
 def child_runs(runs: Path, experiment: str = "inference_scaling") -> list:
@@ -263,7 +263,7 @@ def test_sigterm_to_the_driver_then_restart_completes_only_the_missing_points(tm
         proc.send_signal(signal.SIGTERM)
         out, _ = proc.communicate(timeout=180)
     finally:
-        _stop(proc)
+        stop_driver(proc, runs)
     assert proc.returncode == 3, out[-3000:]
     interrupted = {c.data.tags["ltm.run_key"]: c for c in child_runs(runs)}
     assert interrupted and all(c.info.status == "KILLED" for c in interrupted.values())  # checkpointed, resumable
@@ -322,28 +322,6 @@ def test_slurm_smoke_study_finishes_and_a_second_start_adds_nothing(tmp_path):
     assert code.read_text() == (ROOT / "ltm" / "train.py").read_text()  # the code was snapshotted
 
 
-def _stop(proc: subprocess.Popen) -> None:
-    """End a study driver that is still running (a failed test): SIGTERM cancels its array and stops its
-    mlflow server; SIGKILL only if that hangs."""
-    if proc.poll() is None:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(timeout=180)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-
-
-def _array_tasks(runs: Path) -> list[str]:
-    files = list((runs / "slurm").glob("*/jobs.json"))
-    return json.loads(files[0].read_text()) if files else []
-
-
-def _running(task: str) -> bool:
-    out = subprocess.run(["squeue", "-h", "-r", "-o", "%i %T", "-j", task.split("_")[0]], capture_output=True,
-                         text=True).stdout
-    return f"{task} RUNNING" in out
-
-
 @needs_slurm
 @pytest.mark.slow
 def test_slurm_scancel_of_one_task_then_restart_completes_only_that_point(tmp_path):
@@ -354,14 +332,14 @@ def test_slurm_scancel_of_one_task_then_restart_completes_only_that_point(tmp_pa
                              "slurm", *longer],
                             cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
-        _wait_for(lambda: len(_array_tasks(runs)) == 4, 180, "the array's submission")
-        victim = _array_tasks(runs)[0]
-        _wait_for(lambda: _running(victim) and any((runs / "checkpoints" / first_key).glob("ckpt-*.pt")), 240,
+        _wait_for(lambda: len(array_tasks(runs)) == 4, 180, "the array's submission")
+        victim = array_tasks(runs)[0]
+        _wait_for(lambda: task_running(victim) and any((runs / "checkpoints" / first_key).glob("ckpt-*.pt")), 240,
                   "the first task running with a checkpoint")
         subprocess.run(["scancel", victim], check=True)
         out, _ = proc.communicate(timeout=600)
     finally:
-        _stop(proc)
+        stop_driver(proc, runs)
     assert proc.returncode == 1, out[-3000:]  # one point did not finish
     statuses = sorted(c.info.status for c in child_runs(runs))
     assert statuses.count("FINISHED") == 3 and len(statuses) == 4, statuses
@@ -384,14 +362,14 @@ def test_slurm_preemption_signal_checkpoints_requeues_and_resumes_the_same_run(t
                              "slurm", "--seeds", "0", *longer], cwd=tmp_path, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True)
     try:
-        _wait_for(lambda: len(_array_tasks(runs)) == 4, 180, "the array's submission")
-        victim = _array_tasks(runs)[0]
-        _wait_for(lambda: _running(victim) and any((runs / "checkpoints" / first_key).glob("ckpt-*.pt")), 240,
+        _wait_for(lambda: len(array_tasks(runs)) == 4, 180, "the array's submission")
+        victim = array_tasks(runs)[0]
+        _wait_for(lambda: task_running(victim) and any((runs / "checkpoints" / first_key).glob("ckpt-*.pt")), 240,
                   "the first task training")
         subprocess.run(["scancel", "--signal=USR2", victim], check=False)  # as SLURM does before a timeout
         out, _ = proc.communicate(timeout=600)  # SLURM holds a requeued task for about 2 minutes
     finally:
-        _stop(proc)
+        stop_driver(proc, runs)
     assert proc.returncode == 0, out[-3000:]
     assert_complete(runs, 4)
     logs = "".join(p.read_text() for p in (runs / "slurm").glob(f"*/{victim}/*_log.*"))  # .out and .err
