@@ -27,29 +27,30 @@ WINDOWED = ltm.ModelConfig(vocab_size=64, n_layers=2, d_model=32, n_heads=2, ctx
 
 
 @pytest.mark.parametrize("shape", ["smoke", "windowed"])
-def test_compiled_and_eager_inference_and_decoder_update_agree_and_compile_once(model, shape, monkeypatch):
+def test_compiled_and_eager_inference_and_decoder_update_agree_and_compile_once(model, shape):
     if shape == "windowed":
         torch.manual_seed(0)
         model = ltm.build_model(WINDOWED)
         assert plan_window(WINDOWED.ctx, WINDOWED.attn_window, WINDOWED.n_heads, torch.device("cpu")).kind == "chunked"
     torch._dynamo.reset()
-    monkeypatch.setattr(torch._dynamo.config, "error_on_recompile", True)  # a second graph fails the test
     icfg = ltm.InferenceConfig(steps=4)
     for seed in (1, 2):  # a new batch of the same shape reuses the graphs
-        tokens, seeds = batch(model.cfg, seed), [10 * seed + i for i in range(4)]
-        grads, posts = [], []
-        for compiled in (False, True):
-            model.zero_grad(set_to_none=True)
-            loss, kl = decoder_loss(model, tokens, icfg, seeds, compiled=compiled)
-            loss.backward()
-            posts.append(infer_posterior(model, tokens, icfg, seeds=seeds, compiled=compiled))
-            grads.append({n: p.grad.clone() for n, p in model.named_parameters()})
-        eager, comp = posts
-        torch.testing.assert_close(comp.mu, eager.mu, atol=1e-4, rtol=1e-4)
-        torch.testing.assert_close(comp.logvar, eager.logvar, atol=1e-4, rtol=1e-4)
-        torch.testing.assert_close(comp.trace, eager.trace, atol=1e-3, rtol=1e-4)
-        for name in grads[0]:
-            torch.testing.assert_close(grads[1][name], grads[0][name], atol=1e-5, rtol=1e-3, msg=name)
+        # a second graph fails the test (torch's own patch: pytest 9's monkeypatch deletes the option on undo)
+        with torch._dynamo.config.patch(error_on_recompile=True):
+            tokens, seeds = batch(model.cfg, seed), [10 * seed + i for i in range(4)]
+            grads, posts = [], []
+            for compiled in (False, True):
+                model.zero_grad(set_to_none=True)
+                loss, kl = decoder_loss(model, tokens, icfg, seeds, compiled=compiled)
+                loss.backward()
+                posts.append(infer_posterior(model, tokens, icfg, seeds=seeds, compiled=compiled))
+                grads.append({n: p.grad.clone() for n, p in model.named_parameters()})
+            eager, comp = posts
+            torch.testing.assert_close(comp.mu, eager.mu, atol=1e-4, rtol=1e-4)
+            torch.testing.assert_close(comp.logvar, eager.logvar, atol=1e-4, rtol=1e-4)
+            torch.testing.assert_close(comp.trace, eager.trace, atol=1e-3, rtol=1e-4)
+            for name in grads[0]:
+                torch.testing.assert_close(grads[1][name], grads[0][name], atol=1e-5, rtol=1e-3, msg=name)
     assert all(p.requires_grad for p in model.parameters())  # the loop's freeze is undone
 
 
@@ -98,7 +99,7 @@ def test_a_compiled_run_ends_where_the_eager_run_does(tmp_path):
         assert results["on"].metrics[name] == pytest.approx(results["off"].metrics[name], rel=1e-3), name
 
 
-def test_eager_flex_attention_compiles_once_per_grad_mode_and_not_per_batch(monkeypatch):
+def test_eager_flex_attention_compiles_once_per_grad_mode_and_not_per_batch():
     # The eager inner loop on CUDA: the stem runs without grad, the layers after it with grad enabled,
     # and FlexAttention's compiled kernel guards on the grad mode, so the first batch makes a graph
     # for each mode; every later batch must reuse them. (FlexAttention has no backward on a CPU: the
@@ -108,15 +109,15 @@ def test_eager_flex_attention_compiles_once_per_grad_mode_and_not_per_batch(monk
     torch._dynamo.reset()
     with frozen(model):
         for seed in (1, 2):
-            monkeypatch.setattr(torch._dynamo.config, "error_on_recompile", seed == 2)
-            tokens = batch(WINDOWED, seed)[:, :-1]
-            z = torch.randn(4, WINDOWED.n_latents, WINDOWED.d_model, generator=torch.Generator().manual_seed(seed))
-            model.attention = "flex"
-            with torch.no_grad():
-                stem = model.stem(tokens)
-            with torch.enable_grad():
-                flex = model.forward_from_stem(stem, z)
-            model.attention = "dense"
-            with torch.no_grad():
-                dense = model(tokens, z)
-            torch.testing.assert_close(flex, dense, atol=1e-5, rtol=1e-5)
+            with torch._dynamo.config.patch(error_on_recompile=seed == 2):  # torch restores the option itself
+                tokens = batch(WINDOWED, seed)[:, :-1]
+                z = torch.randn(4, WINDOWED.n_latents, WINDOWED.d_model, generator=torch.Generator().manual_seed(seed))
+                model.attention = "flex"
+                with torch.no_grad():
+                    stem = model.stem(tokens)
+                with torch.enable_grad():
+                    flex = model.forward_from_stem(stem, z)
+                model.attention = "dense"
+                with torch.no_grad():
+                    dense = model(tokens, z)
+                torch.testing.assert_close(flex, dense, atol=1e-5, rtol=1e-5)

@@ -194,17 +194,17 @@ def test_the_compiled_inner_loop_matches_eager_on_cuda(monkeypatch):
     for seed in (1, 2):
         # The first batch compiles what each call needs (eager FlexAttention, a graph per grad mode: the
         # inner loop's stem runs without grad, the layers after it with); the second must reuse them all.
-        monkeypatch.setattr(torch._dynamo.config, "error_on_recompile", seed == 2)
-        tokens = torch.randint(0, 300, (4, 513), generator=torch.Generator().manual_seed(seed)).to(CUDA)
-        eager = infer_posterior(model, tokens, icfg, seeds=range(4))
-        compiled = infer_posterior(model, tokens, icfg, seeds=range(4), compiled=True)
-        torch.testing.assert_close(compiled.mu, eager.mu, atol=1e-3, rtol=1e-3)
-        torch.testing.assert_close(compiled.logvar, eager.logvar, atol=1e-3, rtol=1e-3)
-        # the decoder update traces the whole forward, FlexAttention's block mask included
-        grads = []
-        for mode in (False, True):
-            model.zero_grad(set_to_none=True)
-            decoder_loss(model, tokens, icfg, list(range(4)), compiled=mode)[0].backward()
-            grads.append([p.grad.clone() for p in model.parameters()])
-        for a, b in zip(*grads):
-            torch.testing.assert_close(b, a, atol=1e-3, rtol=1e-2)
+        with torch._dynamo.config.patch(error_on_recompile=seed == 2):  # torch restores the option itself
+            tokens = torch.randint(0, 300, (4, 513), generator=torch.Generator().manual_seed(seed)).to(CUDA)
+            eager = infer_posterior(model, tokens, icfg, seeds=range(4))
+            compiled = infer_posterior(model, tokens, icfg, seeds=range(4), compiled=True)
+            torch.testing.assert_close(compiled.mu, eager.mu, atol=1e-3, rtol=1e-3)
+            torch.testing.assert_close(compiled.logvar, eager.logvar, atol=1e-3, rtol=1e-3)
+            # the decoder update traces the whole forward, FlexAttention's block mask included
+            grads = []
+            for mode in (False, True):
+                model.zero_grad(set_to_none=True)
+                decoder_loss(model, tokens, icfg, list(range(4)), compiled=mode)[0].backward()
+                grads.append([p.grad.clone() for p in model.parameters()])
+            for a, b in zip(*grads):
+                torch.testing.assert_close(b, a, atol=1e-3, rtol=1e-2)
