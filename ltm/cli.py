@@ -14,7 +14,8 @@ def add_run_options(parser: argparse.ArgumentParser, *, experiment_default: str 
     --experiment's default (None: the command picks it, shown in --help as `experiment_shown`); with
     `every_point` the help says that --data and --set apply to every point of a study."""
     scope = " for every point" if every_point else ""
-    parser.add_argument("--data", help=f"data.name{scope}: 'synthetic', a hub name (e.g. openwebtext) or a local path")
+    parser.add_argument("--data", help=f"data.name{scope}: 'synthetic', a hub name (e.g. openwebtext), a local path or "
+                        "data:NAME, the file or folder NAME of $LTM_DATA_DIR (ltm.data.paths)")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                         help=f"override a config value by its dotted key{scope}, e.g. inference.steps=32, "
                              "model.n_latents=8, train.tokens=1e6, seed=1 (repeatable)")

@@ -100,7 +100,7 @@ class ModelConfig:
 
 @dataclass(frozen=True)
 class InferenceConfig:
-    """Fast learning: the per-sequence variational inference loop (METHOD.md section 2)."""
+    """Fast learning: the per-sequence variational inference loop (docs/METHOD.md section 3)."""
 
     steps: int = 16
     """T, the number of inner gradient steps; the same in training and evaluation."""
@@ -161,7 +161,7 @@ class InferenceConfig:
 
 
 # ---------------------------------------------------------------------------------------
-# Presets. The paper's three sizes pin the architecture (parameter counts in METHOD.md);
+# Presets. The paper's three sizes pin the architecture (parameter counts in docs/METHOD.md section 1);
 # the micro sizes keep the same shape ratios at a width a laptop CPU trains in minutes.
 
 _PAPER = dict(vocab_size=GPT2_VOCAB, d_model=512, n_heads=8, ctx=1024, window=256, n_latents=24)

@@ -1,4 +1,4 @@
-"""Honest scoring: upper bounds on -log p(x) and the perplexities they imply (METHOD.md section 4).
+"""Honest scoring: upper bounds on -log p(x) and the perplexities they imply (docs/METHOD.md section 6).
 
 For an LTM the posterior is fitted on each evaluated sequence (T steps, as in training), then
 

@@ -1,4 +1,4 @@
-"""FLOPs per token, in one audited place (METHOD.md section 5).
+"""FLOPs per token, in one audited place (docs/METHOD.md section 9).
 
 Two conventions:
 

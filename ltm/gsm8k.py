@@ -1,4 +1,4 @@
-"""GSM8K in-context learning (METHOD.md §4): few-shot prompts, posterior on the prompt, greedy answers.
+"""GSM8K in-context learning (docs/METHOD.md section 8): few-shot prompts, posterior on the prompt, greedy answers.
 
 A k-shot prompt is `[BOS]Question: q Answer: a[EOS]` for each shot (the training documents'
 packing) then `[BOS]Question: q* Answer:`. The prompt ends at the colon: with byte-level BPE the
@@ -25,6 +25,7 @@ import torch
 
 from ltm.config import InferenceConfig
 from ltm.data import DataError, DataNotFoundError, TextTokenizer
+from ltm.data.paths import expand
 from ltm.data.sources import HUB_DATASETS, qa_text
 from ltm.generate import generate
 from ltm.model import LatentThoughtModel
@@ -50,10 +51,10 @@ class Problem:
 
 
 def load_problems(source: str, split: str) -> list[Problem]:
-    """GSM8K problems from a folder holding `<split>.jsonl` or the hub name `gsm8k`."""
+    """GSM8K problems from a folder holding `<split>.jsonl` (`data:gsm8k`: $LTM_DATA_DIR's) or the hub name `gsm8k`."""
     if split not in SPLITS:
         raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
-    path = Path(source).expanduser()
+    path = Path(expand(source)).expanduser()
     if path.is_dir():
         file = path / f"{split}.jsonl"
         if not file.is_file():

@@ -1,4 +1,4 @@
-"""The KL floor: what the inner loop's KL(q || p) costs when z carries nothing (METHOD.md section 4).
+"""The KL floor: what the inner loop's KL(q || p) costs when z carries nothing (docs/METHOD.md section 7).
 
 With a decoder that ignores z the NLL has no gradient with respect to (mu, logvar), so the inner
 loop is AdamW on the KL term alone. That problem separates into independent scalar problems, one

@@ -1,7 +1,7 @@
 """The training loop: an update (`train_step`), an evaluation (`evaluate`) and a checkpoint (`save`)
 over a typed `TrainState`, and `train`, which runs them to the token budget.
 
-Each decoder update (METHOD.md section 3): infer z_T for every sequence (T inner steps, z_T
+Each decoder update (docs/METHOD.md section 5): infer z_T for every sequence (T inner steps, z_T
 detached), then one AdamW step on the mean cross-entropy of the decoder at z_T. Several processes
 split each global batch; gradients are summed with one all-reduce. Where the run is recorded
 (`ltm.lifecycle`) and how it is started (`ltm.train.run`) live elsewhere.

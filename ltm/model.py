@@ -5,7 +5,7 @@
                                             this layer's own latent vectors, no mask
     out = h + SwiGLU(RMSNorm(h))
 
-Pre-norm, no biases, no dropout, tied input/output embeddings (METHOD.md section 1). RoPE and
+Pre-norm, no biases, no dropout, tied input/output embeddings (docs/METHOD.md section 1). RoPE and
 SwiGLU live in `ltm/layers.py`, shared with the posterior encoder of `ltm/start.py`.
 The AR baseline (kind="ar") is the same module with the cross-attention removed.
 """

@@ -1,5 +1,5 @@
 """What one training update optimises, and how: the loss, the learning-rate schedule, the optimiser,
-the precision, the compile policy and the inference-noise seeds (METHOD.md section 3).
+the precision, the compile policy and the inference-noise seeds (docs/METHOD.md section 5).
 
 The training loop (`ltm.loop`) runs these; the memory model (`ltm.memory`), the benchmarks and the
 evaluation tasks use the same ones, so what they measure is what training does.

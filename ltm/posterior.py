@@ -1,4 +1,4 @@
-"""Fast learning: per-sequence variational inference of the latent thoughts z (METHOD.md section 2).
+"""Fast learning: per-sequence variational inference of the latent thoughts z (docs/METHOD.md section 3).
 
 Each sequence gets its own Gaussian q(z) = N(mu, diag(exp(logvar))), fitted from scratch by
 T steps of AdamW on the sum-reduced objective  NLL(x | z) + KL(q || N(0, I)),  z = mu + eps * sigma.

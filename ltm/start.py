@@ -9,7 +9,7 @@
   detached: it has no path into the decoder's weights.
 
 Both trained starts learn from the negative ELBO at their own output (`start_loss`), with the decoder
-frozen for that term, so the decoder still learns from the refined z_T alone (METHOD.md section 3).
+frozen for that term, so the decoder still learns from the refined z_T alone (docs/METHOD.md section 4).
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """GSM8K in-context learning: k-shot accuracy (pass@k, substring and exact final number) of checkpoints.
 
-    python studies/icl_gsm8k.py --data ../shared/data/gsm8k        # micro: train on GSM8K train, test few-shot
+    python studies/icl_gsm8k.py --data data:gsm8k    # micro: train on GSM8K train, test few-shot ($LTM_DATA_DIR/gsm8k)
     python studies/icl_gsm8k.py --preset smoke --data DIR           # about a minute, for tests
     python studies/icl_gsm8k.py --checkpoint RUN_ID --data DIR      # evaluate trained checkpoints instead
     python studies/icl_gsm8k.py --checkpoint PATH --task shots_from=test   # the paper's test-split shots
@@ -22,8 +22,9 @@ from studies.study import Gsm8kTask, Preset, Study  # noqa: E402
 def data_option(source: str) -> tuple[dict, dict]:
     """Train on the source's train split (a folder's train.jsonl, or the hub's) and evaluate on its test split."""
     from ltm.data import DataNotFoundError
+    from ltm.data.paths import expand
 
-    folder = Path(source).expanduser()
+    folder = Path(expand(source)).expanduser()
     if folder.is_dir():
         return {"data.name": str(folder.resolve() / "train.jsonl")}, {"data": str(folder.resolve())}
     if source == "gsm8k":
@@ -35,7 +36,7 @@ def data_option(source: str) -> tuple[dict, dict]:
 TEXT = {"data.name": "gsm8k", "data.tokenizer": "bpe"}
 STUDY = Study(
     name="icl_gsm8k",
-    description="GSM8K few-shot accuracy (METHOD.md §4) of LTM and AR checkpoints.",
+    description="GSM8K few-shot accuracy (docs/METHOD.md section 8) of LTM and AR checkpoints.",
     summary_metrics=(metric(GSM8K, "*", "pass*"),),
     data_option=data_option,
     presets={

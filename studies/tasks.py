@@ -41,16 +41,18 @@ def resolve_task(task: Task, tracking_uri: str, runs_dir: Path) -> Task:
     """The task with local paths made absolute, its data and reference found; raises ConfigError
     (DataError) on what would fail later."""
     from ltm.data import resolve_source
+    from ltm.data.paths import expand
 
     if isinstance(task, Gsm8kTask):
         from ltm.gsm8k import load_problems
 
-        data = Path(task.data).expanduser()
+        data = Path(expand(task.data)).expanduser()
         task = dataclasses.replace(task, data=str(data.resolve())) if data.exists() else task
         load_problems(task.data, "test")
     elif isinstance(task, ZeroShotTask):
+        corpora = [expand(c) for c in task.corpora]  # data:NAME as its path, so the corpus is labelled by its file
         task = dataclasses.replace(task, corpora=[str(Path(c).expanduser().resolve()) if Path(c).expanduser().exists()
-                                                  else c for c in task.corpora])
+                                                  else c for c in corpora])
         for corpus in task.corpora:
             resolve_source(corpus)
     elif isinstance(task, GenerationTask) and task.reference:

@@ -1,7 +1,23 @@
+from pathlib import Path
+
 import pytest
 import torch
 
 import ltm
+from ltm.data import DataNotFoundError
+from ltm.data.paths import data_path
+
+
+@pytest.fixture(scope="session")
+def local_data():
+    """`local_data("gsm8k")`: that file or folder of the local data sets ($LTM_DATA_DIR, `ltm.data.paths`);
+    the test skips, naming the variable and the path, where it is absent (a clone without the team's copy)."""
+    def find(name: str) -> Path:
+        try:
+            return data_path(name)
+        except DataNotFoundError as e:
+            pytest.skip(str(e))
+    return find
 
 
 @pytest.fixture

@@ -24,7 +24,6 @@ from ltm.data import (
 from ltm.data.blocks import synthetic_spec
 from ltm.data.sources import split_text_file
 
-SHARED = Path(__file__).resolve().parents[1] / ".." / "shared" / "data"
 TINY = SyntheticSpec(vocab_size=10, n_slots=2, n_topics=2, branching=2, doc_len=8,
                      event_prob=0.4, copy_noise=0.3, seed=3)
 
@@ -219,15 +218,13 @@ def test_a_failing_hub_stream_is_a_data_error_and_leaves_no_token_cache(tmp_path
     assert not list((tmp_path / "cache" / "tokens").glob("*"))  # no partial stream, temp file or metadata
 
 
-@pytest.mark.skipif(not (SHARED / "wikitext-2" / "valid.txt").is_file(), reason="../shared/data/wikitext-2 absent")
-def test_wikitext2_validation_has_60_articles():
-    docs = list(resolve_source(str(SHARED / "wikitext-2" / "valid.txt")).documents("train"))
+def test_wikitext2_validation_has_60_articles(local_data):
+    docs = list(resolve_source(str(local_data("wikitext-2/valid.txt"))).documents("train"))
     assert len(docs) == 60 and docs[0].strip().startswith("= Homarus gammarus =")
 
 
-@pytest.mark.skipif(not (SHARED / "gsm8k" / "test.jsonl").is_file(), reason="../shared/data/gsm8k absent")
-def test_gsm8k_records_become_question_and_answer():
-    docs = list(resolve_source(str(SHARED / "gsm8k" / "test.jsonl")).documents("train"))
+def test_gsm8k_records_become_question_and_answer(local_data):
+    docs = list(resolve_source(str(local_data("gsm8k/test.jsonl"))).documents("train"))
     assert len(docs) == 1319 and all(d.startswith("Question: ") and " Answer: " in d and "\n#### " in d
                                      for d in docs)
 

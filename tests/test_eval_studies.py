@@ -16,7 +16,6 @@ from studies.study import GenerationTask, Gsm8kTask, Task, ZeroShotTask
 from studies.zero_shot import STUDY as ZERO_SHOT
 
 ROOT = Path(__file__).resolve().parents[1]
-GSM8K = ROOT.parent / "shared" / "data" / "gsm8k"
 
 
 def study(name: str, runs: Path, *args: str) -> subprocess.CompletedProcess:
@@ -92,10 +91,9 @@ def test_zero_shot_study_on_local_text(tmp_path):
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(not (GSM8K / "test.jsonl").is_file(), reason="../shared/data/gsm8k absent")
-def test_icl_gsm8k_study_then_zero_shot_of_its_checkpoint_by_run_id(tmp_path):
-    runs = tmp_path / "runs"
-    proc = study("icl_gsm8k", runs, "--data", str(GSM8K))
+def test_icl_gsm8k_study_then_zero_shot_of_its_checkpoint_by_run_id(tmp_path, local_data):
+    runs, gsm8k = tmp_path / "runs", local_data("gsm8k")
+    proc = study("icl_gsm8k", runs, "--data", str(gsm8k))
     assert "gsm8k/k0/pass2_substring" in proc.stdout
     found = runs_of(runs, "icl_gsm8k")
     assert len(found["eval"]) == 2
@@ -107,7 +105,7 @@ def test_icl_gsm8k_study_then_zero_shot_of_its_checkpoint_by_run_id(tmp_path):
 
     trained = next(r for r in found["train"] if r.data.params["model.kind"] == "ltm")
     study("zero_shot", runs, "--experiment", "icl_gsm8k", "--checkpoint", trained.info.run_id,
-          "--task", f"corpora={GSM8K / 'test.jsonl'}", "--task", "max_blocks=2")
+          "--task", f"corpora={gsm8k / 'test.jsonl'}", "--task", "max_blocks=2")
     zs = [r for r in runs_of(runs, "icl_gsm8k")["eval"] if r.data.tags["ltm.task"] == "zero_shot"]
     assert len(zs) == 1 and zs[0].data.tags["ltm.source_run_id"] == trained.info.run_id
     assert zs[0].data.metrics["zeroshot/gsm8k-test/blocks"] == 2

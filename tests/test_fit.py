@@ -1,7 +1,6 @@
 """Scaling-law fits: recovery of known laws, the Chinchilla replication, and input checks."""
 
 import itertools
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -11,8 +10,6 @@ from analysis.fit import (HOFFMANN_GRID, ChinchillaFit, _LogSumExpModel, _lbfgs,
                           compute_optimal_intervals, fit_chinchilla, fit_inference_law, fit_inference_law_joint,
                           fit_power_law, isoflop_minima)
 
-SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
-CHINCHILLA_CSV = SHARED_DATA / "chinchilla" / "svg_extracted_data.csv"
 TRUTH = {"E": 1.7, "A": 400.0, "B": 410.0, "alpha": 0.34, "beta": 0.28}
 # Besiroglu et al. 2024, Table 1: their fit of the Figure 4 points.
 EPOCH = {"E": 1.82, "A": 482.01, "B": 2085.43, "alpha": 0.3478, "beta": 0.3658}
@@ -36,13 +33,11 @@ def synthetic_fit(synthetic_grid):
 
 
 @pytest.fixture(scope="module")
-def chinchilla_points():
+def chinchilla_points(local_data):
     """Epoch's points read off Hoffmann et al.'s Figure 4, five highest losses dropped, as (N, D, loss)."""
-    if not CHINCHILLA_CSV.exists():
-        pytest.skip(f"Chinchilla data not found at {CHINCHILLA_CSV} (shared data folder absent)")
     import pandas as pd
 
-    df = pd.read_csv(CHINCHILLA_CSV).sort_values("loss").iloc[:-5]
+    df = pd.read_csv(local_data("chinchilla/svg_extracted_data.csv")).sort_values("loss").iloc[:-5]
     N, flop = df["Model Size"].to_numpy(), df["Training FLOP"].to_numpy()
     return N, flop / (6 * N), df["loss"].to_numpy()
 

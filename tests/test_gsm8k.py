@@ -1,7 +1,6 @@
 """GSM8K in-context learning: answer extraction and scoring, prompts, shots, data errors, the evaluation loop."""
 
 import json
-from pathlib import Path
 
 import pytest
 import torch
@@ -12,7 +11,6 @@ from ltm.data import DataError, DataNotFoundError
 from ltm.gsm8k import (Problem, build_prompt, draw_shots, evaluate_gsm8k, final_number, is_correct, load_problems,
                        normalise_number)
 
-SHARED = Path(__file__).resolve().parents[2] / "shared" / "data" / "gsm8k"
 
 
 class ByteTokenizer:
@@ -93,9 +91,8 @@ def test_load_problems_from_a_folder_and_clear_errors(tmp_path):
         load_problems(str(tmp_path), "train")
 
 
-@pytest.mark.skipif(not (SHARED / "test.jsonl").is_file(), reason="../shared/data/gsm8k absent")
-def test_real_gsm8k_loads_with_numeric_answers():
-    test = load_problems(str(SHARED), "test")
+def test_real_gsm8k_loads_with_numeric_answers(local_data):
+    test = load_problems(str(local_data("gsm8k")), "test")
     assert len(test) == 1319 and all(p.final for p in test)
     assert test[0].final == "18"
 

@@ -9,7 +9,7 @@ from ltm.posterior import NoiseSource, gaussian_kl
 
 
 def reference_posterior(model, tokens, cfg, seeds):
-    """METHOD.md section 2 written literally: torch.optim.AdamW, a full forward every step."""
+    """docs/METHOD.md section 3 written literally: torch.optim.AdamW, a full forward every step."""
     noise = NoiseSource(seeds, (model.cfg.n_latents, model.cfg.d_model), tokens.device)
     mu = (cfg.init_mu_std * noise.draw()).requires_grad_()
     logvar = (cfg.init_logvar + cfg.init_logvar_std * noise.draw()).requires_grad_()

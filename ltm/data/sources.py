@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Any, Iterable, Iterator
 
 from ltm.data.errors import DataError, DataNotFoundError
+from ltm.data.paths import expand
 
 
 @dataclass(frozen=True)
@@ -120,8 +121,8 @@ def _utf8_lines(path: Path) -> Iterator[str]:
 
 
 def resolve_source(name: str, text_field: str = "text") -> TextSource:
-    """The source for a hub name or a local path; errors say what exists instead."""
-    path = Path(name).expanduser()
+    """The source for a hub name or a local path (`data:NAME` in $LTM_DATA_DIR too); errors say what exists instead."""
+    path = Path(expand(name)).expanduser()
     if path.exists():
         path = path.resolve()
         if path.is_dir():
@@ -158,7 +159,7 @@ def record_text(record: dict[str, Any], text_field: str, where: object = "record
 
 
 def qa_text(question: str, answer: str | None = None) -> str:
-    """METHOD.md's GSM8K format, `Question: q Answer: a`; without an answer, the prompt for one."""
+    """GSM8K's format (docs/METHOD.md section 8), `Question: q Answer: a`; without an answer, the prompt for one."""
     prompt = f"Question: {question.strip()} Answer:"
     return prompt if answer is None else f"{prompt} {answer.strip()}"
 
