@@ -65,18 +65,19 @@ def chart(table: pd.DataFrame, axes: list[str], y: str) -> Chart:
 
 
 def figure(c: Chart, title: str, path: Path) -> Path:
-    """A line per multi-point line of `c`, a dashed level per single point (a baseline); the legend outside
-    the axes, so it never covers a point."""
+    """A line per multi-point line of `c`, a dashed level per single point beside them (a baseline; points
+    only when no line has several); the legend outside the axes, so it never covers a point."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(8, 4.5))
+    levels = c.x is not None and any(len(points) > 1 for points in c.lines.values())  # else every line is a point
     for i, (label, points) in enumerate(c.lines.items()):
         xs, ys = zip(*points)
         colour = f"C{i % 10}"
-        if len(points) > 1 or c.x is None:
+        if len(points) > 1 or not levels:
             ax.plot(xs, ys, "o-", color=colour, label=label)
         else:
             ax.axhline(ys[0], color=colour, ls="--", label=f"{label} ({c.x}={xs[0]:g})")

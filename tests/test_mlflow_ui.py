@@ -57,7 +57,7 @@ def test_a_studys_summary_draws_its_headline_against_its_axis():
 
 @pytest.mark.slow  # a new SQLite store: tens of seconds on a busy machine
 def test_the_summary_lands_on_the_parent_run_once(tmp_path):
-    tracker = Tracker(default_tracking_uri(tmp_path), "study")
+    tracker = Tracker(default_tracking_uri(tmp_path), "study", artifact_root=tmp_path / "artifacts")
     parent = tracker.client.create_run(tracker.experiment_id).info.run_id
     table, axes = _grid(), ["steps", "n_latents", "seed", "kind"]
     assert log_summary(tracker, parent, table, axes, "study / smoke") == sorted(SUMMARY_FILES)
@@ -100,14 +100,15 @@ def _serve(uri: str, port: int, log: Path) -> subprocess.Popen:
     raise AssertionError(f"mlflow server did not start within 120 s:\n{log.read_text()[-3000:]}")
 
 
-def _show_columns(browser: Browser, experiment_id: str, columns: list[str]) -> None:
-    """What a user does with the runs table's Columns chooser: MLflow 3.18 keeps the choice in the page's
-    local storage (its ExperimentPage state), shown once the page loads again."""
+def _show_columns(browser: Browser, experiment_id: str, columns: list[str], expand: str) -> None:
+    """What a user does with the runs table's Columns chooser and the parent run `expand`'s expander: MLflow
+    3.18 keeps both in the page's local storage (its ExperimentPage state), shown once the page loads again."""
     import json
 
     key = json.dumps(f'MLflowLocalStorage-1.1-ExperimentPage-["{experiment_id}"]-ReactComponentState')
     state = json.loads(browser.evaluate(f"localStorage.getItem({key})") or "{}")
     state["selectedColumns"] = state.get("selectedColumns", []) + [f"metrics.`{c}`" for c in columns]
+    state["runsExpanded"] = {expand: True}
     browser.evaluate(f"localStorage.setItem({key}, {json.dumps(json.dumps(state))}); "
                      "localStorage.setItem('mlflow.assistant.panelOpen_v1', 'false')")
 
@@ -120,7 +121,7 @@ def test_mlflow_ui_shows_the_bound_of_a_run_and_a_studys_summary(tmp_path):
     runs, shots = tmp_path / "runs", tmp_path / "screenshots"
     shots.mkdir()
     uri = default_tracking_uri(runs)
-    tracker = Tracker(uri, "ui")
+    tracker = Tracker(uri, "ui", artifact_root=runs / "artifacts")
     parent = tracker.client.create_run(tracker.experiment_id, run_name="study-smoke").info.run_id
     cfg = run_preset("smoke").with_overrides({"train.tokens": 1024, "train.eval_every": 0, "train.eval_blocks": 8,
                                               "data.cache_dir": str(tmp_path / "cache")})
@@ -139,9 +140,10 @@ def test_mlflow_ui_shows_the_bound_of_a_run_and_a_studys_summary(tmp_path):
         with Browser(tmp_path / "profile") as browser:
             browser.open(base + ui_route(exp))  # the training runs, not the GenAI pages
             browser.wait_for("Model training", "study-smoke")
-            _show_columns(browser, exp, [VAL_BOUND, "n_params", "flops_per_token"])
+            _show_columns(browser, exp, [VAL_BOUND, "n_params", "flops_per_token"], parent)
             browser.open(base + ui_route(exp))
-            table_text = browser.wait_for(VAL_BOUND, "n_params", "study-smoke")
+            n_params = str(int(MlflowClient(uri).get_run(result.run_id).data.metrics["n_params"]))
+            table_text = browser.wait_for(VAL_BOUND, "study-smoke", n_params)  # the child, under its parent
             browser.screenshot(shots / "runs_table.png")
             run_text = _run_page(browser, base, exp, result.run_id, bound, shots)
             parent_text = _parent_page(browser, base, exp, parent, shots)
@@ -151,12 +153,13 @@ def test_mlflow_ui_shows_the_bound_of_a_run_and_a_studys_summary(tmp_path):
     assert f"{bound:.4f}"[:5] in table_text.replace(",", "")  # the headline's value, a column of the table
     assert describe(cfg) in run_text and MlflowClient(uri).get_run(result.run_id).data.tags[NOTE_TAG] == describe(cfg)
     assert "summary.png" in parent_text
-    assert all((shots / name).stat().st_size > 10_000 for name in ("runs_table.png", "run.png", "parent.png"))
+    for name in ("runs_table.png", "run.png", "parent.png", "parent_charts.png"):
+        assert (shots / name).stat().st_size > 10_000, name
 
 
 def _run_page(browser: Browser, base: str, exp: str, run_id: str, bound: float, shots: Path) -> str:
     """A run's overview: its description and its metrics, the headline with its value."""
-    browser.open(f"{base}#/experiments/{exp}/runs/{run_id}")
+    browser.open(f"{base}#/experiments/{exp}/runs/{run_id}?workflowType=machine_learning")
     shown = browser.wait_for("Description", VAL_BOUND, "val/kl_above_floor", "n_params")
     browser.screenshot(shots / "run.png")
     value = shown.split(VAL_BOUND + "\n", 1)[1].split("\n", 1)[0]
@@ -165,8 +168,14 @@ def _run_page(browser: Browser, base: str, exp: str, run_id: str, bound: float, 
 
 
 def _parent_page(browser: Browser, base: str, exp: str, parent: str, shots: Path) -> str:
-    """A study parent's artifacts: the summary table and figure."""
-    browser.open(f"{base}#/experiments/{exp}/runs/{parent}/artifacts")
+    """A study parent's artifacts, the summary's figure shown, and its charts."""
+    browser.open(f"{base}#/experiments/{exp}/runs/{parent}/artifacts?workflowType=machine_learning")
     shown = browser.wait_for("summary.csv", "summary.md", "summary.png")
+    browser.evaluate("[...document.querySelectorAll('span, div')].filter(e => e.textContent === 'summary.png')"
+                     ".pop().click()")
+    time.sleep(3)  # the preview loads the image
     browser.screenshot(shots / "parent.png")
+    browser.open(f"{base}#/experiments/{exp}/runs/{parent}/model-metrics?workflowType=machine_learning")
+    browser.wait_for(f"study-smoke ({VAL_BOUND})")  # a chart of the summary's metric
+    browser.screenshot(shots / "parent_charts.png")
     return shown
