@@ -507,3 +507,33 @@ def run_preset(name: str) -> RunConfig:
         return RUN_PRESETS[name.lower()]
     except KeyError:
         raise ConfigError(f"unknown run preset {name!r}; known presets: {', '.join(RUN_PRESETS)}") from None
+
+
+def describe(cfg: RunConfig) -> str:
+    """One line saying what a run is, for its MLflow description: "LTM micro-rf L2 d64 window 8 T=16 N_z=4
+    logvar=0 start, 600k tokens"; the run recipe whose decoder it uses, if any (its kind, window, latents and
+    vocabulary aside: the line states them)."""
+    m, inf = cfg.model, cfg.inference
+    def decoder(model: ModelConfig) -> dict:
+        return {k: v for k, v in dataclasses.asdict(model).items() if k not in ("vocab_size", "kind", "window",
+                                                                                 "n_latents")}
+
+    recipe = next((name for name, preset in RUN_PRESETS.items() if decoder(preset.model) == decoder(m)), None)
+    words = [m.kind.upper(), *([recipe] if recipe else []), f"L{m.n_layers}", f"d{m.d_model}",
+             "full context" if m.window is None else f"window {m.window}"]
+    if m.kind == "ltm":
+        start = {"fixed": f"logvar={inf.init_logvar:g}", "learned": "learned",
+                 "encoder": f"{inf.encoder_layers}-layer encoder"}[inf.start]
+        words += [f"T={inf.steps}", f"N_z={m.n_latents}", f"{start} start"]
+    tail = f"{_count(cfg.updates * cfg.tokens_per_update)} tokens"
+    if cfg.data.name != "synthetic":
+        tail += f" of {cfg.data.name.rstrip('/').rpartition('/')[2]}"  # a local file by its name
+    return " ".join(words) + f", {tail}" + (f", seed {cfg.seed}" if cfg.seed else "")
+
+
+def _count(n: int) -> str:
+    """600k, 1.5M, 3B: a token count at a glance (three significant digits)."""
+    for scale, suffix in ((1e9, "B"), (1e6, "M"), (1e3, "k")):
+        if n >= scale:
+            return f"{float(f'{n / scale:.3g}'):g}{suffix}"
+    return str(n)

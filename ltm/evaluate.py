@@ -43,8 +43,8 @@ import torch
 from ltm.config import InferenceConfig
 from ltm.kl_floor import start_kl_floor
 from ltm.model import LatentThoughtModel, token_nll
-from ltm.names import (AMORTISATION_GAP, BOUND_START, KL, KL_FLOOR, NLL, NLL_MIXTURE, NLL_OTHER_Z, NLL_PRIOR, PPL_BOUND,
-                       PPL_BOUND_SEQMEAN, PPL_IW, PPL_REUSE, VAL, metric)
+from ltm.names import (AMORTISATION_GAP, BOUND, BOUND_START, KL, KL_ABOVE_FLOOR, KL_FLOOR, NLL, NLL_MIXTURE,
+                       NLL_OTHER_Z, NLL_PRIOR, PPL_BOUND, PPL_BOUND_SEQMEAN, PPL_IW, PPL_REUSE, VAL, metric)
 from ltm.posterior import NoiseSource, infer_posterior, start_bound
 
 # Seed offsets keep each kind of scoring noise independent of the inference noise of the same sequence.
@@ -154,13 +154,13 @@ def evaluate_bounds(model: LatentThoughtModel, batches: Iterable[torch.Tensor], 
                     seed: int = 0, iw_samples: int = 0, prefix: str = VAL, compiled: bool = False) -> dict[str, float]:
     """Bounds over a fixed evaluation set, as metrics named `{prefix}/...`.
 
-    Keys: nll and kl (nats per token), ppl_bound (fresh-noise ELBO), ppl_bound_seqmean,
-    ppl_reuse (released-code scoring, optimistic), ppl_iw (when iw_samples > 0); for an LTM also,
-    in nats per token, kl_floor (not for start="encoder"), nll_other_z (given sequence i + N/2's
-    sample, N sequences; needs N >= 2), nll_mixture (over up to K = min(8, N - 5) others at distances >= 3;
-    needs N >= 8), nll_prior, and for a trained start bound_start and amortisation_gap. Sequence i of
-    the whole set always gets seed `seed + i`, so results do not depend on batching. `compiled`: the
-    inference loops through torch.compile.
+    Keys: bound = nll + kl, nll and kl (nats per token; an AR's bound is its NLL), ppl_bound (fresh-noise
+    ELBO), ppl_bound_seqmean, ppl_reuse (released-code scoring, optimistic), ppl_iw (when iw_samples > 0);
+    for an LTM also, in nats per token, kl_floor and kl_above_floor (not for start="encoder"), nll_other_z
+    (given sequence i + N/2's sample, N sequences; needs N >= 2), nll_mixture (over up to K = min(8, N - 5)
+    others at distances >= 3; needs N >= 8), nll_prior, and for a trained start bound_start and
+    amortisation_gap. Sequence i of the whole set always gets seed `seed + i`, so results do not depend
+    on batching. `compiled`: the inference loops through torch.compile.
     """
     batches = list(batches)
     parts: list[SequenceBounds] = []
@@ -179,6 +179,7 @@ def evaluate_bounds(model: LatentThoughtModel, batches: Iterable[torch.Tensor], 
     tokens = n.sum().item()
     nll, kl = cat("nll"), cat("kl")
     values = {
+        BOUND: (nll + kl).sum().item() / tokens,
         NLL: nll.sum().item() / tokens,
         KL: kl.sum().item() / tokens,
         PPL_BOUND: perplexity(nll + kl, n),
@@ -191,6 +192,7 @@ def evaluate_bounds(model: LatentThoughtModel, batches: Iterable[torch.Tensor], 
         floor = start_kl_floor(model, cfg)
         if floor is not None:
             values[KL_FLOOR] = floor * len(n) / tokens
+            values[KL_ABOVE_FLOOR] = values[KL] - values[KL_FLOOR]
         values[NLL_PRIOR] = cat("nll_prior").sum().item() / tokens
         if parts[0].start is not None:
             start = cat("start").sum().item() / tokens

@@ -37,7 +37,7 @@ import torch
 from torch.utils import flop_counter
 
 from ltm.attention import uses_window_kernel, windowed_keys
-from ltm.config import ModelConfig
+from ltm.config import ModelConfig, RunConfig
 from ltm.model import build_model
 
 
@@ -195,6 +195,14 @@ def flops_per_token(cfg: ModelConfig, steps: int, *, convention: Literal["exact"
         encoder = _encoder_ops(cfg, S + 1, encoder_layers)
         extra += _encoder_train(encoder) if train else sum(op.flops for op in encoder)
     return (loop + last + extra) / S
+
+
+def run_flops_per_token(cfg: RunConfig, model: ModelConfig, convention: Literal["exact", "paper"] = "exact") -> float:
+    """FLOPs per training token of the run `cfg` (its inference loop and start) with `model`, the run's
+    model config with the data's vocabulary."""
+    inf = cfg.inference
+    return flops_per_token(model, inf.steps, convention=convention, decoder_grad=inf.decoder_grad, start=inf.start,
+                           encoder_layers=inf.encoder_layers)
 
 
 _PARAM_CACHE: dict[ModelConfig, int] = {}

@@ -19,8 +19,8 @@ from typing import TYPE_CHECKING
 import torch
 
 from ltm.checkpoint import run_folder
-from ltm.config import ModelConfig, RunConfig
-from ltm.names import Status
+from ltm.config import ModelConfig, RunConfig, describe
+from ltm.names import FLOPS_PER_TOKEN, N_PARAMS, N_PARAMS_NONEMBEDDING, NOTE_TAG, Status
 
 if TYPE_CHECKING:
     from ltm.tracking import Tracker
@@ -89,7 +89,8 @@ def decide_training(tracker: Tracker, cfg: RunConfig, model_cfg: ModelConfig, ru
     decision = decide(tracker, key, force)
     if decision.skipped:
         return dataclasses.replace(decision, run_dir=run_folder(runs_dir, key, decision.run_id))
-    start_tags = {"device": str(device), "processes": processes}
+    # the description too: a run created before it was written gets it when it resumes
+    start_tags = {"device": str(device), "processes": processes, NOTE_TAG: describe(cfg)}
     run_id = open_run(tracker, decision, start_tags, lambda: _create_training_run(
         tracker, cfg, model_cfg, runs_dir, parent_run_id, {**start_tags, "model.kind": cfg.model.kind, **tags}))
     logged_step = tracker.max_logged_step(run_id) if decision.resume else -1
@@ -99,19 +100,22 @@ def decide_training(tracker: Tracker, cfg: RunConfig, model_cfg: ModelConfig, ru
 
 def _create_training_run(tracker: Tracker, cfg: RunConfig, model_cfg: ModelConfig, runs_dir: Path,
                          parent_run_id: str | None, tags: dict) -> str:
-    """A new MLflow run with the config's params, the parameter counts, the run's config and its data."""
+    """A new MLflow run with the config's params, its size (parameter counts, FLOPs per token: params and
+    step-0 metrics, which the UI's runs table can show as columns), the run's config and its data."""
+    from ltm.flops import run_flops_per_token
     from ltm.model import build_model
 
     key = cfg.run_key()
     elsewhere = [r for r in tracker.find_runs_anywhere(key) if r.info.experiment_id != tracker.experiment_id]
     with torch.device("meta"):
         counted = build_model(model_cfg, cfg.inference)
-    params = {**cfg.flat(), "model.vocab_size": model_cfg.vocab_size, "n_params": counted.num_params(),
-              "n_params_nonembedding": counted.num_params(non_embedding=True)}
+    size = {N_PARAMS: counted.num_params(), N_PARAMS_NONEMBEDDING: counted.num_params(non_embedding=True)}
+    params = {**cfg.flat(), "model.vocab_size": model_cfg.vocab_size, **size}
     run_tags = {"git_commit": _git_commit(), "torch_version": torch.__version__, **tags}
     steps = f"-T{cfg.inference.steps}" if cfg.model.kind == "ltm" else ""
     name = f"{cfg.model.kind}-L{cfg.model.n_layers}-d{cfg.model.d_model}{steps}-s{cfg.seed}"
     run_id = tracker.create_run(key, name, params, run_tags, parent_run_id)
+    tracker.log_metrics(run_id, {**size, FLOPS_PER_TOKEN: run_flops_per_token(cfg, model_cfg)}, step=0)
     run_dir = run_folder(runs_dir, key, run_id)
     for other in elsewhere:
         log.info("note: run key %s is also MLflow run %s (%s) in experiment %r; this is a new run of experiment %r "

@@ -23,7 +23,7 @@ import ltm.evaluate
 from ltm import lifecycle, names, objective
 from ltm.checkpoint import Checkpoint, restore_rng, rng_state, save_checkpoint
 from ltm.config import ModelConfig, RunConfig
-from ltm.flops import flops_per_token, mfu, peak_flops
+from ltm.flops import mfu, peak_flops, run_flops_per_token
 from ltm.lifecycle import RunResult
 from ltm.model import LatentThoughtModel, build_model
 from ltm.names import Status
@@ -76,7 +76,7 @@ class StepPlan:
     @classmethod
     def of(cls, cfg: RunConfig, model_cfg: ModelConfig, procs: Processes) -> StepPlan:
         """The plan of `cfg` on these processes; ValueError when the batch does not split."""
-        tc, icfg = cfg.train, cfg.inference
+        tc = cfg.train
         tokens_per_step, total_steps = cfg.tokens_per_update, cfg.updates
         if tc.batch_size % procs.world:
             raise ValueError(f"train.batch_size={tc.batch_size} must be divisible by the {procs.world} processes")
@@ -84,9 +84,7 @@ class StepPlan:
         micro = tc.micro_batch_size or local
         if local % micro:
             raise ValueError(f"per-process batch {local} is not a multiple of train.micro_batch_size={micro}")
-        start = {"start": icfg.start, "encoder_layers": icfg.encoder_layers}
-        fpt = flops_per_token(model_cfg, icfg.steps, decoder_grad=icfg.decoder_grad, **start)
-        fpt_paper = flops_per_token(model_cfg, icfg.steps, convention="paper", **start)
+        fpt, fpt_paper = run_flops_per_token(cfg, model_cfg), run_flops_per_token(cfg, model_cfg, "paper")
         compiled = objective.use_compile(tc.compile, procs.device, fpt * total_steps * tokens_per_step)
         return cls(tokens_per_step, total_steps, local, micro, fpt, fpt_paper,
                    peak_flops(procs.device, tc.peak_flops), compiled)
@@ -254,7 +252,8 @@ class _Window:
         """The window's means and throughput; the window starts again."""
         n, plan = self.steps, ctx.plan
         tps = n * plan.tokens_per_step / self.seconds
-        point = {names.TRAIN_LOSS: self.loss / n, names.TRAIN_PPL_BOUND: math.exp((self.loss + self.kl) / n),
+        point = {names.TRAIN_LOSS: self.loss / n, names.TRAIN_BOUND: (self.loss + self.kl) / n,
+                 names.TRAIN_PPL_BOUND: math.exp((self.loss + self.kl) / n),
                  names.TRAIN_LR: lr, names.TOKENS_PER_S: tps}
         if plan.peak_flops:
             point[names.MFU] = mfu(tps, plan.flops_per_token, plan.peak_flops, ctx.procs.world)

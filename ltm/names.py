@@ -60,10 +60,19 @@ TRAIN = "train"
 TRAIN_LOSS = metric(TRAIN, "loss")
 TRAIN_PPL_BOUND = metric(TRAIN, "ppl_bound")
 TRAIN_LR = metric(TRAIN, "lr")
+BOUND = "bound"
+"""The headline number, in nats per token: an LTM's negative ELBO (NLL given z + KL), an AR's exact NLL."""
+TRAIN_BOUND = metric(TRAIN, BOUND)
+N_PARAMS, N_PARAMS_NONEMBEDDING = "n_params", "n_params_nonembedding"
+FLOPS_PER_TOKEN = "flops_per_token"
+"""A run's size, logged as metrics (step 0) as well as params, so the UI's runs table can show them as columns;
+FLOPS_PER_TOKEN is the exact training FLOPs per token (`ltm.flops`)."""
 
 # What `ltm.evaluate.evaluate_bounds` measures, under a prefix: VAL during training, ZERO_SHOT's per corpus.
 NLL, KL, PPL_BOUND, PPL_BOUND_SEQMEAN = "nll", "kl", "ppl_bound", "ppl_bound_seqmean"
 PPL_REUSE, PPL_IW, KL_FLOOR, NLL_PRIOR = "ppl_reuse", "ppl_iw", "kl_floor", "nll_prior"
+KL_ABOVE_FLOOR = "kl_above_floor"
+"""KL - KL_FLOOR: what the posterior spends beyond the floor its start leaves."""
 NLL_OTHER_Z = "nll_other_z"
 """Named nll_swap before 2026-12: old runs carry that name (analysis.runs reads both)."""
 NLL_OTHER_Z_OLD = "nll_swap"
@@ -77,6 +86,7 @@ VAL_PPL_REUSE = metric(VAL, PPL_REUSE)
 VAL_KL_FLOOR, VAL_NLL_PRIOR, VAL_NLL_OTHER_Z = (metric(VAL, n) for n in (KL_FLOOR, NLL_PRIOR, NLL_OTHER_Z))
 VAL_NLL_MIXTURE, VAL_BOUND_START = metric(VAL, NLL_MIXTURE), metric(VAL, BOUND_START)
 VAL_AMORTISATION_GAP = metric(VAL, AMORTISATION_GAP)
+VAL_BOUND, VAL_KL_ABOVE_FLOOR = metric(VAL, BOUND), metric(VAL, KL_ABOVE_FLOOR)
 EVAL_SECONDS = metric("eval", "seconds")
 """Wall-clock seconds of one evaluation during training (what evaluating costs), logged with its val/ metrics."""
 

@@ -33,7 +33,7 @@ from studies.interrupt import Interruption, wait_for_stragglers
 from studies.messages import CheckpointSource
 from studies.parent import finish_parent, open_parent, summary
 from studies.plan import Plan, UsageError, plan
-from studies.points import grid_table
+from studies.points import axes, grid_table
 from studies.study import Study
 
 log = logging.getLogger(__name__)
@@ -132,6 +132,7 @@ def _main(study: Study, argv: list[str] | None, interruption: Interruption) -> i
     table = summary(tracker, plan_)
     counts = table["status"].value_counts().to_dict()
     outcome, reason = _outcome(counts, len(plan_.points), stopped)
+    _log_summary(tracker, plan_, table)
     finish_parent(tracker, plan_.parent_run_id, PARENT_STATUS[outcome], counts, reason)
     import pandas as pd
 
@@ -139,10 +140,27 @@ def _main(study: Study, argv: list[str] | None, interruption: Interruption) -> i
         print("\n" + table.to_string(index=False))
     print(f"\n{study.name}: {', '.join(f'{v} {k}' for k, v in counts.items())} of {len(plan_.points)} points "
           f"in {time.time() - started:.0f} s; parent run {plan_.parent_run_id}")
-    print(f"browse: mlflow ui --backend-store-uri {redact(plan_.tracking_uri)}")
+    print(f"browse: mlflow ui --backend-store-uri {redact(plan_.tracking_uri)}, then open "
+          f"http://127.0.0.1:5000/{ui_route(tracker.experiment_id)} (README: \"The MLflow UI\")")
     if reason:
         print(reason)
     return EXIT_OF[outcome]
+
+
+def ui_route(experiment_id: str) -> str:
+    """The MLflow 3 UI's page of an experiment's training runs (it opens on its GenAI pages otherwise)."""
+    return f"#/experiments/{experiment_id}/runs?workflowType=machine_learning"
+
+
+def _log_summary(tracker, plan_: Plan, table) -> None:
+    """The summary on the parent run (`studies.report`); a store that refuses it costs a warning, not the study."""
+    from studies.report import log_summary
+
+    try:
+        log_summary(tracker, plan_.parent_run_id, table, axes(plan_.points), f"{plan_.study.name} / {plan_.preset}")
+    except Exception as err:  # the points' runs hold every result; the summary only gathers them
+        log.warning("the study's summary was not logged to its parent run %s: %s: %s", plan_.parent_run_id,
+                    type(err).__name__, str(err)[:300])
 
 
 def _dry_run(plan_: Plan) -> int:

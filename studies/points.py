@@ -64,6 +64,16 @@ def varying_columns(points: list[Point]) -> list[str]:
     return keys or ["seed"]
 
 
+def column(key: str) -> str:
+    """A config key as a column of the grid's tables: "steps" for inference.steps (data.* keep their prefix)."""
+    return key.replace("model.", "").replace("inference.", "").replace("train.", "")
+
+
+def axes(points: list[Point]) -> list[str]:
+    """The grid's axes as `grid_table` names its columns."""
+    return [column(c) for c in varying_columns(points)]
+
+
 def grid_table(points: list[Point], extra_columns: dict[str, list] | None = None):
     """A DataFrame with one row per point: run key and the varying config values."""
     import pandas as pd
@@ -73,8 +83,7 @@ def grid_table(points: list[Point], extra_columns: dict[str, list] | None = None
     rows = []
     for i, p in enumerate(points):
         flat = RunConfig.from_dict(p.config).flat()
-        row = {"key": p.key, **{c.replace("model.", "").replace("inference.", "").replace("train.", ""): flat[c]
-                                for c in cols}}
+        row = {"key": p.key, **{column(c): flat[c] for c in cols}}
         for name, values in (extra_columns or {}).items():
             row[name] = values[i]
         rows.append(row)

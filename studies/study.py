@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from typing import Callable, ClassVar
 
 from ltm.config import ConfigError
-from ltm.names import VAL_PPL_BOUND, VAL_PPL_IW
+from ltm.names import VAL_BOUND, VAL_PPL_BOUND, VAL_PPL_IW
 
 RECIPE = "recipe"
 """A grid point's key naming its run recipe (`ltm.config.run_preset`) instead of the preset's base."""
@@ -154,8 +154,9 @@ class Study:
     description: str
     presets: dict[str, Preset]
     default_preset: str = "micro"
-    summary_metrics: tuple[str, ...] = (VAL_PPL_BOUND, VAL_PPL_IW)
-    """Final metrics shown in the summary table (shell-style patterns, e.g. "gsm8k/*/pass*")."""
+    summary_metrics: tuple[str, ...] = (VAL_BOUND, VAL_PPL_BOUND, VAL_PPL_IW)
+    """Final metrics shown in the summary table (shell-style patterns, e.g. "gsm8k/*/pass*"); the first that the
+    points have is the study's headline, drawn and logged on its parent run (`studies.report`)."""
     data_option: Callable[[str], tuple[dict, dict]] | None = None
     """How --data applies: (config overrides, task overrides); None: it sets data.name."""
 

@@ -17,14 +17,15 @@ import ltm.checkpoint as checkpoint
 import ltm.train as train
 from ltm import objective
 from ltm.config import ConfigError, run_preset
-from ltm.names import EVAL_SECONDS, RUN_KEY_TAG, Exit
+from ltm.names import EVAL_SECONDS, NOTE_TAG, RUN_KEY_TAG, Exit
 from ltm.processes import resolve_device
 from ltm.tracking import TrackingError, default_tracking_uri
 
 ROOT = Path(__file__).resolve().parents[1]
-EXPECTED_METRICS = {"train/loss", "train/ppl_bound", "val/nll", "val/kl", "val/ppl_bound", "val/ppl_iw",
-                    "val/ppl_reuse", "tokens", "flops", "flops_paper", "tokens_per_s"}
-LATENT_METRICS = {"val/kl_floor", "val/nll_other_z", "val/nll_mixture", "val/nll_prior"}
+EXPECTED_METRICS = {"train/loss", "train/bound", "train/ppl_bound", "val/bound", "val/nll", "val/kl", "val/ppl_bound",
+                    "val/ppl_iw", "val/ppl_reuse", "tokens", "flops", "flops_paper", "tokens_per_s", "n_params",
+                    "n_params_nonembedding", "flops_per_token"}
+LATENT_METRICS = {"val/kl_floor", "val/kl_above_floor", "val/nll_other_z", "val/nll_mixture", "val/nll_prior"}
 """What an LTM evaluation adds to decompose its bound; an AR run logs none of them."""
 
 
@@ -68,6 +69,13 @@ def test_smoke_run_logs_everything_and_a_second_call_skips_it(tmp_path):
                       progress=False)  # other data: another digest
     assert client.get_run(other.run_id).inputs.dataset_inputs[0].dataset.digest != data.dataset.digest
     assert int(run.data.params["n_params"]) > int(run.data.params["n_params_nonembedding"])
+    # its size as metrics too (columns of the UI's runs table), and the bound in nats/token read from its parts
+    assert run.data.metrics["n_params"] == int(run.data.params["n_params"])
+    assert run.data.metrics["flops_per_token"] == pytest.approx(result.metrics["flops"] / cfg.train.tokens)
+    m = run.data.metrics
+    assert m["val/bound"] == pytest.approx(m["val/nll"] + m["val/kl"]) == pytest.approx(math.log(m["val/ppl_bound"]))
+    assert m["val/kl_above_floor"] == pytest.approx(m["val/kl"] - m["val/kl_floor"])
+    assert run.data.tags[NOTE_TAG] == "LTM smoke L2 d32 window 16 T=4 N_z=4 logvar=-5 start, 16.4k tokens"
     assert run.data.tags[RUN_KEY_TAG] == cfg.run_key()
     assert {"git_commit", "torch_version", "device"} <= set(run.data.tags)
     assert "config.json" in [a.path for a in client.list_artifacts(result.run_id)]
