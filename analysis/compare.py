@@ -37,6 +37,7 @@ import argparse
 import dataclasses
 import logging
 import sys
+import textwrap
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -48,7 +49,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from ltm.checkpoint import load_model, resolve  # noqa: E402
 from ltm.cli import add_verbosity, configure_logging, log_level  # noqa: E402
 from ltm.config import ConfigError, RunConfig  # noqa: E402
-from ltm.names import Exit  # noqa: E402
+from ltm.names import Exit, exit_help  # noqa: E402
 from ltm.data import load_blocks  # noqa: E402
 from ltm.evaluate import sequence_bounds  # noqa: E402
 from ltm.tracking import default_tracking_uri  # noqa: E402
@@ -263,7 +264,10 @@ def _print_seeds(result: dict, bootstrap: int) -> None:
 
 
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    epilog = exit_help("compared", "an error (its message says why)", "never (compare takes no lock)")
+    parser = argparse.ArgumentParser(prog="python analysis/compare.py", description=__doc__,
+                                     epilog=textwrap.fill(epilog, 100),
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     for side in ("a", "b"):
         parser.add_argument(side, help="run key, checkpoint path or MLflow run id; several, comma-separated: "
                                        "one config trained with different seeds")

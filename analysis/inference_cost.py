@@ -12,7 +12,6 @@ from collections.abc import Callable
 from pathlib import Path
 
 import matplotlib.pyplot as plt
-import matplotlib.ticker
 import numpy as np
 import pandas as pd
 import seaborn as sns
@@ -78,6 +77,11 @@ CLIP = 3.0
 labelled with their value, so the region where the starts and the ARs compete stays readable."""
 
 
+def _tokens_text(tokens: float) -> str:
+    """An AR point's budget: 16k tokens, 1.5M tokens."""
+    return f"{tokens / 1e6:g}M tokens" if tokens >= 1e6 else f"{tokens / 1e3:g}k tokens"
+
+
 def _draw(ax, g: pd.DataFrame, x: str, colour, label: str, is_ar: bool, top: float) -> None:
     shown = g["bound_ppl"].clip(upper=top * 0.97)
     err = [shown - g["low"].clip(upper=top * 0.97), g["high"].clip(upper=top * 0.97) - shown]
@@ -87,15 +91,17 @@ def _draw(ax, g: pd.DataFrame, x: str, colour, label: str, is_ar: bool, top: flo
         clipped = r["bound_ppl"] > top * 0.97
         if clipped:
             ax.plot(r[x], y, "^", color=colour, ms=7)
-        text = (f"T={r['T']}" if not is_ar else f"{r['train_tokens'] / 1e6:g}M tokens") + \
+        text = (f"T={r['T']}" if not is_ar else _tokens_text(r["train_tokens"])) + \
             (f": {r['bound_ppl']:.0f}" if clipped else "")
         ax.annotate(text, (r[x], y), fontsize=6, xytext=(3, 3), textcoords="offset points", color=colour)
 
 
-def plot_inference_cost(table: pd.DataFrame, refs: dict[str, float], out: Path, save) -> list[Path]:
+def plot_inference_cost(table: pd.DataFrame, refs: dict[str, float], out: Path, save,
+                        notes: list[str] | tuple = ()) -> list[Path]:
     """Two panels, bound against training FLOPs and against inference FLOPs per evaluated token: a
     line per start through its T values (labelled), the ARs as squares at each budget, the corpus optima
-    as lines; bounds above CLIP x the best AR's as labelled arrows at the top."""
+    as lines; bounds above CLIP x the best AR's as labelled arrows at the top. `save(fig, out, name, notes)`
+    writes it with `notes` (what the runs cannot show) under it."""
     starts = sorted({label for label in table["label"] if not label.startswith("AR")} if not table.empty else [],
                     key=lambda s: (not s.startswith("paper"), s))
     if not starts:
@@ -120,10 +126,7 @@ def plot_inference_cost(table: pd.DataFrame, refs: dict[str, float], out: Path, 
     axes[0].set(xscale="log", yscale="log", xlabel="training FLOPs (exact)", ylabel="validation perplexity bound",
                 ylim=(None, top))
     axes[1].set(xscale="log", xlabel="inference FLOPs per evaluated token (exact)")
-    for ax in axes:  # decades only: minor labels collide over a narrow FLOP range
-        ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
-    axes[1].legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.02, 1))
     seeds = table["seeds"].max() > 1
     fig.suptitle("Where the posterior starts: bound against cost" + (" (mean over seeds, bars min to max)" if seeds
                                                                       else ""))
-    return save(fig, out, "inference_cost")
+    return save(fig, out, "inference_cost", notes)

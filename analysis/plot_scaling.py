@@ -29,6 +29,7 @@ import dataclasses
 import logging
 import re
 import sys
+import textwrap
 from pathlib import Path
 
 import matplotlib
@@ -42,17 +43,28 @@ import seaborn as sns  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from analysis import fit  # noqa: E402
+from analysis.figures import add_notes, legend_beside, merge_references, readable_ticks  # noqa: E402
 from analysis.inference_cost import cost_table, plot_inference_cost, start_label  # noqa: E402
 from analysis.runs import (FULL_CONTEXT, NoRunsError, find_study, load_evaluations, load_histories,  # noqa: E402
-                           load_runs, parent_run)
+                           load_runs, missing_store, parent_run)
+from analysis.staging import move_into_place, staging_folder  # noqa: E402
 from ltm.cli import add_verbosity, configure_logging, log_level  # noqa: E402
 from ltm.names import (ANALYSIS_TAG, FINAL, FLOPS, FLOPS_PAPER, N_RUNS_TAG, VAL_PPL_BOUND, VAL_PPL_IW,  # noqa: E402
-                       VAL_PPL_REUSE, Exit, Status, metric)
+                       VAL_PPL_REUSE, Exit, Status, exit_help, metric)
+from ltm.signals import Interrupt, Stopped  # noqa: E402
 
 log = logging.getLogger("analysis.plot_scaling")  # by name: run as a command, __name__ is "__main__"
 
 METRIC = VAL_PPL_BOUND
 FINAL_BOUND, FINAL_FLOPS = metric(FINAL, METRIC), metric(FINAL, FLOPS)  # their columns in the runs table
+
+# What each law needs before it is fitted (three or more parameters need data with room to spare).
+MIN_T_VALUES = 4
+"""L(T) = E + A T^-gamma: values of T on one (size, N_z) line."""
+MIN_CURVE_POINTS = 5
+"""E + A x^-alpha along a run's validation curve: evaluations on the curve."""
+MIN_SIZES, MIN_BUDGETS, MIN_SIZE_POINTS = 3, 2, 6
+"""L(N, D): model sizes, token budgets and (size, budget) points in one series."""
 
 
 def _size_label(row) -> str:
@@ -72,7 +84,12 @@ def _style() -> None:
     plt.rcParams.update({"figure.dpi": 150, "savefig.bbox": "tight", "legend.frameon": False})
 
 
-def _save(fig, out: Path, name: str) -> list[Path]:
+def _save(fig, out: Path, name: str, notes: list[str] | tuple = ()) -> list[Path]:
+    """The figure as PNG and PDF, made readable first: its legends merged into one beside the panels,
+    labelled ticks on every axis, and `notes` (what the runs cannot show) written under it."""
+    legend_beside(fig)
+    readable_ticks(fig)
+    add_notes(fig, list(notes))
     paths = [out / f"{name}.png", out / f"{name}.pdf"]
     for p in paths:
         fig.savefig(p)
@@ -153,16 +170,10 @@ def plot_inference_scaling(runs: pd.DataFrame, refs: dict, out: Path, bootstrap:
     L(T) = E + A T^-gamma where a line has 4 or more T values. Runs with the released code's decoder
     gradient are crosses beside the lines, not part of them; runs from another posterior start than the
     paper's are left to the inference_cost figure."""
-    ltm_runs = runs[(runs["model.kind"] == "ltm") & (runs["inference.steps"] > 0)].copy()
-    if not ltm_runs.empty:
-        ltm_runs = ltm_runs[ltm_runs.apply(start_label, axis=1).str.startswith("paper")]
+    ltm_runs, released = _scaling_lines(runs)
     rows: list[dict] = []
-    if ltm_runs.empty:
+    if ltm_runs.empty and released.empty:
         return [], rows
-    trajectory = ltm_runs.get("inference.decoder_grad", pd.Series("final", index=ltm_runs.index)) == "trajectory"
-    ltm_runs, released = ltm_runs[~trajectory].copy(), ltm_runs[trajectory]
-    ltm_runs["size"] = ltm_runs.apply(_size_label, axis=1)
-    ltm_runs["N_z"] = ltm_runs["model.n_latents"].astype(str)
     fig, ax = plt.subplots(figsize=(6.4, 4.2))
     palette = dict(zip(sorted(ltm_runs["N_z"].unique(), key=int),
                        sns.color_palette("viridis", ltm_runs["N_z"].nunique())))
@@ -172,7 +183,7 @@ def plot_inference_scaling(runs: pd.DataFrame, refs: dict, out: Path, bootstrap:
         points = _over_seeds(g, "inference.steps")
         _plot_points(ax, points, "inference.steps", markers.get(size, "o"), color=palette[nz],
                      label=f"{size}, N_z={nz}" if ltm_runs["size"].nunique() > 1 else f"N_z={nz}")
-        if len(points) >= 4:  # fitted to every run; a bootstrap draw resamples the T values, then each one's seeds
+        if len(points) >= MIN_T_VALUES:  # fitted to every run; a bootstrap draw resamples the Ts, then each one's seeds
             law = fit.fit_inference_law(g["inference.steps"], np.log(g[FINAL_BOUND]), bootstrap=bootstrap,
                                         points=g["inference.steps"])
             t = np.geomspace(g["inference.steps"].min(), g["inference.steps"].max(), 100)
@@ -197,21 +208,43 @@ def plot_inference_scaling(runs: pd.DataFrame, refs: dict, out: Path, bootstrap:
     steps = sorted(ltm_runs["inference.steps"].unique())
     ax.set_xticks(steps, [str(t) for t in steps])  # T is an integer axis: label the steps that were run
     ax.xaxis.set_minor_locator(matplotlib.ticker.NullLocator())
-    ax.legend(fontsize=8, loc="best")
-    return _save(fig, out, "inference_scaling"), rows
+    return _save(fig, out, "inference_scaling", figure_notes(runs, "inference_scaling")), rows
+
+
+def _scaling_lines(runs: pd.DataFrame) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """The inference_scaling figure's runs: LTM runs of the paper's posterior start with T > 0, as (the
+    lines' runs, with `size` and `N_z` columns; the released code's decoder-gradient runs, drawn apart)."""
+    ltm_runs = runs[(runs["model.kind"] == "ltm") & (runs["inference.steps"] > 0)].copy()
+    if not ltm_runs.empty:
+        ltm_runs = ltm_runs[ltm_runs.apply(start_label, axis=1).str.startswith("paper")]
+    trajectory = ltm_runs.get("inference.decoder_grad", pd.Series("final", index=ltm_runs.index)) == "trajectory"
+    ltm_runs, released = ltm_runs[~trajectory].copy(), ltm_runs[trajectory]
+    ltm_runs["size"] = ltm_runs.apply(_size_label, axis=1) if not ltm_runs.empty else pd.Series(dtype=str)
+    ltm_runs["N_z"] = ltm_runs["model.n_latents"].astype(str)
+    return ltm_runs, released
 
 
 def _joint_fit(ltm_runs: pd.DataFrame, bootstrap: int) -> list[dict]:
     """L_g(T) with one gamma shared by the (size, N_z) lines, where every line has 2 or more T values."""
-    finals = ltm_runs.groupby(["size", "N_z", "inference.steps"])[FINAL_BOUND].mean().reset_index()
-    groups = finals.groupby(["size", "N_z"])["inference.steps"].nunique()
-    if not (len(groups) >= 2 and (groups >= 2).all() and len(finals) >= 2 * len(groups) + 2):
+    if not _joint_fits(ltm_runs):
         return []
     runs = ltm_runs.sort_values(["size", "N_z", "inference.steps"], kind="stable")
     group = runs["size"] + " N_z=" + runs["N_z"]
     joint = fit.fit_inference_law_joint(runs["inference.steps"], np.log(runs[FINAL_BOUND]), group,
                                         bootstrap=bootstrap, points=group + " T=" + runs["inference.steps"].astype(str))
     return _fit_rows("log ppl = E_g + A_g T^-gamma (shared gamma)", "all groups", joint, ["gamma"])
+
+
+def _t_values(lines: pd.DataFrame) -> pd.Series:
+    """How many values of T each (size, N_z) line of `_scaling_lines` has."""
+    return lines.groupby(["size", "N_z"])["inference.steps"].nunique() if not lines.empty else pd.Series(dtype=int)
+
+
+def _joint_fits(lines: pd.DataFrame) -> bool:
+    """Whether L_g(T) with a shared gamma is fitted: 2 or more lines, each with 2 or more T values, and
+    2 points more than the 2 parameters per line."""
+    t_values = _t_values(lines)
+    return len(t_values) >= 2 and bool((t_values >= 2).all()) and t_values.sum() >= 2 * len(t_values) + 2
 
 
 def _variant(row) -> str:
@@ -273,14 +306,13 @@ def plot_bound_decomposition(runs: pd.DataFrame, refs: dict, out: Path) -> list:
                xlabel="inference steps T")
         ax.set_xticks(t, [str(int(x)) for x in t])
         ax.xaxis.set_minor_locator(matplotlib.ticker.NullLocator())
-        ax.legend(fontsize=7, loc="upper right")
     for ax in axes.flat[len(panels):]:
         ax.set_visible(False)
     for ax in axes[:, 0]:
         ax.set_ylabel("validation bound (nats/token)")
     fig.tight_layout()
     fig.suptitle("What the LTM bound is made of", y=1.02)
-    return _save(fig, out, "bound_decomposition")
+    return _save(fig, out, "bound_decomposition", figure_notes(runs, "bound_decomposition"))
 
 
 def _curves(hist: pd.DataFrame, runs: pd.DataFrame, x: str) -> pd.DataFrame:
@@ -329,12 +361,9 @@ def plot_efficiency(hist: pd.DataFrame, runs: pd.DataFrame, out: Path, x: str, n
         for (ref, value), ls in zip((refs or {}).items(), (":", "--", "-.", (0, (1, 3)))):
             ax.axhline(value, color="0.3", ls=ls, lw=1, label=f"{ref}: {value:.2f}")
         ax.set(xscale="log", yscale="log", xlabel=xlabel, title=size)
-        handles, names = ax.get_legend_handles_labels()
-        unique = dict(zip(names, handles))
-        ax.legend(unique.values(), unique.keys(), fontsize=8)
     axes[0][0].set_ylabel("validation perplexity bound")
     fig.suptitle("Sample efficiency" if x == "tokens" else "Compute efficiency")
-    return _save(fig, out, name)
+    return _save(fig, out, name, figure_notes(runs, name))
 
 
 def curve_power_laws(hist: pd.DataFrame, runs: pd.DataFrame, flops_key: str, bootstrap: int = 0) -> list[dict]:
@@ -343,7 +372,7 @@ def curve_power_laws(hist: pd.DataFrame, runs: pd.DataFrame, flops_key: str, boo
     rows: list[dict] = []
     for x in ("tokens", flops_key):
         for run_id, g in _curves(hist, runs, x).groupby("run_id"):
-            if g[x].nunique() < 5:  # three parameters need a curve with room to spare
+            if g[x].nunique() < MIN_CURVE_POINTS:
                 continue
             law = fit.fit_power_law(g[x], np.log(g[METRIC]), bootstrap=bootstrap)
             rows += _fit_rows(f"log ppl = E + A {x}^-alpha",
@@ -365,7 +394,7 @@ def plot_model_size(runs: pd.DataFrame, out: Path, bootstrap: int) -> tuple[list
         points = _over_seeds(g, ["n_params", "train.tokens"])
         _plot_points(ax, points, "n_params", "o", label=label)
         seeds |= bool(points["runs"].max() > 1)
-        if g["n_params"].nunique() >= 3 and g["train.tokens"].nunique() >= 2 and len(points) >= 6:
+        if _size_law_fits(g):
             law = fit.fit_chinchilla(g["n_params"], g["train.tokens"], loss, bootstrap=bootstrap,
                                      points=g["n_params"].astype(str) + " " + g["train.tokens"].astype(str))
             rows += _fit_rows("log ppl = E + A N^-alpha + B D^-beta", label, law, ["E", "A", "B", "alpha", "beta"])
@@ -383,8 +412,65 @@ def plot_model_size(runs: pd.DataFrame, out: Path, bootstrap: int) -> tuple[list
         return [], rows
     ax.set(xscale="log", yscale="log", xlabel="parameters N", ylabel="final validation perplexity bound",
            title="Model-size scaling" + ("\n(mean over seeds, bars: min to max)" if seeds else ""))
-    ax.legend(fontsize=8)
-    return _save(fig, out, "model_size"), rows
+    return _save(fig, out, "model_size", figure_notes(runs, "model_size")), rows
+
+
+def _size_law_fits(series: pd.DataFrame) -> bool:
+    """Whether L(N, D) is fitted to one series (label) of runs: enough sizes, budgets and points."""
+    return (series["n_params"].nunique() >= MIN_SIZES and series["train.tokens"].nunique() >= MIN_BUDGETS
+            and len(series.groupby(["n_params", "train.tokens"])) >= MIN_SIZE_POINTS)
+
+
+NO_AR = ("no AR baseline among these runs, so nothing here compares the LTM with an AR (the studies' micro "
+         "presets train AR baselines)")
+
+
+def figure_notes(runs: pd.DataFrame, figure: str) -> list[str]:
+    """What the figure `figure` of `runs` cannot show, to be said on it: a missing AR baseline (or LTM),
+    and a law it does not draw for want of points."""
+    kinds = set(runs["model.kind"])
+    notes = [] if "ar" in kinds else [NO_AR]
+    if "ltm" not in kinds:
+        notes.append("no LTM run among these runs: only the AR baselines are drawn")
+    if figure == "inference_scaling":
+        t_values = _t_values(_scaling_lines(runs)[0])
+        if len(t_values) and t_values.min() < MIN_T_VALUES:
+            notes.append(f"L(T) = E + A T^-gamma is fitted to a (size, N_z) line with {MIN_T_VALUES} or more values "
+                         f"of T; {'these lines have' if t_values.max() < MIN_T_VALUES else 'some lines have'} only "
+                         f"{t_values.min()}, so their dashed lines join the points and are not fits")
+    if figure == "model_size" and not any(_size_law_fits(g) for _, g in runs.groupby(runs.apply(_label, axis=1))):
+        notes.append(_size_law_reason(runs))
+    return notes
+
+
+def _size_law_reason(runs: pd.DataFrame) -> str:
+    series = runs.groupby(runs.apply(_label, axis=1))
+    return (f"L(N, D) is fitted to a series (one model kind, T and start) with {MIN_SIZES} or more parameter counts "
+            f"and {MIN_BUDGETS} or more token budgets ({MIN_SIZE_POINTS} or more points); the most in one series here "
+            f"are {series['n_params'].nunique().max()} and {series['train.tokens'].nunique().max()}")
+
+
+def fit_reasons(runs: pd.DataFrame, hist: pd.DataFrame, flops_key: str) -> list[str]:
+    """Why each law that fits.md could hold was not fitted to `runs` (empty when every law was)."""
+    lines = _scaling_lines(runs)[0]
+    t_values = _t_values(lines)
+    reasons = []
+    if t_values.empty or t_values.max() < MIN_T_VALUES:
+        reasons.append(f"log ppl = E + A T^-gamma: needs a (size, N_z) line of paper-start LTM runs with "
+                       f"{MIN_T_VALUES} or more values of T; the most here is {t_values.max() if len(t_values) else 0}")
+    if not _joint_fits(lines):
+        reasons.append(f"log ppl = E_g + A_g T^-gamma (shared gamma): needs 2 or more (size, N_z) lines, each with 2 "
+                       f"or more values of T, and 2 points more than twice the lines; here {len(t_values)} line(s), "
+                       f"{t_values.sum() if len(t_values) else 0} point(s)")
+    if not any(_size_law_fits(g) for _, g in runs.groupby(runs.apply(_label, axis=1))):
+        reasons.append("log ppl = E + A N^-alpha + B D^-beta: " + _size_law_reason(runs))
+    curves = {x: _curves(hist, runs, x) for x in ("tokens", flops_key)}
+    longest = max((int(h.groupby("run_id")[x].nunique().max()) for x, h in curves.items() if not h.empty), default=0)
+    if longest < MIN_CURVE_POINTS:
+        reasons.append(f"log ppl = E + A x^-alpha along a run's validation curve: needs {MIN_CURVE_POINTS} or more "
+                       f"evaluations on a curve; the longest here has {longest} (train.eval_every sets how often a "
+                       "run evaluates)")
+    return reasons
 
 
 def seed_table(runs: pd.DataFrame) -> pd.DataFrame:
@@ -407,7 +493,9 @@ def seed_table(runs: pd.DataFrame) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
-def write_tables(runs: pd.DataFrame, fits: list[dict], out: Path) -> list[Path]:
+def write_tables(runs: pd.DataFrame, fits: list[dict], out: Path, reasons: list[str]) -> list[Path]:
+    """runs.csv|md, fits.csv|md (fits.md saying why each law it lacks was not fitted: `reasons`) and, for
+    configs trained with several seeds, seeds.csv|md."""
     cols = ["run_id", "run_key", "model.kind", "n_params", "model.window", "model.n_latents", "inference.steps",
             "inference.decoder_grad", "train.tokens", "seed", FINAL_BOUND, metric(FINAL, VAL_PPL_IW),
             metric(FINAL, VAL_PPL_REUSE), "nll", "kl", "kl_floor", "kl_above_floor", "nll_other_z", "z_reliance",
@@ -420,14 +508,23 @@ def write_tables(runs: pd.DataFrame, fits: list[dict], out: Path) -> list[Path]:
     fits_df = pd.DataFrame(fits, columns=["law", "group", "parameter", "value", "ci_low", "ci_high", "n_points",
                                           "method"])
     fits_df.to_csv(paths[2], index=False)
-    paths[3].write_text(_markdown(fits_df.drop(columns="method")) +
-                        "".join(f"\n{m}\n" for m in fits_df["method"].unique()))
+    paths[3].write_text(_fits_markdown(fits_df, reasons, len(runs)))
     seeds = seed_table(runs)
     if not seeds.empty:  # configs trained with several seeds: their spread (min to max over seeds)
         paths += [out / "seeds.csv", out / "seeds.md"]
         seeds.to_csv(paths[-2], index=False)
         paths[-1].write_text(_markdown(seeds))
     return paths
+
+
+def _fits_markdown(fits: pd.DataFrame, reasons: list[str], n_runs: int) -> str:
+    """The fitted laws' table and methods, then why the others were not fitted; without a fit, only why."""
+    text = "" if fits.empty else (_markdown(fits.drop(columns="method"))
+                                  + "".join(f"\n{m}\n" for m in fits["method"].unique()))
+    if reasons:
+        head = "Not fitted" if not fits.empty else f"No law was fitted to these {n_runs} runs"
+        text += ("\n" if text else "") + f"{head}:\n\n" + "".join(f"* {r}\n" for r in reasons)
+    return text
 
 
 def write_evaluation_tables(evals: pd.DataFrame, out: Path) -> list[Path]:
@@ -462,7 +559,13 @@ def select(uri: str, study: str | None, experiment: str | None, parent: str | No
 
 
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    epilog = ("Nothing half-written: the files are made in a folder beside --out and moved into it together at the "
+              "end, so an interrupted analysis leaves --out as it was. "
+              + exit_help("figures and tables written", "an error (its message says why)",
+                          "never (the analysis takes no lock)"))
+    parser = argparse.ArgumentParser(prog="python analysis/plot_scaling.py", description=__doc__,
+                                     epilog=textwrap.fill(epilog, 100),
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--runs-dir", default="runs", help="the studies' runs folder (default: runs)")
     parser.add_argument("--tracking-uri", help="default sqlite:///<runs-dir>/mlflow.db")
     parser.add_argument("--study", help="the most recent invocation of this study (default: of any study)")
@@ -475,57 +578,116 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _select_runs(uri: str, args: argparse.Namespace) -> tuple[str, str, pd.DataFrame, pd.DataFrame]:
+    """(experiment, output folder name, training runs, evaluations) the options choose; NoRunsError when
+    there is nothing to analyse."""
+    experiment, parent, name = select(uri, args.study, args.experiment, args.parent_run)
+    evals = load_evaluations(uri, experiment, parent_run_id=parent)
+    try:
+        runs = load_runs(uri, experiment, parent_run_id=parent)
+    except NoRunsError:
+        if evals.empty:
+            raise
+        runs = pd.DataFrame()  # only evaluations of checkpoints trained elsewhere: their tables
+    return experiment, name, runs, evals
+
+
+def _analyse(args: argparse.Namespace, uri: str, runs: pd.DataFrame, evals: pd.DataFrame,
+             out: Path) -> tuple[list[Path], list[Path]]:
+    """Every figure and table of the runs and evaluations, written to `out`: (figure files, table files)."""
+    tables = write_evaluation_tables(evals, out) if not evals.empty else []
+    if runs.empty:
+        return [], tables
+    hist = load_histories(uri, runs, cache_dir=Path(args.runs_dir).resolve() / "cache" / "histories")
+    _style()
+    flops_key = FLOPS if args.flops_convention == "exact" else FLOPS_PAPER
+    refs = merge_references(optimal_reference(runs, uri))
+    figures, fits = plot_inference_scaling(runs, refs, out, args.bootstrap)
+    figures += plot_bound_decomposition(runs, refs, out)
+    figures += plot_efficiency(hist, runs, out, "tokens", "sample_efficiency", "training tokens", False, refs)
+    figures += plot_efficiency(hist, runs, out, flops_key, "compute_efficiency",
+                               f"training FLOPs ({args.flops_convention} convention)", True, refs)
+    costs = cost_table(runs, lambda run_id: _config_of(uri, run_id), METRIC)
+    figures += plot_inference_cost(costs, refs, out, _save, figure_notes(runs, "inference_cost"))
+    if not costs.empty:
+        tables += [out / "inference_cost.csv", out / "inference_cost.md"]
+        costs.to_csv(tables[-2], index=False)
+        tables[-1].write_text(_markdown(costs))
+    size_figure, size_fits = plot_model_size(runs, out, args.bootstrap)
+    fits += size_fits + curve_power_laws(hist, runs, flops_key, args.bootstrap)
+    return figures + size_figure, tables + write_tables(runs, fits, out, fit_reasons(runs, hist, flops_key))
+
+
+def _log_analysis(uri: str, experiment: str, n_runs: int, paths: list[Path], interrupt: Interrupt) -> str:
+    """`paths` logged to a new MLflow run named "analysis" in `experiment`; its id. A signal while they
+    are logged ends the run KILLED and raises Stopped; creating or ending the run is never cut in half."""
+    from ltm.tracking import Tracker
+
+    tracker = Tracker(uri, experiment)
+    run_id = tracker.client.create_run(tracker.experiment_id, run_name="analysis",
+                                       tags={ANALYSIS_TAG: "plot_scaling", N_RUNS_TAG: str(n_runs)}).info.run_id
+    try:
+        with interrupt.stoppable():
+            for path in paths:
+                tracker.client.log_artifact(run_id, str(path))
+    except Stopped:
+        tracker.finish(run_id, Status.KILLED, f"interrupted ({interrupt.name}) while logging the analysis's files; "
+                                              "they are complete in its output folder")
+        raise
+    tracker.finish(run_id, Status.FINISHED)
+    return run_id
+
+
+def _interrupted(interrupt: Interrupt, what: str) -> int:
+    print(f"interrupted ({interrupt.name}): {what}; run the same command again to make them", file=sys.stderr)
+    return Exit.INTERRUPTED
+
+
+def _run(args: argparse.Namespace, uri: str, interrupt: Interrupt) -> int:
+    """Select, analyse into a staging folder, move the files into --out together, log them: a signal at
+    any point exits INTERRUPTED with --out either as it was or complete (`analysis.staging`)."""
+    try:
+        with interrupt.stoppable():
+            experiment, name, runs, evals = _select_runs(uri, args)
+    except Stopped:
+        return _interrupted(interrupt, "no figure or table was written")
+    out = Path(args.out or Path(args.runs_dir) / "figures" / name).resolve()
+    with staging_folder(out) as staged:
+        try:
+            with interrupt.stoppable():
+                figures, tables = _analyse(args, uri, runs, evals, staged)
+        except Stopped:
+            return _interrupted(interrupt, f"no figure or table was written ({out} is as it was)")
+        figures, tables = move_into_place(figures, out), move_into_place(tables, out)  # signals wait: renames only
+    try:
+        run_id = _log_analysis(uri, experiment, len(runs), figures + tables, interrupt)
+    except Stopped:
+        return _interrupted(interrupt, f"the figures and tables are complete in {out}, but their MLflow run "
+                                       "'analysis' ended KILLED without all of them")
+    print(f"{len(runs)} training runs and {len(evals)} evaluations -> {len(figures)} figure files and "
+          f"{len(tables)} tables in {out}")
+    print(f"logged to MLflow run {run_id} ('analysis') in experiment {experiment!r}")
+    return Exit.OK
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     configure_logging(log_level(args))
 
-    from ltm.tracking import Tracker, configure_mlflow, default_tracking_uri
+    from ltm.tracking import configure_mlflow, default_tracking_uri
 
-    runs_dir = Path(args.runs_dir).resolve()
-    uri = args.tracking_uri or default_tracking_uri(runs_dir)
+    uri = args.tracking_uri or default_tracking_uri(Path(args.runs_dir).resolve())
+    problem = missing_store(uri)  # a read-only command never creates a store
+    if problem:
+        print(f"error: {problem}", file=sys.stderr)
+        return Exit.USAGE
     configure_mlflow(uri)  # this process's MLflow client: fail fast, authenticate
-    evals = pd.DataFrame()
-    try:
-        experiment, parent, name = select(uri, args.study, args.experiment, args.parent_run)
-        evals = load_evaluations(uri, experiment, parent_run_id=parent)
-        runs = load_runs(uri, experiment, parent_run_id=parent)
-    except NoRunsError as err:
-        if evals.empty:
+    with Interrupt() as interrupt:
+        try:
+            return _run(args, uri, interrupt)
+        except NoRunsError as err:
             print(f"error: {err}", file=sys.stderr)
             return Exit.USAGE
-        runs = pd.DataFrame()  # only evaluations of checkpoints trained elsewhere: their tables
-    out = Path(args.out or runs_dir / "figures" / name).resolve()
-    out.mkdir(parents=True, exist_ok=True)
-    figures, figure4, tables = [], [], write_evaluation_tables(evals, out) if not evals.empty else []
-    if not runs.empty:
-        hist = load_histories(uri, runs, cache_dir=runs_dir / "cache" / "histories")
-        _style()
-        flops_key = FLOPS if args.flops_convention == "exact" else FLOPS_PAPER
-        refs = optimal_reference(runs, uri)
-        figure1, fits1 = plot_inference_scaling(runs, refs, out, args.bootstrap)
-        figures = figure1 + plot_bound_decomposition(runs, refs, out)
-        figures += plot_efficiency(hist, runs, out, "tokens", "sample_efficiency", "training tokens", False, refs)
-        figures += plot_efficiency(hist, runs, out, flops_key, "compute_efficiency",
-                                   f"training FLOPs ({args.flops_convention} convention)", True, refs)
-        costs = cost_table(runs, lambda run_id: _config_of(uri, run_id), METRIC)
-        figures += plot_inference_cost(costs, refs, out, _save)
-        if not costs.empty:
-            tables += [out / "inference_cost.csv", out / "inference_cost.md"]
-            costs.to_csv(tables[-2], index=False)
-            tables[-1].write_text(_markdown(costs))
-        figure4, fits4 = plot_model_size(runs, out, args.bootstrap)
-        tables += write_tables(runs, fits1 + fits4 + curve_power_laws(hist, runs, flops_key, args.bootstrap), out)
-
-    tracker = Tracker(uri, experiment)
-    run_id = tracker.client.create_run(tracker.experiment_id, run_name="analysis",
-                                       tags={ANALYSIS_TAG: "plot_scaling", N_RUNS_TAG: str(len(runs))}).info.run_id
-    for path in figures + figure4 + tables:
-        tracker.client.log_artifact(run_id, str(path))
-    tracker.finish(run_id, Status.FINISHED)
-    print(f"{len(runs)} training runs and {len(evals)} evaluations -> {len(figures + figure4)} figure files and "
-          f"{len(tables)} tables in {out}")
-    print(f"logged to MLflow run {run_id} ('analysis') in experiment {experiment!r}")
-    return Exit.OK
 
 
 if __name__ == "__main__":

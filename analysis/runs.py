@@ -11,6 +11,7 @@ import dataclasses
 import datetime
 import hashlib
 import json
+import urllib.parse
 from pathlib import Path
 
 import numpy as np
@@ -52,6 +53,35 @@ def config_key(params: dict[str, str]) -> str:
 
 class NoRunsError(LookupError):
     """Nothing to analyse; the message says which study to run first, or what exists."""
+
+
+def missing_store(tracking_uri: str) -> str | None:
+    """Why `tracking_uri` names no store to read (a SQLite file or a folder store that does not exist), or
+    None. The analysis only reads runs: opening a store that is not there would create an empty one (and
+    its folder) at a mistyped path, and then report that it holds nothing."""
+    if tracking_uri.startswith("sqlite:///"):
+        path = Path(tracking_uri[len("sqlite:///"):])
+    elif tracking_uri.startswith("file:"):
+        path = Path(urllib.parse.unquote(urllib.parse.urlsplit(tracking_uri).path))
+    else:
+        return None  # a server: it answers for itself
+    if path.exists():
+        return None
+    return (f"no tracking store at {path}: pass the --runs-dir (or --tracking-uri) your runs were tracked in, or "
+            "run a study there first, e.g. `python studies/inference_scaling.py --preset smoke`; nothing was created")
+
+
+def run_first(experiment: str) -> str:
+    """The command that puts training runs into `experiment`: a study's own script (a study's experiment is
+    named after it by default), `python -m ltm.train` for its default experiment, else a study told to use it."""
+    from ltm.train import build_parser
+
+    if experiment == build_parser().get_default("experiment"):
+        return "`python -m ltm.train --preset smoke`"
+    script = Path(__file__).resolve().parents[1] / "studies" / f"{experiment}.py"
+    if experiment.isidentifier() and script.is_file():
+        return f"`python studies/{experiment}.py --preset smoke` (its --help lists what it needs)"
+    return f"`python studies/inference_scaling.py --preset smoke --experiment {experiment}`"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -124,7 +154,7 @@ def load_runs(tracking_uri: str, experiment: str, *, parent_run_id: str | None =
     if exp is None:
         raise NoRunsError(f"no experiment {experiment!r} in {tracking_uri} (experiments: "
                           f"{', '.join(experiment_names(tracking_uri))}); run a study first, e.g. "
-                          f"`python studies/inference_scaling.py --preset smoke --experiment {experiment}`")
+                          f"{run_first(experiment)}")
     query = f"tags.`{RUN_KEY_TAG}` != ''"
     if parent_run_id:
         query += f" and {tag_is(PARENT_TAG, parent_run_id)}"
@@ -142,8 +172,7 @@ def load_runs(tracking_uri: str, experiment: str, *, parent_run_id: str | None =
         rows.append(row)
     if not rows:
         where = f"parent run {parent_run_id}" if parent_run_id else f"experiment {experiment!r}"
-        raise NoRunsError(f"{where} has no finished training runs; run a study first, e.g. "
-                          f"`python studies/inference_scaling.py --preset smoke --experiment {experiment}`")
+        raise NoRunsError(f"{where} has no finished training runs; run a study first, e.g. {run_first(experiment)}")
     runs = pd.DataFrame(rows)
     if "inference.start" not in runs:  # runs from before the option: the paper's fixed start
         runs["inference.start"] = "fixed"

@@ -280,3 +280,212 @@ def test_the_inference_cost_figure_puts_each_start_beside_the_papers_and_the_ar(
     table = pd.read_csv(out / "runs.csv")
     encoder = table[table["inference.start"] == "encoder"]
     assert encoder["amortisation_gap"].notna().all() and encoder["kl_floor"].isna().all()
+
+
+# -- figures that survive small studies (issue 29) and an analysis that is never half-written (issue 30) --------
+
+def _small_runs(steps=(1, 4), latents=(2,), ar=False, sizes=(2,)) -> pd.DataFrame:
+    """A runs table as load_runs makes it, without a store: LTM runs at each T, N_z and size, and an AR per size."""
+    rows = [{"run_id": f"r{n}-{t}-{z}", "model.kind": "ltm", "inference.steps": t, "model.n_layers": n,
+             "model.d_model": 32, "model.n_latents": z, "train.tokens": 4096, "n_params": 1000 * n + z,
+             "final/val/ppl_bound": float(np.exp(2 + 1 / t + z / 10)), "nll": 2.0, "kl": 0.5}
+            for n in sizes for t in steps for z in latents]
+    rows += [{"run_id": f"ar{n}", "model.kind": "ar", "inference.steps": 0, "model.n_layers": n, "model.d_model": 32,
+              "model.n_latents": 0, "train.tokens": 4096, "n_params": 900 * n, "final/val/ppl_bound": 9.0,
+              "nll": 2.2, "kl": 0.0} for n in sizes if ar]
+    return pd.DataFrame(rows).assign(**{"inference.start": "fixed"})
+
+
+def _history(runs: pd.DataFrame, evaluations: int) -> pd.DataFrame:
+    return pd.DataFrame([{"run_id": r, "step": 1024 * (i + 1), "tokens": 1024 * (i + 1), "flops": 1e9 * (i + 1),
+                          "val/ppl_bound": 10.0 - i} for r in runs["run_id"] for i in range(evaluations)])
+
+
+@pytest.fixture
+def store(tracked, tmp_path):
+    """A copy of the tracked runs' folder, so that the analysis runs a test adds stay out of the others' store."""
+    import shutil
+
+    return shutil.copytree(tracked, tmp_path / "store")
+
+
+@pytest.fixture
+def kept_figures(monkeypatch):
+    """The figures the plots make, kept open (plt.close does nothing) so that a test can look at them."""
+    import matplotlib.pyplot as plt
+
+    plt.close("all")
+    monkeypatch.setattr(plt, "close", lambda fig=None: None)
+    yield lambda: {fig.get_suptitle() or fig.axes[0].get_title(): fig for fig in map(plt.figure, plt.get_fignums())}
+    monkeypatch.undo()
+    plt.close("all")
+
+
+def test_a_figure_says_which_comparison_its_runs_cannot_make():
+    notes = plot_scaling.figure_notes(_small_runs(), "inference_scaling")  # the smoke study: no AR, 2 values of T
+    assert notes[0] == plot_scaling.NO_AR
+    assert "with 4 or more values of T; these lines have only 2" in notes[1] and len(notes) == 2
+    assert plot_scaling.figure_notes(_small_runs(steps=(1, 2, 3, 4), ar=True), "inference_scaling") == []
+    assert plot_scaling.figure_notes(_small_runs(ar=True), "sample_efficiency") == []
+    assert "some lines have only 2" in plot_scaling.figure_notes(
+        pd.concat([_small_runs(steps=(1, 2, 3, 4), ar=True), _small_runs(latents=(8,))]), "inference_scaling")[0]
+    only_ar = _small_runs(ar=True).query("`model.kind` == 'ar'")
+    assert plot_scaling.figure_notes(only_ar, "sample_efficiency") == [
+        "no LTM run among these runs: only the AR baselines are drawn"]
+    size_note = plot_scaling.figure_notes(_small_runs(sizes=(2, 4), ar=True), "model_size")
+    assert len(size_note) == 1 and "3 or more parameter counts" in size_note[0] and "are 2 and 1" in size_note[0]
+
+
+def test_the_notes_are_written_on_the_figure_under_its_axes(tmp_path, kept_figures):
+    plot_scaling.plot_inference_scaling(_small_runs(), {}, tmp_path, bootstrap=0)
+    fig = kept_figures()["Inference-time scaling"]
+    fig.canvas.draw()
+    (note,) = fig.texts
+    assert note.get_text().startswith("Note: no AR baseline among these runs")
+    assert "these lines have only 2" in note.get_text()
+    renderer = fig.canvas.get_renderer()
+    assert note.get_window_extent(renderer).y1 < fig.axes[0].get_tightbbox(renderer).y0  # below the x label
+
+
+def test_coincident_reference_lines_are_one_legend_entry():
+    refs = {"optimum, full context": 7.36, "optimum, 31-token receptive field": 7.3612, "optimum, 8-token": 9.1}
+    assert plot_scaling.merge_references(refs) == {"optimum, full context = 31-token receptive field": 7.36,
+                                                   "optimum, 8-token": 9.1}
+    assert plot_scaling.merge_references({"a": 4.29, "b": 6.25}) == {"a": 4.29, "b": 6.25}
+
+
+def test_fits_md_says_why_each_law_was_not_fitted(tmp_path):
+    runs = _small_runs(latents=(2, 4))
+    reasons = plot_scaling.fit_reasons(runs, _history(runs, 2), "flops")
+    plot_scaling.write_tables(runs, [], tmp_path, reasons)
+    text = (tmp_path / "fits.md").read_text()
+    assert text.startswith("No law was fitted to these 4 runs:")
+    assert "4 or more values of T; the most here is 2" in text
+    assert "needs 2 or more (size, N_z) lines, each with 2 or more values of T, and 2 points more than twice the " \
+           "lines; here 2 line(s), 4 point(s)" in text
+    assert "3 or more parameter counts" in text and "the longest here has 2 (train.eval_every" in text
+    fitted = _small_runs(steps=(1, 2, 3, 4), latents=(2, 4))
+    assert len(plot_scaling.fit_reasons(fitted, _history(fitted, 5), "flops")) == 1  # only L(N, D): one size
+
+
+def _labelled_ticks(axis, limits) -> list[float]:
+    """Positions of the ticks of `axis` in view that carry a label."""
+    low, high = sorted(limits)
+    index = 0 if axis.axis_name == "x" else 1
+    return [t.get_position()[index] for t in axis.get_ticklabels(which="both")
+            if t.get_text() and low <= t.get_position()[index] <= high]
+
+
+def test_every_axis_has_labelled_ticks_across_its_range_and_legends_cover_no_data(store, tmp_path, kept_figures):
+    """The tracked runs' curves span 2048 to 4096 tokens: where matplotlib labels no tick or a cluster at one end."""
+    assert plot_scaling.main(["--runs-dir", str(store), "--experiment", "a", "--out", str(tmp_path / "out"),
+                              "--bootstrap", "0"]) == 0
+    figures = kept_figures()
+    assert len(figures) == 5
+    for title, fig in figures.items():
+        fig.canvas.draw()
+        renderer = fig.canvas.get_renderer()
+        panels = [ax for ax in fig.axes if ax.get_visible()]
+        for ax in panels:
+            for name, limits in (("x", ax.get_xlim()), ("y", ax.get_ylim())):
+                # panels sharing an axis label it once (the left column's y, ...): read from any of them
+                shared = getattr(ax, f"get_shared_{name}_axes")().get_siblings(ax)
+                ticks = [t for other in shared for t in _labelled_ticks(getattr(other, f"{name}axis"), limits)]
+                assert len(ticks) >= 2, (title, name, ticks)
+                if getattr(ax, f"get_{name}scale")() == "log":  # labels across the axis, not bunched at one end
+                    spread = np.log(max(ticks) / min(ticks)) / np.log(max(limits) / min(limits))
+                    assert spread > 0.4, (title, name, ticks, limits)
+        legends = [ax.get_legend() for ax in panels if ax.get_legend() is not None]
+        assert len(legends) == 1, title  # one legend per figure, each label once
+        box = legends[0].get_window_extent(renderer)
+        assert not any(box.overlaps(ax.get_window_extent(renderer)) for ax in panels), title
+
+
+def test_help_of_the_analysis_commands_states_the_exit_statuses():
+    from analysis import compare
+    from ltm.names import Exit
+
+    for parser in (compare._parser(), plot_scaling._parser()):
+        text = " ".join(parser.format_help().split())  # as read, whatever the line breaks
+        stated = re.findall(r"(\d) [a-z]", text.split("Exit status:")[1])
+        assert stated == [str(int(code)) for code in Exit]
+        assert f"{int(Exit.INTERRUPTED)} interrupted" in text
+
+
+def test_a_missing_store_is_refused_not_created(tmp_path, capsys):
+    missing = tmp_path / "typo" / "runs"
+    assert plot_scaling.main(["--runs-dir", str(missing)]) == 2
+    assert f"error: no tracking store at {missing / 'mlflow.db'}" in capsys.readouterr().err
+    db = tmp_path / "elsewhere" / "mlflow.db"
+    assert plot_scaling.main(["--tracking-uri", f"sqlite:///{db}"]) == 2
+    assert "nothing was created" in capsys.readouterr().err
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_the_hint_for_an_empty_experiment_names_the_script_that_fills_it(tracked, capsys):
+    assert plot_scaling.main(["--runs-dir", str(tracked), "--experiment", "icl_gsm8k"]) == 2
+    line = _error_line(capsys.readouterr().err)
+    assert "`python studies/icl_gsm8k.py --preset smoke`" in line and "inference_scaling" not in line
+    with pytest.raises(NoRunsError, match=r"`python -m ltm\.train --preset smoke`"):
+        load_runs(default_tracking_uri(tracked), "ltm")
+    with pytest.raises(NoRunsError, match=r"`python studies/inference_scaling\.py --preset smoke --experiment mine`"):
+        load_runs(default_tracking_uri(tracked), "mine")
+
+
+@pytest.mark.parametrize("sig", ["SIGINT", "SIGTERM"])
+def test_a_signal_during_the_analysis_exits_3_and_leaves_the_output_folder_as_it_was(store, tmp_path, sig):
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+    from pathlib import Path
+
+    out = tmp_path / "figures"
+    out.mkdir()
+    (out / "runs.csv").write_text("the earlier analysis\n")
+    root = Path(plot_scaling.__file__).resolve().parents[1]
+    proc = subprocess.Popen([sys.executable, str(root / "analysis" / "plot_scaling.py"), "--runs-dir", str(store),
+                             "--experiment", "a", "--out", str(out), "--bootstrap", "0"], cwd=root, text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            env={**os.environ, "PYTHONPATH": str(root)})
+    deadline = time.monotonic() + 120
+    def writing() -> bool:  # a staging folder beside --out, or a first new file in it
+        return bool(list(tmp_path.glob(".figures.partial-*"))) or len(list(out.iterdir())) > 1
+
+    while not writing() and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.01)
+    proc.send_signal(getattr(signal, sig))
+    stdout, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 3, stderr
+    assert f"interrupted ({sig}): no figure or table was written ({out} is as it was)" in stderr
+    assert "Traceback" not in stderr and stdout == ""
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["figures", "store"]  # no staging folder left
+    assert [p.name for p in out.iterdir()] == ["runs.csv"]
+    assert (out / "runs.csv").read_text() == "the earlier analysis\n"
+
+
+def test_a_signal_while_logging_to_mlflow_keeps_the_complete_files_and_ends_the_run_killed(store, tmp_path,
+                                                                                          monkeypatch, capsys):
+    import os
+    import signal
+
+    logged = []
+
+    def interrupted_upload(self, run_id, path, artifact_path=None):
+        logged.append(path)
+        os.kill(os.getpid(), signal.SIGINT)  # Ctrl-C while the first file is uploaded
+
+    monkeypatch.setattr(MlflowClient, "log_artifact", interrupted_upload)
+    try:
+        status = plot_scaling.main(["--runs-dir", str(store), "--experiment", "a", "--out", str(tmp_path / "out"),
+                                    "--bootstrap", "0"])
+    except KeyboardInterrupt:
+        pytest.fail("Ctrl-C escaped plot_scaling as a KeyboardInterrupt")
+    assert status == 3 and len(logged) == 1
+    assert "interrupted (SIGINT): the figures and tables are complete in" in capsys.readouterr().err
+    assert {"inference_scaling.png", "fits.md", "runs.csv"} <= {p.name for p in (tmp_path / "out").iterdir()}
+    client = MlflowClient(default_tracking_uri(store))
+    (run,) = client.search_runs([client.get_experiment_by_name("a").experiment_id],
+                                filter_string="tags.`ltm.analysis` = 'plot_scaling' and attributes.status = 'KILLED'")
+    assert "interrupted (SIGINT) while logging" in run.data.tags["ltm.status_reason"]
