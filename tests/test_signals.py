@@ -87,10 +87,10 @@ def test_a_study_driver_signalled_after_its_parent_run_exists_marks_it_killed_an
         tmp_path, monkeypatch, sig):
     real = launcher.open_parent
 
-    def open_then_signal(plan):
-        tracker = real(plan)
+    def open_then_signal(plan, tracker):
+        parent = real(plan, tracker)
         os.kill(os.getpid(), sig)
-        return tracker
+        return parent
 
     monkeypatch.setattr(launcher, "open_parent", open_then_signal)
     assert study_main(tmp_path) == Exit.INTERRUPTED
