@@ -123,16 +123,19 @@ def wait_for_lock(fd: int, path: Path, what: str, purpose: str, timeout: float) 
     where the process's `ltm.signals.Interrupt` is stoppable: its Stopped names the lock and the holder.
     Raises LockTimeout naming the holder when it is still held after `timeout` s.
     """
-    started = time.monotonic()
+    started, told = time.monotonic(), False
     if not _try_lock(fd):
         held_by = describe_process(_read_holder(fd))
         with waiting_for(f"{what} {path}, held by {held_by}"):
-            log.info("waiting for %s %s, held by %s (at most %.0f s) ...", what, path, held_by, timeout)
             while not _try_lock(fd):
-                if time.monotonic() - started >= timeout:
+                waited = time.monotonic() - started
+                if waited >= timeout:
                     raise LockTimeout(f"gave up waiting for {what} {path} after {timeout:.0f} s: it is held by "
                                       f"{describe_process(_read_holder(fd))}; let that process finish, or end it, "
                                       "and start again")
+                if not told and waited >= 1.0:  # a lock held for less is a neighbour's routine work: no message
+                    log.info("waiting for %s %s, held by %s (at most %.0f s) ...", what, path, held_by, timeout)
+                    told = True
                 time.sleep(0.1)
     _sign(fd, purpose)
 

@@ -25,6 +25,7 @@ from mlflow.entities import Metric, Param, RunTag
 from mlflow.tracking import MlflowClient
 
 from ltm.names import PARENT_TAG, REASON_TAG, RUN_KEY_TAG, Status
+from ltm.runlock import LockTimeout, wait_for_lock
 from ltm.signals import Stopped
 
 log = logging.getLogger(__name__)
@@ -171,8 +172,6 @@ def store_creation_lock(uri: str):
 
     The lock is `<store>.lock`; its holder writes its pid into it. The wait says who holds it, ends on a
     signal (`ltm.runlock.wait_for_lock`) and gives up after `lock_timeout()` s (TrackingError)."""
-    from ltm.runlock import LockTimeout, wait_for_lock
-
     if not uri.startswith("sqlite:///"):
         yield
         return
