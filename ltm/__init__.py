@@ -1,12 +1,23 @@
-"""Latent Thought Models: the core library (model, inference, evaluation, FLOPs)."""
+"""Latent Thought Models: the core library (model, inference, evaluation, FLOPs).
 
-from ltm.config import ConfigError, DataConfig, InferenceConfig, ModelConfig, model_preset
-from ltm.evaluate import evaluate_bounds, sequence_bounds
-from ltm.model import LatentThoughtModel, build_model
-from ltm.posterior import Posterior, infer_posterior
+The names below load on first use: `import ltm.signals` (or `python -m ltm.train`, which imports this
+package first) must not wait for torch before a command has installed its signal handlers.
+"""
 
-__all__ = [
-    "ConfigError", "DataConfig", "InferenceConfig", "ModelConfig", "model_preset",
-    "LatentThoughtModel", "build_model", "Posterior", "infer_posterior",
-    "evaluate_bounds", "sequence_bounds",
-]
+import importlib
+
+_EXPORTS = {
+    "ConfigError": "ltm.config", "DataConfig": "ltm.config", "InferenceConfig": "ltm.config",
+    "ModelConfig": "ltm.config", "model_preset": "ltm.config",
+    "LatentThoughtModel": "ltm.model", "build_model": "ltm.model",
+    "Posterior": "ltm.posterior", "infer_posterior": "ltm.posterior",
+    "evaluate_bounds": "ltm.evaluate", "sequence_bounds": "ltm.evaluate",
+}
+
+__all__ = list(_EXPORTS)
+
+
+def __getattr__(name: str):
+    if name not in _EXPORTS:
+        raise AttributeError(f"module 'ltm' has no attribute {name!r}")
+    return getattr(importlib.import_module(_EXPORTS[name]), name)

@@ -1,18 +1,55 @@
 """Stopping on SIGTERM, SIGUSR2 and SIGINT (Ctrl-C): SLURM's timeout and preemption signals, `kill`,
 a study driver stopping its workers. One mechanism for training, evaluations and a study's driver
-(`studies.interrupt.Interruption`)."""
+(`studies.interrupt.Interruption`); `exit_on_signal` covers a command's first seconds, before it.
+
+This module imports nothing heavy: a command installs its handlers before torch, MLflow or Ray load.
+"""
 
 from __future__ import annotations
 
 import contextlib
+import os
 import signal
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+
+from ltm.names import Exit
+
+SIGNALS = (signal.SIGTERM, signal.SIGUSR2, signal.SIGINT)
+"""The signals that stop a command: `kill` and SLURM's timeout, SLURM's preemption warning, Ctrl-C."""
 
 
 class Stopped(Exception):
     """A signal arrived while the run was set up or evaluated (an evaluation can outlast SLURM's signal
-    delay): abandon that work."""
+    delay), or while it waited (`waiting_for`): abandon that work. Its text names the signal and the wait."""
+
+
+def exit_on_signal(module: str) -> None:
+    """In a command's entry module (`exit_on_signal(__name__)`, before its heavy imports): until an
+    `Interrupt` is entered, and again after it exits, a signal ends the process with Exit.INTERRUPTED and
+    a line on stderr instead of killing it (status 143, silent). Nothing exists then to checkpoint or mark.
+    Does nothing when `module` is not "__main__" (the module imported as a library)."""
+    if module != "__main__" or threading.current_thread() is not threading.main_thread():
+        return
+    for sig in SIGNALS:
+        signal.signal(sig, _exit_interrupted)
+
+
+def _exit_interrupted(signum: int, frame=None) -> None:
+    name = signal.Signals(signum).name
+    # os.write: a signal can arrive in the middle of a write to sys.stderr (which would then raise)
+    os.write(2, f"interrupted by {name} outside any run (starting up or shutting down): nothing was started "
+                "or left running; start the same command again\n".encode())
+    raise SystemExit(Exit.INTERRUPTED)
+
+
+@contextlib.contextmanager
+def waiting_for(what: str) -> Iterator[None]:
+    """A wait that a signal may end (inside `Interrupt.stoppable()`): its Stopped names what was waited for."""
+    try:
+        yield
+    except Stopped as stop:
+        raise Stopped(f"{stop} while waiting for {what}") from None
 
 
 class Interrupt:
@@ -20,9 +57,11 @@ class Interrupt:
 
     Outside `stoppable()` that is all (the training loop checks it after each update, checkpoints and
     exits; creating an MLflow run is never cut in half). Inside `stoppable()` (setting a run up, an
-    evaluation) a signal raises Stopped at once; outside, `on_signal` (when set) is called instead.
-    Handlers are installed only in the main thread.
+    evaluation, a wait) a signal raises Stopped at once; outside, `on_signal` (when set) is called instead.
+    `set_raising` is the switch between the two. Handlers are installed only in the main thread.
     """
+
+    __slots__ = ("signal", "on_signal", "_previous", "_raise")  # a misspelt attribute is an error, not a no-op
 
     def __init__(self, on_signal: Callable[[], None] | None = None) -> None:
         self.signal: int | None = None
@@ -32,7 +71,7 @@ class Interrupt:
 
     def __enter__(self):
         if threading.current_thread() is threading.main_thread():
-            for sig in (signal.SIGTERM, signal.SIGUSR2, signal.SIGINT):
+            for sig in SIGNALS:
                 self._previous[sig] = signal.signal(sig, self.handle)
         return self
 
@@ -44,16 +83,22 @@ class Interrupt:
         if self.on_signal is not None:
             self.on_signal()
 
+    def set_raising(self, raising: bool) -> bool:
+        """From now on a signal raises Stopped at once (True) or is only recorded and handed to `on_signal`
+        (False); returns the setting before, for the caller to restore."""
+        before, self._raise = self._raise, raising
+        return before
+
     @contextlib.contextmanager
     def stoppable(self):
         """A signal that came before, or comes inside the block, raises Stopped."""
         if self.signal is not None:
             raise Stopped(signal.Signals(self.signal).name)
-        outer, self._raise = self._raise, True
+        outer = self.set_raising(True)
         try:
             yield
         finally:
-            self._raise = outer
+            self.set_raising(outer)
 
     @property
     def name(self) -> str:

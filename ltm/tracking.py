@@ -10,7 +10,6 @@ unreachable and `spool` keeps what could not be sent for the next start.
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import hashlib
 import json
 import logging
@@ -26,6 +25,8 @@ from mlflow.entities import Metric, Param, RunTag
 from mlflow.tracking import MlflowClient
 
 from ltm.names import PARENT_TAG, REASON_TAG, RUN_KEY_TAG, Status
+from ltm.runlock import LockTimeout, wait_for_lock
+from ltm.signals import Stopped
 
 log = logging.getLogger(__name__)
 
@@ -145,18 +146,44 @@ def _check_sqlite(path: Path, uri: str) -> None:
                                 "SQLite header); restore it from a backup, or move it away to start a new store")
 
 
+LOCK_TIMEOUT_ENV = "LTM_LOCK_TIMEOUT"
+"""How long (seconds) a process waits for the tracking store's lock (`store_creation_lock`) before it gives up."""
+DEFAULT_LOCK_TIMEOUT = 600.0
+"""Opening a store holds its lock for seconds (minutes to migrate a large store to a new MLflow)."""
+
+
+def lock_timeout() -> float:
+    """The wait for the store's lock: $LTM_LOCK_TIMEOUT seconds, else DEFAULT_LOCK_TIMEOUT."""
+    text = os.environ.get(LOCK_TIMEOUT_ENV, "")
+    try:
+        seconds = float(text) if text else DEFAULT_LOCK_TIMEOUT
+    except ValueError:
+        seconds = float("nan")
+    if not 0 < seconds < float("inf"):
+        raise TrackingUnusable(f"{LOCK_TIMEOUT_ENV}={text!r} is not a number of seconds > 0; unset it to wait at "
+                               f"most {DEFAULT_LOCK_TIMEOUT:.0f} s for the tracking store's lock")
+    return seconds
+
+
 @contextlib.contextmanager
 def store_creation_lock(uri: str):
     """Serialise creating (and migrating) a SQLite store: MLflow's schema migration is not safe when two
-    processes run it on a new file at once. A no-op for other stores."""
+    processes run it on a new file at once. A no-op for other stores.
+
+    The lock is `<store>.lock`; its holder writes its pid into it. The wait says who holds it, ends on a
+    signal (`ltm.runlock.wait_for_lock`) and gives up after `lock_timeout()` s (TrackingError)."""
     if not uri.startswith("sqlite:///"):
         yield
         return
+    timeout = lock_timeout()
     lock = Path(uri[len("sqlite:///"):] + ".lock")
     lock.parent.mkdir(parents=True, exist_ok=True)
     fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o644)
     try:
-        fcntl.flock(fd, fcntl.LOCK_EX)
+        try:
+            wait_for_lock(fd, lock, "the tracking store's lock", "opening the tracking store", timeout)
+        except LockTimeout as err:
+            raise TrackingError(f"{err} (or set {LOCK_TIMEOUT_ENV} to wait longer)") from None
         yield
     finally:
         os.close(fd)
@@ -164,11 +191,14 @@ def store_creation_lock(uri: str):
 
 def open_store(uri: str) -> MlflowClient:
     """A client of the store, created (and its schema migrated) first if need be, one process at a time;
-    a store that cannot be opened raises TrackingError naming it."""
+    a store that cannot be opened raises TrackingError naming it. A signal while it waits for the
+    store's lock raises Stopped (`ltm.signals`), naming the wait."""
     try:
         with store_creation_lock(uri):
             client = MlflowClient(uri)
             client.search_experiments(max_results=1)  # creates and migrates a new SQLite file
+    except (Stopped, TrackingError):
+        raise
     except Exception as err:
         raise TrackingUnusable(f"cannot open the tracking store {redact(uri)}: {type(err).__name__}: "
                             f"{str(err).splitlines()[0][:300] if str(err) else ''}") from None

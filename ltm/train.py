@@ -8,8 +8,12 @@ one. `run` starts one (processes, run lock, data, the MLflow decision of `ltm.li
 it to the loop (`ltm.loop`); several processes (torchrun) split each global batch.
 """
 
+# ruff: noqa: E402 (the signal handlers go in before the imports, which load torch and MLflow)
 from __future__ import annotations
 
+from ltm.signals import exit_on_signal
+
+exit_on_signal(__name__)  # run as a command: a signal while torch loads exits 3 with a message, not 143
 import argparse
 import dataclasses
 import functools

@@ -14,6 +14,8 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from ltm.signals import exit_on_signal  # noqa: E402
+exit_on_signal(__name__)  # first: a signal while torch and Ray load exits 3 with a message
 from ltm.names import GSM8K, metric  # noqa: E402
 from studies.launcher import main  # noqa: E402
 from studies.study import Gsm8kTask, Preset, Study  # noqa: E402

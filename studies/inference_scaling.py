@@ -15,6 +15,8 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from ltm.signals import exit_on_signal  # noqa: E402
+exit_on_signal(__name__)  # first: a signal while torch and Ray load exits 3 with a message
 from studies.launcher import main  # noqa: E402
 from studies.study import Preset, Study, grid  # noqa: E402
 

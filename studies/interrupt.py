@@ -8,11 +8,12 @@ import logging
 import os
 import signal
 import socket
+import threading
 import time
 from pathlib import Path
 from typing import Callable
 
-from ltm.signals import Interrupt, Stopped
+from ltm.signals import Interrupt, Stopped, waiting_for
 
 log = logging.getLogger(__name__)
 
@@ -24,12 +25,15 @@ class Interruption(Interrupt):
     Stopped at once (planning, waiting, `ray.init`: nothing is launched past that point). Once a
     backend has work running it calls `running(on_request)`: then a signal calls `on_request` (Ray
     checkpoints its trials and breaks out of Tune) or, with None, only sets `signal` (SLURM's poll
-    loop sees it and cancels its array).
+    loop sees it and cancels its array). Once the backend is done, `detach()`: a signal is only
+    recorded while the driver writes the summary and ends the parent run.
     """
+
+    __slots__ = ()
 
     def __enter__(self) -> Interruption:
         super().__enter__()
-        self._raise = True  # startup: stoppable until `running`
+        self.set_raising(True)  # startup: stoppable until `running`
         return self
 
     @property
@@ -44,11 +48,11 @@ class Interruption(Interrupt):
     def deferred(self):
         """A startup step that must not be cut in half (creating the parent run): a signal inside it
         raises Stopped when it is done."""
-        outer, self._raise = self._raise, False
+        outer = self.set_raising(False)
         try:
             yield
         finally:
-            self._raise = outer
+            self.set_raising(outer)
         if outer and self.requested:
             raise Stopped(self.name)
 
@@ -57,8 +61,18 @@ class Interruption(Interrupt):
         Raises Stopped for a signal that came before."""
         if self.requested:
             raise Stopped(self.name)
-        self._raise, self.on_signal = False, on_request
-        signal.signal(signal.SIGINT, signal.default_int_handler)
+        self.set_raising(False)
+        self.on_signal = on_request
+        if threading.current_thread() is threading.main_thread():
+            signal.signal(signal.SIGINT, signal.default_int_handler)
+
+    def detach(self) -> None:
+        """The backend is done (or gone): from here a signal (Ctrl-C too) is only recorded, never handed
+        to the backend's `on_request` nor raised, so the summary is written and the parent run ended."""
+        self.set_raising(False)
+        self.on_signal = None
+        if threading.current_thread() is threading.main_thread():
+            signal.signal(signal.SIGINT, self.handle)
 
 
 def die_with_parent() -> None:
@@ -92,15 +106,24 @@ def _of_study(who: dict | None, study_key: str) -> bool:
 
 def wait_for_stragglers(runs_dir: Path, keys, study_key: str, timeout: float = 90.0) -> None:
     """Wait (bounded) until workers that a start of this study left on this host have checkpointed and
-    exited. A point held by any other process (a user's own `python -m ltm.train`) is not waited for:
-    it is reported BUSY."""
+    exited, naming them. A point held by any other process (a user's own `python -m ltm.train`) is not
+    waited for: it is reported BUSY. A signal ends the wait where the driver is stoppable (Stopped names it)."""
+    from ltm.runlock import describe_process
+
     deadline = time.time() + timeout
-    busy = [k for k in keys if _of_study(_held_here(runs_dir, k), study_key)]
+    busy = {k: who for k in keys if _of_study(who := _held_here(runs_dir, k), study_key)}
+    if not busy:
+        return
+    held_by = "; ".join(describe_process(who) for who in busy.values())
+    log.info("waiting for %d worker(s) of an earlier start to checkpoint and exit (at most %.0f s): %s ...",
+             len(busy), timeout, held_by)
+    with waiting_for(f"{len(busy)} worker(s) of an earlier start to exit ({held_by})"):
+        while busy and time.time() < deadline:
+            time.sleep(0.5)
+            busy = {k: who for k in busy if _of_study(who := _held_here(runs_dir, k), study_key)}
     if busy:
-        log.info("waiting for %d worker(s) of an earlier start to checkpoint and exit ...", len(busy))
-    while busy and time.time() < deadline:
-        time.sleep(0.5)
-        busy = [k for k in busy if _of_study(_held_here(runs_dir, k), study_key)]
+        log.warning("%d worker(s) of an earlier start still run after %.0f s (%s); their points are reported BUSY",
+                    len(busy), timeout, "; ".join(describe_process(who) for who in busy.values()))
 
 
 def stop_local_workers(runs_dir: Path, keys, driver: str, timeout: float = 90.0) -> None:

@@ -31,7 +31,7 @@ from ltm.signals import Stopped
 from studies.costs import cost_columns, cost_summary, memory_columns, memory_summary, point_cost
 from studies.interrupt import Interruption, wait_for_stragglers
 from studies.messages import CheckpointSource
-from studies.parent import finish_parent, open_parent, summary
+from studies.parent import finish_parent, open_parent, open_tracker, summary
 from studies.plan import Plan, UsageError, plan
 from studies.points import axes, grid_table
 from studies.study import Study
@@ -106,32 +106,34 @@ def _main(study: Study, argv: list[str] | None, interruption: Interruption) -> i
         print_plan(plan_)
         backend.before_start(plan_)  # e.g. SLURM: no earlier job may still run, before any status is touched
         wait_for_stragglers(plan_.runs_dir, keys, plan_.study_key)
+        tracker = open_tracker(plan_)  # may wait for the store's lock: a signal there ends the driver, exit 3
         with interruption.deferred():
-            tracker, parent_run_id = open_parent(plan_)
-            plan_ = dataclasses.replace(plan_, parent_run_id=parent_run_id)
+            plan_ = dataclasses.replace(plan_, parent_run_id=open_parent(plan_, tracker))
         log.info("study parent run %s (key %s)", plan_.parent_run_id, plan_.study_key)
         completed = backend.run(plan_, tracker, interruption)
-    except Stopped:
-        if tracker is None:
+    except Stopped as stop:
+        if plan_.parent_run_id is None:
             raise  # nothing was launched
-        # the parent exists: marked below (the signal is recorded)
+        print(f"interrupted by {stop}: the study's parent run is marked KILLED", file=sys.stderr)
     except KeyboardInterrupt:
         interruption.request()
     except (UsageError, TrackingError) as err:
         print(f"error: {err}", file=sys.stderr)
         return Exit.USAGE
-    if tracker is None:
+    finally:
+        interruption.detach()  # from here a signal is recorded: the summary is written, the parent ended
+    if plan_.parent_run_id is None:
         return Exit.INTERRUPTED
     if plan_.no_wait and completed and not interruption.requested:
         print(f"submitted; the jobs report to {redact(plan_.tracking_uri)}. Start the same command again (without "
               "--no-wait) to wait for them and print the summary")
         return Exit.OK
-    stopped = interruption.requested or not completed
-    if stopped:
+    if interruption.requested or not completed:
         wait_for_stragglers(plan_.runs_dir, keys, plan_.study_key, timeout=60)
     table = summary(tracker, plan_)
     counts = table["status"].value_counts().to_dict()
-    outcome, reason = _outcome(counts, len(plan_.points), stopped)
+    # a signal during the summary counts too: an unfinished study ends KILLED (exit 3), not FAILED
+    outcome, reason = _outcome(counts, len(plan_.points), interruption.requested or not completed)
     _log_summary(tracker, plan_, table)
     finish_parent(tracker, plan_.parent_run_id, PARENT_STATUS[outcome], counts, reason)
     import pandas as pd

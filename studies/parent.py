@@ -16,16 +16,23 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 
-def open_parent(plan: Plan) -> tuple[Tracker, str]:
+def open_tracker(plan: Plan) -> Tracker:
+    """The study's experiment in its tracking store. It may wait for the store's lock
+    (`ltm.tracking.store_creation_lock`), so the driver calls it where a signal stops it: nothing of the
+    study exists yet."""
+    from ltm.tracking import Tracker
+
+    return Tracker(plan.tracking_uri, plan.experiment, artifact_root=plan.runs_dir / "artifacts")
+
+
+def open_parent(plan: Plan, tracker: Tracker) -> str:
     """Find or create the study's parent run (RUNNING); mark children left RUNNING by dead workers KILLED.
 
     A child counts as dead only when nobody holds its run lock (`ltm.runlock`): a held lock is a
-    live process, wherever it runs. Returns the Tracker and the parent run's id.
+    live process, wherever it runs. Returns the parent run's id.
     """
     from ltm.runlock import holder
-    from ltm.tracking import Tracker
 
-    tracker = Tracker(plan.tracking_uri, plan.experiment, artifact_root=plan.runs_dir / "artifacts")
     client = tracker.client
     if plan.experiment == plan.study.name:  # the study's own experiment: describe it in the UI
         client.set_experiment_tag(tracker.experiment_id, NOTE_TAG, plan.study.description)
@@ -52,7 +59,7 @@ def open_parent(plan: Plan) -> tuple[Tracker, str]:
                            "left RUNNING by a worker that died; the study driver "
                            "marked it KILLED and resumes it from its last checkpoint")
             log.info("marked run %s KILLED (left RUNNING by a dead worker); it will resume", key)
-    return tracker, parent
+    return parent
 
 
 def finish_parent(tracker, parent_run_id: str, status: Status, counts: dict, reason: str = "") -> None:

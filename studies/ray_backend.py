@@ -20,6 +20,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from ltm.names import TOKENS, TOKENS_PER_S, VAL_PPL_BOUND, Exit, Status
+from ltm.signals import waiting_for
 from studies.interrupt import Interruption, die_with_parent, stop_local_workers
 from studies.messages import Point, Result, TrialContext
 from studies.plan import ROOT, Plan, UsageError
@@ -182,8 +183,6 @@ def before_start(plan: Plan) -> None:
 
 def run(plan: Plan, tracker, interruption: Interruption) -> bool:
     """Run the grid as Ray Tune trials; returns False if the study was interrupted."""
-    import signal
-
     import ray
     from ray import tune
 
@@ -198,19 +197,7 @@ def run(plan: Plan, tracker, interruption: Interruption) -> bool:
         raise KeyboardInterrupt
 
     try:
-        if plan.cluster == "ray":
-            try:
-                ray.init(address=plan.address, include_dashboard=False, log_to_driver=False)
-            except ConnectionError as err:
-                # A cluster with token authentication rejects a driver given an address unless told to
-                # authenticate: `ray start` turns tokens on by itself when ~/.ray/auth_token exists.
-                raise UsageError(f"{err}; wrong address, or the cluster uses token authentication: set "
-                                 "RAY_AUTH_MODE=token and RAY_AUTH_TOKEN_PATH to its token (as slurm/ray_study.sbatch "
-                                 "does)") from None
-        else:
-            ray.init(num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=False,
-                     configure_logging=True, logging_level="WARNING")
-        signal.signal(signal.SIGTERM, interruption.handle)  # ray.init installs its own (it aborts the driver)
+        _start_ray(plan, interruption)
         interruption.running(checkpoint_trials)  # a signal that came during ray.init ends the study here
         storage = plan.runs_dir / "ray"
         name = f"{plan.study.name}-{plan.preset}-{plan.study_key}"
@@ -233,6 +220,39 @@ def run(plan: Plan, tracker, interruption: Interruption) -> bool:
                                           checkpoint_config=tune.CheckpointConfig(num_to_keep=1)))
         tuner.fit()
     finally:
-        interruption.on_request = None
+        interruption.detach()  # a signal during the shutdown and the summary no longer stops the trials
         ray.shutdown()
     return not interruption.requested
+
+
+def _start_ray(plan: Plan, interruption: Interruption) -> None:
+    """Start Ray (or join the cluster at plan.address). A signal meanwhile raises Stopped, naming the wait."""
+    import signal
+
+    try:
+        with waiting_for("Ray to start"):
+            try:
+                _ray_init(plan)
+            except SystemExit as exit_:  # ray.init installs a SIGTERM handler that exits with the signal's number
+                if exit_.code != signal.SIGTERM:
+                    raise
+                interruption.handle(signal.SIGTERM)  # recorded; during startup it raises Stopped
+    finally:
+        signal.signal(signal.SIGTERM, interruption.handle)  # the driver's again, not Ray's
+
+
+def _ray_init(plan: Plan) -> None:
+    import ray
+
+    if plan.cluster != "ray":
+        ray.init(num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=False,
+                 configure_logging=True, logging_level="WARNING")
+        return
+    try:
+        ray.init(address=plan.address, include_dashboard=False, log_to_driver=False)
+    except ConnectionError as err:
+        # A cluster with token authentication rejects a driver given an address unless told to
+        # authenticate: `ray start` turns tokens on by itself when ~/.ray/auth_token exists.
+        raise UsageError(f"{err}; wrong address, or the cluster uses token authentication: set "
+                         "RAY_AUTH_MODE=token and RAY_AUTH_TOKEN_PATH to its token (as slurm/ray_study.sbatch "
+                         "does)") from None

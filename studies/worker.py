@@ -18,9 +18,12 @@ import os
 import sys
 from pathlib import Path
 
-from ltm.files import atomic_write
-from ltm.names import EXIT_OF, Exit, Status
-from studies.messages import Point, Result, TrialContext
+from ltm.signals import exit_on_signal
+
+exit_on_signal(__name__)  # a signal while torch loads, or between points, exits 3 with a message, not 143
+from ltm.files import atomic_write  # noqa: E402
+from ltm.names import EXIT_OF, Exit, Status  # noqa: E402
+from studies.messages import Point, Result, TrialContext  # noqa: E402
 
 log = logging.getLogger("studies.worker")  # by name: run as a command, __name__ is "__main__"
 
