@@ -136,17 +136,25 @@ def _main(study: Study, argv: list[str] | None, interruption: Interruption) -> i
     outcome, reason = _outcome(counts, len(plan_.points), interruption.requested or not completed)
     _log_summary(tracker, plan_, table)
     finish_parent(tracker, plan_.parent_run_id, PARENT_STATUS[outcome], counts, reason)
+    _print_summary(plan_, tracker, table, f"in {time.time() - started:.0f} s", reason)
+    return EXIT_OF[outcome]
+
+
+def _print_summary(plan_: Plan, tracker, table, took: str, reason: str) -> None:
+    """The points' table, the counts, where to browse them, and why the study ended as it did (stdout)."""
     import pandas as pd
 
+    from ltm.tracking import redact
+
+    counts = table["status"].value_counts().to_dict()
     with pd.option_context("display.max_rows", 500, "display.width", 200):
         print("\n" + table.to_string(index=False))
-    print(f"\n{study.name}: {', '.join(f'{v} {k}' for k, v in counts.items())} of {len(plan_.points)} points "
-          f"in {time.time() - started:.0f} s; parent run {plan_.parent_run_id}")
+    print(f"\n{plan_.study.name}: {', '.join(f'{v} {k}' for k, v in counts.items())} of {len(plan_.points)} points "
+          f"{took}; parent run {plan_.parent_run_id}")
     print(f"browse: mlflow ui --backend-store-uri {redact(plan_.tracking_uri)}, then open "
           f"http://127.0.0.1:5000/{ui_route(tracker.experiment_id)} (README: \"The MLflow UI\")")
     if reason:
         print(reason)
-    return EXIT_OF[outcome]
 
 
 def ui_route(experiment_id: str) -> str:
