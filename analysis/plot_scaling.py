@@ -48,6 +48,7 @@ from analysis.runs import (FULL_CONTEXT, NoRunsError, find_study, load_evaluatio
 from ltm.cli import add_verbosity, configure_logging, log_level  # noqa: E402
 from ltm.names import (ANALYSIS_TAG, FINAL, FLOPS, FLOPS_PAPER, N_RUNS_TAG, VAL_PPL_BOUND, VAL_PPL_IW,  # noqa: E402
                        VAL_PPL_REUSE, Exit, Status, metric)
+from ltm.paths import folder_name  # noqa: E402
 
 log = logging.getLogger("analysis.plot_scaling")  # by name: run as a command, __name__ is "__main__"
 
@@ -440,7 +441,7 @@ def write_evaluation_tables(evals: pd.DataFrame, out: Path) -> list[Path]:
         table = group[[c for c in ident if c in group] + metrics].sort_values(
             [c for c in ("model.kind", "model.n_layers", "inference.steps") if c in group])
         table = table.assign(run_id=table["run_id"].str[:8], source_run_id=table["source_run_id"].str[:8])
-        csv, md = out / f"eval_{task}.csv", out / f"eval_{task}.md"
+        csv, md = (out / f"eval_{folder_name(task, 'task')}.{ext}" for ext in ("csv", "md"))
         table.to_csv(csv, index=False)
         # markdown: one row per model, metrics as rows would be too wide; transpose when there are many
         md.write_text(_markdown(table.set_index("run_id").T.reset_index().rename(columns={"index": "run"}))
@@ -479,22 +480,22 @@ def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     configure_logging(log_level(args))
 
-    from ltm.tracking import Tracker, configure_mlflow, default_tracking_uri
+    from ltm.tracking import Tracker, TrackingUnusable, configure_mlflow, tracking_uri_option
 
     runs_dir = Path(args.runs_dir).resolve()
-    uri = args.tracking_uri or default_tracking_uri(runs_dir)
-    configure_mlflow(uri)  # this process's MLflow client: fail fast, authenticate
     evals = pd.DataFrame()
     try:
+        uri = tracking_uri_option(args.tracking_uri, runs_dir)
+        configure_mlflow(uri)  # this process's MLflow client: fail fast, authenticate
         experiment, parent, name = select(uri, args.study, args.experiment, args.parent_run)
         evals = load_evaluations(uri, experiment, parent_run_id=parent)
         runs = load_runs(uri, experiment, parent_run_id=parent)
-    except NoRunsError as err:
+    except (NoRunsError, TrackingUnusable) as err:
         if evals.empty:
             print(f"error: {err}", file=sys.stderr)
             return Exit.USAGE
         runs = pd.DataFrame()  # only evaluations of checkpoints trained elsewhere: their tables
-    out = Path(args.out or runs_dir / "figures" / name).resolve()
+    out = Path(args.out or runs_dir / "figures" / folder_name(name, "--experiment")).resolve()
     out.mkdir(parents=True, exist_ok=True)
     figures, figure4, tables = [], [], write_evaluation_tables(evals, out) if not evals.empty else []
     if not runs.empty:
