@@ -422,6 +422,8 @@ class RunConfig:
             for key, value in values.items():
                 if isinstance(value, list):
                     values[key] = tuple(value)
+                elif isinstance(value, float) and value.is_integer() and fields[key].type.startswith("int"):
+                    values[key] = int(value)  # JSON's 1e6 is a float: the count it writes, as --set reads it
             kwargs[name] = section(**values)
         return cls(seed=d.get("seed", 0), **kwargs)
 
