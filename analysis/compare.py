@@ -52,7 +52,7 @@ from ltm.config import ConfigError, RunConfig  # noqa: E402
 from ltm.names import Exit, exit_help  # noqa: E402
 from ltm.data import load_blocks  # noqa: E402
 from ltm.evaluate import sequence_bounds  # noqa: E402
-from ltm.tracking import default_tracking_uri  # noqa: E402
+from ltm.tracking import TrackingUnusable, default_tracking_uri, tracking_uri_option  # noqa: E402
 from ltm.objective import EVAL_SEED  # noqa: E402
 
 log = logging.getLogger("analysis.compare")  # by name: run as a command, __name__ is "__main__"
@@ -283,7 +283,7 @@ def _parser() -> argparse.ArgumentParser:
 def _score_sides(args: argparse.Namespace, sides: dict[str, list[str]]) -> tuple[dict, str | None]:
     """Every run scored, by side; and why they cannot be compared (None when they can)."""
     runs_dir = Path(args.runs_dir).resolve()
-    uri = args.tracking_uri or default_tracking_uri(runs_dir)
+    uri = tracking_uri_option(args.tracking_uri, runs_dir)
     for name, refs in sides.items():  # from the checkpoints' configs, before any scoring
         if len(refs) > 1:
             problem = side_problem(name, refs, [RunConfig.from_dict(resolve(r, uri, runs_dir).config) for r in refs])
@@ -310,7 +310,7 @@ def main(argv: list[str] | None = None) -> int:
         return Exit.USAGE
     try:
         scored, problem = _score_sides(args, sides)
-    except (ConfigError, FileNotFoundError, ValueError) as err:
+    except (ConfigError, FileNotFoundError, ValueError, TrackingUnusable) as err:
         print(f"error: {err}", file=sys.stderr)
         return Exit.USAGE
     if problem:

@@ -51,6 +51,7 @@ from analysis.staging import move_into_place, staging_folder  # noqa: E402
 from ltm.cli import add_verbosity, configure_logging, log_level  # noqa: E402
 from ltm.names import (ANALYSIS_TAG, FINAL, FLOPS, FLOPS_PAPER, N_RUNS_TAG, VAL_PPL_BOUND, VAL_PPL_IW,  # noqa: E402
                        VAL_PPL_REUSE, Exit, Status, exit_help, metric)
+from ltm.paths import folder_name  # noqa: E402
 from ltm.signals import Interrupt, Stopped  # noqa: E402
 
 log = logging.getLogger("analysis.plot_scaling")  # by name: run as a command, __name__ is "__main__"
@@ -537,7 +538,7 @@ def write_evaluation_tables(evals: pd.DataFrame, out: Path) -> list[Path]:
         table = group[[c for c in ident if c in group] + metrics].sort_values(
             [c for c in ("model.kind", "model.n_layers", "inference.steps") if c in group])
         table = table.assign(run_id=table["run_id"].str[:8], source_run_id=table["source_run_id"].str[:8])
-        csv, md = out / f"eval_{task}.csv", out / f"eval_{task}.md"
+        csv, md = (out / f"eval_{folder_name(task, 'task')}.{ext}" for ext in ("csv", "md"))
         table.to_csv(csv, index=False)
         # markdown: one row per model, metrics as rows would be too wide; transpose when there are many
         md.write_text(_markdown(table.set_index("run_id").T.reset_index().rename(columns={"index": "run"}))
@@ -651,7 +652,7 @@ def _run(args: argparse.Namespace, uri: str, interrupt: Interrupt) -> int:
             experiment, name, runs, evals = _select_runs(uri, args)
     except Stopped:
         return _interrupted(interrupt, "no figure or table was written")
-    out = Path(args.out or Path(args.runs_dir) / "figures" / name).resolve()
+    out = Path(args.out or Path(args.runs_dir) / "figures" / folder_name(name, "--experiment")).resolve()
     with staging_folder(out) as staged:
         try:
             with interrupt.stoppable():
@@ -674,9 +675,13 @@ def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     configure_logging(log_level(args))
 
-    from ltm.tracking import configure_mlflow, default_tracking_uri
+    from ltm.tracking import TrackingUnusable, configure_mlflow, tracking_uri_option
 
-    uri = args.tracking_uri or default_tracking_uri(Path(args.runs_dir).resolve())
+    try:
+        uri = tracking_uri_option(args.tracking_uri, Path(args.runs_dir).resolve())
+    except TrackingUnusable as err:
+        print(f"error: {err}", file=sys.stderr)
+        return Exit.USAGE
     problem = missing_store(uri)  # a read-only command never creates a store
     if problem:
         print(f"error: {problem}", file=sys.stderr)

@@ -33,6 +33,7 @@ from ltm.config import ConfigError, ModelConfig, RunConfig
 from ltm.files import atomic_file, atomic_write
 from ltm.model import LatentThoughtModel, build_model
 from ltm.names import ROLE_EVAL, ROLE_TAG, RUN_KEY_TAG, TOKENS, Status
+from ltm.paths import folder_name
 
 CONFIG_FILE = "config.json"
 """Beside the checkpoints: the run's config as plain JSON, readable without loading a checkpoint."""
@@ -168,9 +169,10 @@ def owner(run_dir: Path) -> str | None:
 
 def run_folder(runs_dir: str | Path, key: str, run_id: str) -> Path:
     """The checkpoint folder of MLflow run `run_id` of run key `key`: <runs>/checkpoints/<key> when the
-    run owns it (or nobody does yet: it holds no checkpoint), else <runs>/checkpoints/<key>.<run_id>."""
-    base = Path(runs_dir) / "checkpoints" / key
-    own = base.with_name(f"{key}.{run_id}")
+    run owns it (or nobody does yet: it holds no checkpoint), else <runs>/checkpoints/<key>.<run_id>. Both are
+    data (a key may come from a store's tag): `folder_name` keeps their folder inside <runs>/checkpoints."""
+    base = Path(runs_dir) / "checkpoints" / folder_name(key, "run key")
+    own = base.with_name(folder_name(f"{key}.{run_id}", "run key"))
     held_by = owner(base)
     if held_by == run_id:
         return base
@@ -179,7 +181,7 @@ def run_folder(runs_dir: str | Path, key: str, run_id: str) -> Path:
 
 def key_folders(runs_dir: str | Path, key: str) -> list[Path]:
     """Every checkpoint folder of run key `key` that holds a checkpoint: the key's own and per-run ones."""
-    root = Path(runs_dir) / "checkpoints"
+    root, key = Path(runs_dir) / "checkpoints", folder_name(key, "run key")
     return [f for f in [root / key, *sorted(root.glob(f"{key}.*"))] if checkpoints(f)]
 
 

@@ -10,6 +10,7 @@ import dataclasses
 import hashlib
 import json
 import math
+import numbers
 from dataclasses import dataclass
 from typing import Literal
 
@@ -20,6 +21,47 @@ class ConfigError(ValueError):
 
 GPT2_VOCAB = 50258
 """GPT-2's 50,257 tokens (EOS last) plus the added BOS: the paper's vocabulary (ltm.data.gpt2_tokenizer)."""
+
+SEEDS = 10**7
+"""A run's seed is in [0, SEEDS): its sequences' inference-noise seeds, seed x 10^12 + the sequence's index
+(`ltm.objective.sample_seed`), must fit torch's 64-bit generator seeds."""
+
+
+def _whole(value: object) -> bool:
+    """An int of a count or seed: a whole number (not a bool, not a float) that fits an int64 (a tensor, an
+    MLflow metric step)."""
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool) and -2**63 <= value < 2**63
+
+
+def _finite(value: object) -> bool:
+    return isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def check_at_least(section: object, prefix: str, low: float, names: tuple[str, ...], strict: bool = False) -> None:
+    """Each of `names` >= `low` (> with `strict`); ConfigError naming the first that is not."""
+    for name in names:
+        value = getattr(section, name)
+        if value < low or (strict and value == low):
+            raise ConfigError(f"{prefix}{name} must be {'>' if strict else '>='} {low:g}, got {value}")
+
+
+def check_kinds(section: object, prefix: str) -> None:
+    """Every field of a config section holds a value of its declared kind (each section's first check), so a
+    number that cannot work is refused naming its key before a run exists, not at its first update: an int
+    field a whole number that fits an int64 (2.5 or 1e400 is refused, not rounded), a float field a finite
+    number (not nan or inf), a pair of floats two finite numbers, a bool field true or false."""
+    for f in dataclasses.fields(section):
+        value, kind, key = getattr(section, f.name), f.type, f"{prefix}{f.name}"  # f.type: the annotation's text
+        if value is None and kind.endswith("| None"):
+            continue
+        if kind.startswith("int") and not _whole(value):
+            raise ConfigError(f"{key} must be a whole number below 2^63 (an int64), got {value!r}")
+        if kind == "float" and not _finite(value):
+            raise ConfigError(f"{key} must be a finite number, got {value!r}")
+        if kind.startswith("tuple[float") and not (isinstance(value, tuple) and all(map(_finite, value))):
+            raise ConfigError(f"{key} must be finite numbers, got {value!r}")
+        if kind == "bool" and not isinstance(value, bool):
+            raise ConfigError(f"{key} must be true or false, got {value!r}")
 
 
 @dataclass(frozen=True)
@@ -47,6 +89,9 @@ class ModelConfig:
     init_std: float = 0.02
 
     def __post_init__(self) -> None:
+        check_kinds(self, "model.")
+        check_at_least(self, "model.", 0, ("rope_theta",), strict=True)
+        check_at_least(self, "model.", 0, ("init_std",))
         if self.kind not in ("ltm", "ar"):
             raise ConfigError(f"model.kind must be 'ltm' or 'ar', got {self.kind!r}")
         for name in ("vocab_size", "n_layers", "d_model", "n_heads", "ctx"):
@@ -134,6 +179,9 @@ class InferenceConfig:
     2016). 0: the negative ELBO from the first update. Evaluation always scores the full bound."""
 
     def __post_init__(self) -> None:
+        check_kinds(self, "inference.")
+        check_at_least(self, "inference.", 0, ("eps",), strict=True)
+        check_at_least(self, "inference.", 0, ("init_mu_std", "init_logvar_std", "weight_decay"))
         if self.steps < 0:
             raise ConfigError(f"inference.steps must be >= 0, got {self.steps}")
         if not 0 < self.lr_min <= self.lr_max:
@@ -232,6 +280,8 @@ class DataConfig:
     """Token cache folder; None uses $LTM_CACHE or ~/.cache/ltm."""
 
     def __post_init__(self) -> None:
+        check_kinds(self, "data.")
+        check_at_least(self, "data.", 0, ("seed",))
         if not self.name:
             raise ConfigError("data.name is empty; use 'synthetic', a hub name or a local path")
         if self.tokenizer not in ("auto", "gpt2", "bpe"):
@@ -298,6 +348,8 @@ class TrainConfig:
     and eager programs compute the same numbers up to float rounding."""
 
     def __post_init__(self) -> None:
+        check_kinds(self, "train.")
+        check_at_least(self, "train.", 0, ("weight_decay", "peak_flops"))
         for name in ("tokens", "batch_size", "eval_blocks", "eval_batch_size"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"train.{name} must be >= 1, got {getattr(self, name)}")
@@ -330,6 +382,9 @@ class RunConfig:
     seed: int = 0
 
     def __post_init__(self) -> None:
+        check_kinds(self, "")
+        if not 0 <= self.seed < SEEDS:
+            raise ConfigError(f"seed must be in [0, {SEEDS:,}), got {self.seed}")
         if self.model.kind == "ltm" and self.inference.steps < 1 and self.inference.start != "encoder":
             raise ConfigError(f"an LTM needs inference.steps >= 1 (got {self.inference.steps}): with 0 its latents are "
                               "never inferred and the decoder trains on the posterior's starting point; for a model "
@@ -367,8 +422,10 @@ class RunConfig:
             for key, value in values.items():
                 if isinstance(value, list):
                     values[key] = tuple(value)
+                elif isinstance(value, float) and value.is_integer() and fields[key].type.startswith("int"):
+                    values[key] = int(value)  # JSON's 1e6 is a float: the count it writes, as --set reads it
             kwargs[name] = section(**values)
-        return cls(seed=int(d.get("seed", 0)), **kwargs)
+        return cls(seed=d.get("seed", 0), **kwargs)
 
     def flat(self) -> dict[str, object]:
         """Dotted keys ("inference.steps", "seed") to values: the MLflow params."""
@@ -433,12 +490,36 @@ def split_assignment(text: str, example: str = "inference.steps=32") -> tuple[st
     return key.strip(), value.strip()
 
 
+_TAKES = {bool: "true or false", int: "a whole number, e.g. 32 or 1e6", float: "a finite number, e.g. 0.5 or 1e-3",
+          tuple: "finite numbers separated by commas, e.g. 0.9,0.95"}
+
+
+def _whole_number(text: str) -> int:
+    """"32", or "1e6" with an exponent; ValueError for a fraction (2.5, 2.5e0), nan, inf or 1e400 (no rounding)."""
+    if "e" not in text.lower():
+        return int(text)
+    number = float(text)
+    if not math.isfinite(number) or number != int(number):
+        raise ValueError(text)
+    return int(number)
+
+
+def _finite_number(text: str) -> float:
+    """A float, not nan or inf (1e400 reads as inf); ValueError otherwise."""
+    number = float(text)
+    if not math.isfinite(number):
+        raise ValueError(text)
+    return number
+
+
 def parse_value(raw: str, like: object, key: str) -> object:
     """A command-line value typed like `like`, the option's current value: "none", "null" or nothing is
     None; bools from true/false/1/0; ints (1e6 too); floats; tuples of floats and lists from commas; where
-    `like` is None (an optional number or string) or a list's items, an int, else a float, else the text."""
+    `like` is None (an optional number or string) or a list's items, an int, else a float, else the text.
+    A number that cannot work (nan, inf, 1e400, a fraction for a whole number) is refused (ConfigError) with
+    what the key takes."""
     def scalar(text: str) -> object:
-        for parse in (int, float):
+        for parse in (int, _finite_number):
             try:
                 return parse(text)
             except ValueError:
@@ -453,18 +534,19 @@ def parse_value(raw: str, like: object, key: str) -> object:
                 raise ValueError
             return raw.lower() in ("true", "1")
         if isinstance(like, int):
-            return int(float(raw)) if "e" in raw.lower() else int(raw)
+            return _whole_number(raw)
         if isinstance(like, float):
-            return float(raw)
+            return _finite_number(raw)
         if isinstance(like, tuple):
-            return tuple(float(x) for x in raw.split(","))
+            return tuple(_finite_number(x) for x in raw.split(","))
         if isinstance(like, list):
             return [scalar(x.strip()) for x in raw.split(",") if x.strip()]
         if like is None:
             return scalar(raw)
         return raw
     except ValueError:
-        raise ConfigError(f"cannot parse {key}={raw!r} as {type(like).__name__}") from None
+        takes = _TAKES.get(type(like), type(like).__name__)
+        raise ConfigError(f"cannot parse {key}={raw!r} as {type(like).__name__}: {key} takes {takes}") from None
 
 
 # Run presets: a model preset with a training recipe sized for it.

@@ -45,6 +45,15 @@ def default_tracking_uri(runs_dir: str | Path) -> str:
     return f"sqlite:///{Path(runs_dir).resolve() / 'mlflow.db'}"
 
 
+def tracking_uri_option(option: str | None, runs_dir: str | Path) -> str:
+    """The store a command's --tracking-uri names (None: `default_tracking_uri(runs_dir)`), checked by
+    `check_tracking_uri`: every command that takes --tracking-uri calls this before it opens the store, so a
+    URI that cannot work is refused the same way everywhere (TrackingUnusable: exit 2), creating nothing."""
+    uri = option or default_tracking_uri(runs_dir)
+    check_tracking_uri(uri)
+    return uri
+
+
 def redact(uri: str) -> str:
     """The URI with any user:password replaced by ***, for messages and files others can read."""
     parts = urllib.parse.urlsplit(uri)
@@ -122,16 +131,16 @@ _SQLITE_HEADER = b"SQLite format 3\x00"
 
 
 def _check_sqlite(path: Path, uri: str) -> None:
-    """A SQLite store the suite can write: absolute, in a writable folder, and a SQLite file if it exists."""
+    """A SQLite store the suite can write: absolute, in a writable folder (or one it can create: the check
+    creates nothing), and a SQLite file if it exists."""
     if not path.is_absolute():
         raise TrackingUnusable(f"use an absolute SQLite path (sqlite:////abs/path/mlflow.db), got {uri}: "
                             "Ray and SLURM workers run in other folders")
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-    except OSError as err:
-        raise TrackingUnusable(f"cannot create the folder for the tracking database {path}: {err}") from None
+    folder = next(p for p in path.parents if p.exists())  # its folder, or the nearest one that exists
+    if not folder.is_dir():
+        raise TrackingUnusable(f"cannot create the folder for the tracking database {path}: {folder} is not a folder")
     # SQLite writes a journal beside the file, so the folder must be writable as well as the file.
-    for target in (path.parent, path) if path.exists() else (path.parent,):
+    for target in (folder, path) if path.exists() else (folder,):
         if not os.access(target, os.W_OK):
             raise TrackingUnusable(f"the tracking database {path} is read-only here ({target} is not writable); "
                                 "pass --tracking-uri sqlite:////<a writable folder>/mlflow.db, or fix its permissions")
@@ -277,7 +286,10 @@ class Tracker:
     """One experiment in one MLflow store."""
 
     def __init__(self, uri: str, experiment: str, artifact_root: str | Path | None = None) -> None:
+        from ltm.paths import folder_name
+
         check_tracking_uri(uri)
+        folder = folder_name(experiment, "the experiment name")  # refused (empty, NUL) before the store is opened
         uri = split_credentials(uri)[0]  # the password reaches MLflow from the environment (`configure_mlflow`)
         self.uri = uri
         self.client = open_store(uri)
@@ -286,7 +298,7 @@ class Tracker:
         if found is None:
             location = None
             if artifact_root is not None:
-                location = (Path(artifact_root).resolve() / experiment).as_uri()
+                location = (Path(artifact_root).resolve() / folder).as_uri()
             try:
                 self.experiment_id = self.client.create_experiment(experiment, artifact_location=location)
             except Exception:  # created concurrently by another worker: use theirs

@@ -32,6 +32,7 @@ from ltm.config import ConfigError, ModelConfig, RunConfig, run_preset
 from ltm.lifecycle import UNSENT_FILE, RunDecision, RunResult
 from ltm.names import EXIT_OF, Exit, Status
 from ltm.objective import check_c_compiler, use_compile
+from ltm.paths import check_name
 from ltm.processes import Processes
 from ltm.signals import Interrupt, Stopped
 
@@ -60,6 +61,7 @@ def run(cfg: RunConfig, *, tracking_uri: str | None = None, experiment: str = "l
 
     if tracking_patience <= 0:
         raise ValueError(f"tracking_patience must be > 0 seconds, got {tracking_patience}")
+    check_name(experiment, "--experiment")  # before anything is created: a name the store refuses ends nothing
     runs_dir = Path(runs_dir).resolve()
     tracking_uri = tracking_uri or default_tracking_uri(runs_dir)
     configure_mlflow(tracking_uri)

@@ -17,6 +17,7 @@ from pathlib import Path
 
 from ltm.cli import log_level
 from ltm.config import ConfigError, parse_value, split_assignment
+from ltm.paths import check_name
 from ltm.names import BACKEND_TAG, PRESET_TAG, STUDY_KEY_TAG, STUDY_TAG
 from studies.costs import DEFAULT_MFU, DEFAULT_PEAK_TFLOPS, Memory, memory_problem, point_memory, usable_gb
 from studies.messages import Point, TrialContext
@@ -92,6 +93,14 @@ class Plan:
                 BACKEND_TAG: self.cluster}
 
     @property
+    def folder(self) -> str:
+        """This invocation's folder under <runs>/slurm and <runs>/ray: <study>-<preset>-<study key>, made safe
+        (`ltm.paths.folder_name`)."""
+        from ltm.paths import folder_name
+
+        return folder_name(f"{self.study.name}-{self.preset}-{self.study_key}", "study")
+
+    @property
     def trials_at_once(self) -> int:
         """Trials that run at once: --max-concurrent, SLURM's array_parallelism, else every point."""
         limit = self.max_concurrent or (self.profile.array_parallelism if self.profile else 0)
@@ -136,7 +145,7 @@ class Plan:
 
 def plan(study: Study, argv: list[str] | None = None) -> Plan:
     """Parse and validate the options; raises UsageError / ConfigError / TrackingError / DataError."""
-    from ltm.tracking import check_tracking_uri, default_tracking_uri
+    from ltm.tracking import tracking_uri_option
 
     args = build_parser(study).parse_args(argv)
     seeds = _check_options(args)
@@ -144,8 +153,7 @@ def plan(study: Study, argv: list[str] | None = None) -> Plan:
     preset = study.presets[args.preset]
     problem = _check_data(points, args.dry_run)  # a dry run still shows the grid, then reports it (exit 2)
     runs_dir = Path(args.runs_dir).resolve()
-    uri = args.tracking_uri or default_tracking_uri(runs_dir)
-    check_tracking_uri(uri)
+    uri = tracking_uri_option(args.tracking_uri, runs_dir)
     if preset.task is not None:
         points = evaluation_points(study, preset, points, args, uri, runs_dir)
     try:
@@ -186,6 +194,8 @@ def _check_options(args: argparse.Namespace) -> list[int]:
         raise UsageError(f"--seeds takes comma-separated integers, got {args.seeds!r}") from None
     if not seeds:
         raise UsageError("--seeds is empty")
+    if args.experiment is not None:  # before anything is created: a name the store refuses ends nothing
+        check_name(args.experiment, "--experiment")
     if not 0 < args.mfu <= 1:
         raise UsageError(f"--mfu is a fraction of the peak in (0, 1], e.g. --mfu 0.4 for 40%; got {args.mfu:g}")
     if not args.peak_tflops > 0:

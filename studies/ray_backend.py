@@ -200,7 +200,7 @@ def run(plan: Plan, tracker, interruption: Interruption) -> bool:
         _start_ray(plan, interruption)
         interruption.running(checkpoint_trials)  # a signal that came during ray.init ends the study here
         storage = plan.runs_dir / "ray"
-        name = f"{plan.study.name}-{plan.preset}-{plan.study_key}"
+        name = plan.folder
         points = {p.key: p.to_dict() for p in plan.points}
         context = plan.context(credentials_file=plan.write_credentials())
         trainable = tune.with_resources(tune.with_parameters(_trial, points=points, context=context.to_dict()),

@@ -171,7 +171,7 @@ def main(argv: list[str] | None = None) -> int:
     import os
 
     from ltm.cli import add_verbosity, configure_logging, log_level
-    from ltm.tracking import default_tracking_uri
+    from ltm.tracking import TrackingUnusable, tracking_uri_option
 
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # one bar per run read: noise
 
@@ -186,7 +186,12 @@ def main(argv: list[str] | None = None) -> int:
     if not runs_dir.is_dir():
         print(f"error: no runs folder {runs_dir}; pass --runs-dir", file=sys.stderr)
         return Exit.USAGE
-    rekey = Rekey(runs_dir, args.tracking_uri or default_tracking_uri(runs_dir), args.dry_run)
+    try:
+        uri = tracking_uri_option(args.tracking_uri, runs_dir)
+    except TrackingUnusable as err:
+        print(f"error: {err}", file=sys.stderr)
+        return Exit.USAGE
+    rekey = Rekey(runs_dir, uri, args.dry_run)
     rekey.training()
     rekey.evaluations()
     rekey.studies()

@@ -166,7 +166,7 @@ def squeue_ids(job_ids: list[str]) -> set[str] | None:
 
 
 def slurm_folder(plan: Plan) -> Path:
-    return plan.runs_dir / "slurm" / f"{plan.study.name}-{plan.preset}-{plan.study_key}"
+    return plan.runs_dir / "slurm" / plan.folder
 
 
 def check_earlier_jobs(plan: Plan) -> None:
