@@ -48,6 +48,10 @@ UNVERIFIED_RISK = ("a file changed since it was written (corrupt, truncated or t
 """What reading a checkpoint without checking its sha256 risks: said by --no-verify's help and its warnings."""
 
 
+_UNVERIFIED: set[Path] = set()
+"""Checkpoint files this process has warned it reads unverified."""
+
+
 class CheckpointError(ConfigError):
     """A checkpoint file refused: it does not match its .sha256, or it cannot be read (truncated, damaged,
     not a checkpoint of this suite, or one that would run code). A ConfigError: commands exit 2 with it."""
@@ -133,12 +137,12 @@ def verify_checksum(path: Path, verify: bool = True) -> Path:
     A mismatch raises CheckpointError naming the file and both hashes. A file without a .sha256 (a .pt
     copied alone), or any file when `verify` is False (--no-verify), is read unverified with a warning."""
     sidecar = path.with_suffix(".sha256")
-    if not verify:
-        log.warning("checkpoint %s is read without checking its sha256 (--no-verify): %s", path, UNVERIFIED_RISK)
-        return path
-    if not sidecar.exists():
-        log.warning("checkpoint %s has no checksum file %s beside it, so it is read unverified: %s", path,
-                    sidecar.name, UNVERIFIED_RISK)
+    if not verify or not sidecar.exists():
+        if path.resolve() not in _UNVERIFIED:  # once: a command reads a file when it plans and when it loads
+            _UNVERIFIED.add(path.resolve())
+            why = "without checking its sha256 (--no-verify)" if not verify else \
+                f"unverified: it has no checksum file {sidecar.name} beside it"
+            log.warning("checkpoint %s is read %s; %s", path, why, UNVERIFIED_RISK)
         return path
     try:
         expected, actual = sidecar.read_text().strip(), _sha256(path)

@@ -91,6 +91,8 @@ def test_compare_refuses_a_tampered_file_and_reads_it_with_no_verify_and_a_warni
 def test_an_evaluation_study_refuses_a_tampered_checkpoint_unless_no_verify(trained, runs, capsys, caplog):
     from studies.generation import STUDY
     from studies.launcher import main
+    from studies.messages import TrialContext
+    from studies.plan import plan
 
     final, _ = final_and_previous(runs, trained[1])
     expected, actual = tamper(final)
@@ -100,6 +102,9 @@ def test_an_evaluation_study_refuses_a_tampered_checkpoint_unless_no_verify(trai
     assert main(STUDY, [*args, "--no-verify"]) == Exit.OK  # the plan is made before the study's logging is set up
     assert any(f"checkpoint {final} is read without checking its sha256 (--no-verify)" in r.getMessage()
                for r in caplog.records if r.levelno == logging.WARNING)
+    context = plan(STUDY, [*args, "--no-verify"]).context()  # what the trials get: their loads skip the check too
+    assert TrialContext.from_dict(context.to_dict()).verify is False
+    assert plan(STUDY, [*args[:-3], "--dry-run"]).context().verify is True
 
 
 def test_an_evaluation_point_loads_its_checkpoint_through_the_same_check(trained, runs, monkeypatch):
@@ -127,8 +132,8 @@ def test_a_file_without_its_checksum_is_read_with_a_warning_that_says_so(trained
     model, cfg = checkpoint.load_model(alone)
     assert ref.config == cfg.to_dict()
     warned = [r.getMessage() for r in caplog.records if r.name == "ltm.checkpoint"]
-    assert warned and all(f"checkpoint {alone} has no checksum file {final.stem}.sha256" in w and
-                                    "read unverified" in w for w in warned)
+    assert warned == [f"checkpoint {alone} is read unverified: it has no checksum file {final.stem}.sha256 beside it; "
+                      f"{checkpoint.UNVERIFIED_RISK}"]  # once, though planned and loaded
 
 
 @pytest.mark.parametrize("beside", [False, True], ids=["alone", "beside-its-config"])
