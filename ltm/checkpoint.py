@@ -279,7 +279,8 @@ def _verified(run_dir: Path, verify: bool = True, skipped: list[str] | None = No
             usable = verify_checksum(path, verify)
         except CheckpointError as err:
             _corrupt(err)
-            (skipped if skipped is not None else []).append(str(err))
+            if skipped is not None:
+                skipped.append(str(err))
             continue
         yield usable
 

@@ -32,7 +32,7 @@ def atomic_file(path: str | Path, mode: int | None = None) -> Iterator[BinaryIO]
         os.replace(tmp, path)
     except BaseException as err:
         tmp.unlink(missing_ok=True)
-        if no_space(err):
+        if isinstance(err, Exception) and no_space(err):  # not a signal's exception that met a full disk
             raise OSError(errno.ENOSPC, f"No space left on device writing {path}: {free_space(path.parent)} "
                                         "free on its filesystem") from err
         raise
