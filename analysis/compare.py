@@ -6,7 +6,9 @@
 Each of A and B is a checkpoint path, run key (its checkpoints under <runs-dir>/checkpoints) or
 training run's MLflow id, or several of them separated by commas. Each is read from its own run's
 checkpoint folder, and a folder whose run FINISHED at more tokens than its newest usable checkpoint
-holds is refused (`ltm.checkpoint.resolve`). Each validation block gets each run's bound in nats per
+holds is refused (`ltm.checkpoint.resolve`). A checkpoint file that does not match the sha256 beside it
+(.sha256) is refused naming both hashes, and a truncated or unreadable one is named (exit 2);
+--no-verify reads them anyway. Each validation block gets each run's bound in nats per
 token: for an LTM the fresh-noise ELBO, with the posterior inferred in T steps as in training (and
 its NLL given z and KL), for an AR its exact NLL.
 
@@ -46,7 +48,7 @@ import pandas as pd
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from ltm.checkpoint import load_model, resolve  # noqa: E402
+from ltm.checkpoint import UNVERIFIED_RISK, load_model, resolve  # noqa: E402
 from ltm.cli import add_verbosity, configure_logging, log_level  # noqa: E402
 from ltm.config import ConfigError, RunConfig  # noqa: E402
 from ltm.names import Exit, exit_help  # noqa: E402
@@ -72,12 +74,13 @@ class Scored:
 
 
 def score_run(ref: str, runs_dir: Path, n_blocks: int, batch_size: int = 16,
-              tracking_uri: str | None = None) -> Scored:
-    """Each of the first `n_blocks` validation blocks' bound, NLL and KL under the run `ref` names."""
-    source = resolve(ref, tracking_uri or default_tracking_uri(runs_dir), runs_dir)
+              tracking_uri: str | None = None, verify: bool = True) -> Scored:
+    """Each of the first `n_blocks` validation blocks' bound, NLL and KL under the run `ref` names (its
+    checkpoint's sha256 checked unless `verify` is False: `ltm.checkpoint.verify_checksum`)."""
+    source = resolve(ref, tracking_uri or default_tracking_uri(runs_dir), runs_dir, verify)
     log.info("%s: %s%s", ref, source.identity.rsplit(":", 1)[0],
              f" (MLflow run {source.run_id})" if source.run_id else "")
-    model, cfg = load_model(source.checkpoint)
+    model, cfg = load_model(source.checkpoint, verify=verify)
     model.eval()
     blocks = load_blocks(cfg.data, cfg.model.ctx, "validation")
     n = min(n_blocks, len(blocks))
@@ -276,6 +279,9 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--blocks", type=int, default=64, help="validation blocks scored (default 64)")
     parser.add_argument("--bootstrap", type=int, default=2000)
     parser.add_argument("--out", help="also write the result as a one-row CSV")
+    parser.add_argument("--no-verify", action="store_true",
+                        help="read checkpoints whose sha256 does not match their .sha256 file, with a warning: "
+                             f"{UNVERIFIED_RISK}")
     add_verbosity(parser)
     return parser
 
@@ -283,13 +289,14 @@ def _parser() -> argparse.ArgumentParser:
 def _score_sides(args: argparse.Namespace, sides: dict[str, list[str]]) -> tuple[dict, str | None]:
     """Every run scored, by side; and why they cannot be compared (None when they can)."""
     runs_dir = Path(args.runs_dir).resolve()
-    uri = tracking_uri_option(args.tracking_uri, runs_dir)
+    uri, verify = tracking_uri_option(args.tracking_uri, runs_dir), not args.no_verify
     for name, refs in sides.items():  # from the checkpoints' configs, before any scoring
         if len(refs) > 1:
-            problem = side_problem(name, refs, [RunConfig.from_dict(resolve(r, uri, runs_dir).config) for r in refs])
+            configs = [RunConfig.from_dict(resolve(r, uri, runs_dir, verify).config) for r in refs]
+            problem = side_problem(name, refs, configs)
             if problem:
                 return {}, problem
-    scored = {name: [score_run(ref, runs_dir, args.blocks, tracking_uri=uri) for ref in refs]
+    scored = {name: [score_run(ref, runs_dir, args.blocks, tracking_uri=uri, verify=verify) for ref in refs]
               for name, refs in sides.items()}
     runs = scored["A"] + scored["B"]
     return scored, blocks_problem(sides["A"] + sides["B"], [s.blocks for s in runs])

@@ -9,7 +9,10 @@ Checkpoints hold tensors and plain Python values only, so they load with weights
 checkpoint file can never run code (numpy's RNG state is stored as a list for that reason). Every
 file is written through a temporary and a rename, so a reader sees the old file or the new one. The
 checkpoint a run folder stands for is the newest one whose checksum verifies (`latest_verified`):
-resuming, loading and planning an evaluation all take that one.
+resuming, loading and planning an evaluation all take that one. Every read of a checkpoint file goes
+through one door, `verify_checksum`: a file that does not match its .sha256 is refused (a folder falls
+back past it), one without a .sha256 (a .pt copied alone) is read with a warning, and `verify=False`
+(the commands' --no-verify) reads any with a warning of what that risks.
 """
 
 from __future__ import annotations
@@ -18,9 +21,9 @@ import dataclasses
 import errno
 import hashlib
 import json
+import logging
 import os
 import random
-import shutil
 import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -30,13 +33,29 @@ import numpy as np
 import torch
 
 from ltm.config import ConfigError, ModelConfig, RunConfig
-from ltm.files import atomic_file, atomic_write
+from ltm.files import atomic_file, atomic_write, free_space, no_space
 from ltm.model import LatentThoughtModel, build_model
 from ltm.names import ROLE_EVAL, ROLE_TAG, RUN_KEY_TAG, TOKENS, Status
 from ltm.paths import folder_name
 
+log = logging.getLogger(__name__)
+
 CONFIG_FILE = "config.json"
 """Beside the checkpoints: the run's config as plain JSON, readable without loading a checkpoint."""
+
+
+UNVERIFIED_RISK = ("a file changed since it was written (corrupt, truncated or tampered) then gives wrong numbers "
+                   "without any other sign")
+"""What reading a checkpoint without checking its sha256 risks: said by --no-verify's help and its warnings."""
+
+
+_UNVERIFIED: set[Path] = set()
+"""Checkpoint files this process has warned it reads unverified."""
+
+
+class CheckpointError(ConfigError):
+    """A checkpoint file refused: it does not match its .sha256, or it cannot be read (truncated, damaged,
+    not a checkpoint of this suite, or one that would run code). A ConfigError: commands exit 2 with it."""
 
 
 @dataclass(frozen=True)
@@ -113,14 +132,46 @@ def restore_rng(state: dict) -> None:
     random.setstate(state["python"])
 
 
-def _load(path: Path, device: str | torch.device = "cpu") -> Checkpoint:
-    """A checkpoint file's state, unpickling only tensors and plain values (never arbitrary objects).
+def verify_checksum(path: Path, verify: bool = True) -> Path:
+    """The one door of every checkpoint read: `path`, once its sha256 matches the .sha256 beside it.
+
+    A mismatch raises CheckpointError naming the file and both hashes. A file without a .sha256 (a .pt
+    copied alone), or any file when `verify` is False (--no-verify), is read unverified with a warning."""
+    sidecar = path.with_suffix(".sha256")
+    if not verify or not sidecar.exists():
+        if path.resolve() not in _UNVERIFIED:  # once: a command reads a file when it plans and when it loads
+            _UNVERIFIED.add(path.resolve())
+            why = "without checking its sha256 (--no-verify)" if not verify else \
+                f"unverified: it has no checksum file {sidecar.name} beside it"
+            log.warning("checkpoint %s is read %s; %s", path, why, UNVERIFIED_RISK)
+        return path
+    try:
+        expected, actual = sidecar.read_text().strip(), _sha256(path)
+    except (OSError, UnicodeDecodeError) as err:
+        raise CheckpointError(f"cannot read checkpoint {path} or its checksum file {sidecar.name}: {err}") from err
+    if expected != actual:
+        raise CheckpointError(f"checkpoint {path} does not match its checksum file {sidecar.name}: expected sha256 "
+                              f"{expected}, actual {actual}; the file changed after it was written (corrupt or "
+                              "tampered). Use another checkpoint, or pass --no-verify to read it anyway (its numbers "
+                              "may be wrong)")
+    return path
+
+
+def _read(path: Path, device: str | torch.device = "cpu") -> Checkpoint:
+    """A checkpoint file's state, unpickling only tensors and plain values (never arbitrary objects); raises
+    CheckpointError, naming the file, when it cannot be read. Its checksum must have been checked already.
 
     The model's tensors go to `device`; everything else stays on the CPU whatever the device: the RNG
     states must (torch.set_rng_state takes a CPU ByteTensor), and optimizer.load_state_dict moves the
     optimiser's state to its parameters' device itself, by its own rules (a step count stays on the CPU
     unless the optimiser is fused)."""
-    state = Checkpoint.from_dict(torch.load(path, map_location="cpu", weights_only=True))
+    try:
+        state = Checkpoint.from_dict(torch.load(path, map_location="cpu", weights_only=True))
+    except Exception as err:  # truncated (torch's PytorchStreamReader), unpicklable, not a checkpoint
+        text = (str(err).strip().splitlines() or [type(err).__name__])[0].split(". ")[0][:300]  # torch's first words
+        raise CheckpointError(f"cannot read checkpoint {path}: {text}; the file is corrupt (truncated or damaged) or "
+                              "not a checkpoint of this suite: pass another checkpoint of the run (its folder takes "
+                              "the newest good one), or train it again") from err
     if torch.device(device).type != "cpu":
         state = dataclasses.replace(state, model={name: t.to(device) for name, t in state.model.items()})
     return state
@@ -196,7 +247,7 @@ def save_checkpoint(run_dir: Path, state: Checkpoint, keep: int = 2) -> Path:
         atomic_write(path.with_suffix(".sha256"), digest)
     except (OSError, RuntimeError) as err:  # torch.save reports a full disk as a RuntimeError
         _remove(path)
-        raise OSError(f"cannot write checkpoint {path}: {_write_error(err)}; {_free(run_dir)} free on its disk. "
+        raise OSError(f"cannot write checkpoint {path}: {_write_error(err)}; {free_space(run_dir)} free on its disk. "
                       "Free space (or raise the file size limit) and run the same command again: it resumes from "
                       "the previous checkpoint") from err
     for old in checkpoints(run_dir)[:-keep]:
@@ -205,56 +256,54 @@ def save_checkpoint(run_dir: Path, state: Checkpoint, keep: int = 2) -> Path:
 
 
 def _write_error(err: BaseException) -> str:
-    """What went wrong writing a file, in words: errno's name where there is one."""
+    """What went wrong writing a file, in words: errno's name where there is one, a full disk named as one
+    whatever the writer's own text (torch.save's "unexpected pos")."""
+    if no_space(err):
+        return f"{os.strerror(errno.ENOSPC)} (errno ENOSPC)"
     if isinstance(err, OSError) and err.errno is not None:
         return f"{err.strerror or os.strerror(err.errno)} (errno {errno.errorcode.get(err.errno, err.errno)})"
     return f"{type(err).__name__}: {str(err).strip()[:200]}"
 
 
-def _free(folder: Path) -> str:
-    try:
-        return f"{shutil.disk_usage(folder).free / 1e9:.2f} GB"
-    except OSError:
-        return "unknown space"
+def _corrupt(reason: object) -> None:
+    warnings.warn(f"{reason}; falling back to the previous one", stacklevel=3)
 
 
-def _corrupt(path: Path, err: object) -> None:
-    warnings.warn(f"checkpoint {path} is corrupt ({err}); falling back to the previous one", stacklevel=3)
-
-
-def _verified(run_dir: Path) -> Iterator[Path]:
-    """The run's checkpoints whose checksum verifies, newest first; a corrupt one is skipped with a warning."""
+def _verified(run_dir: Path, verify: bool = True, skipped: list[str] | None = None) -> Iterator[Path]:
+    """The run's checkpoints that `verify_checksum` passes, newest first; one that it refuses, or without
+    its .sha256 (a save that stopped before writing it), is skipped with a warning, its reason appended
+    to `skipped`. `verify` False: all of them."""
     for path in reversed(checkpoints(run_dir)):
         sidecar = path.with_suffix(".sha256")
         try:
-            if not sidecar.exists():
-                ok, err = False, f"its checksum file {sidecar.name} is missing"
-            else:
-                ok, err = sidecar.read_text().strip() == _sha256(path), "checksum mismatch"
-        except Exception as error:  # an unreadable file or sidecar
-            ok, err = False, error
-        if ok:
-            yield path
-        else:
-            _corrupt(path, err)
+            if verify and not sidecar.exists():
+                raise CheckpointError(f"checkpoint {path} is corrupt: its checksum file {sidecar.name} is missing")
+            usable = verify_checksum(path, verify)
+        except CheckpointError as err:
+            _corrupt(err)
+            if skipped is not None:
+                skipped.append(str(err))
+            continue
+        yield usable
 
 
-def latest_verified(run_dir: Path) -> Path | None:
-    """The newest checkpoint of the run whose checksum verifies: the one `load_latest_checkpoint` loads,
-    unless unpickling it fails (a file that would run code), and so the one `resolve` names."""
-    return next(_verified(run_dir), None)
+def latest_verified(run_dir: Path, verify: bool = True, skipped: list[str] | None = None) -> Path | None:
+    """The newest checkpoint of the run whose checksum verifies (`_verified`: why newer ones were skipped
+    goes to `skipped`): the one `load_latest_checkpoint` loads, unless unpickling it fails (a file that
+    would run code), and so the one `resolve` names."""
+    return next(_verified(run_dir, verify, skipped), None)
 
 
 def load_latest_checkpoint(run_dir: Path, device: str | torch.device = "cpu",
-                           run_id: str | None = None) -> Checkpoint | None:
+                           run_id: str | None = None, verify: bool = True) -> Checkpoint | None:
     """The state of the newest checkpoint whose checksum verifies (the model's tensors on `device`, the
-    rest on the CPU: see `_load`) and, given `run_id`, that this MLflow run wrote; one that does not is
-    skipped with a warning."""
-    for path in _verified(run_dir):
+    rest on the CPU: see `_read`) and, given `run_id`, that this MLflow run wrote; one that does not is
+    skipped with a warning. `verify` False (--no-verify): the newest readable one, unchecked."""
+    for path in _verified(run_dir, verify):
         try:
-            state = _load(path, device)
-        except Exception as err:  # verified but unreadable (a file that would run code, not a checkpoint)
-            _corrupt(path, err)
+            state = _read(path, device)
+        except CheckpointError as err:  # verified but unreadable (a file that would run code, not a checkpoint)
+            _corrupt(err)
             continue
         if run_id is None or state.run_id == run_id:
             return state
@@ -272,18 +321,24 @@ def write_run_config(run_dir: Path, cfg: RunConfig, model_cfg: ModelConfig, run_
 
 
 def read_config(checkpoint: Path) -> dict:
-    """The run config (a dict) of a checkpoint file: from the config.json beside it, so nothing is
-    unpickled, else from the file itself (a checkpoint copied on its own: tensors and plain values only)."""
+    """The run config (a dict) of a checkpoint file `verify_checksum` passed: from the config.json beside
+    it, so nothing is unpickled, else from the file itself (a checkpoint copied on its own: tensors and
+    plain values only)."""
     beside = checkpoint.parent / CONFIG_FILE
     if beside.is_file():
         return json.loads(beside.read_text())["config"]
-    return _load(checkpoint).config
+    return _read(checkpoint).config
 
 
-def load_model(path: str | Path, device: str = "cpu") -> tuple[LatentThoughtModel, RunConfig]:
-    """A trained model and its run config, from a checkpoint file or a run's checkpoint folder."""
+def load_model(path: str | Path, device: str = "cpu", verify: bool = True) -> tuple[LatentThoughtModel, RunConfig]:
+    """A trained model and its run config, from a checkpoint file or a run's checkpoint folder; raises
+    CheckpointError when the file does not match its .sha256 (`verify_checksum`; `verify` False: read
+    unchecked, with a warning) or cannot be read."""
     path = Path(path)
-    state = load_latest_checkpoint(path, device) if path.is_dir() else _load(path, device)
+    if path.is_dir():
+        state = load_latest_checkpoint(path, device, verify=verify)
+    else:
+        state = _read(verify_checksum(path, verify), device)
     if state is None:
         raise FileNotFoundError(f"no readable checkpoint in {path}")
     cfg = RunConfig.from_dict(state.config)
@@ -293,31 +348,35 @@ def load_model(path: str | Path, device: str = "cpu") -> tuple[LatentThoughtMode
     return model, cfg
 
 
-def resolve(ref: str, tracking_uri: str, runs_dir: str | Path) -> CheckpointRef:
+def resolve(ref: str, tracking_uri: str, runs_dir: str | Path, verify: bool = True) -> CheckpointRef:
     """What a checkpoint reference (a file, a run's folder, a run key with checkpoints under
-    <runs_dir>/checkpoints, or a training run's MLflow id) names, without loading a model. A folder
-    stands for its run's final model: when that run FINISHED at more tokens than the folder's newest
-    verified checkpoint holds, it is refused. Raises ConfigError.
+    <runs_dir>/checkpoints, or a training run's MLflow id) names, without loading a model. The file it
+    names passes `verify_checksum` (`verify` False: unchecked, with a warning). A folder stands for its
+    run's final model: when that run FINISHED at more tokens than the folder's newest verified
+    checkpoint holds, it is refused. Raises ConfigError (CheckpointError for a file that is refused).
     """
     path = Path(ref).expanduser()
     if not path.exists():
         path = _folder_of(ref, tracking_uri, Path(runs_dir))
+    skipped: list[str] = []  # why newer checkpoints of a folder were passed over
     if path.is_dir():
         if not checkpoints(path):
             raise ConfigError(f"no checkpoint (ckpt-*.pt) in {path}")
-        file = latest_verified(path)
+        file = latest_verified(path, verify, skipped)
         if file is None:
-            raise ConfigError(f"no checkpoint in {path} matches its checksum (.sha256); all are corrupt")
+            raise ConfigError(f"no checkpoint in {path} matches its checksum (.sha256); all are corrupt: "
+                              + "; ".join(skipped))
     else:
-        file = path
+        file = verify_checksum(path, verify)
     config = read_config(file)
     run = _stored_run(tracking_uri, owner(file.parent) or "")
     if run is not None and path.is_dir() and run.info.status == Status.FINISHED:
         final, held = int(run.data.metrics.get(TOKENS, 0)), _tokens_of(file)
         if held is not None and held < final:
+            why = f" ({'; '.join(skipped)})" if skipped else ""
             raise ConfigError(f"{path} stands for MLflow run {run.info.run_id}, which FINISHED at {final:,} tokens, "
                               f"but its newest usable checkpoint holds {held:,}: the final checkpoint is missing or "
-                              f"corrupt; pass a checkpoint file to use {file.name} anyway")
+                              f"corrupt{why}; pass a checkpoint file to use {file.name} anyway")
     return CheckpointRef(checkpoint=str(path.resolve()), run_id=run.info.run_id if run is not None else None,
                          config=config, identity=f"{file.resolve()}:{file.stat().st_size}")
 

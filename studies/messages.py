@@ -93,6 +93,8 @@ class TrialContext:
     log_level: int = logging.INFO
     """The level of the messages a trial's process shows (the study's -v/-q, `ltm.cli.log_level`): the process
     that runs the point configures its logging with it (`ltm.cli.configure_logging`)."""
+    verify: bool = True
+    """Check each checkpoint's sha256 before it is read (`ltm.checkpoint.verify_checksum`); False: --no-verify."""
 
     @property
     def threads(self) -> int:

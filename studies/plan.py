@@ -81,6 +81,8 @@ class Plan:
     """SLURM: nodes of a point."""
     log_level: int = logging.INFO
     """The messages shown (-v/-q), by the driver and by the processes that run the points."""
+    verify: bool = True
+    """Check each checkpoint's sha256 before it is read; False: --no-verify (`ltm.checkpoint.verify_checksum`)."""
 
     @property
     def world(self) -> int:
@@ -140,7 +142,7 @@ class Plan:
                             experiment=self.experiment, runs_dir=str(self.runs_dir), parent_run_id=self.parent_run_id,
                             tags=self.tags, cpus=self.cpus,
                             credentials_file=str(credentials_file) if credentials_file else None, driver=self.driver,
-                            log_level=self.log_level)
+                            log_level=self.log_level, verify=self.verify)
 
 
 def plan(study: Study, argv: list[str] | None = None) -> Plan:
@@ -174,7 +176,7 @@ def plan(study: Study, argv: list[str] | None = None) -> Plan:
                   mfu=args.mfu, peak_tflops=args.peak_tflops, gpu_mem_gb=gpu_mem,
                   address=args.address, fresh=args.fresh, profile=profile, mlflow_server=args.mlflow_server,
                   no_wait=args.no_wait, problem=problem, processes=processes, nodes=args.nodes_per_trial,
-                  log_level=log_level(args))
+                  log_level=log_level(args), verify=not getattr(args, "no_verify", False))
     unfit = result.gpu_mem_gb and memory_problem(result.points, result.memory, gpus, result.gpu_mem_gb)
     if unfit and not args.dry_run:
         raise UsageError(unfit)  # before anything is submitted
@@ -257,8 +259,9 @@ def evaluation_points(study: Study, preset: Preset, train_points: list[Point], a
     from studies.tasks import resolve_task, task_points
 
     task = _task_with_options(preset.task, args, study)
-    task = resolve_task(task, tracking_uri, runs_dir)
-    sources = [resolve(c, tracking_uri, runs_dir) for c in args.checkpoint]
+    verify = not args.no_verify
+    task = resolve_task(task, tracking_uri, runs_dir, verify)
+    sources = [resolve(c, tracking_uri, runs_dir, verify) for c in args.checkpoint]
     return task_points(train_points, task, sources)
 
 

@@ -25,7 +25,7 @@ from pathlib import Path
 
 import torch
 
-from ltm.checkpoint import CheckpointRef, load_model, resolve
+from ltm.checkpoint import CheckpointError, CheckpointRef, load_model, resolve
 from ltm.names import (ENTROPY, GEN_PPL, GENERATION, ROLE_EVAL, ROLE_TAG, SECONDS, SOURCE_RUN_TAG, TASK_TAG, Status,
                        gsm8k_metric, metric)
 from ltm.signals import Interrupt, Stopped
@@ -37,9 +37,9 @@ log = logging.getLogger(__name__)
 
 # -- building the points -------------------------------------------------------------------------
 
-def resolve_task(task: Task, tracking_uri: str, runs_dir: Path) -> Task:
-    """The task with local paths made absolute, its data and reference found; raises ConfigError
-    (DataError) on what would fail later."""
+def resolve_task(task: Task, tracking_uri: str, runs_dir: Path, verify: bool = True) -> Task:
+    """The task with local paths made absolute, its data and reference found (the reference's sha256
+    checked unless `verify` is False); raises ConfigError (DataError) on what would fail later."""
     from ltm.data import resolve_source
     from ltm.data.paths import expand
 
@@ -56,7 +56,8 @@ def resolve_task(task: Task, tracking_uri: str, runs_dir: Path) -> Task:
         for corpus in task.corpora:
             resolve_source(corpus)
     elif isinstance(task, GenerationTask) and task.reference:
-        task = dataclasses.replace(task, reference=resolve(str(task.reference), tracking_uri, runs_dir).checkpoint)
+        task = dataclasses.replace(task, reference=resolve(str(task.reference), tracking_uri, runs_dir,
+                                                                  verify).checkpoint)
     return task
 
 
@@ -144,9 +145,11 @@ def _run_task_locked(point: Point, context: TrialContext, interrupt: Interrupt) 
             else:
                 checkpoint, source_run = point.source.checkpoint, point.source.run_id
             device = trial_device()
-            model, cfg = load_model(checkpoint, device=str(device))
+            model, cfg = load_model(checkpoint, device=str(device), verify=context.verify)
     except Stopped as stop:
         return Result(Status.KILLED, None, f"interrupted by {stop} before the evaluation run was created")
+    except CheckpointError as err:  # refused (its sha256) or unreadable: nothing of the evaluation exists yet
+        return Result(Status.FAILED, None, str(err))
     task = point.task
 
     def create() -> str:
@@ -162,7 +165,7 @@ def _run_task_locked(point: Point, context: TrialContext, interrupt: Interrupt) 
     try:
         # The checkpoint's training precision ("auto": bf16 autocast on CUDA, fp32 on a CPU).
         with interrupt.stoppable(), autocast_for(device, cfg.train.precision):
-            metrics, artifacts = EVALUATORS[task.name](model, cfg, task)
+            metrics, artifacts = EVALUATORS[task.name](model, cfg, task, context.verify)
     except Stopped as stop:
         reason = f"interrupted by {stop}; start the study again to rerun this evaluation"
         tracker.finish(run_id, Status.KILLED, reason)
@@ -203,7 +206,7 @@ def _trained_checkpoint(point: Point, context: TrialContext) -> tuple[Path, str 
 
 # -- the evaluators: (model, run config, task) -> (metrics, artifacts {file name: text}) --------------
 
-def _gsm8k(model, cfg, task: Gsm8kTask) -> tuple[dict, dict]:
+def _gsm8k(model, cfg, task: Gsm8kTask, verify: bool) -> tuple[dict, dict]:
     from ltm.data import load_tokenizer
     from ltm.gsm8k import evaluate_gsm8k, load_problems
 
@@ -224,7 +227,7 @@ def _gsm8k(model, cfg, task: Gsm8kTask) -> tuple[dict, dict]:
     return metrics, outputs
 
 
-def _zero_shot(model, cfg, task: ZeroShotTask) -> tuple[dict, dict]:
+def _zero_shot(model, cfg, task: ZeroShotTask, verify: bool) -> tuple[dict, dict]:
     from ltm.downstream import zero_shot
 
     cfg = _with_inference(cfg, task)
@@ -238,7 +241,7 @@ def _zero_shot(model, cfg, task: ZeroShotTask) -> tuple[dict, dict]:
     return metrics, {"zero_shot.json": json.dumps(metrics, indent=1)}
 
 
-def _generation(model, cfg, task: GenerationTask) -> tuple[dict, dict]:
+def _generation(model, cfg, task: GenerationTask, verify: bool) -> tuple[dict, dict]:
     from ltm.data import load_blocks, load_tokenizer
     from ltm.downstream import (check_same_tokenizer, conditional_samples, generative_perplexity,
                                 unconditional_samples, unigram_entropy)
@@ -255,7 +258,7 @@ def _generation(model, cfg, task: GenerationTask) -> tuple[dict, dict]:
     sets.append(conditional_samples(model, _inference(cfg, task), prefixes, length=length, seed=seed, top_p=top_p))
     reference = None
     if task.reference:
-        reference, ref_cfg = load_model(task.reference, device=str(device))
+        reference, ref_cfg = load_model(task.reference, device=str(device), verify=verify)
         check_same_tokenizer(cfg, ref_cfg)
         reference.eval()
     metrics, text = {}, []
@@ -283,3 +286,5 @@ def _with_inference(cfg, task: Task):
 
 
 EVALUATORS = {"gsm8k": _gsm8k, "zero_shot": _zero_shot, "generation": _generation}
+"""Each task's evaluation of (model, its run config, the task, verify: check the sha256 of any other
+checkpoint it reads, as generation's reference): (metrics, artifacts by file name)."""

@@ -133,10 +133,10 @@ def test_evaluation_tasks_run_on_the_gpu_they_see(task, trained_on_cuda, gsm8k_f
 def test_zero_shot_task_on_cuda_runs_in_bf16_and_matches_the_cpu(trained_on_cuda, text_run, same_noise, monkeypatch):
     real_zero_shot, seen = tasks.EVALUATORS["zero_shot"], {}
 
-    def zero_shot(model, cfg, task):
+    def zero_shot(model, cfg, task, verify):
         device = next(model.parameters()).device
         seen[device.type] = (device, torch.is_autocast_enabled(device.type), torch.get_autocast_dtype(device.type))
-        return real_zero_shot(model, cfg, task)
+        return real_zero_shot(model, cfg, task, verify)
 
     monkeypatch.setitem(tasks.EVALUATORS, "zero_shot", zero_shot)
     task = {"name": "zero_shot", "corpora": [str(text_run[1])], "max_blocks": 8, "iw_samples": 4}

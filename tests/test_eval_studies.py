@@ -175,11 +175,11 @@ def test_run_task_loads_the_model_on_the_trial_device_and_tags_the_run_with_it(t
                                                                           model=build_model(cfg.model).state_dict()))
     real_load_model, asked, seen = tasks.load_model, [], {}
 
-    def load_model(path, device):
+    def load_model(path, device, verify):
         asked.append(device)
-        return real_load_model(path, device)
+        return real_load_model(path, device, verify)
 
-    def evaluator(model, cfg, task):
+    def evaluator(model, cfg, task, verify):
         seen["device"] = next(model.parameters()).device
         seen["autocast"] = torch.is_autocast_enabled("cpu")
         return {"probe/value": 1.0}, {}
@@ -215,7 +215,7 @@ def test_an_evaluation_that_failed_is_rerun_in_its_own_run_and_then_skipped(tmp_
                                                                           model=build_model(cfg.model).state_dict()))
     outcomes = [RuntimeError("the evaluator broke"), ({"probe/value": 2.0}, {})]
 
-    def evaluator(model, cfg, task):
+    def evaluator(model, cfg, task, verify):
         outcome = outcomes.pop(0)
         if isinstance(outcome, Exception):
             raise outcome

@@ -2,8 +2,10 @@
 evaluation, a full disk, a tracking server on the network, SLURM that does not answer."""
 
 import errno
+import io
 import json
 import os
+import re
 import signal
 import socket
 import stat
@@ -154,6 +156,51 @@ def test_a_full_disk_fails_the_run_naming_the_file_and_leaves_no_temporary(tmp_p
     (run,) = client.search_runs([client.get_experiment_by_name("disk").experiment_id])
     assert run.info.status == "FAILED"
     assert says in run.data.tags[REASON_TAG] and str(run_dir / "ckpt-") in run.data.tags[REASON_TAG]
+
+
+class _FullDisk(io.FileIO):
+    """A file on a disk with 4 KB left: the kernel refuses the write that goes past them. Unbuffered, so
+    closing it has nothing left to flush, and torch.save then raises its own RuntimeError "unexpected pos"."""
+
+    def write(self, data) -> int:
+        if self.tell() + len(data) > 4096:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        return super().write(data)
+
+
+def _onto_a_full_disk(monkeypatch, which=lambda path: True):
+    """The files ltm.files writes that `which` picks are on a full disk."""
+    import ltm.files
+
+    def full(file, mode="r", *args, **kwargs):
+        return _FullDisk(file, "wb") if which(str(file)) else open(file, mode, *args, **kwargs)
+
+    monkeypatch.setattr(ltm.files, "open", full, raising=False)
+
+
+def test_a_full_disk_under_torch_save_is_named_as_one_with_the_free_space(tmp_path, monkeypatch):
+    # torch.save's own error is "[enforce fail at inline_container.cc:672] . unexpected pos": the disk is named
+    _onto_a_full_disk(monkeypatch, lambda path: ".pt." in path)
+    with pytest.raises(OSError, match=r"cannot write checkpoint .*ckpt-.*: No space left on device \(errno ENOSPC\); "
+                                      r"\d+\.\d\d GB free on its disk"):
+        train.run(smoke(tmp_path), runs_dir=tmp_path / "runs", experiment="disk", progress=False)
+    run_dir = tmp_path / "runs" / "checkpoints" / smoke(tmp_path).run_key()
+    assert not list(run_dir.glob("*.tmp")) and not list(run_dir.glob("ckpt-*"))
+    client = MlflowClient(default_tracking_uri(tmp_path / "runs"))
+    (run,) = client.search_runs([client.get_experiment_by_name("disk").experiment_id])
+    assert "No space left on device (errno ENOSPC)" in run.data.tags[REASON_TAG]
+    assert "unexpected pos" not in run.data.tags[REASON_TAG]
+
+
+def test_every_atomic_write_names_a_full_disk_and_its_free_space(tmp_path, monkeypatch):
+    from ltm.files import atomic_write
+
+    _onto_a_full_disk(monkeypatch)
+    target = tmp_path / "config.json"
+    with pytest.raises(OSError, match=rf"No space left on device writing {re.escape(str(target))}: \d+\.\d\d GB "
+                                      "free on its filesystem") as raised:
+        atomic_write(target, "{}" * 10_000)
+    assert raised.value.errno == errno.ENOSPC and not list(tmp_path.iterdir())
 
 
 # -- a signal during an evaluation -------------------------------------------------------------------
