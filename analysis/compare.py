@@ -43,17 +43,21 @@ import textwrap
 from collections.abc import Sequence
 from pathlib import Path
 
-import numpy as np
-import pandas as pd
-import torch
-
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from ltm.signals import exit_on_signal  # noqa: E402
+
+exit_on_signal(__name__)  # first: Ctrl-C while torch loads or while scoring exits 3 with a message
+import numpy as np  # noqa: E402
+import pandas as pd  # noqa: E402
+import torch  # noqa: E402
+
 from ltm.checkpoint import UNVERIFIED_RISK, load_model, resolve  # noqa: E402
 from ltm.cli import add_verbosity, configure_logging, log_level  # noqa: E402
 from ltm.config import ConfigError, RunConfig  # noqa: E402
 from ltm.names import Exit, exit_help  # noqa: E402
 from ltm.data import load_blocks  # noqa: E402
 from ltm.evaluate import sequence_bounds  # noqa: E402
+from ltm.files import atomic_write  # noqa: E402
 from ltm.tracking import TrackingUnusable, default_tracking_uri, tracking_uri_option  # noqa: E402
 from ltm.objective import EVAL_SEED  # noqa: E402
 
@@ -332,7 +336,7 @@ def main(argv: list[str] | None = None) -> int:
         result = {**labels, **compare_seeds(a, b, args.bootstrap)}
         _print_seeds(result, args.bootstrap)
     if args.out:
-        pd.DataFrame([result]).to_csv(args.out, index=False)
+        atomic_write(args.out, pd.DataFrame([result]).to_csv(index=False))  # whole or not at all, even on Ctrl-C
     return Exit.OK
 
 

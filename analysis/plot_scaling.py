@@ -32,7 +32,11 @@ import sys
 import textwrap
 from pathlib import Path
 
-import matplotlib
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from ltm.signals import exit_on_signal  # noqa: E402
+
+exit_on_signal(__name__)  # first: a signal while matplotlib, pandas and torch load exits 3 with a message
+import matplotlib  # noqa: E402
 
 matplotlib.use("Agg")
 import matplotlib.ticker  # noqa: E402
@@ -41,7 +45,6 @@ import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 import seaborn as sns  # noqa: E402
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from analysis import fit  # noqa: E402
 from analysis.figures import add_notes, legend_beside, merge_references, readable_ticks  # noqa: E402
 from analysis.inference_cost import cost_table, plot_inference_cost, start_label  # noqa: E402

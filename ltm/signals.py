@@ -35,11 +35,19 @@ def exit_on_signal(module: str) -> None:
         signal.signal(sig, _exit_interrupted)
 
 
+_entered = False
+"""Whether an `Interrupt` was ever installed in this process: before that, the process is only importing."""
+
+
 def _exit_interrupted(signum: int, frame=None) -> None:
     name = signal.Signals(signum).name
     # os.write: a signal can arrive in the middle of a write to sys.stderr (which would then raise)
     os.write(2, f"interrupted by {name} outside any run (starting up or shutting down): nothing was started "
                 "or left running; start the same command again\n".encode())
+    if not _entered:
+        # While modules import, SystemExit can land inside a library's `except BaseException` and be
+        # swallowed (seen: a study went on to run and exit 0). Nothing exists yet that needs cleaning up.
+        os._exit(Exit.INTERRUPTED)
     raise SystemExit(Exit.INTERRUPTED)
 
 
@@ -70,6 +78,8 @@ class Interrupt:
         self._raise = False
 
     def __enter__(self):
+        global _entered
+        _entered = True
         if threading.current_thread() is threading.main_thread():
             for sig in SIGNALS:
                 self._previous[sig] = signal.signal(sig, self.handle)

@@ -284,10 +284,13 @@ def _catches_sigterm(pid: int) -> bool:
 @pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="reads /proc (Linux)")
 @pytest.mark.parametrize("command", [["-m", "ltm.train", "--preset", "smoke", "--no-progress"],
                                      ["studies/sample_efficiency.py", "--preset", "smoke"],
-                                     ["-m", "studies.worker", "--serve"]], ids=["ltm.train", "study", "worker"])
+                                     ["-m", "studies.worker", "--serve"], ["analysis/plot_scaling.py"],
+                                     ["analysis/compare.py", "a.pt", "b.pt"]],
+                         ids=["ltm.train", "study", "worker", "plot_scaling", "compare"])
 def test_a_signal_while_a_command_imports_torch_exits_3_with_a_message(tmp_path, command):
-    proc = subprocess.Popen([sys.executable, *command, *(["--runs-dir", str(tmp_path / "runs")] if "--preset" in
-                                                         command else [])],
+    takes_runs_dir = "--preset" in command or command[0].startswith("analysis/")
+    proc = subprocess.Popen([sys.executable, *command, *(["--runs-dir", str(tmp_path / "runs")] if takes_runs_dir
+                                                         else [])],
                             cwd=ROOT, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     deadline = time.time() + 120
     while proc.poll() is None and not _catches_sigterm(proc.pid) and time.time() < deadline:
