@@ -119,6 +119,8 @@ def _main(study: Study, argv: list[str] | None, interruption: Interruption) -> i
         interruption.request()
     except (UsageError, TrackingError) as err:
         print(f"error: {err}", file=sys.stderr)
+        if plan_.parent_run_id is not None:  # e.g. a Ray --address that answers nothing: end the parent, not RUNNING
+            finish_parent(tracker, plan_.parent_run_id, Status.FAILED, {}, str(err)[:500])
         return Exit.USAGE
     finally:
         interruption.detach()  # from here a signal is recorded: the summary is written, the parent ended

@@ -363,3 +363,16 @@ def test_a_sigterm_during_ray_init_ends_the_study_with_exit_3_and_its_parent_kil
     assert "interrupted by SIGTERM while waiting for Ray to start" in capsys.readouterr().err
     [parent] = runs_of(tmp_path / "runs", "inference_scaling")
     assert parent.info.status == "KILLED"
+
+
+def test_a_ray_cluster_that_does_not_answer_ends_the_study_with_exit_2_and_its_parent_failed(tmp_path, monkeypatch,
+                                                                                            fake_ray, capsys):
+    def refused(**kwargs):
+        raise ConnectionError("could not connect to 127.0.0.1:1")
+
+    monkeypatch.setattr(fake_ray, "init", refused)
+    assert study_main(tmp_path, "--cluster", "ray", "--address", "127.0.0.1:1") == Exit.USAGE
+    assert "could not connect to 127.0.0.1:1" in capsys.readouterr().err
+    [parent] = runs_of(tmp_path / "runs", "inference_scaling")
+    assert parent.info.status == "FAILED"  # not left RUNNING until the study is started again
+    assert "127.0.0.1:1" in parent.data.tags[REASON_TAG]
