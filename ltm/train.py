@@ -112,6 +112,9 @@ def _run_locked(cfg: RunConfig, procs: Processes, tracking_uri: str, experiment:
     with interrupt.stoppable():
         with procs.main_first():  # a cold token cache is tokenised once, by rank 0; the others then read it
             blocks = load_blocks(cfg.data, cfg.model.ctx, "train"), load_blocks(cfg.data, cfg.model.ctx, "validation")
+        if procs.is_main:
+            log.info("%s: %s training blocks, %s validation blocks of %d tokens", _data_name(cfg),
+                     f"{len(blocks[0]):,}", f"{len(blocks[1]):,}", cfg.model.ctx + 1)
         model_cfg = dataclasses.replace(cfg.model, vocab_size=blocks[0].vocab_size)
         tracker = Tracker(tracking_uri, experiment, artifact_root=runs_dir / "artifacts") if procs.is_main else None
     decision = None  # not stoppable: a signal waits until the MLflow run is created or reopened
@@ -146,6 +149,10 @@ def _run_locked(cfg: RunConfig, procs: Processes, tracking_uri: str, experiment:
     finally:
         if monitor is not None:
             monitor.finish()
+
+
+def _data_name(cfg: RunConfig) -> str:
+    return "synthetic corpus" if cfg.data.name == "synthetic" else f"data {cfg.data.name}"
 
 
 def _set_up(cfg: RunConfig, model_cfg: ModelConfig, procs: Processes, interrupt: Interrupt, tracker: Tracker | None,
