@@ -136,9 +136,13 @@ class Plan:
 
 def plan(study: Study, argv: list[str] | None = None) -> Plan:
     """Parse and validate the options; raises UsageError / ConfigError / TrackingError / DataError."""
+    return plan_from_args(study, build_parser(study).parse_args(argv))
+
+
+def plan_from_args(study: Study, args: argparse.Namespace) -> Plan:
+    """Validate parsed options (`build_parser`); raises as `plan` does."""
     from ltm.tracking import check_tracking_uri, default_tracking_uri
 
-    args = build_parser(study).parse_args(argv)
     seeds = _check_options(args)
     points = build_points(study, args.preset, seeds, args.data, args.overrides)
     preset = study.presets[args.preset]
