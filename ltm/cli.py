@@ -50,7 +50,8 @@ def log_level(args: argparse.Namespace) -> int:
 
 
 class _Stderr(logging.StreamHandler):
-    """A handler that writes to the sys.stderr of the moment (a worker redirects it for each point)."""
+    """A handler that writes to the sys.stderr of the moment (a worker redirects it for each point), above
+    any progress bar drawn there (tqdm.write), which a message would otherwise break in two."""
 
     @property
     def stream(self):
@@ -59,6 +60,15 @@ class _Stderr(logging.StreamHandler):
     @stream.setter
     def stream(self, value) -> None:  # StreamHandler.__init__ sets it: always sys.stderr here
         pass
+
+    def emit(self, record: logging.LogRecord) -> None:
+        from tqdm import tqdm
+
+        try:
+            tqdm.write(self.format(record), file=self.stream)
+            self.flush()
+        except Exception:
+            self.handleError(record)
 
 
 class _Formatter(logging.Formatter):

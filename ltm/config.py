@@ -232,7 +232,7 @@ MODEL_PRESETS["micro-rf"] = ModelConfig(vocab_size=128, n_layers=2, d_model=64, 
 
 
 def model_preset(name: str, **overrides) -> ModelConfig:
-    """A named model configuration ("smoke", "micro[-s|-m|-l]", "ltm-s|m|l"), with overrides."""
+    """A named model configuration (a key of MODEL_PRESETS), with overrides."""
     try:
         cfg = MODEL_PRESETS[name.lower()]
     except KeyError:

@@ -9,6 +9,7 @@ split each global batch; gradients are summed with one all-reduce. Where the run
 
 from __future__ import annotations
 
+import logging
 import math
 import time
 from collections.abc import Callable
@@ -33,6 +34,8 @@ from ltm.signals import Interrupt, Stopped
 if TYPE_CHECKING:
     from ltm.data import TokenBlocks
     from ltm.tracking import Tracker
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass
@@ -269,12 +272,25 @@ def train(ctx: TrainContext, state: TrainState, progress: bool) -> RunResult:
     ctx.procs.after_main()  # rank 0 may have spent long on the tracking store (resending spooled metrics)
     if state.eval_pending and (ended := _pending_evaluation(ctx, state, metrics)):
         return ended
+    compiling = _announce_compile(ctx)
     with tqdm(total=plan.total_steps * plan.tokens_per_step, initial=state.step * plan.tokens_per_step, unit="tok",
               unit_scale=True, disable=not (progress and ctx.procs.is_main), dynamic_ncols=True) as bar:
         window, ended = _Window(), None
         while ended is None and state.step < plan.total_steps:
             ended = _update(ctx, state, window, bar, metrics)
+            if compiling is not None:
+                logger.info("compiled: the first update took %.0f s; the next ones reuse the compiled graphs (an "
+                            "evaluation's shapes compile at the first evaluation)", time.perf_counter() - compiling)
+                compiling = None
     return ended or close(ctx, Status.FINISHED, state.step * plan.tokens_per_step, metrics)
+
+
+def _announce_compile(ctx: TrainContext) -> float | None:
+    """Say (rank 0) that the first update compiles, before it starts; when it started, None if nothing compiles."""
+    if not (ctx.plan.compiled and ctx.procs.is_main):
+        return None
+    logger.info(objective.compile_notice(ctx.procs.device))
+    return time.perf_counter()
 
 
 def _pending_evaluation(ctx: TrainContext, state: TrainState, metrics: dict) -> RunResult | None:

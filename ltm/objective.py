@@ -26,6 +26,9 @@ EVAL_SEED = 20_250_000
 
 CPU_COMPILE_MIN_FLOPS = 1e13
 """Training FLOPs (exact) from which "auto" compiles on a CPU; see use_compile."""
+CPU_COMPILE_SECONDS = 25
+"""About how long compiling a run's training shapes takes on an idle 2-core CPU (22 s for micro's,
+benchmarks/RESULTS.md): what a run tells its user before the first update waits for it."""
 
 
 def decoder_loss(model: LatentThoughtModel, tokens: torch.Tensor, cfg: InferenceConfig | None,
@@ -95,6 +98,14 @@ def use_compile(setting: str, device: torch.device, training_flops: float) -> bo
     if setting != "auto":
         return setting == "on"
     return device.type == "cuda" or training_flops >= CPU_COMPILE_MIN_FLOPS
+
+
+def compile_notice(device: torch.device) -> str:
+    """What a compiling run says before its first update, which waits for the compile."""
+    cost = (f"about {CPU_COMPILE_SECONDS} s on an idle 2-core CPU, longer on a busy one" if device.type == "cpu"
+            else "the first update waits for it")
+    return (f"compiling the inner loop and the decoder for this run's shapes (once per process: {cost}; "
+            "--set train.compile=off skips it)")
 
 
 def c_compiler(environ: Mapping[str, str] | None = None) -> str | None:

@@ -25,19 +25,19 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from ltm import lifecycle, loop, names
-from ltm.checkpoint import checkpoints, load_latest_checkpoint, remove_stale_temporaries, write_run_config
+from ltm import names
 from ltm.cli import add_run_options, add_verbosity, configure_logging, log_level
-from ltm.config import ConfigError, ModelConfig, RunConfig, run_preset
-from ltm.lifecycle import UNSENT_FILE, RunDecision, RunResult
+from ltm.config import RUN_PRESETS, ConfigError, ModelConfig, RunConfig, run_preset
 from ltm.names import EXIT_OF, Exit, Status
-from ltm.objective import check_c_compiler, use_compile
 from ltm.paths import check_name
-from ltm.processes import Processes
 from ltm.signals import Interrupt, Stopped
 
+# torch, MLflow and the loop load where a run starts (in `run`), so that --help and a mistyped option answer at once.
 if TYPE_CHECKING:
+    from ltm import loop
     from ltm.data import TokenBlocks
+    from ltm.lifecycle import RunDecision, RunResult
+    from ltm.processes import Processes
     from ltm.tracking import Tracker
 
 log = logging.getLogger("ltm.train")  # by name: run as a command, __name__ is "__main__"
@@ -56,6 +56,8 @@ def run(cfg: RunConfig, *, tracking_uri: str | None = None, experiment: str = "l
     user:password in the URI).
     """
     from ltm.data import check_data
+    from ltm.objective import check_c_compiler, use_compile
+    from ltm.processes import Processes
     from ltm.runlock import RunBusy, RunLock
     from ltm.tracking import check_tracking_uri, configure_mlflow, default_tracking_uri
 
@@ -104,6 +106,8 @@ def run(cfg: RunConfig, *, tracking_uri: str | None = None, experiment: str = "l
 
 def _not_started(stop: Stopped, run_dir: Path) -> RunResult:
     """A signal before the MLflow run was created or reopened: nothing to mark, nothing lost."""
+    from ltm.lifecycle import RunResult
+
     return RunResult(Status.KILLED, None, {}, run_dir,
                      f"interrupted by {stop} before the run started; nothing was changed; run the same command again")
 
@@ -111,13 +115,18 @@ def _not_started(stop: Stopped, run_dir: Path) -> RunResult:
 def _run_locked(cfg: RunConfig, procs: Processes, tracking_uri: str, experiment: str, runs_dir: Path, force: bool,
                 parent_run_id: str | None, tags: dict, progress: bool, patience: float, on_log,
                 interrupt: Interrupt) -> RunResult:
+    from ltm import lifecycle, loop
     from ltm.data import load_blocks
+    from ltm.lifecycle import RunResult
     from ltm.tracking import Tracker
 
     key = cfg.run_key()
     with interrupt.stoppable():
         with procs.main_first():  # a cold token cache is tokenised once, by rank 0; the others then read it
             blocks = load_blocks(cfg.data, cfg.model.ctx, "train"), load_blocks(cfg.data, cfg.model.ctx, "validation")
+        if procs.is_main:
+            log.info("%s: %s training blocks, %s validation blocks of %d tokens", _data_name(cfg),
+                     f"{len(blocks[0]):,}", f"{len(blocks[1]):,}", cfg.model.ctx + 1)
         model_cfg = dataclasses.replace(cfg.model, vocab_size=blocks[0].vocab_size)
         tracker = Tracker(tracking_uri, experiment, artifact_root=runs_dir / "artifacts") if procs.is_main else None
     decision = None  # not stoppable: a signal waits until the MLflow run is created or reopened
@@ -154,11 +163,19 @@ def _run_locked(cfg: RunConfig, procs: Processes, tracking_uri: str, experiment:
             monitor.finish()
 
 
+def _data_name(cfg: RunConfig) -> str:
+    return "synthetic corpus" if cfg.data.name == "synthetic" else f"data {cfg.data.name}"
+
+
 def _set_up(cfg: RunConfig, model_cfg: ModelConfig, procs: Processes, interrupt: Interrupt, tracker: Tracker | None,
             decision: RunDecision, blocks: tuple[TokenBlocks, TokenBlocks], patience: float,
             on_log) -> tuple[loop.TrainContext, loop.TrainState, bool]:
     """The run's folder made ready (rank 0), what the loop works with, and its state: new, or its
     latest checkpoint's when resuming; whether it was resumed."""
+    from ltm import loop
+    from ltm.checkpoint import checkpoints, load_latest_checkpoint, remove_stale_temporaries, write_run_config
+    from ltm.lifecycle import UNSENT_FILE
+
     key, run_id, run_dir = cfg.run_key(), decision.run_id, decision.run_dir
     if procs.is_main:
         remove_stale_temporaries(run_dir)
@@ -224,8 +241,7 @@ def build_parser() -> argparse.ArgumentParser:
         epilog="Run the same command again to resume an interrupted run or to skip a finished one. "
                "Several processes: torchrun --nproc-per-node N -m ltm.train ... "
                + names.exit_help("finished (or skipped)", "failed", "another process is running this run"))
-    parser.add_argument("--preset", default="micro",
-                        help="run preset: smoke, micro, ltm-s, ltm-m, ltm-l (default micro)")
+    parser.add_argument("--preset", default="micro", help=f"run preset: {', '.join(RUN_PRESETS)} (default micro)")
     parser.add_argument("--config", help="a JSON run config (as logged in config.json) instead of a preset")
     add_run_options(parser, experiment_default="ltm")
     parser.add_argument("--device", help="cpu, cuda, cuda:1 (default: cuda if available)")
@@ -250,10 +266,10 @@ def config_from_args(args: argparse.Namespace) -> RunConfig:
 def main(argv: list[str] | None = None) -> int:
     """Train one run from the command line; returns the exit status (`ltm.names.Exit`): bad options
     (the config, --data, --tracking-uri, --tracking-patience) are refused with Exit.USAGE."""
+    args = build_parser().parse_args(argv)  # --help and a mistyped option answer before MLflow is imported
     from ltm.runlock import RunBusy
     from ltm.tracking import TrackingUnusable
 
-    args = build_parser().parse_args(argv)
     configure_logging(log_level(args))
     try:
         if args.tracking_patience <= 0:

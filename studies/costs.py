@@ -128,7 +128,7 @@ def cost_summary(costs: list[Cost], mfu: float, peak_tflops: float, gpus_per_tri
     hours = [gpu_hours(c.flops, mfu, peak_tflops) for c in costs]
     lines = [f"training: {flops:.2e} FLOPs exact, {paper:.2e} FLOPs paper convention "
              f"({sum(c.tokens for c in costs):,} tokens; validation and evaluations not counted)",
-             f"GPU time: {_number(sum(hours))} GPU-h of exact FLOPs at {mfu * 100:g}% MFU of {peak_tflops:g} TFLOP/s "
+             f"GPU time: {gpu_time(sum(hours))} of exact FLOPs at {mfu * 100:g}% MFU of {peak_tflops:g} TFLOP/s "
              f"(--mfu, --peak-tflops)"]
     if gpus_per_trial <= 0:
         lines.append("wall time: not estimated, the trials get no GPU (--gpus-per-trial)")
@@ -208,6 +208,15 @@ def _requeues(hours: list[float], gpus_per_trial: float, profile: SlurmProfile) 
 def _number(x: float) -> str:
     """3 significant digits (0.0123, 90.3, 1.2e-09), whole numbers from 1,000 up (1,531)."""
     return f"{x:,.0f}" if x >= 1000 else f"{x:.3g}"
+
+
+def gpu_time(hours: float) -> str:
+    """GPU-hours as a person reads them: 1,531 GPU-h, 0.25 GPU-h, 5 GPU-min, 3.4 GPU-s, under 1 GPU-s."""
+    if hours >= 0.1:
+        return f"{_number(hours)} GPU-h"
+    if hours >= 1 / 60:
+        return f"{hours * 60:.3g} GPU-min"
+    return f"{hours * 3600:.3g} GPU-s" if hours >= 1 / 3600 else "under 1 GPU-s"
 
 
 def _duration(hours: float) -> str:

@@ -31,8 +31,9 @@ from ltm.signals import Stopped
 from studies.costs import cost_columns, cost_summary, memory_columns, memory_summary, point_cost
 from studies.interrupt import Interruption, wait_for_stragglers
 from studies.messages import CheckpointSource
+from studies.options import build_parser
 from studies.parent import finish_parent, open_parent, open_tracker, summary
-from studies.plan import Plan, UsageError, plan
+from studies.plan import Plan, UsageError, plan_from_args
 from studies.points import axes, grid_table
 from studies.study import Study
 
@@ -88,10 +89,12 @@ def main(study: Study, argv: list[str] | None = None) -> int:
 def _main(study: Study, argv: list[str] | None, interruption: Interruption) -> int:
     from ltm.cli import configure_logging
     from ltm.config import ConfigError
+
+    args = build_parser(study).parse_args(argv)  # --help and a mistyped option answer before MLflow is imported
     from ltm.tracking import TrackingError, configure_mlflow, redact
 
     try:
-        plan_ = plan(study, argv)
+        plan_ = plan_from_args(study, args)
     except (UsageError, ConfigError, TrackingError, FileNotFoundError) as err:
         print(f"error: {err}", file=sys.stderr)
         return Exit.USAGE

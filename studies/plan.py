@@ -147,9 +147,13 @@ class Plan:
 
 def plan(study: Study, argv: list[str] | None = None) -> Plan:
     """Parse and validate the options; raises UsageError / ConfigError / TrackingError / DataError."""
+    return plan_from_args(study, build_parser(study).parse_args(argv))
+
+
+def plan_from_args(study: Study, args: argparse.Namespace) -> Plan:
+    """Validate parsed options (`build_parser`); raises as `plan` does."""
     from ltm.tracking import tracking_uri_option
 
-    args = build_parser(study).parse_args(argv)
     seeds = _check_options(args)
     points = build_points(study, args.preset, seeds, args.data, args.overrides)
     preset = study.presets[args.preset]
@@ -157,7 +161,7 @@ def plan(study: Study, argv: list[str] | None = None) -> Plan:
     runs_dir = Path(args.runs_dir).resolve()
     uri = tracking_uri_option(args.tracking_uri, runs_dir)
     if preset.task is not None:
-        points = evaluation_points(study, preset, points, args, uri, runs_dir)
+        points, problem = evaluation_points(study, preset, points, args, uri, runs_dir, problem)
     try:
         profile = load_profile(args.profile or preset.profile) if args.cluster == "slurm" else None
         cpus, gpus = _per_trial(args.cpus_per_trial, args.gpus_per_trial, profile, preset)
@@ -253,16 +257,23 @@ def _check_backend(args: argparse.Namespace, uri: str, cpus: float) -> None:
 
 
 def evaluation_points(study: Study, preset: Preset, train_points: list[Point], args: argparse.Namespace,
-                      tracking_uri: str, runs_dir: Path) -> list[Point]:
-    """The evaluation task of the preset, with --data and --task applied, on --checkpoint or the trained points."""
+                      tracking_uri: str, runs_dir: Path,
+                      problem: Exception | None) -> tuple[list[Point], Exception | None]:
+    """The evaluation task of the preset, with --data and --task applied, on --checkpoint or the trained points;
+    and the plan's problem: a dry run gets a missing evaluation data set back (to report after the grid)."""
     from ltm.checkpoint import resolve
     from studies.tasks import resolve_task, task_points
 
     task = _task_with_options(preset.task, args, study)
     verify = not args.no_verify
-    task = resolve_task(task, tracking_uri, runs_dir, verify)
+    try:
+        task = resolve_task(task, tracking_uri, runs_dir, verify)
+    except (ConfigError, FileNotFoundError) as err:
+        if not args.dry_run:
+            raise
+        problem = err
     sources = [resolve(c, tracking_uri, runs_dir, verify) for c in args.checkpoint]
-    return task_points(train_points, task, sources)
+    return task_points(train_points, task, sources), problem
 
 
 def _task_with_options(task: Task, args: argparse.Namespace, study: Study) -> Task:

@@ -168,10 +168,15 @@ def _trial(config: dict, points: dict, context: dict) -> None:
 
 
 def _progress_table():
-    """Tune's status table: a row per trial with its point and the numbers `_report_progress` sends."""
+    """Tune's status table: a row per trial with its point and the numbers `_report_progress` sends, logged
+    (stderr, -q hides it) where Tune would print it on stdout, which carries the plan and the summary."""
     from ray.tune import CLIReporter
 
-    return CLIReporter(parameter_columns={"key": "point"}, max_report_frequency=int(REPORT_EVERY_S),
+    class LoggedTable(CLIReporter):
+        def _print(self, msg: str) -> None:  # CLIReporter's one place of output
+            log.info("%s", msg)
+
+    return LoggedTable(parameter_columns={"key": "point"}, max_report_frequency=int(REPORT_EVERY_S),
                        print_intermediate_tables=True,
                        metric_columns={TOKENS: "tokens", TOKENS_PER_S: "tok/s", _TUNE_BOUND: "val ppl bound",
                                        "status": "run"})

@@ -130,18 +130,41 @@ def slurm_parameters(plan: Plan) -> dict:
 
 
 def sbatch_preview(plan: Plan) -> str:
-    """The #SBATCH lines submitit would write for this study's array (nothing is submitted)."""
+    """The #SBATCH lines submitit would write for this study's array (nothing is submitted). Works where
+    SLURM is absent (planning on a laptop): submitit's own text, else the parameters."""
     import tempfile
 
     with tempfile.TemporaryDirectory() as tmp:
-        inner = slurm_executor(plan, tmp)._executor  # private, for display only; fall back to the parameters
-        try:
+        try:  # submitit's private API, for display only: fall back to the parameters if it changes
+            inner = _planning_executor(plan, tmp)
             inner.parameters["map_count"] = len(plan.points)
             text = inner._make_submission_file_text("python -u -m submitit.core._submit <folder>", "preview")
         except Exception as err:
             return f"(preview unavailable: {err})\n" + json.dumps(slurm_parameters(plan), indent=2)
     folder = str(slurm_folder(plan) / "%j")
     return "\n".join(line.replace(tmp, folder) for line in text.splitlines() if line.startswith("#SBATCH"))
+
+
+def _planning_executor(plan: Plan, folder) -> "submitit.SlurmExecutor":
+    """submitit's SLURM executor with the parameters `slurm_executor` gives it, made without `srun` on
+    PATH (submitit refuses to make one there): AutoExecutor's translation of the generic parameters,
+    then the slurm_-prefixed ones."""
+    import submitit
+
+    class Planning(submitit.SlurmExecutor):
+        @classmethod
+        def affinity(cls) -> int:
+            return 1  # "available": it writes the submission file and submits nothing
+
+    executor = Planning(folder, max_num_timeout=int(plan.profile.max_num_timeout))
+    params = {k: v for k, v in slurm_parameters(plan).items() if v is not None}  # as AutoExecutor: None is unset
+    generic = submitit.AutoExecutor._typed_parameters()
+    specific = {k.removeprefix("slurm_"): v for k, v in params.items() if k.startswith("slurm_")}
+    shared = {k: v for k, v in {**params, **specific}.items() if k in generic}  # slurm_<generic> wins
+    converted = executor._convert_parameters(shared)
+    converted.update({k: v for k, v in specific.items() if k not in generic})
+    executor._internal_update_parameters(**converted)
+    return executor
 
 
 def snapshot_code(dest: Path) -> Path:

@@ -130,7 +130,7 @@ class Preset:
     """One size of a study: a base run preset, the grid as override dicts, resources per trial."""
 
     base: str
-    """A run preset of `ltm.config.run_preset` (smoke, micro, micro-rf, ltm-s, ltm-m, ltm-l)."""
+    """A run preset: a key of `ltm.config.RUN_PRESETS` (`python -m ltm.train --help` lists them)."""
     points: list[dict]
     """One dict of dotted-key overrides per grid point (see `grid`); "recipe": NAME takes that run
     recipe for the point instead of `base` (LTM-S/M/L are the recipes ltm-s, ltm-m, ltm-l)."""

@@ -3,7 +3,12 @@ conventions, `ltm.flops`) and GPU-hours at a stated MFU of a stated peak; per po
 training update (`ltm.memory`) and the largest micro-batch that fits a stated GPU."""
 
 import dataclasses
+import importlib
+import json
 import math
+import os
+import shutil
+from pathlib import Path
 
 import pytest
 
@@ -53,7 +58,7 @@ def expected(point: Point) -> tuple[int, float, float]:
 def test_dry_run_prints_each_points_flops_and_gpu_hours_and_their_totals(tmp_path, capsys, study):
     # the model's vocabulary comes from the data (128 here), not from model.vocab_size (64)
     argv = ["--preset", "smoke", "--runs-dir", str(tmp_path), "--set", "data.synthetic_vocab=128",
-            "--mfu", "0.5", "--peak-tflops", "100", "--gpus-per-trial", "1", "--max-concurrent", "2"]
+            "--mfu", "0.5", "--peak-tflops", "0.01", "--gpus-per-trial", "1", "--max-concurrent", "2"]
     rows, rest = dry_run(study, argv, capsys)
     points = plan(study, argv).points
     assert set(rows) == {p.key for p in points}
@@ -65,7 +70,7 @@ def test_dry_run_prints_each_points_flops_and_gpu_hours_and_their_totals(tmp_pat
         assert number(row["tokens"]) == tokens
         assert number(row["flops"]) == pytest.approx(flops, rel=ROUNDING)
         assert number(row["flops_paper"]) == pytest.approx(paper, rel=ROUNDING)
-        hours.append(flops / (0.5 * 100e12) / 3600)
+        hours.append(flops / (0.5 * 0.01e12) / 3600)
         assert number(row["gpu_h"]) == pytest.approx(hours[-1], rel=ROUNDING)
         totals = [totals[0] + flops, totals[1] + paper]
     training, gpu_time, wall = rest.splitlines()[1:4]
@@ -73,8 +78,9 @@ def test_dry_run_prints_each_points_flops_and_gpu_hours_and_their_totals(tmp_pat
     assert words[0] == "training:" and words[3] == "exact," and words[6:8] == ["paper", "convention"]
     assert number(words[1]) == pytest.approx(totals[0], rel=ROUNDING)
     assert number(words[4]) == pytest.approx(totals[1], rel=ROUNDING)
-    assert number(gpu_time.split()[2]) == pytest.approx(sum(hours), rel=ROUNDING)
-    assert "of exact FLOPs at 50% MFU of 100 TFLOP/s" in gpu_time
+    value, unit = gpu_time.split()[2:4]  # seconds at this small scale
+    assert unit == "GPU-s" and number(value) == pytest.approx(sum(hours) * 3600, rel=ROUNDING)
+    assert "of exact FLOPs at 50% MFU of 0.01 TFLOP/s" in gpu_time
     wall_s = max(sum(hours) / 2, max(hours)) * 3600
     assert wall.startswith("wall time: about ") and "with 2 trials x 1 GPU at once (estimate" in wall
     assert number(wall.split()[3]) == pytest.approx(wall_s, rel=ROUNDING) and wall.split()[4] == "s"
@@ -84,6 +90,16 @@ def test_a_study_without_gpus_gets_no_wall_time_estimate(tmp_path, capsys):
     _, rest = dry_run(INFERENCE_SCALING, ["--preset", "smoke", "--runs-dir", str(tmp_path)], capsys)
     assert "at 40% MFU of 989 TFLOP/s" in rest  # the defaults
     assert "wall time: not estimated, the trials get no GPU (--gpus-per-trial)" in rest
+
+
+@pytest.mark.parametrize("hours, shown", [(1361.2, "1,361 GPU-h"), (0.25, "0.25 GPU-h"), (5 / 60, "5 GPU-min"),
+                                          (3.4 / 3600, "3.4 GPU-s"), (2.59e-08, "under 1 GPU-s")])
+def test_gpu_time_is_shown_in_a_unit_a_person_reads(hours, shown):
+    from studies.costs import cost_summary, gpu_hours
+
+    flops = hours * 3600 * 0.4 * 989e12  # what takes `hours` at 40% of 989 TFLOP/s
+    assert gpu_hours(flops, 0.4, 989.0) == pytest.approx(hours)
+    assert cost_summary([Cost(1, flops, flops)], 0.4, 989.0, 0, 1)[1].startswith(f"GPU time: {shown} of exact FLOPs")
 
 
 def test_evaluating_a_given_checkpoint_trains_nothing():
@@ -232,3 +248,86 @@ def test_ltm_l_at_t64_and_micro_batch_32_fits_an_h200_with_room_to_spare():
 def test_bad_gpu_memory_is_a_usage_error(tmp_path, capsys, args, message):
     assert main(INFERENCE_SCALING, ["--preset", "smoke", "--runs-dir", str(tmp_path), "--dry-run", *args]) == Exit.USAGE
     assert message in capsys.readouterr().err
+
+
+# -- planning where nothing runs: no SLURM, no GPU, no Ray cluster ------------------------------------
+
+STUDIES = [importlib.import_module(f"studies.{name}").STUDY for name in
+           ("inference_scaling", "sample_efficiency", "inference_cost", "icl_gsm8k", "zero_shot", "generation")]
+CLUSTERS = {"local": ["--cluster", "local"], "ray": ["--address", "10.255.255.1:6379"], "slurm": ["--cluster", "slurm"]}
+
+
+@pytest.fixture
+def no_slurm(monkeypatch) -> None:
+    """PATH without SLURM's commands, as on a laptop (whatever this machine has)."""
+    kept = [d for d in os.environ["PATH"].split(os.pathsep)
+            if not any((Path(d) / command).exists() for command in ("srun", "sbatch"))]
+    monkeypatch.setenv("PATH", os.pathsep.join(kept))
+    assert shutil.which("srun") is None and shutil.which("sbatch") is None
+
+
+def _tiny_gsm8k(folder: Path) -> Path:
+    folder.mkdir()
+    for split in ("train", "test"):
+        (folder / f"{split}.jsonl").write_text(json.dumps({"question": "1 + 1?", "answer": "1 + 1 = 2\n#### 2"}) + "\n")
+    return folder
+
+
+@pytest.mark.parametrize("cluster", CLUSTERS)
+@pytest.mark.parametrize("study", STUDIES, ids=lambda s: s.name)
+def test_every_studys_dry_run_plans_without_slurm_gpu_or_ray_cluster(tmp_path, capsys, no_slurm, study, cluster):
+    data = ["--data", str(_tiny_gsm8k(tmp_path / "gsm8k"))] if study.name == "icl_gsm8k" else []
+    code = main(study, ["--preset", "smoke", "--runs-dir", str(tmp_path / "runs"), *CLUSTERS[cluster], *data,
+                        "--dry-run"])
+    out, err = capsys.readouterr()
+    assert code == Exit.OK, err
+    assert f"{study.name} / smoke: " in out and f"backend {cluster}" in out
+    if cluster == "slurm":
+        assert "#SBATCH --array=0-" in out and "#SBATCH --partition=debug" in out and "preview unavailable" not in out
+    assert not [p.name for p in (tmp_path / "runs").glob("*")]  # planned: no store, no Ray or SLURM folder
+
+
+def test_the_paper_scale_slurm_plan_prints_its_sbatch_parameters_on_a_laptop(tmp_path, capsys, no_slurm):
+    """The planning case of issue 29: it printed the plan, then crashed looking for srun."""
+    # the synthetic corpus stands in for OpenWebText, whose GPT-2 tokenizer a laptop may not have
+    argv = ["--preset", "paper", "--cluster", "slurm", "--runs-dir", str(tmp_path), "--set", "data.name=synthetic"]
+    rows, rest = dry_run(INFERENCE_SCALING, argv, capsys)
+    assert len(rows) == 48
+    sbatch = rest.split("sbatch parameters (one job array):\n", 1)[1].splitlines()
+    for line in ("#SBATCH --array=0-47%16", "#SBATCH --gpus-per-task=1", "#SBATCH --cpus-per-task=8",
+                 "#SBATCH --signal=USR2@180", "#SBATCH --job-name=inference_scaling-paper"):
+        assert line in sbatch
+
+
+def test_the_planned_sbatch_lines_are_the_ones_submission_writes(tmp_path, monkeypatch):
+    """Planning builds submitit's SLURM executor without srun; with an srun on PATH submitit's own
+    AutoExecutor (what a submission uses) writes the same file."""
+    from studies.slurm_backend import _planning_executor, slurm_executor
+
+    argv = ["--preset", "paper", "--cluster", "slurm", "--runs-dir", str(tmp_path), "--set", "data.name=synthetic",
+            "--nodes-per-trial", "2", "--processes-per-trial", "4", "--gpus-per-trial", "4", "--dry-run"]
+    planned = plan(INFERENCE_SCALING, argv)
+    fake = tmp_path / "bin"
+    fake.mkdir()
+    (fake / "srun").write_text("#!/bin/sh\nexit 0\n")
+    (fake / "srun").chmod(0o755)
+    monkeypatch.setenv("PATH", f"{fake}{os.pathsep}{os.environ['PATH']}")
+    submitted = slurm_executor(planned, tmp_path)._executor
+    planning = _planning_executor(planned, tmp_path)
+    assert planning.parameters == submitted.parameters and "gpus_per_node" in planning.parameters
+    command = "python -u -m submitit.core._submit <folder>"
+    assert planning._make_submission_file_text(command, "u") == submitted._make_submission_file_text(command, "u")
+
+
+def test_a_dry_run_without_the_evaluation_data_shows_the_grid_then_names_what_is_missing(tmp_path, capsys, no_slurm):
+    from studies.icl_gsm8k import STUDY as ICL_GSM8K
+
+    folder = _tiny_gsm8k(tmp_path / "gsm8k")
+    (folder / "test.jsonl").unlink()
+    argv = ["--preset", "smoke", "--cluster", "slurm", "--runs-dir", str(tmp_path / "runs"), "--data", str(folder)]
+    assert main(ICL_GSM8K, [*argv, "--dry-run"]) == Exit.USAGE
+    out, err = capsys.readouterr()
+    assert "icl_gsm8k / smoke: 2 points" in out and "#SBATCH --array=0-1%2" in out
+    assert err.startswith("error: ") and "test.jsonl" in err
+    assert main(ICL_GSM8K, argv) == Exit.USAGE  # and a real start is refused before anything is printed
+    assert capsys.readouterr().out == ""

@@ -231,10 +231,11 @@ def test_local_smoke_study_finishes_and_a_second_start_adds_nothing(tmp_path):
 
     experiment = MlflowClient(f"sqlite:///{runs / 'mlflow.db'}").get_experiment_by_name("inference_scaling")
     assert experiment.tags["mlflow.note.content"] == INFERENCE_SCALING.description  # the UI describes the study
-    # Tune's table shows every trial's point and numbers (tokens, tok/s, val ppl bound), not just its state
-    assert "val ppl bound" in first.stdout
+    # Tune's table shows every trial's point and numbers (tokens, tok/s, val ppl bound), not just its state, on
+    # stderr: stdout carries the plan and the summary only
+    assert "val ppl bound" in first.stderr and "val ppl bound" not in first.stdout and "TERMINATED" not in first.stdout
     for child in child_runs(runs):
-        row = next(line for line in first.stdout.splitlines()
+        row = next(line for line in first.stderr.splitlines()
                    if child.data.tags["ltm.run_key"] in line and "TERMINATED" in line)
         assert f"{int(child.data.metrics['tokens'])}" in row and "FINISHED" in row
     ids = {c.info.run_id for c in child_runs(runs)}

@@ -416,3 +416,22 @@ def test_quiet_drops_the_messages_while_it_works_but_not_the_summary_on_stdout(t
     quiet = subprocess.run(cli(tmp_path, *args, "-q"), capture_output=True, text=True, cwd=ROOT)
     assert quiet.returncode == 0 and quiet.stdout.startswith("SKIPPED: run ") and "val/ppl_bound" in quiet.stdout
     assert "already FINISHED" not in quiet.stderr
+
+
+def test_a_run_says_what_it_does_before_its_first_update(tmp_path, capsys):
+    """The data it makes, with counts, then the compile the first update waits for, before any progress; then how
+    long that took (the quick start sat at 0% for minutes, without a word)."""
+    assert train.main(["--preset", "smoke", "--runs-dir", str(tmp_path / "runs"), "--set", "train.compile=on",
+                       "--set", "train.tokens=512", "--set", "train.eval_every=0",
+                       "--set", f"data.cache_dir={tmp_path / 'cache'}"]) == 0
+    err = capsys.readouterr().err.replace("\r", "\n")
+    cfg = smoke(tmp_path)
+    said = [err.index(text) for text in (
+        "generating the train split of synthetic into the token cache",
+        f"synthetic corpus: {(cfg.data.synthetic_tokens - 1) // cfg.model.ctx:,} training blocks, "
+        f"{cfg.data.val_blocks} validation blocks of {cfg.model.ctx + 1} tokens",
+        f"compiling the inner loop and the decoder for this run's shapes (once per process: about "
+        f"{objective.CPU_COMPILE_SECONDS} s on an idle 2-core CPU",
+        f"| {cfg.tokens_per_update}/",  # the progress bar after the first update
+        "compiled: the first update took ")]
+    assert said == sorted(said)

@@ -15,7 +15,9 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterable, Sequence
@@ -30,6 +32,8 @@ from ltm.data.sources import SPLITS, TextSource, resolve_source
 from ltm.data.synthetic import SyntheticCorpus, SyntheticSpec
 from ltm.data.tokenizer import HFTokenizer, TextTokenizer, bpe_tokenizer, gpt2_tokenizer
 from ltm.files import atomic_file, atomic_write
+
+log = logging.getLogger(__name__)
 
 FORMAT_VERSION = 2
 """Part of every cache key; bump it when the packing format changes."""
@@ -222,7 +226,9 @@ def _cached(data_cfg: DataConfig, name: str, split: str, key: dict, tok: TextTok
     path = folder / f"{_slug(name)}-{split}-{digest}.{np.dtype(dtype).name}"
     if not path.is_file():
         folder.mkdir(parents=True, exist_ok=True)
-        n = 0
+        n, started = 0, time.perf_counter()
+        verb = "generating" if isinstance(tok, SyntheticCorpus) else "tokenising"
+        log.info("%s the %s split of %s into the token cache %s (once; later runs read it)", verb, split, name, path)
         # The metadata first, each atomically: a reader that sees the tokens sees their metadata.
         meta = path.with_suffix(".json")
         try:
@@ -234,6 +240,7 @@ def _cached(data_cfg: DataConfig, name: str, split: str, key: dict, tok: TextTok
                     raise DataError(f"no text in the {split} split of {name}: every document is empty; check "
                                     "the path and data.text_field")
                 atomic_write(meta, json.dumps({**full_key, "n_tokens": n}, indent=1))
+            log.info("%s: %s tokens in %.0f s", path.name, f"{n:,}", time.perf_counter() - started)
         except OSError as err:  # a full disk, or a file over the size limit: name the file and the fix
             raise DataError(f"cannot write the token cache {path} ({err.strerror or err}, after "
                             f"{n * np.dtype(dtype).itemsize:,} bytes); free space or raise the file size limit "
