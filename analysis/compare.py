@@ -51,8 +51,8 @@ import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 import torch  # noqa: E402
 
-from ltm.checkpoint import UNVERIFIED_RISK, load_model, resolve  # noqa: E402
-from ltm.cli import add_verbosity, configure_logging, log_level  # noqa: E402
+from ltm.checkpoint import load_model, resolve  # noqa: E402
+from ltm.cli import add_verbosity, add_verify_option, configure_logging, log_level  # noqa: E402
 from ltm.config import ConfigError, RunConfig  # noqa: E402
 from ltm.names import Exit, exit_help  # noqa: E402
 from ltm.data import load_blocks  # noqa: E402
@@ -283,9 +283,7 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--blocks", type=int, default=64, help="validation blocks scored (default 64)")
     parser.add_argument("--bootstrap", type=int, default=2000)
     parser.add_argument("--out", help="also write the result as a one-row CSV")
-    parser.add_argument("--no-verify", action="store_true",
-                        help="read checkpoints whose sha256 does not match their .sha256 file, with a warning: "
-                             f"{UNVERIFIED_RISK}")
+    add_verify_option(parser, "read")
     add_verbosity(parser)
     return parser
 

@@ -32,6 +32,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from ltm.cli import UNVERIFIED_RISK
 from ltm.config import ConfigError, ModelConfig, RunConfig
 from ltm.files import atomic_file, atomic_write, free_space, no_space
 from ltm.model import LatentThoughtModel, build_model
@@ -42,11 +43,6 @@ log = logging.getLogger(__name__)
 
 CONFIG_FILE = "config.json"
 """Beside the checkpoints: the run's config as plain JSON, readable without loading a checkpoint."""
-
-
-UNVERIFIED_RISK = ("a file changed since it was written (corrupt, truncated or tampered) then gives wrong numbers "
-                   "without any other sign")
-"""What reading a checkpoint without checking its sha256 risks: said by --no-verify's help and its warnings."""
 
 
 _UNVERIFIED: set[Path] = set()

@@ -93,3 +93,16 @@ def configure_logging(level: int = logging.INFO) -> None:
         logger.setLevel(level)
         if _HANDLER not in logger.handlers:
             logger.addHandler(_HANDLER)
+
+
+UNVERIFIED_RISK = ("a file changed since it was written (corrupt, truncated or tampered) then gives wrong numbers "
+                   "without any other sign")
+"""What reading a checkpoint without checking its sha256 risks: said by --no-verify's help and its warnings."""
+
+
+def add_verify_option(parser: argparse.ArgumentParser | argparse._ArgumentGroup, reads: str) -> None:
+    """--no-verify, for every command that reads checkpoints given on its command line (`reads` says what it
+    does with them)."""
+    parser.add_argument("--no-verify", action="store_true",
+                        help=f"{reads} checkpoints whose sha256 does not match their .sha256 file, with a warning: "
+                             f"{UNVERIFIED_RISK}")

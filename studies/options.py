@@ -4,8 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from ltm.checkpoint import UNVERIFIED_RISK
-from ltm.cli import add_run_options, add_verbosity
+from ltm.cli import add_run_options, add_verbosity, add_verify_option
 from ltm.names import exit_help
 from studies.costs import DEFAULT_MFU, DEFAULT_PEAK_TFLOPS
 from studies.study import Study
@@ -60,9 +59,7 @@ def _add_group_options(parser: argparse.ArgumentParser, study: Study) -> None:
         task_group.add_argument("--checkpoint", action="append", default=[], metavar="PATH_OR_RUN_ID",
                                 help="evaluate this checkpoint (a path, or a training run's MLflow id in the "
                                      "study's store) instead of training the preset's models (repeatable)")
-        task_group.add_argument("--no-verify", action="store_true",
-                                help="evaluate checkpoints whose sha256 does not match their .sha256 file, with a "
-                                     f"warning: {UNVERIFIED_RISK}")
+        add_verify_option(task_group, "evaluate")
         task_group.add_argument("--task", dest="task_overrides", action="append", default=[], metavar="KEY=VALUE",
                                 help="override an argument of the evaluation, e.g. problems=100 or shots=0,5 "
                                      "(repeatable; --dry-run shows them)")

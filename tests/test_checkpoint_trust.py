@@ -15,6 +15,7 @@ import torch
 from analysis import compare
 from ltm import checkpoint, train
 from ltm.checkpoint import CheckpointError
+from ltm.cli import UNVERIFIED_RISK
 from ltm.config import run_preset
 from ltm.names import Exit, Status
 from ltm.tracking import default_tracking_uri
@@ -133,7 +134,7 @@ def test_a_file_without_its_checksum_is_read_with_a_warning_that_says_so(trained
     assert ref.config == cfg.to_dict()
     warned = [r.getMessage() for r in caplog.records if r.name == "ltm.checkpoint"]
     assert warned == [f"checkpoint {alone} is read unverified: it has no checksum file {final.stem}.sha256 beside it; "
-                      f"{checkpoint.UNVERIFIED_RISK}"]  # once, though planned and loaded
+                      f"{UNVERIFIED_RISK}"]  # once, though planned and loaded
 
 
 @pytest.mark.parametrize("beside", [False, True], ids=["alone", "beside-its-config"])

@@ -80,13 +80,13 @@ def study_main(tmp_path, *args):
 
 
 def test_a_study_driver_signalled_while_planning_exits_3_and_launches_nothing(tmp_path, monkeypatch, capsys):
-    real = launcher.plan
+    real = launcher.plan_from_args
 
     def signal_then_plan(*args, **kwargs):
         os.kill(os.getpid(), signal.SIGTERM)
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(launcher, "plan", signal_then_plan)
+    monkeypatch.setattr(launcher, "plan_from_args", signal_then_plan)
     assert study_main(tmp_path) == Exit.INTERRUPTED
     assert "interrupted by SIGTERM during startup: nothing was launched" in capsys.readouterr().err
     assert not (tmp_path / "runs" / "mlflow.db").exists() and not (tmp_path / "runs" / "checkpoints").exists()
