@@ -13,8 +13,12 @@ Printed as a table (per dimension, and in nats/token for the micro, micro-rf and
     python -m ltm.kl_floor [--steps 1,4,16,32,64,128] [--init-logvar -5]
 """
 
+# ruff: noqa: E402 (the signal handler goes in before the imports, which load torch)
 from __future__ import annotations
 
+from ltm.signals import exit_on_signal
+
+exit_on_signal(__name__)  # run as a command: Ctrl-C exits 3 with a message, not a traceback
 import argparse
 import dataclasses
 import functools
@@ -25,6 +29,7 @@ import torch
 from ltm.cli import add_verbosity, configure_logging, log_level
 from ltm.config import InferenceConfig, model_preset
 from ltm.model import LatentThoughtModel
+from ltm.names import Exit, exit_help
 from ltm.posterior import adamw_step
 
 _QUANTILES = 4096
@@ -102,7 +107,9 @@ def _table(steps: list[int], init_logvar: float) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m ltm.kl_floor", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+                                     formatter_class=argparse.RawDescriptionHelpFormatter,
+                                     epilog=exit_help("printed", "an error (its message says why)",
+                                                      "never (it reads and writes no run)"))
     parser.add_argument("--steps", default="1,4,16,32,64,128", help="inference steps T, comma-separated")
     parser.add_argument("--init-logvar", type=float, default=InferenceConfig().init_logvar,
                         help="the fixed start's log-variance (inference.init_logvar; the paper's -5)")
@@ -114,7 +121,7 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError:
         parser.error(f"--steps takes integers separated by commas, e.g. 1,4,16; got {args.steps!r}")
     print(_table(steps, args.init_logvar))
-    return 0
+    return Exit.OK
 
 
 if __name__ == "__main__":

@@ -16,8 +16,12 @@ Two old runs that map to one new key (an AR run that differed only in inference 
 used) keep their data; the newest MLflow run is the one found, and a second folder stays where it is.
 """
 
+# ruff: noqa: E402 (the signal handler goes in before the imports, which load torch and MLflow)
 from __future__ import annotations
 
+from ltm.signals import exit_on_signal
+
+exit_on_signal(__name__)  # run as a command: Ctrl-C exits 3 with a message; run again, it re-keys what is left
 import argparse
 import json
 import logging
@@ -26,7 +30,7 @@ import tempfile
 from pathlib import Path
 
 from ltm.names import (PREVIOUS_KEY_TAG, PREVIOUS_STUDY_KEY_TAG, ROLE_EVAL, ROLE_STUDY, ROLE_TAG, RUN_KEY_TAG,
-                       STUDY_KEY_TAG, Exit)
+                       STUDY_KEY_TAG, Exit, exit_help)
 from studies.points import study_key_of
 from studies.tasks import evaluation_key, logged_task
 
@@ -175,7 +179,9 @@ def main(argv: list[str] | None = None) -> int:
 
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # one bar per run read: noise
 
-    parser = argparse.ArgumentParser(prog="python -m studies.rekey", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m studies.rekey", description=__doc__.split("\n\n")[0],
+                                     epilog=exit_help("re-keyed (or nothing to do)", "an error (its message says why)",
+                                                      "never (re-keying takes no lock)"))
     parser.add_argument("--runs-dir", default="runs", help="the runs folder (checkpoints/, the default store)")
     parser.add_argument("--tracking-uri", help="MLflow tracking URI (default sqlite:///<runs-dir>/mlflow.db)")
     parser.add_argument("--dry-run", action="store_true", help="say what would change, change nothing")

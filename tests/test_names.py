@@ -8,8 +8,11 @@ and benchmarks/ (docstrings aside) and flags the ones that spell such a name.
 from __future__ import annotations
 
 import ast
+import importlib
 import re
 from pathlib import Path
+
+import pytest
 
 from ltm import names
 
@@ -102,3 +105,13 @@ def test_every_commands_help_states_the_exit_statuses_of_exit():
         stated = re.findall(r"(\d) [a-z]", epilog.split("Exit status:")[1])
         assert stated == [str(int(code)) for code in names.Exit]
         assert f"{int(names.Exit.USAGE)} bad options (nothing started)" in epilog
+
+
+@pytest.mark.parametrize("module", ["studies.rekey", "ltm.kl_floor"])
+def test_the_helper_commands_help_states_the_exit_statuses_too(module, capsys):
+    main = importlib.import_module(module).main
+    with pytest.raises(SystemExit):
+        main(["--help"])
+    epilog = " ".join(capsys.readouterr().out.split())  # argparse wraps the epilog
+    stated = re.findall(r"(\d) [a-z]", epilog.split("Exit status:")[1])
+    assert stated == [str(int(code)) for code in names.Exit]
