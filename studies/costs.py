@@ -59,16 +59,14 @@ class Memory:
 
 def point_cost(point: Point) -> Cost:
     """The training a point runs: its own, or for an evaluation the checkpoint it trains first."""
-    from ltm.flops import flops_per_token
+    from ltm.flops import run_flops_per_token
 
     cfg = _trained_config(point)
     if cfg is None:
         return Cost(0, 0.0, 0.0)  # evaluates a checkpoint that exists
-    model = cfg.model
-    steps, tokens = cfg.inference.steps, trained_tokens(cfg)
-    start = {"start": cfg.inference.start, "encoder_layers": cfg.inference.encoder_layers}
-    exact = flops_per_token(model, steps, decoder_grad=cfg.inference.decoder_grad, **start)
-    return Cost(tokens, tokens * exact, tokens * flops_per_token(model, steps, convention="paper", **start))
+    tokens = trained_tokens(cfg)
+    return Cost(tokens, tokens * run_flops_per_token(cfg, cfg.model),
+                tokens * run_flops_per_token(cfg, cfg.model, "paper"))
 
 
 def _trained_config(point: Point) -> RunConfig | None:
