@@ -53,7 +53,7 @@ from analysis.runs import (FULL_CONTEXT, NoRunsError, find_study, load_evaluatio
 from analysis.staging import move_into_place, staging_folder  # noqa: E402
 from ltm.cli import add_verbosity, configure_logging, log_level  # noqa: E402
 from ltm.names import (ANALYSIS_TAG, FINAL, FLOPS, FLOPS_PAPER, N_RUNS_TAG, VAL_PPL_BOUND, VAL_PPL_IW,  # noqa: E402
-                       VAL_PPL_REUSE, Exit, Status, exit_help, metric)
+                       VAL_PPL_REUSE, Z_INFO_CAP, Z_INFO_LB, Z_INFO_LB_CI, Exit, Status, exit_help, metric)
 from ltm.paths import folder_name  # noqa: E402
 from ltm.signals import Interrupt, Stopped  # noqa: E402
 
@@ -503,8 +503,8 @@ def write_tables(runs: pd.DataFrame, fits: list[dict], out: Path, reasons: list[
     cols = ["run_id", "run_key", "model.kind", "n_params", "model.window", "model.n_latents", "inference.steps",
             "inference.decoder_grad", "train.tokens", "seed", FINAL_BOUND, metric(FINAL, VAL_PPL_IW),
             metric(FINAL, VAL_PPL_REUSE), "nll", "kl", "kl_floor", "kl_above_floor", "nll_other_z", "z_reliance",
-            "nll_mixture", "z_info", "nll_prior", "amortisation_gap", "inference.start", "inference.init_logvar",
-            "reuse_gap", FINAL_FLOPS]
+            Z_INFO_LB, Z_INFO_LB_CI, Z_INFO_CAP, "nll_prior", "amortisation_gap", "inference.start",
+            "inference.init_logvar", "reuse_gap", FINAL_FLOPS]
     table = runs[[c for c in cols if c in runs]].sort_values(["model.kind", "n_params", "inference.steps"])
     paths = [out / "runs.csv", out / "runs.md", out / "fits.csv", out / "fits.md"]
     table.to_csv(paths[0], index=False)

@@ -20,13 +20,14 @@ from mlflow.tracking import MlflowClient
 
 from ltm import names
 from ltm.files import atomic_file
-from ltm.names import (AMORTISATION_GAP, FINAL, KL, KL_FLOOR, NLL, NLL_MIXTURE, NLL_OTHER_Z, NLL_OTHER_Z_OLD, NLL_PRIOR,
+from ltm.names import (AMORTISATION_GAP, FINAL, KL, KL_FLOOR, NLL, NLL_OTHER_Z, NLL_OTHER_Z_OLD, NLL_PRIOR,
                        PARENT_TAG, PPL_BOUND, PPL_REUSE, ROLE_EVAL, ROLE_STUDY, ROLE_TAG, RUN_KEY_TAG, SECONDS,
-                       SOURCE_RUN_TAG, STUDY_TAG, TASK_TAG, VAL, Status, metric, status_is, tag_is)
+                       SOURCE_RUN_TAG, STUDY_TAG, TASK_TAG, VAL, Z_INFO_CAP, Z_INFO_LB, Z_INFO_LB_CI, Status, metric,
+                       status_is, tag_is)
 
 HISTORY_KEYS = (names.TOKENS, names.FLOPS, names.FLOPS_PAPER, names.TRAIN_LOSS, names.TRAIN_PPL_BOUND, names.VAL_NLL,
                 names.VAL_KL, names.VAL_PPL_BOUND, names.VAL_PPL_IW, names.VAL_KL_FLOOR, names.VAL_NLL_OTHER_Z,
-                names.VAL_NLL_MIXTURE)
+                names.VAL_Z_INFO_LB)
 """The metric histories the figures need."""
 
 _PARAMS = {"model.kind": str, "model.n_layers": int, "model.d_model": int, "model.n_latents": int,
@@ -185,9 +186,10 @@ def decompose(runs: pd.DataFrame) -> pd.DataFrame:
 
     nll (given z), kl, kl_floor (the KL if z carried nothing), kl_above_floor, nll_other_z (given
     another sequence's z; `val/nll_swap` in runs before the rename), z_reliance = nll_other_z - nll
-    (how much a wrong z misleads the decoder), nll_mixture (under a mixture of other sequences' z),
-    z_info = nll_mixture - nll (what the decoder takes from the sequence's own z; NaN for runs before
-    the measure existed), nll_prior, amortisation_gap (trained starts), and
+    (how much a wrong z misleads the decoder), z_info_lb with z_info_lb_ci and z_info_cap (a lower
+    bound on what z carries, never above the KL on average: `ltm.evaluate.info_lower_bound`; NaN for
+    runs before 2026-12-07, whose retired nll_mixture is not read as information), nll_prior,
+    amortisation_gap (trained starts), and
     reuse_gap = log ppl_bound - log ppl_reuse (how optimistic the released code's scoring is).
     AR runs get nll and kl = 0; the LTM-only columns stay NaN for them."""
     out = runs.copy()
@@ -195,12 +197,11 @@ def decompose(runs: pd.DataFrame) -> pd.DataFrame:
     def final(measure: str) -> pd.Series:
         return out.get(metric(FINAL, VAL, measure), pd.Series(np.nan, index=out.index))
 
-    for measure in (NLL, KL, KL_FLOOR, NLL_MIXTURE, NLL_PRIOR, AMORTISATION_GAP):
+    for measure in (NLL, KL, KL_FLOOR, Z_INFO_LB, Z_INFO_LB_CI, Z_INFO_CAP, NLL_PRIOR, AMORTISATION_GAP):
         out[measure] = final(measure)
     out[NLL_OTHER_Z] = final(NLL_OTHER_Z).fillna(final(NLL_OTHER_Z_OLD))
     out["kl_above_floor"] = out[KL] - out[KL_FLOOR]
     out["z_reliance"] = out[NLL_OTHER_Z] - out[NLL]
-    out["z_info"] = out[NLL_MIXTURE] - out[NLL]
     out["reuse_gap"] = np.log(final(PPL_BOUND)) - np.log(final(PPL_REUSE))
     return out
 

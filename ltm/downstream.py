@@ -52,7 +52,7 @@ def zero_shot(model: LatentThoughtModel, cfg: RunConfig, corpus: str, *, max_blo
     is told (blocks done, blocks) after each batch.
 
     Metrics `zeroshot/<label>/{nll, kl, ppl_bound, ppl_bound_seqmean, ppl_reuse, ppl_iw, blocks}`, and
-    for an LTM `kl_floor`, `nll_other_z`, `nll_mixture`, `nll_prior` (see `evaluate_bounds`); for AR runs every bound
+    for an LTM `kl_floor`, `nll_other_z`, `z_info_lb`, `nll_prior` (see `evaluate_bounds`); for AR runs every bound
     is the exact perplexity.
     """
     blocks = corpus_blocks(cfg, corpus)

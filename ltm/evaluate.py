@@ -15,10 +15,13 @@ And what the bound is made of, so a curve can be read (the "Reading an LTM bound
   (`ltm.kl_floor.start_kl_floor`; not defined for an encoder's x-dependent start);
 * NLL other z  the NLL of each sequence given ANOTHER sequence's posterior sample (sequence i + N/2's);
   NLL other z - NLL is how much the decoder RELIES on z: one wrong but plausible z misleads it;
-* NLL mixture  -log (1/K) sum_k p(x | z_k) over the samples of K other sequences (never a neighbour,
-  which may share a document): the NLL under the posteriors' mixture, a stand-in for the aggregate
-  posterior; NLL mixture - NLL is the information the decoder takes from the sequence's OWN z beyond
-  what any of K plausible others gives (it shrinks as K grows towards that aggregate's limit);
+* z info (lower bound)  what z carries, `info_lower_bound`: each sequence's NLL at its own sample
+  against its NLL under the mixture of that sample and K - 1 FAR sequences' samples (at least 3
+  apart in the evaluation order, never a neighbour, which may share a document): a contrastive
+  lower bound on I(x; z) under the aggregate posterior, so it never exceeds the mean KL on
+  average; it reads at most log K per sequence (`z_info_cap`). It replaces the retired
+  NLL mixture - NLL (own sample against a mixture of others only), which is biased upwards and
+  exceeded the KL;
 * NLL prior    the NLL given z drawn from the prior N(0, I);
 * bound at the start, for a trained start (`inference.start`): the negative ELBO of the posterior
   before refinement (T = 0); minus the bound after it, the amortisation gap.
@@ -43,8 +46,9 @@ import torch
 from ltm.config import InferenceConfig
 from ltm.kl_floor import start_kl_floor
 from ltm.model import LatentThoughtModel, token_nll
-from ltm.names import (AMORTISATION_GAP, BOUND, BOUND_START, KL, KL_ABOVE_FLOOR, KL_FLOOR, NLL, NLL_MIXTURE,
-                       NLL_OTHER_Z, NLL_PRIOR, PPL_BOUND, PPL_BOUND_SEQMEAN, PPL_IW, PPL_REUSE, VAL, metric)
+from ltm.names import (AMORTISATION_GAP, BOUND, BOUND_START, KL, KL_ABOVE_FLOOR, KL_FLOOR, NLL, NLL_OTHER_Z,
+                       NLL_PRIOR, PPL_BOUND, PPL_BOUND_SEQMEAN, PPL_IW, PPL_REUSE, VAL, Z_INFO_CAP, Z_INFO_LB,
+                       Z_INFO_LB_CI, metric)
 from ltm.posterior import NoiseSource, infer_posterior, start_bound
 
 # Seed offsets keep each kind of scoring noise independent of the inference noise of the same sequence.
@@ -157,10 +161,10 @@ def evaluate_bounds(model: LatentThoughtModel, batches: Iterable[torch.Tensor], 
     Keys: bound = nll + kl, nll and kl (nats per token; an AR's bound is its NLL), ppl_bound (fresh-noise
     ELBO), ppl_bound_seqmean, ppl_reuse (released-code scoring, optimistic), ppl_iw (when iw_samples > 0);
     for an LTM also, in nats per token, kl_floor and kl_above_floor (not for start="encoder"), nll_other_z
-    (given sequence i + N/2's sample, N sequences; needs N >= 2), nll_mixture (over up to K = min(8, N - 5)
-    others at distances >= 3; needs N >= 8), nll_prior, and for a trained start bound_start and
-    amortisation_gap. Sequence i of the whole set always gets seed `seed + i`, so results do not depend
-    on batching. `compiled`: the inference loops through torch.compile.
+    (given sequence i + N/2's sample, N sequences; needs N >= 2), z_info_lb with z_info_lb_ci and z_info_cap
+    (`info_lower_bound` against up to K - 1 = min(8, N - 5) others at distances >= 3; needs N >= 8),
+    nll_prior, and for a trained start bound_start and amortisation_gap. Sequence i of the whole set always
+    gets seed `seed + i`, so results do not depend on batching. `compiled`: the inference loops through torch.compile.
     """
     batches = list(batches)
     parts: list[SequenceBounds] = []
@@ -198,24 +202,52 @@ def evaluate_bounds(model: LatentThoughtModel, batches: Iterable[torch.Tensor], 
             start = cat("start").sum().item() / tokens
             values[BOUND_START] = start
             values[AMORTISATION_GAP] = start - (nll + kl).sum().item() / tokens
-        values.update({name: value / tokens for name, value in _other_z_nlls(model, batches, parts).items()})
+        values.update(_other_z_measures(model, batches, parts, tokens))
     return {metric(prefix, name): value for name, value in values.items()}
 
 
 def other_offsets(n: int, k_max: int = 8) -> list[int]:
-    """Offsets d of the other sequences (i + d) mod n whose samples the mixture measure scores sequence i
-    with: n // 2 (the single other z) and up to k_max spread over [3, n - 3], so that no sequence is
-    scored with a neighbour's z (neighbouring evaluation blocks are consecutive pieces of one stream and
-    can share a document, whose z would carry real information about the other block)."""
+    """Offsets d of the other sequences (i + d) mod n whose samples sequence i is scored with: n // 2 (the
+    single other z) and up to k_max spread over [3, n - 3], so that no sequence is scored with a
+    neighbour's z (neighbouring evaluation blocks are consecutive pieces of one stream and can share a
+    document, whose z would carry real information about the other block)."""
     if n < 8:
         return []
     k = min(k_max, n - 5)  # n // 2 and k - 1 others from 3 to n - 3, evenly spaced
     return sorted({round(3 + j * (n - 6) / (k - 2)) for j in range(k - 1)} | {n // 2})
 
 
-def _other_z_nlls(model: LatentThoughtModel, batches: list[torch.Tensor], parts: list[SequenceBounds]) -> dict:
-    """Summed NLL of each sequence i given sequence (i + N/2)'s sample (nll_other_z), and under the
-    mixture of the samples at `other_offsets` (nll_mixture): -log (1/K) sum_k p(x_i | z_(i + d_k))."""
+def info_lower_bound(own_nll: torch.Tensor, far_nll: torch.Tensor) -> torch.Tensor:
+    """Per sequence i (nats): log p(x_i | z_i) - log (1/K) sum_j p(x_i | z_j), the j over z_i itself and
+    the K - 1 rows of `far_nll` ((K - 1, B): -log p(x_i | z_j) at far sequences' samples z_j).
+
+    Why it cannot exceed the KL on average: with (x_i, z_i) drawn from q(x) q(z | x) and the far z_j
+    from other, independent sequences' posteriors, this is the InfoNCE bound with the decoder's
+    log-likelihood as critic, so its expectation is at most I(x; z) under the aggregate posterior
+    q(z) = E_x q(z | x) (and at most log K). And I(x; z) = E_x KL(q(z | x) || q(z)) = E_x KL(q(z | x) || p(z))
+    - KL(q(z) || p(z)) <= the mean KL. Counting the own sample in the mixture is what bounds it: the
+    retired measure, own sample against a mixture of others only, is biased upwards (-log of a K-sample
+    mean overstates the NLL under q(z)), and so is the own samples' mixture against the others',
+    whose large-K limit exceeds I(x; z) even for an exact posterior. The blocks are consecutive
+    pieces of one stream, not independent: far samples (>= 3 blocks away) keep a shared document
+    out. Blocks independent, so its interval is a t-interval over blocks (`block_interval`)."""
+    if far_nll.dim() != 2 or far_nll.shape[1] != own_nll.shape[0]:
+        raise ValueError(f"far_nll must be (K - 1, B) with B = {own_nll.shape[0]}, got {tuple(far_nll.shape)}")
+    log_p = -torch.cat([own_nll[None], far_nll]).double()
+    return log_p[0] - (torch.logsumexp(log_p, 0) - math.log(len(log_p)))
+
+
+def block_interval(per_block: torch.Tensor, tokens: float) -> tuple[float, float]:
+    """The sum of per-block values over `tokens` (nats/token) and its 95 % half-width (normal, over blocks)."""
+    x = per_block.double()
+    spread = x.std().item() * math.sqrt(len(x)) if len(x) > 1 else 0.0
+    return x.sum().item() / tokens, 1.96 * spread / tokens
+
+
+def _other_z_measures(model: LatentThoughtModel, batches: list[torch.Tensor], parts: list[SequenceBounds],
+                      tokens: float) -> dict[str, float]:
+    """nll_other_z (each sequence given sequence (i + N/2)'s sample) and the information lower bound with
+    its interval and cap (`info_lower_bound` over the samples at `other_offsets`), nats/token."""
     z = torch.cat([p.z for p in parts])
     n = len(z)
     if n < 2:
@@ -231,8 +263,9 @@ def _other_z_nlls(model: LatentThoughtModel, batches: list[torch.Tensor], parts:
             nlls[d].append(sequence_nll(model, batch, shifted[d][start:start + len(batch)], stem=stem).double())
         start += len(batch)
     per_offset = {d: torch.cat(per_batch) for d, per_batch in nlls.items()}
-    out = {NLL_OTHER_Z: per_offset[n // 2].sum().item()}
+    out = {NLL_OTHER_Z: per_offset[n // 2].sum().item() / tokens}
     if len(offsets) >= 2:
-        stacked = torch.stack([per_offset[d] for d in offsets])
-        out[NLL_MIXTURE] = -(torch.logsumexp(-stacked, dim=0) - math.log(len(offsets))).sum().item()
+        own = torch.cat([p.nll for p in parts]).double()
+        info, half = block_interval(info_lower_bound(own, torch.stack([per_offset[d] for d in offsets])), tokens)
+        out.update({Z_INFO_LB: info, Z_INFO_LB_CI: half, Z_INFO_CAP: n * math.log(len(offsets) + 1) / tokens})
     return out

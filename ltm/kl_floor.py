@@ -82,7 +82,7 @@ def start_kl_floor(model: LatentThoughtModel, cfg: InferenceConfig) -> float | N
     """The KL floor per sequence of the model's own start: the fixed start's (`kl_floor`), or the
     learned start's from its trained centre, dimension by dimension. None for start="encoder": a start
     that depends on x has no floor of its own (when z carries nothing, the encoder, trained on its
-    ELBO, can predict the prior itself), so its information is read from the mixture measure instead."""
+    ELBO, can predict the prior itself), so its information is read from the lower bound `z_info_lb` instead."""
     if cfg.start == "encoder":
         return None
     if cfg.start == "learned":

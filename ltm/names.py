@@ -76,7 +76,15 @@ KL_ABOVE_FLOOR = "kl_above_floor"
 NLL_OTHER_Z = "nll_other_z"
 """Named nll_swap before 2026-12: old runs carry that name (analysis.runs reads both)."""
 NLL_OTHER_Z_OLD = "nll_swap"
-NLL_MIXTURE, BOUND_START, AMORTISATION_GAP = "nll_mixture", "bound_start", "amortisation_gap"
+NLL_MIXTURE = "nll_mixture"
+"""Retired 2026-12-07 (runs before then carry it): the NLL under a mixture of other blocks' samples. Its
+difference from NLL, once read as information, is biased upwards and exceeded the KL; see Z_INFO_LB."""
+Z_INFO_LB, Z_INFO_LB_CI, Z_INFO_CAP = "z_info_lb", "z_info_lb_ci", "z_info_cap"
+"""What z carries, nats/token: a contrastive lower bound on I(x; z) that never exceeds the KL on average
+(`ltm.evaluate.info_lower_bound`); its 95 % half-width over blocks; log K per block, the most it can read."""
+BOUND_START, AMORTISATION_GAP = "bound_start", "amortisation_gap"
+IW_AT = "ppl_iw_k"
+"""ppl_iw_k<K>: the IW perplexity at K samples, from `python -m ltm.rescore` (does it still move with K?)."""
 BLOCKS = "blocks"
 """How many blocks a zero-shot corpus's bounds were measured on."""
 VAL = "val"
@@ -85,6 +93,7 @@ VAL_NLL, VAL_KL, VAL_PPL_BOUND, VAL_PPL_IW = (metric(VAL, n) for n in (NLL, KL, 
 VAL_PPL_REUSE = metric(VAL, PPL_REUSE)
 VAL_KL_FLOOR, VAL_NLL_PRIOR, VAL_NLL_OTHER_Z = (metric(VAL, n) for n in (KL_FLOOR, NLL_PRIOR, NLL_OTHER_Z))
 VAL_NLL_MIXTURE, VAL_BOUND_START = metric(VAL, NLL_MIXTURE), metric(VAL, BOUND_START)
+VAL_Z_INFO_LB, VAL_Z_INFO_LB_CI, VAL_Z_INFO_CAP = (metric(VAL, n) for n in (Z_INFO_LB, Z_INFO_LB_CI, Z_INFO_CAP))
 VAL_AMORTISATION_GAP = metric(VAL, AMORTISATION_GAP)
 VAL_BOUND, VAL_KL_ABOVE_FLOOR = metric(VAL, BOUND), metric(VAL, KL_ABOVE_FLOOR)
 EVAL_SECONDS = metric("eval", "seconds")
@@ -102,6 +111,11 @@ GENERATION = "gen"
 ENTROPY, GEN_PPL = "entropy", "gen_ppl"
 FINAL = "final"
 """Prefix of a run's last logged value of each metric in the analysis tables (final/val/ppl_bound)."""
+
+
+def iw_metric(prefix: str, k: int) -> str:
+    """<prefix>/ppl_iw_k<K>, e.g. val/ppl_iw_k512: the IW perplexity at K importance samples."""
+    return metric(prefix, f"{IW_AT}{k}")
 
 
 def gsm8k_metric(shots: int, measure: str) -> str:

@@ -201,18 +201,20 @@ def _set_up(cfg: RunConfig, model_cfg: ModelConfig, procs: Processes, interrupt:
 
 def bound_summary(metrics: dict[str, float], prefix: str = names.VAL) -> str:
     """Lines that read an LTM bound (nats per token): NLL given z, KL above the start's floor and the
-    floor, the information the decoder takes from its own z, how much it relies on z, and for a
+    floor, a lower bound on the information z carries, how much it relies on z, and for a
     trained start the amortisation gap."""
     key = functools.partial(names.metric, prefix)
-    m = {measure: metrics[key(measure)] for measure in (names.NLL, names.KL, names.KL_FLOOR, names.NLL_MIXTURE,
-         names.NLL_OTHER_Z, names.NLL_PRIOR, names.BOUND_START, names.AMORTISATION_GAP) if key(measure) in metrics}
+    measures = (names.NLL, names.KL, names.KL_FLOOR, names.Z_INFO_LB, names.Z_INFO_LB_CI, names.Z_INFO_CAP,
+                names.NLL_OTHER_Z, names.NLL_PRIOR, names.BOUND_START, names.AMORTISATION_GAP)
+    m = {measure: metrics[key(measure)] for measure in measures if key(measure) in metrics}
     nll, floor = m[names.NLL], m.get(names.KL_FLOOR)
     kl = (f"KL above the floor {m[names.KL] - floor:.3f} + KL floor {floor:.3f}" if floor is not None
           else f"KL {m[names.KL]:.3f} (an encoder's start has no floor)")
     lines = [f"bound {nll + m[names.KL]:.3f} nats/token = NLL given z {nll:.3f} + {kl}"]
-    if names.NLL_MIXTURE in m:
-        lines.append(f"its own z tells the decoder {m[names.NLL_MIXTURE] - nll:.3f} nats/token more than a mixture of "
-                     f"other blocks' ({key(names.NLL_MIXTURE)} - {key(names.NLL)})")
+    if names.Z_INFO_LB in m:
+        lines.append(f"z carries at least {m[names.Z_INFO_LB]:.3f} +- {m[names.Z_INFO_LB_CI]:.3f} nats/token "
+                     f"({key(names.Z_INFO_LB)}, a lower bound on I(x; z) <= KL; it reads at most "
+                     f"{m[names.Z_INFO_CAP]:.3f})")
     lines.append(f"one other block's z costs it {m[names.NLL_OTHER_Z] - nll:.3f} (reliance on z: "
                  f"{key(names.NLL_OTHER_Z)} - {key(names.NLL)}); NLL given a prior sample {m[names.NLL_PRIOR]:.3f}")
     if names.AMORTISATION_GAP in m:

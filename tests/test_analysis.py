@@ -163,10 +163,11 @@ def test_plot_scaling_writes_figures_tables_and_an_analysis_run(tracked, tmp_pat
     table = pd.read_csv(tmp_path / "runs.csv")
     assert len(table) == 5
     ltm_rows = table[table["model.kind"] == "ltm"]
-    latent_cols = ["kl_floor", "nll_other_z", "z_reliance", "nll_mixture", "nll_prior", "z_info", "reuse_gap"]
+    latent_cols = ["kl_floor", "nll_other_z", "z_reliance", "z_info_lb", "z_info_lb_ci", "z_info_cap", "nll_prior",
+                   "reuse_gap"]
     assert ltm_rows[latent_cols].notna().all().all()
     assert (ltm_rows["kl_above_floor"] == ltm_rows["kl"] - ltm_rows["kl_floor"]).all()
-    assert table.loc[table["model.kind"] == "ar", ["kl_floor", "nll_other_z", "z_info"]].isna().all().all()
+    assert table.loc[table["model.kind"] == "ar", ["kl_floor", "nll_other_z", "z_info_lb"]].isna().all().all()
     client = MlflowClient(default_tracking_uri(tracked))
     analysis = client.search_runs([client.get_experiment_by_name("a").experiment_id],
                                   filter_string="tags.`ltm.analysis` = 'plot_scaling'")

@@ -64,7 +64,7 @@ def test_every_start_gives_a_posterior_and_a_bound_through_the_same_evaluation(s
     post = infer_posterior(model, tokens, icfg, seeds=range(len(tokens)))
     assert post.z.shape == (len(tokens), model.cfg.n_latents, model.cfg.d_model) and torch.isfinite(post.kl()).all()
     metrics = evaluate_bounds(model, [tokens[:3], tokens[3:]], icfg, iw_samples=2)
-    common = {"val/nll", "val/kl", "val/ppl_bound", "val/ppl_iw", "val/nll_other_z", "val/nll_mixture", "val/nll_prior"}
+    common = {"val/nll", "val/kl", "val/ppl_bound", "val/ppl_iw", "val/nll_other_z", "val/z_info_lb", "val/nll_prior"}
     assert common <= set(metrics) and all(math.isfinite(v) for v in metrics.values())
     assert ("val/kl_floor" in metrics) == (start != "encoder")  # an x-dependent start has no floor
     assert ("val/amortisation_gap" in metrics) == (start != "fixed")
@@ -149,21 +149,23 @@ def test_the_kl_floor_follows_a_learned_start():
     assert kl == pytest.approx(floor, rel=0.05)  # 8 sequences of 128 dimensions
 
 
-def test_the_mixture_measure_scores_each_sequence_under_other_sequences_samples():
+def test_the_information_bound_scores_each_sequence_against_far_sequences_samples():
     model, icfg, tokens = model_and_tokens("fixed", 2, n=9)
     metrics = evaluate_bounds(model, [tokens], icfg, seed=5)
-    z = sequence_bounds(model, tokens, icfg, seeds=[5 + i for i in range(9)]).z  # the sample the NLL is scored at
+    bounds = sequence_bounds(model, tokens, icfg, seeds=[5 + i for i in range(9)])  # the sample the NLL is scored at
     offsets = other_offsets(9)
     assert offsets == [3, 4, 6] and all(3 <= d <= 6 for d in offsets)  # never a neighbour
-    nll = torch.stack([sequence_nll(model, tokens, z.roll(-d, dims=0)) for d in offsets]).double()
-    mixture = -(torch.logsumexp(-nll, 0) - math.log(len(offsets))).sum().item() / tokens[:, 1:].numel()
-    assert metrics["val/nll_mixture"] == pytest.approx(mixture, rel=1e-5)
-    assert other_offsets(7) == [] and "val/nll_mixture" not in evaluate_bounds(model, [tokens[:7]], icfg)
+    nll = torch.stack([bounds.nll] + [sequence_nll(model, tokens, bounds.z.roll(-d, dims=0)) for d in offsets]).double()
+    per_block = -nll[0] - (torch.logsumexp(-nll, 0) - math.log(4))  # the own sample counts in the mixture
+    assert metrics["val/z_info_lb"] == pytest.approx(per_block.sum().item() / tokens[:, 1:].numel(), rel=1e-5)
+    assert metrics["val/z_info_cap"] == pytest.approx(9 * math.log(4) / tokens[:, 1:].numel())
+    assert other_offsets(7) == [] and "val/z_info_lb" not in evaluate_bounds(model, [tokens[:7]], icfg)
+    assert "val/nll_mixture" not in metrics  # retired: it read as information and exceeded the KL
     with torch.no_grad():  # a decoder that ignores z: other blocks' samples tell it as much as the own one
         for block in model.blocks:
             block.cross.o.weight.zero_()
     blind = evaluate_bounds(model, [tokens], icfg, seed=5)
-    assert blind["val/nll_mixture"] == pytest.approx(blind["val/nll"], rel=1e-6)
+    assert abs(blind["val/z_info_lb"]) < 1e-9 and blind["val/z_info_lb_ci"] < 1e-9
 
 
 def test_an_encoder_start_under_bf16_autocast_leaves_the_loop_in_float32():
@@ -223,16 +225,16 @@ def test_an_ar_model_has_no_start():
 
 
 def test_the_bound_summary_reads_the_bound_into_its_parts():
-    fixed = {"val/nll": 2.0, "val/kl": 0.5, "val/kl_floor": 0.4, "val/nll_mixture": 2.1, "val/nll_other_z": 2.3,
-             "val/nll_prior": 2.6, "val/ppl_bound": 12.18}
+    fixed = {"val/nll": 2.0, "val/kl": 0.5, "val/kl_floor": 0.4, "val/z_info_lb": 0.1, "val/z_info_lb_ci": 0.02,
+             "val/z_info_cap": 0.3, "val/nll_other_z": 2.3, "val/nll_prior": 2.6, "val/ppl_bound": 12.18}
     lines = ltm.train.bound_summary(fixed).splitlines()
     assert lines[0] == "bound 2.500 nats/token = NLL given z 2.000 + KL above the floor 0.100 + KL floor 0.400"
-    assert lines[1].startswith("its own z tells the decoder 0.100 nats/token")
-    assert "val/nll_mixture - val/nll" in lines[1]
+    assert lines[1].startswith("z carries at least 0.100 +- 0.020 nats/token (val/z_info_lb, a lower bound")
+    assert lines[1].endswith("it reads at most 0.300)")
     assert lines[2].startswith("one other block's z costs it 0.300") and lines[2].endswith("prior sample 2.600")
     encoder = {k.replace("val/", "zeroshot/c/"): v for k, v in fixed.items() if "kl_floor" not in k}
     encoder.update({"zeroshot/c/bound_start": 2.7, "zeroshot/c/amortisation_gap": 0.2})
     lines = ltm.train.bound_summary(encoder, prefix="zeroshot/c").splitlines()
     assert "KL 0.500 (an encoder's start has no floor)" in lines[0]
-    assert "zeroshot/c/nll_mixture - zeroshot/c/nll" in lines[1]
+    assert "(zeroshot/c/z_info_lb, a lower bound" in lines[1]
     assert lines[3] == "bound at the start (T=0) 2.700: refinement gains 0.200 (the amortisation gap)"
