@@ -2,15 +2,26 @@
 
     python analysis/compare.py A B [--runs-dir runs] [--blocks 64] [--bootstrap 2000] [--out FILE.csv]
     python analysis/compare.py A1,A2,A3 B1,B2,B3 [...]    # one config per side, trained with several seeds
+    python analysis/compare.py LTM AR --measure iw --iw-samples 512   # the LTM's likelihood bound against the AR's NLL
 
 Each of A and B is a checkpoint path, run key (its checkpoints under <runs-dir>/checkpoints) or
 training run's MLflow id, or several of them separated by commas. Each is read from its own run's
 checkpoint folder, and a folder whose run FINISHED at more tokens than its newest usable checkpoint
 holds is refused (`ltm.checkpoint.resolve`). A checkpoint file that does not match the sha256 beside it
 (.sha256) is refused naming both hashes, and a truncated or unreadable one is named (exit 2);
---no-verify reads them anyway. Each validation block gets each run's bound in nats per
-token: for an LTM the fresh-noise ELBO, with the posterior inferred in T steps as in training (and
-its NLL given z and KL), for an AR its exact NLL.
+--no-verify reads them anyway. Each validation block gets each run's measure in nats per token,
+chosen by --measure (the output says which it used):
+
+* bound (default): for an LTM the fresh-noise negative ELBO, with the posterior inferred in T steps
+  as in training (and its NLL given z and KL), the training objective's number;
+* iw: for an LTM the importance-weighted bound at --iw-samples K (default 64), -log (1/K) sum_k
+  p(x | z_k) p(z_k) / q(z_k), which tightens towards -log p(x) as K grows: the likelihood estimate
+  that is fair to set against an AR's exact NLL (see `python -m ltm.rescore` for whether it still
+  moves with K);
+* nll: the exact NLL, which only an AR has; an LTM side is refused (its `nll` is the NLL given one
+  sample of z, not a likelihood), naming --measure iw.
+
+For an AR all three are the same number, its exact NLL.
 
 One run per side: the differences A - B of the bound and of the NLL are averaged over blocks
 (token-weighted), each with a 95 % interval from a paired percentile bootstrap over blocks: the
@@ -71,16 +82,17 @@ class Scored:
     """One run scored on the validation blocks."""
 
     frame: pd.DataFrame
-    """Per block: bound, nll, kl (nats, summed over the block), tokens; run (its label) and seed."""
+    """Per block: bound, nll, kl, iw (nats, summed over the block; iw NaN for an LTM scored without
+    importance samples, an AR's exact NLL for an AR), tokens; run (its label) and seed."""
     blocks: torch.Tensor
     """The validation blocks scored, (blocks, ctx + 1) token ids."""
     config: RunConfig
 
 
 def score_run(ref: str, runs_dir: Path, n_blocks: int, batch_size: int = 16,
-              tracking_uri: str | None = None, verify: bool = True) -> Scored:
-    """Each of the first `n_blocks` validation blocks' bound, NLL and KL under the run `ref` names (its
-    checkpoint's sha256 checked unless `verify` is False: `ltm.checkpoint.verify_checksum`)."""
+              tracking_uri: str | None = None, verify: bool = True, iw_samples: int = 0) -> Scored:
+    """Each of the first `n_blocks` validation blocks' bound, NLL, KL and (`iw_samples` > 0) IW bound under
+    the run `ref` names (its checkpoint's sha256 checked unless `verify` is False)."""
     source = resolve(ref, tracking_uri or default_tracking_uri(runs_dir), runs_dir, verify)
     log.info("%s: %s%s", ref, source.identity.rsplit(":", 1)[0],
              f" (MLflow run {source.run_id})" if source.run_id else "")
@@ -93,9 +105,10 @@ def score_run(ref: str, runs_dir: Path, n_blocks: int, batch_size: int = 16,
     for i in range(0, n, batch_size):
         part = tokens[i:i + batch_size]
         b = sequence_bounds(model, part, cfg.inference, seeds=[EVAL_SEED + i + j for j in range(len(part))],
-                            reuse_score=False)
-        rows += [{"bound": e, "nll": nl, "kl": k, "tokens": t} for e, nl, k, t in
-                 zip(b.elbo.tolist(), b.nll.tolist(), b.kl.tolist(), b.n_tokens.tolist())]
+                            reuse_score=False, iw_samples=iw_samples)
+        iw = b.iw.tolist() if b.iw is not None else ([float("nan")] * len(part) if cfg.model.kind == "ltm" else b.nll)
+        rows += [{"bound": e, "nll": nl, "kl": k, "iw": w, "tokens": t} for e, nl, k, w, t in
+                 zip(b.elbo.tolist(), b.nll.tolist(), b.kl.tolist(), list(map(float, iw)), b.n_tokens.tolist())]
     latents = f" T={cfg.inference.steps} N_z={cfg.model.n_latents}" if cfg.model.kind == "ltm" else ""
     label = f"{cfg.model.kind}{latents}, window {cfg.model.window}, {cfg.train.tokens:,} tokens"
     return Scored(pd.DataFrame(rows).assign(run=label, seed=cfg.seed), tokens, cfg)
@@ -104,16 +117,21 @@ def score_run(ref: str, runs_dir: Path, n_blocks: int, batch_size: int = 16,
 # --------------------------------------------------------------------------- statistics
 
 
-def compare(a: pd.DataFrame, b: pd.DataFrame, bootstrap: int, seed: int = 0) -> dict[str, float]:
-    """Token-weighted means (nats/token) of each run's bound, NLL and KL, and the differences A - B of
-    the bound and of the NLL, each with a paired percentile-bootstrap 95 % interval over blocks."""
+def compared(measure: str) -> tuple[str, ...]:
+    """The columns whose A - B a comparison by `measure` reports: the measure's, then the NLL's."""
+    return tuple(dict.fromkeys((measure, "nll")))
+
+
+def compare(a: pd.DataFrame, b: pd.DataFrame, bootstrap: int, seed: int = 0, measure: str = "bound") -> dict:
+    """Token-weighted means (nats/token) of each run's bound, NLL, KL (and `measure`), and the differences
+    A - B of `measure` and of the NLL, each with a paired percentile-bootstrap 95 % interval over blocks."""
     tokens = a["tokens"].to_numpy()
     idx = np.random.default_rng(seed).integers(0, len(tokens), size=(bootstrap, len(tokens)))
-    out: dict[str, float] = {"blocks": len(tokens)}
+    out: dict = {"blocks": len(tokens), "measure": measure}
     for name, frame in (("A", a), ("B", b)):
-        for column in ("bound", "nll", "kl"):
+        for column in dict.fromkeys(("bound", "nll", "kl", measure)):
             out[f"{name}_{column}"] = float(frame[column].sum() / tokens.sum())
-    for column in ("bound", "nll"):
+    for column in compared(measure):
         diff = a[column].to_numpy() - b[column].to_numpy()
         resampled = diff[idx].sum(1) / tokens[idx].sum(1)
         lo, hi = np.percentile(resampled, [2.5, 97.5])
@@ -160,9 +178,10 @@ def two_level_interval(a: np.ndarray, b: np.ndarray, tokens: np.ndarray, bootstr
 
 
 def _seed_average(frames: Sequence[pd.DataFrame]) -> pd.DataFrame:
-    """Per block: the bound, NLL and KL averaged over the runs, and the (common) token counts."""
-    mean = sum(f[["bound", "nll", "kl"]].to_numpy() for f in frames) / len(frames)
-    return pd.DataFrame(mean, columns=["bound", "nll", "kl"]).assign(tokens=frames[0]["tokens"].to_numpy())
+    """Per block: the bound, NLL, KL and IW bound averaged over the runs, and the (common) token counts."""
+    columns = [c for c in ("bound", "nll", "kl", "iw") if c in frames[0]]
+    mean = sum(f[columns].to_numpy() for f in frames) / len(frames)
+    return pd.DataFrame(mean, columns=columns).assign(tokens=frames[0]["tokens"].to_numpy())
 
 
 def _per_seed(frames: Sequence[pd.DataFrame], column: str) -> np.ndarray:
@@ -171,19 +190,19 @@ def _per_seed(frames: Sequence[pd.DataFrame], column: str) -> np.ndarray:
 
 
 def compare_seeds(a: Sequence[pd.DataFrame], b: Sequence[pd.DataFrame], bootstrap: int,
-                  seed: int = 0) -> dict[str, float | int | str]:
+                  seed: int = 0, measure: str = "bound") -> dict[str, float | int | str]:
     """`compare` for arms of several training seeds each (per-block frames as `score_run` makes): each
     arm's means over its seeds, A - B with block, seed (Welch t) and two-level bootstrap 95 % intervals."""
     tokens = a[0]["tokens"].to_numpy()
     if any(not np.array_equal(f["tokens"].to_numpy(), tokens) for f in [*a, *b]):
         raise ValueError("the runs were not scored on the same blocks (their token counts differ)")
-    out: dict = compare(_seed_average(a), _seed_average(b), bootstrap, seed)
+    out: dict = compare(_seed_average(a), _seed_average(b), bootstrap, seed, measure)
     for name, frames in (("A", a), ("B", b)):
         labels = [f["seed"].iloc[0] if "seed" in f else i for i, f in enumerate(frames)]
         out[f"{name}_seeds"] = len(frames)
-        out[f"{name}_seed_bounds"] = ";".join(f"{s}={v:.6f}" for s, v in zip(labels, _per_seed(frames, "bound")))
+        out[f"{name}_seed_bounds"] = ";".join(f"{s}={v:.6f}" for s, v in zip(labels, _per_seed(frames, measure)))
     rng = np.random.default_rng([seed, 1])
-    for column in ("bound", "nll"):
+    for column in compared(measure):
         lo, hi, df = welch_interval(_per_seed(a, column), _per_seed(b, column))
         out.update({f"{column}_seed_ci_low": lo, f"{column}_seed_ci_high": hi, f"{column}_seed_df": df})
         stacked = [np.stack([f[column].to_numpy() for f in frames]) for frames in (a, b)]
@@ -239,12 +258,45 @@ def blocks_problem(refs: Sequence[str], blocks: Sequence[torch.Tensor]) -> str |
     return None
 
 
+_MEASURE_TEXT = {"bound": "negative ELBO (the training objective's bound)",
+                 "iw": "importance-weighted bound at K = {k}",
+                 "nll": "exact NLL (which it lacks)"}
+
+
+def measure_line(measure: str, iw_samples: int) -> str:
+    """Which measure the comparison used, in words (printed first)."""
+    return (f"measure: {measure}: an LTM's {_MEASURE_TEXT[measure].format(k=iw_samples)}, an AR's exact NLL "
+            "(for an AR the bound, the IW bound and the NLL are all its exact NLL)")
+
+
+def measure_problem(measure: str, iw_samples: int, sides: dict[str, list[RunConfig]]) -> str | None:
+    """Why a side lacks `measure` (naming what to run instead), or None."""
+    for name, configs in sides.items():
+        if configs[0].model.kind != "ltm":
+            continue
+        if measure == "nll":
+            return (f"{name} is an LTM, which has no exact NLL (its val/nll is the NLL given one sample of z, not a "
+                    "likelihood): compare its likelihood bound with --measure iw --iw-samples K (val/ppl_iw, which "
+                    "training logs when train.iw_samples > 0; `python -m ltm.rescore` scores it at several K)")
+        if measure == "iw" and iw_samples < 1:
+            return (f"{name} is an LTM and --iw-samples is {iw_samples}: its IW bound (val/ppl_iw) needs K >= 1 "
+                    "importance samples; pass --iw-samples K (e.g. 64)")
+    return None
+
+
+def _measured(result: dict, name: str) -> str:
+    """`name`'s measure, and what its bound is made of, for the printed lines."""
+    measure = result["measure"]
+    extra = f"{measure} {result[f'{name}_{measure}']:.4f}, " if measure not in ("bound", "nll") else ""
+    return (f"{extra}bound {result[name + '_bound']:.4f} nats/token = NLL {result[name + '_nll']:.4f} + KL "
+            f"{result[name + '_kl']:.4f}")
+
+
 def _print_single(result: dict) -> None:
     """The command's answer, on stdout (the CLI's own output: the library functions above print nothing)."""
     for name in ("A", "B"):
-        print(f"{name}: {result[name + '_run']}: bound {result[name + '_bound']:.4f} nats/token = "
-              f"NLL {result[name + '_nll']:.4f} + KL {result[name + '_kl']:.4f}")
-    for column in ("bound", "nll"):
+        print(f"{name}: {result[name + '_run']}: {_measured(result, name)}")
+    for column in compared(result["measure"]):
         print(f"A - B, {column}: {result[column + '_A_minus_B']:+.4f} nats/token, 95% interval "
               f"[{result[column + '_ci_low']:+.4f}, {result[column + '_ci_high']:+.4f}]")
     print(f"(paired bootstrap over {result['blocks']} validation blocks)")
@@ -255,17 +307,16 @@ def _print_seeds(result: dict, bootstrap: int) -> None:
     for name in ("A", "B"):
         pairs = (p.split("=") for p in result[name + "_seed_bounds"].split(";"))
         per_seed = ", ".join(f"seed {s}: {float(v):.4f}" for s, v in pairs)
-        print(f"{name}: {result[name + '_run']}, mean of {result[name + '_seeds']} seeds: bound "
-              f"{result[name + '_bound']:.4f} nats/token = NLL {result[name + '_nll']:.4f} + KL "
-              f"{result[name + '_kl']:.4f} ({per_seed})")
-    for c in ("bound", "nll"):
+        print(f"{name}: {result[name + '_run']}, mean of {result[name + '_seeds']} seeds: "
+              f"{_measured(result, name)} ({result['measure']} per seed: {per_seed})")
+    for c in compared(result["measure"]):
         print(f"A - B, {c}: {result[c + '_A_minus_B']:+.4f} nats/token, 95% intervals: over blocks "
               f"[{result[c + '_ci_low']:+.4f}, {result[c + '_ci_high']:+.4f}], over seeds "
               f"[{result[c + '_seed_ci_low']:+.4f}, {result[c + '_seed_ci_high']:+.4f}] "
               f"(Welch t, df {result[c + '_seed_df']:.1f}), both [{result[c + '_both_ci_low']:+.4f}, "
               f"{result[c + '_both_ci_high']:+.4f}]")
-    print(f"(over blocks: paired bootstrap over {result['blocks']} validation blocks of the seed-averaged bounds; "
-          f"over seeds: Welch t interval on the {result['A_seeds']} + {result['B_seeds']} seeds' mean bounds, "
+    print(f"(over blocks: paired bootstrap over {result['blocks']} validation blocks of the seed-averaged values; "
+          f"over seeds: Welch t interval on the {result['A_seeds']} + {result['B_seeds']} seeds' means, "
           f"seeds independent across arms; both: {bootstrap} bootstrap draws resampling each arm's seeds and the "
           f"blocks, paired across arms, together)")
 
@@ -282,6 +333,10 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--tracking-uri", help="the store that knows the runs (default sqlite:///<runs-dir>/mlflow.db)")
     parser.add_argument("--blocks", type=int, default=64, help="validation blocks scored (default 64)")
     parser.add_argument("--bootstrap", type=int, default=2000)
+    parser.add_argument("--measure", choices=("bound", "iw", "nll"), default="bound",
+                        help="what to compare (default bound): an LTM's negative ELBO, its IW bound at --iw-samples, "
+                             "or the exact NLL (AR only); for an AR all three are its exact NLL")
+    parser.add_argument("--iw-samples", type=int, default=64, help="K for --measure iw (default 64)")
     parser.add_argument("--out", help="also write the result as a one-row CSV")
     add_verify_option(parser, "read")
     add_verbosity(parser)
@@ -292,14 +347,18 @@ def _score_sides(args: argparse.Namespace, sides: dict[str, list[str]]) -> tuple
     """Every run scored, by side; and why they cannot be compared (None when they can)."""
     runs_dir = Path(args.runs_dir).resolve()
     uri, verify = tracking_uri_option(args.tracking_uri, runs_dir), not args.no_verify
-    for name, refs in sides.items():  # from the checkpoints' configs, before any scoring
-        if len(refs) > 1:
-            configs = [RunConfig.from_dict(resolve(r, uri, runs_dir, verify).config) for r in refs]
-            problem = side_problem(name, refs, configs)
-            if problem:
-                return {}, problem
-    scored = {name: [score_run(ref, runs_dir, args.blocks, tracking_uri=uri, verify=verify) for ref in refs]
-              for name, refs in sides.items()}
+    configs = {name: [RunConfig.from_dict(resolve(r, uri, runs_dir, verify).config) for r in refs]
+               for name, refs in sides.items()}  # from the checkpoints' configs, before any scoring
+    for name, refs in sides.items():
+        problem = side_problem(name, refs, configs[name]) if len(refs) > 1 else None
+        if problem:
+            return {}, problem
+    problem = measure_problem(args.measure, args.iw_samples, configs)
+    if problem:
+        return {}, problem
+    k = args.iw_samples if args.measure == "iw" else 0
+    scored = {name: [score_run(ref, runs_dir, args.blocks, tracking_uri=uri, verify=verify, iw_samples=k)
+                     for ref in refs] for name, refs in sides.items()}
     runs = scored["A"] + scored["B"]
     return scored, blocks_problem(sides["A"] + sides["B"], [s.blocks for s in runs])
 
@@ -327,11 +386,12 @@ def main(argv: list[str] | None = None) -> int:
         return Exit.USAGE
     a, b = ([s.frame for s in scored[name]] for name in ("A", "B"))
     labels = {"A_run": a[0]["run"].iloc[0], "B_run": b[0]["run"].iloc[0]}
+    print(measure_line(args.measure, args.iw_samples))
     if len(a) == 1:
-        result = {**labels, **compare(a[0], b[0], args.bootstrap)}
+        result = {**labels, **compare(a[0], b[0], args.bootstrap, measure=args.measure)}
         _print_single(result)
     else:
-        result = {**labels, **compare_seeds(a, b, args.bootstrap)}
+        result = {**labels, **compare_seeds(a, b, args.bootstrap, measure=args.measure)}
         _print_seeds(result, args.bootstrap)
     if args.out:
         atomic_write(args.out, pd.DataFrame([result]).to_csv(index=False))  # whole or not at all, even on Ctrl-C

@@ -230,6 +230,34 @@ def test_compare_scores_two_runs_on_the_same_blocks(tracked, tmp_path, capsys):
     assert "is neither a checkpoint file or folder, nor a run key" in capsys.readouterr().err
 
 
+def test_compare_measures_an_ltm_by_its_iw_bound_against_an_ar_and_refuses_a_measure_a_side_lacks(tracked, tmp_path,
+                                                                                                   capsys):
+    from analysis import compare
+
+    base = run_preset("smoke").with_overrides([f"data.cache_dir={tracked.parent / 'cache'}", "train.tokens=4096",
+                                               "train.eval_every=2048"])
+    ltm_key = base.with_overrides(["inference.steps=4"]).run_key()
+    ar_key = base.with_overrides(["model.kind=ar"]).run_key()
+    out = tmp_path / "compare.csv"
+    common = ["--runs-dir", str(tracked), "--blocks", "4", "--bootstrap", "100", "--out", str(out)]
+    assert compare.main([ltm_key, ar_key, "--measure", "iw", "--iw-samples", "4", *common]) == 0
+    printed = capsys.readouterr().out
+    assert printed.startswith("measure: iw: an LTM's importance-weighted bound at K = 4, an AR's exact NLL")
+    row = pd.read_csv(out).iloc[0]
+    assert row["measure"] == "iw" and row["B_iw"] == row["B_nll"] == row["B_bound"]  # an AR's are one number
+    assert row["A_iw"] <= row["A_bound"] + 0.05  # the IW bound: at most the ELBO, up to its noise on 4 blocks
+    assert row["iw_A_minus_B"] == pytest.approx(row["A_iw"] - row["B_iw"])
+    # an LTM has no exact NLL: refused, naming what measures its likelihood
+    assert compare.main([ltm_key, ar_key, "--measure", "nll", *common]) == 2
+    err = capsys.readouterr().err
+    assert "A is an LTM, which has no exact NLL" in err and "--measure iw --iw-samples K" in err
+    assert "train.iw_samples" in err
+    assert compare.main([ar_key, ltm_key, "--measure", "iw", "--iw-samples", "0", *common]) == 2
+    assert "B is an LTM and --iw-samples is 0" in capsys.readouterr().err
+    assert compare.main([ar_key, ar_key, "--measure", "nll", *common]) == 0
+    assert capsys.readouterr().out.startswith("measure: nll: ")
+
+
 def test_bayes_references_use_each_runs_receptive_field(tracked):
     from ltm.data import load_blocks, optimal_ppl
 
