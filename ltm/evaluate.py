@@ -45,7 +45,7 @@ import torch
 
 from ltm.config import InferenceConfig
 from ltm.kl_floor import start_kl_floor
-from ltm.model import LatentThoughtModel, token_nll
+from ltm.model import LatentThoughtModel, Stem, token_nll
 from ltm.names import (AMORTISATION_GAP, BOUND, BOUND_START, KL, KL_ABOVE_FLOOR, KL_FLOOR, NLL, NLL_OTHER_Z,
                        NLL_PRIOR, PPL_BOUND, PPL_BOUND_SEQMEAN, PPL_IW, PPL_REUSE, VAL, Z_INFO_CAP, Z_INFO_LB,
                        Z_INFO_LB_CI, metric)
@@ -142,6 +142,39 @@ def sequence_bounds(model: LatentThoughtModel, tokens: torch.Tensor, cfg: Infere
     start = start_bound(model, tokens, post, loss_mask) if post.start_mu is not None else None
     return SequenceBounds(nll=nll, kl=post.kl(), n_tokens=n_tokens, reuse=reuse, iw=iw, z=z, nll_prior=nll_prior,
                           start=start)
+
+
+def iw_bounds(model: LatentThoughtModel, tokens: torch.Tensor, cfg: InferenceConfig, *, seeds: Sequence[int],
+              ks: Sequence[int], chunk: int = 8) -> dict[int, torch.Tensor]:
+    """The K-sample IW bound per sequence (B,) at each K of `ks`, from ONE posterior and one stream of
+    draws: the first K draws of the largest K (the same draws `sequence_bounds(iw_samples=K)` makes), so
+    the bounds at successive K differ only by the samples added. The draws are scored `chunk` at a time
+    and folded into a running log-sum-exp: memory does not grow with K. An AR's bound is its exact NLL
+    at every K."""
+    ks = sorted(set(ks))
+    if not ks or ks[0] < 1 or chunk < 1:
+        raise ValueError(f"IW needs every K >= 1 and chunk >= 1, got K = {ks} and chunk = {chunk}")
+    if model.cfg.kind == "ar":
+        return dict.fromkeys(ks, sequence_nll(model, tokens, None))
+    post = infer_posterior(model, tokens, dataclasses.replace(cfg, decoder_grad="final"), seeds=seeds)
+    sigma, shape = (0.5 * post.logvar).exp(), tuple(post.mu.shape[1:])
+    with torch.no_grad():
+        stem = model.stem(tokens[:, :-1])
+    draws = NoiseSource([s + _IW_STREAM for s in seeds], shape, tokens.device)
+    running = torch.full((len(tokens),), -math.inf, dtype=torch.float64, device=tokens.device)
+    out, done = {}, 0
+    for k in ks:
+        while done < k:
+            c = min(chunk, k - done)
+            eps = torch.stack([draws.draw() for _ in range(c)])  # (c, B, *shape)
+            z = post.mu + eps * sigma
+            log_ratio = (-0.5 * z.square() + 0.5 * eps.square() + 0.5 * post.logvar).flatten(2).sum(2)
+            repeated = Stem(stem.h.repeat(c, 1, 1), stem.rope, stem.window)
+            nll = sequence_nll(model, tokens.repeat(c, 1), z.flatten(0, 1), stem=repeated).view(c, -1)
+            running = torch.logsumexp(torch.cat([running[None], (log_ratio - nll).double()]), 0)
+            done += c
+        out[k] = -(running - math.log(k))
+    return out
 
 
 def perplexity(bound: torch.Tensor, n_tokens: torch.Tensor) -> float:
