@@ -18,12 +18,13 @@ def test_every_key_in_results_is_rebuilt_from_its_documented_command(capsys):
 
 def test_a_key_no_command_produces_is_named_with_its_line(tmp_path, capsys):
     key = run_preset("micro-rf").with_overrides(["inference.steps=4"]).run_key()
+    encoder = run_preset("micro-rf").with_overrides(["inference.start=encoder", "inference.steps=16"]).run_key()
     doc = tmp_path / "doc.md"
     doc.write_text(f"A run:\n\n    python -m ltm.train --preset micro-rf --set inference.steps=4\n\n"
                    f"gives `{key}`; a typo gives `0123456789abcdef`.\n\n"
                    "Runs, `python -m ltm.train --preset micro-rf --experiment x --set ...` with the options in the "
                    "first columns:\n\n| run key | start | T |\n|---|---|---|\n"
-                   f"| `{run_preset('micro-rf').with_overrides(['inference.start=encoder']).run_key()}` | encoder | 16 |\n"
+                   f"| `{encoder}` | encoder | 16 |\n"
                    "| `fedcba9876543210` | somewhere | 4 |\n")
     assert rebuild_keys.main([str(doc)]) == 1
     out = capsys.readouterr().out
