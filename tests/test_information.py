@@ -64,3 +64,20 @@ def test_it_never_exceeds_the_kl_on_smoke_models(start, steps):
     m = evaluate_bounds(model, [tokens[:6], tokens[6:]], ltm.InferenceConfig(steps=steps, start=start), seed=3)
     assert m["val/z_info_lb"] - m["val/z_info_lb_ci"] <= m["val/kl"]
     assert m["val/z_info_lb"] <= m["val/z_info_cap"] + 1e-9
+
+
+def test_own_samples_mixture_against_far_samples_mixture_would_exceed_the_kl():
+    """Why the own sample sits in the mixture rather than M own samples against M far ones: for an exact
+    posterior (mean KL = I(x; z)) that difference of two mixtures reads above the KL."""
+    g = torch.Generator().manual_seed(1)
+    blocks, m, s = 4000, 32, 1.0
+    z = torch.randn(blocks, generator=g, dtype=torch.float64)
+    x = z + s * torch.randn(blocks, generator=g, dtype=torch.float64)
+    own = x[:, None] / 2 + 0.5 ** 0.5 * torch.randn(blocks, m, generator=g, dtype=torch.float64)  # q(z | x) exact
+
+    def log_mixture(samples: torch.Tensor) -> torch.Tensor:
+        return torch.logsumexp(-0.5 * ((x[:, None] - samples) / s) ** 2, 1) - math.log(samples.shape[1])
+
+    far = torch.stack([own[:, 0].roll(-d) for d in range(3, 3 + m)], 1)
+    both_mixtures, half = block_interval(log_mixture(own) - log_mixture(far), blocks)
+    assert both_mixtures - half > 0.5 * math.log(2)  # I(x; z) = mean KL = log(2) / 2 here
