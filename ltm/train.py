@@ -146,11 +146,21 @@ def _trunk_first(cfg: RunConfig, tracking_uri: str, experiment: str, runs_dir: P
              cfg.run_key(), trunk.run_key(), f"{cfg.branch_point():,}")
     result = run(trunk, tracking_uri=tracking_uri, experiment=experiment, runs_dir=runs_dir,
                  parent_run_id=parent_run_id, progress=progress, device=device, tracking_patience=patience)
-    if result.status in (Status.FINISHED, Status.SKIPPED):
-        return None
-    return RunResult(result.status, None, {}, result.run_dir,
-                     f"its trunk {trunk.run_key()} (MLflow run {result.run_id}) stopped before the branch point "
-                     f"{cfg.branch_point():,}: {result.reason}")
+    if result.status not in (Status.FINISHED, Status.SKIPPED):
+        return RunResult(result.status, None, {}, result.run_dir,
+                         f"its trunk {trunk.run_key()} (MLflow run {result.run_id}) stopped before the branch point "
+                         f"{cfg.branch_point():,}: {result.reason}")
+    if not trunk_snapshot(runs_dir, cfg).is_file():  # a trunk that went past it: refused before the branch exists
+        raise _no_snapshot(cfg, trunk_snapshot(runs_dir, cfg))
+    return None
+
+
+def _no_snapshot(cfg: RunConfig, path: Path) -> FileNotFoundError:
+    return FileNotFoundError(
+        f"run {cfg.run_key()} branches from its trunk {cfg.trunk().run_key()} at {cfg.branch_point():,} tokens, but "
+        f"the trunk has no snapshot there ({path}): it went past the branch point without stopping at it (run a "
+        "trunk's budgets from the smallest up), or the file was removed; train the trunk to that point again (a new "
+        "run of it: --force with train.schedule=constant and train.tokens at the branch point)")
 
 
 def _finished(cfg: RunConfig, tracking_uri: str, experiment: str, runs_dir: Path) -> bool:
@@ -265,13 +275,9 @@ def _branch(cfg: RunConfig, state: loop.TrainState, snapshot: _Snapshot, procs: 
     .sha256), and tag its MLflow run with the trunk's (rank 0)."""
     from ltm.checkpoint import read_snapshot
 
-    trunk_key, point = cfg.trunk().run_key(), cfg.branch_point()
+    trunk_key = cfg.trunk().run_key()
     if not snapshot.path.is_file():
-        raise FileNotFoundError(
-            f"run {cfg.run_key()} branches from its trunk {trunk_key} at {point:,} tokens, but the trunk has no "
-            f"snapshot there ({snapshot.path}): it went past the branch point without stopping at it (run a trunk's "
-            "budgets from the smallest up), or the file was removed; train the trunk to that point again (a new run "
-            "of it: --force with train.schedule=constant and train.tokens at the branch point)")
+        raise _no_snapshot(cfg, snapshot.path)
     start = read_snapshot(snapshot.path, procs.device, snapshot.verify)
     state.branch_from(start)
     if procs.is_main:
