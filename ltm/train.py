@@ -158,7 +158,9 @@ def _trunk_first(cfg: RunConfig, tracking_uri: str, experiment: str, runs_dir: P
                          f"its trunk {trunk.run_key()} (MLflow run {result.run_id}) stopped before the branch point "
                          f"{cfg.branch_point():,}: {result.reason}")
     start = _Snapshot(trunk_snapshot(runs_dir, cfg), verify)
-    if not start.path.is_file():  # a trunk that went past it: refused before the branch exists
+    # a trunk already past the point without a snapshot there: refused before the branch exists (one that just
+    # FINISHED there has one, written by rank 0, which the other processes may not see yet)
+    if result.status == Status.SKIPPED and not start.path.is_file():
         raise _no_snapshot(cfg, start.path)
     return start
 

@@ -13,7 +13,7 @@ import ltm.checkpoint as checkpoint
 import ltm.train as train
 from ltm import objective
 from ltm.checkpoint import CheckpointError
-from ltm.config import RUN_PRESETS, ConfigError, run_preset
+from ltm.config import RUN_PRESETS, ConfigError, describe, run_preset
 from ltm.names import (BRANCH_POINT_TAG, FLOPS, RUN_KEY_TAG, TOKENS, TRAIN_LOSS, TRAIN_LR, TRUNK_KEY_TAG,
                        TRUNK_RUN_TAG, VAL_KL, VAL_NLL, Exit)
 from ltm.tracking import default_tracking_uri
@@ -221,3 +221,9 @@ def test_the_command_line_trains_a_wsd_run(tmp_path):
     bad = subprocess.run([*args, "--set", "train.decay_fraction=1.5"], capture_output=True, text=True, cwd=ROOT,
                          timeout=600)
     assert bad.returncode == Exit.USAGE and "train.decay_fraction" in bad.stderr
+
+
+def test_a_runs_description_says_its_schedule():
+    assert describe(wsd()).endswith("16.4k tokens (wsd, 1-sqrt decay over the last 20%)")
+    assert describe(wsd().trunk()).endswith("13.1k tokens (constant-lr trunk)")
+    assert describe(run_preset("smoke")).endswith("16.4k tokens")
