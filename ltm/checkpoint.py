@@ -1,7 +1,8 @@
 """The checkpoint format: a run's folder of checkpoints, its config, and finding the one to load.
 
 A run's folder holds ckpt-<tokens>.pt files, each with its sha256 in ckpt-<tokens>.sha256, and
-config.json. A folder belongs to exactly one MLflow run, its owner (the run id in its config.json
+config.json; a constant-rate trunk's also at-<tokens>.pt snapshots where it stopped (its branch points).
+A folder belongs to exactly one MLflow run, its owner (the run id in its config.json
 and in every checkpoint): the first run of a run key gets <runs>/checkpoints/<run key>, any other
 run of the same key (another experiment or store sharing the runs folder, a --force rerun) gets
 <run key>.<run id> (`run_folder`). Nothing removes or resumes from a folder another run owns.
@@ -82,6 +83,8 @@ class Checkpoint:
     """A signal stopped the evaluation at this step: it is done first on resume (absent in older files)."""
     unsent_metrics: list[list] = field(default_factory=list)
     """Metrics logged but not yet stored when it was written (`Tracker.unsent`; absent in older files)."""
+    start_tokens: int = 0
+    """Tokens the run started from: a wsd branch's branch point (its trunk trained them), else 0."""
 
     def to_dict(self) -> dict:
         """The file's content: tensors and plain values only, so it loads with weights_only=True."""
@@ -234,8 +237,41 @@ def key_folders(runs_dir: str | Path, key: str) -> list[Path]:
 
 def save_checkpoint(run_dir: Path, state: Checkpoint, keep: int = 2) -> Path:
     """Write ckpt-<tokens>.pt atomically with its sha256 beside it; keep the newest `keep`."""
-    run_dir.mkdir(parents=True, exist_ok=True)
-    path = run_dir / f"ckpt-{state.tokens:015d}.pt"
+    path = _write(run_dir / f"ckpt-{state.tokens:015d}.pt", state)
+    for old in checkpoints(run_dir)[:-keep]:
+        _remove(old)
+    return path
+
+
+def snapshot_name(tokens: int) -> str:
+    """A trunk's snapshot at `tokens` (a branch point): at-<tokens>.pt beside its checkpoints, never pruned."""
+    return f"at-{tokens:015d}.pt"
+
+
+def save_snapshot(run_dir: Path, state: Checkpoint) -> Path:
+    """A constant-rate trunk's named, checksummed state where it stopped (at-<tokens>.pt, with its .sha256):
+    what the wsd branches at those tokens start from (`trunk_snapshot`)."""
+    return _write(run_dir / snapshot_name(state.tokens), state)
+
+
+def trunk_snapshot(runs_dir: str | Path, cfg: RunConfig) -> Path:
+    """Where the start of wsd run `cfg` lives: its trunk's snapshot at its branch point, in the folder of
+    the trunk's run key that holds it (the key's own folder first), else where the key's own folder would
+    hold it (the path need not exist)."""
+    key, name = cfg.trunk().run_key(), snapshot_name(cfg.branch_point())
+    found = [folder / name for folder in key_folders(runs_dir, key) if (folder / name).is_file()]
+    return found[0] if found else Path(runs_dir) / "checkpoints" / folder_name(key, "run key") / name
+
+
+def read_snapshot(path: Path, device: str | torch.device = "cpu", verify: bool = True) -> Checkpoint:
+    """A trunk snapshot's state, through `verify_checksum` (CheckpointError naming the file when it does not
+    match its .sha256 or cannot be read; `verify` False: unchecked, with a warning)."""
+    return _read(verify_checksum(path, verify), device)
+
+
+def _write(path: Path, state: Checkpoint) -> Path:
+    """`state` to `path` through a temporary and a rename, then its sha256 beside it."""
+    path.parent.mkdir(parents=True, exist_ok=True)
     try:
         with atomic_file(path) as f:
             torch.save(state.to_dict(), f)
@@ -243,11 +279,9 @@ def save_checkpoint(run_dir: Path, state: Checkpoint, keep: int = 2) -> Path:
         atomic_write(path.with_suffix(".sha256"), digest)
     except (OSError, RuntimeError) as err:  # torch.save reports a full disk as a RuntimeError
         _remove(path)
-        raise OSError(f"cannot write checkpoint {path}: {_write_error(err)}; {free_space(run_dir)} free on its disk. "
-                      "Free space (or raise the file size limit) and run the same command again: it resumes from "
-                      "the previous checkpoint") from err
-    for old in checkpoints(run_dir)[:-keep]:
-        _remove(old)
+        raise OSError(f"cannot write checkpoint {path}: {_write_error(err)}; {free_space(path.parent)} free on its "
+                      "disk. Free space (or raise the file size limit) and run the same command again: it resumes "
+                      "from the previous checkpoint") from err
     return path
 
 

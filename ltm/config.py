@@ -323,6 +323,16 @@ class TrainConfig:
     lr: float = 4e-4
     min_lr: float = 4e-5
     warmup_steps: int = 1000
+    schedule: Literal["cosine", "wsd", "constant"] = "cosine"
+    """The learning rate after the linear warmup (`ltm.objective.lr_at`). "cosine": from lr down to min_lr at
+    the budget's end. "wsd" (warmup-stable-decay, Hägele et al. 2024): lr until the last decay_fraction of the
+    budget's updates, then down to min_lr; a wsd run branches from its trunk (`RunConfig.trunk`). "constant":
+    lr for ever: a trunk, whose run key leaves out train.tokens (the tokens it runs, or resumes, up to)."""
+    decay_fraction: float = 0.2
+    """schedule=wsd: the share of the budget's updates spent decaying, in (0, 1)."""
+    decay_shape: Literal["1-sqrt", "linear"] = "1-sqrt"
+    """schedule=wsd: "1-sqrt": min_lr + (lr - min_lr)(1 - sqrt(p)), p the progress through the decay (Hägele
+    et al.'s recommendation); "linear": min_lr + (lr - min_lr)(1 - p)."""
     betas: tuple[float, float] = (0.9, 0.95)
     weight_decay: float = 0.1
     """Applied to matrices and embeddings, not to norm gains."""
@@ -369,6 +379,16 @@ class TrainConfig:
             raise ConfigError(f"train.compile must be 'auto', 'on' or 'off', got {self.compile!r}")
         if self.precision not in ("auto", "fp32", "bf16"):
             raise ConfigError(f"train.precision must be 'auto', 'fp32' or 'bf16', got {self.precision!r}")
+        self._check_schedule()
+
+    def _check_schedule(self) -> None:
+        if self.schedule not in ("cosine", "wsd", "constant"):
+            raise ConfigError(f"train.schedule must be 'cosine', 'wsd' or 'constant', got {self.schedule!r}")
+        if self.decay_shape not in ("1-sqrt", "linear"):
+            raise ConfigError(f"train.decay_shape must be '1-sqrt' or 'linear', got {self.decay_shape!r}")
+        if self.schedule == "wsd" and not 0 < self.decay_fraction < 1:
+            raise ConfigError(f"train.decay_fraction is the share of the budget spent decaying, in (0, 1) (e.g. "
+                              f"0.2), got {self.decay_fraction}")
 
 
 @dataclass(frozen=True)
@@ -390,6 +410,42 @@ class RunConfig:
                               "never inferred and the decoder trains on the posterior's starting point; for a model "
                               "without latents use model.kind=ar (or inference.start=encoder for a purely amortised "
                               "posterior)")
+        self._check_schedule()
+
+    def _check_schedule(self) -> None:
+        """A wsd run's decay starts after its warmup; no schedule but cosine has a trained start's KL warmup (a
+        fraction of the budget: a trunk's would depend on the budget it does not know)."""
+        tc = self.train
+        if tc.schedule != "cosine" and self.inference.start != "fixed" and self.inference.start_kl_warmup:
+            raise ConfigError(f"inference.start_kl_warmup={self.inference.start_kl_warmup} needs train.schedule=cosine "
+                              f"(got {tc.schedule!r}): a trunk's KL warmup cannot be a fraction of a budget it does "
+                              "not have; set it to 0")
+        if tc.schedule == "wsd" and self.decay_start <= tc.warmup_steps:
+            raise ConfigError(
+                f"train.tokens={tc.tokens:,} with train.decay_fraction={tc.decay_fraction:g} branches from the trunk "
+                f"at update {self.decay_start} ({self.decay_start * self.tokens_per_update:,} tokens), inside its "
+                f"train.warmup_steps={tc.warmup_steps}: raise train.tokens to at least "
+                f"{math.ceil((tc.warmup_steps + 1) / (1 - tc.decay_fraction)) * self.tokens_per_update:,} or lower "
+                "train.decay_fraction or train.warmup_steps")
+
+    @property
+    def decay_start(self) -> int:
+        """schedule=wsd: the update at which the decay starts (the trunk's last update, its branch point): the
+        budget's updates x (1 - train.decay_fraction), rounded down."""
+        return math.floor(self.updates * (1 - self.train.decay_fraction))
+
+    def branch_point(self) -> int:
+        """Tokens at which a wsd run leaves its trunk: `decay_start` whole updates (ConfigError for any other
+        schedule; construction already refused a branch point inside the warmup)."""
+        if self.train.schedule != "wsd":
+            raise ConfigError(f"a branch point needs train.schedule=wsd, got {self.train.schedule!r}")
+        return self.decay_start * self.tokens_per_update
+
+    def trunk(self) -> "RunConfig":
+        """The trunk a wsd run branches from: the same run at a constant rate (schedule "constant", everything
+        else equal), up to this run's branch point. Its run key is the same whatever its tokens."""
+        return dataclasses.replace(self, train=dataclasses.replace(self.train, schedule="constant",
+                                                                   tokens=self.branch_point()))
 
     @property
     def tokens_per_update(self) -> int:
@@ -474,7 +530,20 @@ class RunConfig:
                 d["data"].pop(name)
         if self.data.tokenizer != "bpe":
             d["data"].pop("bpe_vocab_size")
+        self._schedule_identity(d["train"])
         return d
+
+    def _schedule_identity(self, train: dict) -> None:
+        """Cosine runs keep their keys from before the schedule options; a trunk (constant) uses neither its
+        budget nor min_lr: one key for every branch point of the trunk (`trunk`)."""
+        if self.train.schedule == "cosine":
+            train.pop("schedule")
+        if self.train.schedule != "wsd":
+            train.pop("decay_fraction")
+            train.pop("decay_shape")
+        if self.train.schedule == "constant":
+            train.pop("tokens")
+            train.pop("min_lr")
 
     def run_key(self) -> str:
         """A stable 16-hex-digit hash of identity(), seed included: the run's name everywhere."""
@@ -608,6 +677,9 @@ def describe(cfg: RunConfig) -> str:
                  "encoder": f"{inf.encoder_layers}-layer encoder"}[inf.start]
         words += [f"T={inf.steps}", f"N_z={m.n_latents}", f"{start} start"]
     tail = f"{_count(cfg.updates * cfg.tokens_per_update)} tokens"
+    tc = cfg.train
+    tail += {"cosine": "", "constant": " (constant-lr trunk)",
+             "wsd": f" (wsd, {tc.decay_shape} decay over the last {tc.decay_fraction:.0%})"}[tc.schedule]
     if cfg.data.name != "synthetic":
         tail += f" of {cfg.data.name.rstrip('/').rpartition('/')[2]}"  # a local file by its name
     return " ".join(words) + f", {tail}" + (f", seed {cfg.seed}" if cfg.seed else "")

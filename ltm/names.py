@@ -38,6 +38,12 @@ ANALYSIS_TAG = "ltm.analysis"
 """On a run that holds an analysis's figures and tables: which analysis (`plot_scaling`)."""
 N_RUNS_TAG = "ltm.n_runs"
 """How many training runs that analysis read."""
+TRUNK_RUN_TAG = "ltm.trunk_run_id"
+"""On a wsd branch: the MLflow run of the constant-rate trunk it started from (`ltm.config.RunConfig.trunk`)."""
+TRUNK_KEY_TAG = "ltm.trunk_run_key"
+"""On a wsd branch: its trunk's run key."""
+BRANCH_POINT_TAG = "ltm.branch_point"
+"""On a wsd branch: the tokens at which it left its trunk (the trunk's share of its compute)."""
 
 
 def tag_is(tag: str, value: str) -> str:
@@ -52,8 +58,10 @@ def metric(prefix: str, *parts: object) -> str:
 
 
 TOKENS = "tokens"
+"""Tokens the model has trained on (a branch's count its trunk's: the budget D of a scaling fit)."""
 FLOPS = "flops"
 FLOPS_PAPER = "flops_paper"
+"""Training FLOPs this run spent itself: a wsd branch's leave out its trunk's (BRANCH_POINT_TAG x flops_per_token)."""
 TOKENS_PER_S = "tokens_per_s"
 MFU = "mfu"
 TRAIN = "train"

@@ -68,9 +68,20 @@ def sample_seed(run_seed: int, sample_index: int) -> int:
 
 
 def lr_at(step: int, total_steps: int, cfg: TrainConfig) -> float:
-    """Linear warmup, then cosine from lr to min_lr at the last step."""
+    """The learning rate of update `step` of `total_steps`: linear warmup, then cfg.schedule's curve (cosine
+    from lr to min_lr at the last step; wsd: lr, then cfg.decay_shape down to min_lr over the last
+    cfg.decay_fraction of the updates; constant: lr)."""
     if step < cfg.warmup_steps:
         return cfg.lr * (step + 1) / cfg.warmup_steps
+    if cfg.schedule == "constant":
+        return cfg.lr
+    if cfg.schedule == "wsd":
+        decay_start = math.floor(total_steps * (1 - cfg.decay_fraction))  # RunConfig.decay_start
+        if step < decay_start:
+            return cfg.lr
+        progress = min(1.0, (step - decay_start) / max(1, total_steps - decay_start))
+        left = 1 - math.sqrt(progress) if cfg.decay_shape == "1-sqrt" else 1 - progress
+        return cfg.min_lr + left * (cfg.lr - cfg.min_lr)
     progress = (step - cfg.warmup_steps) / max(1, total_steps - cfg.warmup_steps)
     return cfg.min_lr + 0.5 * (1 + math.cos(math.pi * min(1.0, progress))) * (cfg.lr - cfg.min_lr)
 
