@@ -20,7 +20,7 @@ import torch
 
 from ltm.checkpoint import run_folder
 from ltm.config import ModelConfig, RunConfig, describe
-from ltm.names import FLOPS_PER_TOKEN, N_PARAMS, N_PARAMS_NONEMBEDDING, NOTE_TAG, Status
+from ltm.names import FLOPS_PER_TOKEN, N_PARAMS, N_PARAMS_NONEMBEDDING, NOTE_TAG, TOKENS, Status
 
 if TYPE_CHECKING:
     from ltm.tracking import Tracker
@@ -86,7 +86,7 @@ def decide_training(tracker: Tracker, cfg: RunConfig, model_cfg: ModelConfig, ru
     """Rank 0: skip a finished training run, reopen an interrupted one, or create a new one. Each MLflow
     run has its own checkpoint folder: nothing here removes or resumes from another run's."""
     key = cfg.run_key()
-    decision = decide(tracker, key, force)
+    decision = _beyond_finished_trunk(decide(tracker, key, force), cfg)
     if decision.skipped:
         return dataclasses.replace(decision, run_dir=run_folder(runs_dir, key, decision.run_id))
     # the description too: a run created before it was written gets it when it resumes
@@ -96,6 +96,16 @@ def decide_training(tracker: Tracker, cfg: RunConfig, model_cfg: ModelConfig, ru
     logged_step = tracker.max_logged_step(run_id) if decision.resume else -1
     return dataclasses.replace(decision, run_id=run_id, run_dir=run_folder(runs_dir, key, run_id),
                                logged_step=logged_step)
+
+
+def _beyond_finished_trunk(decision: RunDecision, cfg: RunConfig) -> RunDecision:
+    """A constant-rate trunk (one run key whatever its tokens) that FINISHED short of `cfg`'s tokens is reopened
+    to go on from its checkpoint there; one that reached them is skipped."""
+    if not (decision.skipped and cfg.train.schedule == "constant"):
+        return decision
+    if decision.metrics.get(TOKENS, 0) >= cfg.updates * cfg.tokens_per_update:
+        return decision
+    return RunDecision(decision.run_id, resume=True)
 
 
 def _create_training_run(tracker: Tracker, cfg: RunConfig, model_cfg: ModelConfig, runs_dir: Path,

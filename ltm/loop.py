@@ -22,7 +22,7 @@ import torch
 
 import ltm.evaluate
 from ltm import lifecycle, names, objective
-from ltm.checkpoint import Checkpoint, restore_rng, rng_state, save_checkpoint
+from ltm.checkpoint import Checkpoint, restore_rng, rng_state, save_checkpoint, save_snapshot
 from ltm.config import ModelConfig, RunConfig
 from ltm.flops import mfu, peak_flops, run_flops_per_token
 from ltm.lifecycle import RunResult
@@ -50,14 +50,22 @@ class TrainState:
     """Training sequences consumed."""
     eval_pending: bool = False
     """A signal stopped the evaluation at this step: it is done first on resume."""
+    start_tokens: int = 0
+    """Tokens the run started from (a wsd branch's branch point): its own FLOPs count from there."""
 
     def load(self, checkpoint: Checkpoint) -> None:
         """Continue from a checkpoint's state (the RNGs too)."""
         self.model.load_state_dict(checkpoint.model)
         self.optimizer.load_state_dict(checkpoint.optimizer)
         self.step, self.samples = checkpoint.step, checkpoint.samples
-        self.eval_pending = checkpoint.eval_pending
+        self.eval_pending, self.start_tokens = checkpoint.eval_pending, checkpoint.start_tokens
         restore_rng(checkpoint.rng)
+
+    def branch_from(self, snapshot: Checkpoint) -> None:
+        """Start a wsd branch from its trunk's snapshot: the trunk's whole state (its step, data position and
+        RNGs: the branch goes on exactly as one run would), its tokens the branch's start."""
+        self.load(snapshot)
+        self.eval_pending, self.start_tokens = False, snapshot.tokens
 
 
 @dataclass(frozen=True)
@@ -204,17 +212,20 @@ def evaluate(ctx: TrainContext, state: TrainState) -> dict | None:
     return metrics
 
 
-def save(ctx: TrainContext, state: TrainState, tokens: int) -> None:
-    """Checkpoint the loop (rank 0 writes it)."""
+def save(ctx: TrainContext, state: TrainState, tokens: int, last: bool = False) -> None:
+    """Checkpoint the loop (rank 0 writes it); at its last update a constant-rate trunk also keeps it as its
+    snapshot at these tokens (`ltm.checkpoint.save_snapshot`), which its branches start from."""
     if ctx.procs.is_main:
-        save_checkpoint(ctx.run_dir, Checkpoint(
+        checkpoint = Checkpoint(
             model=state.model.state_dict(), optimizer=state.optimizer.state_dict(), step=state.step,
             samples=state.samples, tokens=tokens, run_id=ctx.run_id, run_key=ctx.cfg.run_key(),
             config=ctx.cfg.to_dict(), model_overrides={"vocab_size": ctx.model_cfg.vocab_size},
             eval_pending=state.eval_pending, rng=rng_state(),
             # logged but maybe not yet stored: a process killed now would lose them, the resume sends them
-            unsent_metrics=ctx.tracker.unsent(),
-        ))
+            unsent_metrics=ctx.tracker.unsent(), start_tokens=state.start_tokens)
+        save_checkpoint(ctx.run_dir, checkpoint)
+        if last and ctx.cfg.train.schedule == "constant":
+            save_snapshot(ctx.run_dir, checkpoint)
 
 
 def log(ctx: TrainContext, metrics: dict[str, float], tokens: int) -> None:
@@ -329,8 +340,9 @@ def _update(ctx: TrainContext, state: TrainState, window: _Window, bar, metrics:
         state.eval_pending = found is None
         point.update(found or {})
     if point:
-        point.update({names.TOKENS: tokens, names.FLOPS: tokens * plan.flops_per_token,
-                      names.FLOPS_PAPER: tokens * plan.flops_per_token_paper})
+        trained = tokens - state.start_tokens  # a branch's own: its trunk's FLOPs are the trunk run's
+        point.update({names.TOKENS: tokens, names.FLOPS: trained * plan.flops_per_token,
+                      names.FLOPS_PAPER: trained * plan.flops_per_token_paper})
         log(ctx, point, tokens)
         metrics.update(point)
     return _checkpoint_or_stop(ctx, state, tokens, last, metrics)
@@ -343,7 +355,7 @@ def _checkpoint_or_stop(ctx: TrainContext, state: TrainState, tokens: int, last:
     outage = procs.is_main and ctx.tracker.outage() > ctx.patience
     stop = procs.all_sum(torch.tensor([float(ctx.interrupt.signal is not None), float(outage)], device=procs.device))
     if last or stop.any().item() or (every and _crossed(tokens, ctx.plan.tokens_per_step, every)):
-        save(ctx, state, tokens)
+        save(ctx, state, tokens, last)
     if stop[1].item():  # the store is gone: keep what it did not take, stop while nothing is lost
         reason = f"the tracking store did not answer for {ctx.patience:.0f} s"
         if procs.is_main:

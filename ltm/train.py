@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from ltm import names
-from ltm.cli import add_run_options, add_verbosity, configure_logging, log_level
+from ltm.cli import add_run_options, add_verbosity, add_verify_option, configure_logging, log_level
 from ltm.config import RUN_PRESETS, ConfigError, ModelConfig, RunConfig, run_preset
 from ltm.names import EXIT_OF, Exit, Status
 from ltm.paths import check_name
@@ -46,8 +46,17 @@ log = logging.getLogger("ltm.train")  # by name: run as a command, __name__ is "
 def run(cfg: RunConfig, *, tracking_uri: str | None = None, experiment: str = "ltm", runs_dir: str | Path = "runs",
         force: bool = False, parent_run_id: str | None = None, tags: dict | None = None,
         progress: bool = True, device: str | None = None, tracking_patience: float = 600.0,
-        on_log: Callable[[dict[str, float]], None] | None = None) -> RunResult:
+        on_log: Callable[[dict[str, float]], None] | None = None, verify: bool = True,
+        from_trunk: bool = True) -> RunResult:
     """Train one run to its token budget (or resume it), tracked in MLflow; see the module docstring.
+
+    A wsd run (train.schedule=wsd) is a branch of its constant-rate trunk (`RunConfig.trunk`): it starts from
+    the trunk's snapshot at its branch point (checked against its .sha256 unless `verify` is False), first
+    training the trunk there (its own run, under its own lock) when the snapshot is missing and the branch has
+    not started. Its MLflow run is tagged with its trunk's (`names.TRUNK_RUN_TAG`, `TRUNK_KEY_TAG`,
+    `BRANCH_POINT_TAG`); its `tokens` are the model's (trunk's included), its `flops` only its own: the
+    total compute is flops + branch point x flops_per_token. `from_trunk` False trains a wsd run from zero
+    tokens instead (the same numbers: the reference a branch is checked against).
 
     Raises RunBusy when another live process holds the run. If the tracking store stops answering
     for `tracking_patience` seconds the run checkpoints, keeps the unsent metrics and returns KILLED.
@@ -55,6 +64,7 @@ def run(cfg: RunConfig, *, tracking_uri: str | None = None, experiment: str = "l
     MLflow client up for `tracking_uri` (`ltm.tracking.configure_mlflow`: fail fast, credentials from a
     user:password in the URI).
     """
+    from ltm.checkpoint import trunk_snapshot
     from ltm.data import check_data
     from ltm.objective import check_c_compiler, use_compile
     from ltm.processes import Processes
@@ -68,6 +78,13 @@ def run(cfg: RunConfig, *, tracking_uri: str | None = None, experiment: str = "l
     tracking_uri = tracking_uri or default_tracking_uri(runs_dir)
     configure_mlflow(tracking_uri)
     key = cfg.run_key()
+    snapshot = None
+    if cfg.train.schedule == "wsd" and from_trunk:
+        stopped = _trunk_first(cfg, tracking_uri, experiment, runs_dir, force, parent_run_id, progress, device,
+                               tracking_patience)
+        if stopped is not None:
+            return stopped
+        snapshot = _Snapshot(trunk_snapshot(runs_dir, cfg), verify)
     with Interrupt() as interrupt:
         procs, lock = None, None
         try:
@@ -88,7 +105,7 @@ def run(cfg: RunConfig, *, tracking_uri: str | None = None, experiment: str = "l
                 if busy:
                     raise RunBusy(busy)
             return _run_locked(cfg, procs, tracking_uri, experiment, runs_dir, force, parent_run_id, tags or {},
-                               progress, tracking_patience, on_log, interrupt)
+                               progress, tracking_patience, on_log, interrupt, snapshot)
         except Stopped as stop:
             if procs is not None:
                 procs.fail(stop)  # a process the signal missed stops too, rather than wait for this one
@@ -104,6 +121,46 @@ def run(cfg: RunConfig, *, tracking_uri: str | None = None, experiment: str = "l
                 procs.close()
 
 
+@dataclasses.dataclass(frozen=True)
+class _Snapshot:
+    """Where a wsd branch starts when it has no checkpoint of its own: its trunk's snapshot file."""
+
+    path: Path
+    verify: bool
+    """Check it against its .sha256 (False: --no-verify)."""
+
+
+def _trunk_first(cfg: RunConfig, tracking_uri: str, experiment: str, runs_dir: Path, force: bool,
+                 parent_run_id: str | None, progress: bool, device: str | None, patience: float) -> RunResult | None:
+    """A wsd branch's trunk run (or resumed) up to the branch point, when its snapshot there is missing and the
+    branch has not started (a finished branch is skipped later, a started one resumes from its own checkpoint):
+    None when the branch can go on, else a RunResult saying how the trunk stopped."""
+    from ltm.checkpoint import key_folders, trunk_snapshot
+    from ltm.lifecycle import RunResult
+
+    if trunk_snapshot(runs_dir, cfg).is_file() or (not force and (
+            key_folders(runs_dir, cfg.run_key()) or _finished(cfg, tracking_uri, experiment, runs_dir))):
+        return None
+    trunk = cfg.trunk()
+    log.info("run %s branches from its trunk %s at %s tokens, which has no snapshot there: training the trunk first",
+             cfg.run_key(), trunk.run_key(), f"{cfg.branch_point():,}")
+    result = run(trunk, tracking_uri=tracking_uri, experiment=experiment, runs_dir=runs_dir,
+                 parent_run_id=parent_run_id, progress=progress, device=device, tracking_patience=patience)
+    if result.status in (Status.FINISHED, Status.SKIPPED):
+        return None
+    return RunResult(result.status, None, {}, result.run_dir,
+                     f"its trunk {trunk.run_key()} (MLflow run {result.run_id}) stopped before the branch point "
+                     f"{cfg.branch_point():,}: {result.reason}")
+
+
+def _finished(cfg: RunConfig, tracking_uri: str, experiment: str, runs_dir: Path) -> bool:
+    """Whether the run key has a FINISHED run in the experiment (one that the run then skips)."""
+    from ltm.tracking import Tracker
+
+    found = Tracker(tracking_uri, experiment, artifact_root=runs_dir / "artifacts").find_run(cfg.run_key())
+    return found is not None and found.info.status == Status.FINISHED
+
+
 def _not_started(stop: Stopped, run_dir: Path) -> RunResult:
     """A signal before the MLflow run was created or reopened: nothing to mark, nothing lost."""
     from ltm.lifecycle import RunResult
@@ -114,7 +171,7 @@ def _not_started(stop: Stopped, run_dir: Path) -> RunResult:
 
 def _run_locked(cfg: RunConfig, procs: Processes, tracking_uri: str, experiment: str, runs_dir: Path, force: bool,
                 parent_run_id: str | None, tags: dict, progress: bool, patience: float, on_log,
-                interrupt: Interrupt) -> RunResult:
+                interrupt: Interrupt, snapshot: _Snapshot | None) -> RunResult:
     from ltm import lifecycle, loop
     from ltm.data import load_blocks
     from ltm.lifecycle import RunResult
@@ -143,7 +200,8 @@ def _run_locked(cfg: RunConfig, procs: Processes, tracking_uri: str, experiment:
     monitor = None
     try:  # from here on the MLflow run exists: any failure marks it FAILED with the reason, a signal KILLED
         with interrupt.stoppable():
-            ctx, state, resumed = _set_up(cfg, model_cfg, procs, interrupt, tracker, decision, blocks, patience, on_log)
+            ctx, state, resumed = _set_up(cfg, model_cfg, procs, interrupt, tracker, decision, blocks, patience, on_log,
+                                          snapshot)
             if procs.is_main:
                 monitor = lifecycle.start_system_metrics(decision.run_id, tracking_uri, resumed)
         return loop.train(ctx, state, progress)
@@ -169,9 +227,9 @@ def _data_name(cfg: RunConfig) -> str:
 
 def _set_up(cfg: RunConfig, model_cfg: ModelConfig, procs: Processes, interrupt: Interrupt, tracker: Tracker | None,
             decision: RunDecision, blocks: tuple[TokenBlocks, TokenBlocks], patience: float,
-            on_log) -> tuple[loop.TrainContext, loop.TrainState, bool]:
-    """The run's folder made ready (rank 0), what the loop works with, and its state: new, or its
-    latest checkpoint's when resuming; whether it was resumed."""
+            on_log, snapshot: _Snapshot | None) -> tuple[loop.TrainContext, loop.TrainState, bool]:
+    """The run's folder made ready (rank 0), what the loop works with, and its state: its latest checkpoint's
+    when resuming, else its trunk's `snapshot` (a wsd branch), else new; whether it was resumed."""
     from ltm import loop
     from ltm.checkpoint import checkpoints, load_latest_checkpoint, remove_stale_temporaries, write_run_config
     from ltm.lifecycle import UNSENT_FILE
@@ -193,10 +251,34 @@ def _set_up(cfg: RunConfig, model_cfg: ModelConfig, procs: Processes, interrupt:
         if procs.is_main:
             tracker.relog(checkpoint.unsent_metrics, after_step=tracker.max_logged_step(run_id))
             log.info("resuming run %s (MLflow %s) from %s tokens", key, run_id, f"{checkpoint.tokens:,}")
+    elif snapshot is not None:
+        _branch(cfg, state, snapshot, procs, tracker, run_id)
     elif decision.resume and procs.is_main and (checkpoints(run_dir) or decision.logged_step >= 0):
         log.warning("no usable checkpoint of run %s (MLflow %s) in %s (see any warnings above); it starts again "
                     "from zero tokens", key, run_id, run_dir)
     return ctx, state, checkpoint is not None
+
+
+def _branch(cfg: RunConfig, state: loop.TrainState, snapshot: _Snapshot, procs: Processes, tracker: Tracker | None,
+            run_id: str) -> None:
+    """Start wsd run `cfg` from its trunk's snapshot (CheckpointError naming the file when it does not match its
+    .sha256), and tag its MLflow run with the trunk's (rank 0)."""
+    from ltm.checkpoint import read_snapshot
+
+    trunk_key, point = cfg.trunk().run_key(), cfg.branch_point()
+    if not snapshot.path.is_file():
+        raise FileNotFoundError(
+            f"run {cfg.run_key()} branches from its trunk {trunk_key} at {point:,} tokens, but the trunk has no "
+            f"snapshot there ({snapshot.path}): it went past the branch point without stopping at it (run a trunk's "
+            "budgets from the smallest up), or the file was removed; train the trunk to that point again (a new run "
+            "of it: --force with train.schedule=constant and train.tokens at the branch point)")
+    start = read_snapshot(snapshot.path, procs.device, snapshot.verify)
+    state.branch_from(start)
+    if procs.is_main:
+        tracker.set_tags(run_id, {names.TRUNK_RUN_TAG: start.run_id, names.TRUNK_KEY_TAG: trunk_key,
+                                  names.BRANCH_POINT_TAG: start.tokens})
+        log.info("run %s branches from trunk %s (MLflow %s) at %s tokens", cfg.run_key(), trunk_key, start.run_id,
+                 f"{start.tokens:,}")
 
 
 def bound_summary(metrics: dict[str, float], prefix: str = names.VAL) -> str:
@@ -247,6 +329,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--device", help="cpu, cuda, cuda:1 (default: cuda if available)")
     parser.add_argument("--force", action="store_true", help="rerun even if this config already FINISHED")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    add_verify_option(parser, "start a wsd branch (train.schedule=wsd) from its trunk's")
     parser.add_argument("--tracking-patience", type=float, default=600.0, metavar="SECONDS",
                         help="how long training goes on while the tracking store does not answer (metrics are kept "
                              "and sent when it is back); after that the run checkpoints and exits 3 (default 600)")
@@ -281,7 +364,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         result = run(cfg, tracking_uri=args.tracking_uri, experiment=args.experiment, runs_dir=args.runs_dir,
                      force=args.force, progress=not args.no_progress, device=args.device,
-                     tracking_patience=args.tracking_patience)
+                     tracking_patience=args.tracking_patience, verify=not args.no_verify)
     except RunBusy as err:
         print(f"error: {err}", file=sys.stderr)
         return Exit.BUSY
