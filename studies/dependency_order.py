@@ -3,6 +3,9 @@ point whose waits are over, in the grid's order, and nothing while none is ready
 
 from __future__ import annotations
 
+import pickle
+from pathlib import Path
+
 from ray.tune.search import Searcher
 
 from studies.messages import Point
@@ -29,3 +32,10 @@ class DependencyOrder(Searcher):
         ended = self.trials.pop(trial_id, None)
         for waits in self.waiting.values():
             waits.discard(ended)
+
+    def save(self, checkpoint_path: str) -> None:
+        """Tune keeps its searcher's state with the experiment's (a ladder's restart starts afresh, `studies.order`)."""
+        Path(checkpoint_path).write_bytes(pickle.dumps((self.waiting, self.trials)))
+
+    def restore(self, checkpoint_path: str) -> None:
+        self.waiting, self.trials = pickle.loads(Path(checkpoint_path).read_bytes())

@@ -25,7 +25,7 @@ from ltm.files import atomic_write
 from ltm.names import Status
 from studies.interrupt import Interruption
 from studies.messages import Point, Result, TrialContext
-from studies.order import pending
+from studies.order import pending, submit
 from studies.plan import ROOT, Plan, UsageError
 
 if TYPE_CHECKING:
@@ -231,7 +231,7 @@ def run(plan: Plan, tracker, interruption: Interruption) -> bool:
             f"export PYTHONPATH={code}:$PYTHONPATH", f"export OMP_NUM_THREADS={params['cpus_per_task']}"])
         context = dataclasses.replace(plan.context(tracking_uri, credentials), cpus=params["cpus_per_task"])
         interruption.running()  # from the submission on, a signal cancels the array (the poll loop below)
-        ids = submit(executor, todo, context, params.get("slurm_additional_parameters", {}))
+        ids = submit(executor, SlurmTrial(), todo, context, params.get("slurm_additional_parameters", {}))
         jobs_file = folder / "jobs.json"
         atomic_write(jobs_file, json.dumps(ids))  # whole or absent, even if the driver dies now
         log.info("submitted %d job(s) (%d points) from %s", len({i.split("_")[0] for i in ids}), len(ids), folder)
@@ -239,23 +239,6 @@ def run(plan: Plan, tracker, interruption: Interruption) -> bool:
     finally:
         if server is not None:
             server.stop()
-
-
-def submit(executor: "submitit.AutoExecutor", points: list[Point], context: TrialContext,
-           additional: dict) -> list[str]:
-    """The points that wait for none as one job array, then each other point (in order: what it waits for
-    comes first) as a job that SLURM starts once those jobs have ended (afterany: a branch whose trunk
-    snapshot is missing trains it itself, so a failed segment holds nothing up forever); their job ids."""
-    free = [p for p in points if not p.after]
-    array = executor.map_array(SlurmTrial(), free, [context] * len(free)) if free else []
-    jobs = {p.id: job.job_id for p, job in zip(free, array)}
-    for point in points:
-        if point.after:
-            dependency = "afterany:" + ":".join(jobs[a] for a in point.after)
-            executor.update_parameters(slurm_additional_parameters={**additional, "dependency": dependency})
-            jobs[point.id] = executor.submit(SlurmTrial(), point, context).job_id
-    executor.update_parameters(slurm_additional_parameters=dict(additional))
-    return [jobs[p.id] for p in points]
 
 
 def _store_for_jobs(plan: Plan, folder: Path) -> tuple[MlflowServer | None, str, str | None]:

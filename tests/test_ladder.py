@@ -5,6 +5,7 @@ The end-to-end tests run one trunk and two branches on Ray Tune (and on SLURM wh
 each branch starts after its trunk's segment, and a second start runs nothing.
 """
 
+import json
 import os
 import subprocess
 import sys
@@ -65,6 +66,14 @@ def test_each_trunk_runs_in_segments_and_each_branch_waits_for_its_segment():
             assert ids.index(segment.id) < ids.index(branch.id)
             assert branch.key != key and branch.key != cfg.with_overrides({"train.schedule": "cosine"}).run_key()
             assert point_cost(branch).tokens == cfg.updates * cfg.tokens_per_update - cfg.branch_point()
+
+
+def test_a_segment_or_a_branch_crosses_a_process_boundary_as_json_and_comes_back_the_same_point():
+    for point in build_points(LADDER, "smoke", [0], None, []):
+        back = Point.from_dict(json.loads(json.dumps(point.to_dict())))
+        assert (back.id, back.stop, back.after, back.resumes, back.label) == (
+            point.id, point.stop, point.after, point.resumes, point.label)
+        assert RunConfig.from_dict(back.config).run_key() == point.key
 
 
 def test_the_micro_ladder_spans_16x_in_parameters_with_four_budgets_per_trunk_and_a_fixed_receptive_field():
@@ -128,7 +137,8 @@ def test_the_paper_preset_is_planned_with_gpu_hours_and_memory(tmp_path, capsys)
 @pytest.mark.parametrize("args, message", [
     (["--set", "model.d_model=32", "--set", "model.n_heads=2"], "has 1 size(s); the L(N, D) fit with a held-out "
                                                                 "size needs at least 3"),
-    (["--set", "train.decay_fraction=1.5"], "train.decay_fraction is the share of the budget spent decaying, in (0, 1)"),
+    (["--set", "train.decay_fraction=1.5"], "train.decay_fraction is the share of the budget spent decaying, in (0, 1)"
+                                            " (e.g. 0.2), got 1.5"),
     (["--set", "train.decay_fraction=0"], "in (0, 1)"),
     (["--set", "train.warmup_steps=400"], "inside its train.warmup_steps=400: raise train.tokens"),
 ])
@@ -143,7 +153,7 @@ def test_bad_ladders_are_refused_before_anything_runs(tmp_path, capsys, args, me
 # -- what a (re)start runs, and in what order (fast) ----------------------------------------------
 
 def _one_trunk() -> list[Point]:
-    """One trunk's two segments and two branches (the smallest smoke rung, the AR)."""
+    """One trunk's two segments and two branches (the smallest smoke rung, the AR; `ONE_TRUNK` runs them)."""
     return [p for p in build_points(LADDER, "smoke", [0], None, [])
             if _config(p).model.d_model == 8 and _config(p).model.kind == "ar"]
 
@@ -178,7 +188,7 @@ def test_ray_tune_starts_a_point_only_when_what_it_waits_for_has_ended():
 
 
 def test_slurm_submits_each_waiting_point_with_a_dependency_on_the_jobs_it_waits_for():
-    from studies.slurm_backend import submit
+    from studies.order import submit
 
     class Executor:
         """submitit's AutoExecutor as `submit` uses it: job ids in submission order, the parameters of each."""
@@ -202,7 +212,7 @@ def test_slurm_submits_each_waiting_point_with_a_dependency_on_the_jobs_it_waits
 
     seg1, seg2, short, long = _one_trunk()
     executor = Executor()
-    ids = submit(executor, [seg1, seg2, short, long], None, {"mail-type": "NONE"})
+    ids = submit(executor, print, [seg1, seg2, short, long], None, {"mail-type": "NONE"})
     assert ids == ["100", "101", "102", "103"]
     assert executor.jobs == [(seg1.id, None), (seg2.id, "afterany:100"), (short.id, "afterany:100"),
                              (long.id, "afterany:101")]
@@ -216,7 +226,7 @@ import sys
 from studies import ladder
 from studies.launcher import main
 from studies.study import Preset, Study
-points = ladder.points(ladder.widths("smoke", [8]), [1, 2], {**ladder.COMMON, "train.warmup_steps": 2}, arms=("ar",))
+points = [e for e in ladder.STUDY.presets["smoke"].points if e["model.d_model"] == 8 and e["model.kind"] == "ar"]
 study = Study("ladder", "one trunk, two branches", {"one": Preset("smoke", points)}, default_preset="one")
 sys.exit(main(study, sys.argv[1:]))
 """
