@@ -117,7 +117,7 @@ STUDY = Study(
                         description="3 tiny widths x AR and LTM x 2 budgets (tests)"),
         "micro": Preset("micro-rf", points(widths("micro-rf", MICRO_WIDTHS), TOKENS_PER_PARAM, COMMON),
                         description="micro-rf widths 16-80 (19x in parameters) x 3 arms x 5,10,20,40 tokens/param "
-                                    "(2 CPUs: about 2 h, estimate)"),
+                                    "(2 CPUs: about 1.5 h, estimate)"),
         "paper": Preset("ltm-s", points([(r, {}) for r in ("ltm-l", "ltm-m", "ltm-s")], [20, 40, 80, 160],
                                         {"train.warmup_steps": 200}),
                         description="LTM-S/M/L and AR twins (same window, full context) x 20-160 tokens/param, "

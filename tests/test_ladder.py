@@ -256,7 +256,7 @@ def _assert_ran_in_order(runs: Path, logs: Path) -> None:
 
 
 @pytest.mark.slow
-def test_one_trunk_and_two_branches_run_in_order_and_a_second_start_runs_nothing(tmp_path):
+def test_one_trunk_and_two_branches_run_in_order_a_second_start_runs_nothing_and_a_stopped_one_goes_on(tmp_path):
     runs = tmp_path / "runs"
     first = _one_trunk_study(runs)
     assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]
@@ -274,6 +274,15 @@ def test_one_trunk_and_two_branches_run_in_order_and_a_second_start_runs_nothing
     assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
     assert "every point is done; nothing to run" in again.stderr and "4 FINISHED of 4 points" in again.stdout
     assert {p: p.stat().st_mtime for p in (runs / "logs").glob("*.spec.json")} == specs
+    assert {r.info.run_id for r in _runs(runs)} == {r.info.run_id for r in children.values()}
+    # a ladder stopped in its last branch: a third start runs that branch alone, in its own run
+    from mlflow.tracking import MlflowClient
+
+    MlflowClient(f"sqlite:///{runs / 'mlflow.db'}").set_terminated(children[long.key].info.run_id, "KILLED")
+    third = _one_trunk_study(runs)
+    assert third.returncode == 0, third.stdout[-3000:] + third.stderr[-3000:]
+    rerun = {p.name for p in (runs / "logs").glob("*.spec.json") if p.stat().st_mtime != specs[p]}
+    assert rerun == {f"{long.id}.spec.json"} and "4 FINISHED of 4 points" in third.stdout
     assert {r.info.run_id for r in _runs(runs)} == {r.info.run_id for r in children.values()}
 
 
