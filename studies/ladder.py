@@ -10,8 +10,9 @@ segments no unfinished branch needs; a stopped ladder resumes its runs from thei
 
 Sizes: widths at a fixed depth, window and head width (16), so that the receptive field, and with it the
 corpus's optimum for a model that sees it, is the same on every rung (micro-rf: 2 layers x window 8 = 15
-tokens, optimum ppl 6.25; full context 4.29). Budgets are tokens per non-embedding parameter of the AR at
-that width, the same tokens for every arm of a size, so the arms compare at equal data.
+tokens; the optima within the receptive field and with the whole block: docs/RESULTS.md). Budgets are
+tokens per non-embedding parameter of the AR at that width, the same tokens for every arm of a size, so the
+arms compare at equal data.
 
 Arms: the AR of the same window (its asymptote is known: the receptive-field optimum); the LTM with the
 fixed start at logvar 0 and T = 4; the full-context AR, the reference that shows the corpus's plan is

@@ -52,6 +52,8 @@ def print_plan(plan_: Plan) -> None:
     costs = [point_cost(p) for p in plan_.points]
     with pd.option_context("display.max_rows", 500, "display.width", 200):
         columns = {**cost_columns(costs, plan_.mfu, plan_.peak_tflops), **memory_columns(plan_.memory)}
+        if any(p.resumes for p in plan_.points):  # a trunk's later segment or a branch: tokens it trains from
+            columns = {"from": [f"{p.resumes:,}" for p in plan_.points], **columns}
         print(grid_table(plan_.points, columns).to_string(index=False))
     per_trial = f"{plan_.cpus:g} CPU + {plan_.gpus:g} GPU per trial"
     if plan_.world > 1:

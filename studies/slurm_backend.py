@@ -138,7 +138,7 @@ def sbatch_preview(plan: Plan) -> str:
     with tempfile.TemporaryDirectory() as tmp:
         try:  # submitit's private API, for display only: fall back to the parameters if it changes
             inner = _planning_executor(plan, tmp)
-            inner.parameters["map_count"] = len(plan.points)
+            inner.parameters["map_count"] = sum(1 for p in plan.points if not p.after)  # the others: jobs of their own
             text = inner._make_submission_file_text("python -u -m submitit.core._submit <folder>", "preview")
         except Exception as err:
             return f"(preview unavailable: {err})\n" + json.dumps(slurm_parameters(plan), indent=2)
