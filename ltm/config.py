@@ -677,6 +677,9 @@ def describe(cfg: RunConfig) -> str:
                  "encoder": f"{inf.encoder_layers}-layer encoder"}[inf.start]
         words += [f"T={inf.steps}", f"N_z={m.n_latents}", f"{start} start"]
     tail = f"{_count(cfg.updates * cfg.tokens_per_update)} tokens"
+    tc = cfg.train
+    tail += {"cosine": "", "constant": " (constant-lr trunk)",
+             "wsd": f" (wsd, {tc.decay_shape} decay over the last {tc.decay_fraction:.0%})"}[tc.schedule]
     if cfg.data.name != "synthetic":
         tail += f" of {cfg.data.name.rstrip('/').rpartition('/')[2]}"  # a local file by its name
     return " ".join(words) + f", {tail}" + (f", seed {cfg.seed}" if cfg.seed else "")

@@ -6,6 +6,13 @@ The run is identified by the hash of its config (the run key): running the same 
 resumes an interrupted run from its last checkpoint into the same MLflow run, or reports a FINISHED
 one. `run` starts one (processes, run lock, data, the MLflow decision of `ltm.lifecycle`) and hands
 it to the loop (`ltm.loop`); several processes (torchrun) split each global batch.
+
+A wsd run (train.schedule=wsd) is a branch of its constant-rate trunk (`RunConfig.trunk`, one run key
+whatever its tokens): it starts from the trunk's snapshot at its branch point, first training (or resuming)
+the trunk there, as its own MLflow run under its own lock, when the snapshot is missing and the branch has
+not started. The branch's MLflow run is tagged with its trunk's (`names.TRUNK_RUN_TAG`, `TRUNK_KEY_TAG`,
+`BRANCH_POINT_TAG`); its `tokens` metric counts the model's tokens (the trunk's included: the D of a
+scaling fit), its `flops` only its own updates: its total compute is flops + branch point x flops_per_token.
 """
 
 # ruff: noqa: E402 (the signal handlers go in before the imports, which load torch and MLflow)
@@ -49,14 +56,8 @@ def run(cfg: RunConfig, *, tracking_uri: str | None = None, experiment: str = "l
         on_log: Callable[[dict[str, float]], None] | None = None, verify: bool = True,
         from_trunk: bool = True) -> RunResult:
     """Train one run to its token budget (or resume it), tracked in MLflow; see the module docstring.
-
-    A wsd run (train.schedule=wsd) is a branch of its constant-rate trunk (`RunConfig.trunk`): it starts from
-    the trunk's snapshot at its branch point (checked against its .sha256 unless `verify` is False), first
-    training the trunk there (its own run, under its own lock) when the snapshot is missing and the branch has
-    not started. Its MLflow run is tagged with its trunk's (`names.TRUNK_RUN_TAG`, `TRUNK_KEY_TAG`,
-    `BRANCH_POINT_TAG`); its `tokens` are the model's (trunk's included), its `flops` only its own: the
-    total compute is flops + branch point x flops_per_token. `from_trunk` False trains a wsd run from zero
-    tokens instead (the same numbers: the reference a branch is checked against).
+    A wsd run starts from its trunk's snapshot (the module docstring), checked against its .sha256 unless
+    `verify` is False; `from_trunk` False trains it from zero tokens instead (the same numbers).
 
     Raises RunBusy when another live process holds the run. If the tracking store stops answering
     for `tracking_patience` seconds the run checkpoints, keeps the unsent metrics and returns KILLED.
@@ -64,11 +65,9 @@ def run(cfg: RunConfig, *, tracking_uri: str | None = None, experiment: str = "l
     MLflow client up for `tracking_uri` (`ltm.tracking.configure_mlflow`: fail fast, credentials from a
     user:password in the URI).
     """
-    from ltm.checkpoint import trunk_snapshot
     from ltm.data import check_data
     from ltm.objective import check_c_compiler, use_compile
     from ltm.processes import Processes
-    from ltm.runlock import RunBusy, RunLock
     from ltm.tracking import check_tracking_uri, configure_mlflow, default_tracking_uri
 
     if tracking_patience <= 0:
@@ -78,13 +77,10 @@ def run(cfg: RunConfig, *, tracking_uri: str | None = None, experiment: str = "l
     tracking_uri = tracking_uri or default_tracking_uri(runs_dir)
     configure_mlflow(tracking_uri)
     key = cfg.run_key()
-    snapshot = None
-    if cfg.train.schedule == "wsd" and from_trunk:
-        stopped = _trunk_first(cfg, tracking_uri, experiment, runs_dir, force, parent_run_id, progress, device,
-                               tracking_patience)
-        if stopped is not None:
-            return stopped
-        snapshot = _Snapshot(trunk_snapshot(runs_dir, cfg), verify)
+    snapshot = _trunk_first(cfg, tracking_uri, experiment, runs_dir, force, parent_run_id, progress, device,
+                            tracking_patience, verify) if cfg.train.schedule == "wsd" and from_trunk else None
+    if snapshot is not None and not isinstance(snapshot, _Snapshot):
+        return snapshot  # how the trunk stopped
     with Interrupt() as interrupt:
         procs, lock = None, None
         try:
@@ -95,15 +91,7 @@ def run(cfg: RunConfig, *, tracking_uri: str | None = None, experiment: str = "l
                     check_c_compiler()
                 if procs.is_main:
                     check_tracking_uri(tracking_uri)
-                busy = None
-                if procs.is_main:  # one writer per run key, from before the skip/resume decision to the end
-                    try:
-                        lock = RunLock(runs_dir, key, "trained")
-                    except RunBusy as err:
-                        busy = str(err)
-                busy = procs.broadcast(busy)
-                if busy:
-                    raise RunBusy(busy)
+                lock = _lock(procs, runs_dir, key)
             return _run_locked(cfg, procs, tracking_uri, experiment, runs_dir, force, parent_run_id, tags or {},
                                progress, tracking_patience, on_log, interrupt, snapshot)
         except Stopped as stop:
@@ -121,6 +109,23 @@ def run(cfg: RunConfig, *, tracking_uri: str | None = None, experiment: str = "l
                 procs.close()
 
 
+def _lock(procs: Processes, runs_dir: Path, key: str):
+    """The run key's lock, held by rank 0 (one writer per run key, from before the skip/resume decision to the
+    end); RunBusy on every process when another live process holds it."""
+    from ltm.runlock import RunBusy, RunLock
+
+    lock, busy = None, None
+    if procs.is_main:
+        try:
+            lock = RunLock(runs_dir, key, "trained")
+        except RunBusy as err:
+            busy = str(err)
+    busy = procs.broadcast(busy)
+    if busy:
+        raise RunBusy(busy)
+    return lock
+
+
 @dataclasses.dataclass(frozen=True)
 class _Snapshot:
     """Where a wsd branch starts when it has no checkpoint of its own: its trunk's snapshot file."""
@@ -131,26 +136,41 @@ class _Snapshot:
 
 
 def _trunk_first(cfg: RunConfig, tracking_uri: str, experiment: str, runs_dir: Path, force: bool,
-                 parent_run_id: str | None, progress: bool, device: str | None, patience: float) -> RunResult | None:
+                 parent_run_id: str | None, progress: bool, device: str | None, patience: float,
+                 verify: bool) -> _Snapshot | RunResult:
     """A wsd branch's trunk run (or resumed) up to the branch point, when its snapshot there is missing and the
     branch has not started (a finished branch is skipped later, a started one resumes from its own checkpoint):
-    None when the branch can go on, else a RunResult saying how the trunk stopped."""
+    where the branch starts, or a RunResult saying how the trunk stopped before it."""
     from ltm.checkpoint import key_folders, trunk_snapshot
     from ltm.lifecycle import RunResult
 
-    if trunk_snapshot(runs_dir, cfg).is_file() or (not force and (
+    start = _Snapshot(trunk_snapshot(runs_dir, cfg), verify)
+    if start.path.is_file() or (not force and (
             key_folders(runs_dir, cfg.run_key()) or _finished(cfg, tracking_uri, experiment, runs_dir))):
-        return None
+        return start
     trunk = cfg.trunk()
     log.info("run %s branches from its trunk %s at %s tokens, which has no snapshot there: training the trunk first",
              cfg.run_key(), trunk.run_key(), f"{cfg.branch_point():,}")
     result = run(trunk, tracking_uri=tracking_uri, experiment=experiment, runs_dir=runs_dir,
                  parent_run_id=parent_run_id, progress=progress, device=device, tracking_patience=patience)
-    if result.status in (Status.FINISHED, Status.SKIPPED):
-        return None
-    return RunResult(result.status, None, {}, result.run_dir,
-                     f"its trunk {trunk.run_key()} (MLflow run {result.run_id}) stopped before the branch point "
-                     f"{cfg.branch_point():,}: {result.reason}")
+    if result.status not in (Status.FINISHED, Status.SKIPPED):
+        return RunResult(result.status, None, {}, result.run_dir,
+                         f"its trunk {trunk.run_key()} (MLflow run {result.run_id}) stopped before the branch point "
+                         f"{cfg.branch_point():,}: {result.reason}")
+    start = _Snapshot(trunk_snapshot(runs_dir, cfg), verify)
+    # a trunk already past the point without a snapshot there: refused before the branch exists (one that just
+    # FINISHED there has one, written by rank 0, which the other processes may not see yet)
+    if result.status == Status.SKIPPED and not start.path.is_file():
+        raise _no_snapshot(cfg, start.path)
+    return start
+
+
+def _no_snapshot(cfg: RunConfig, path: Path) -> FileNotFoundError:
+    return FileNotFoundError(
+        f"run {cfg.run_key()} branches from its trunk {cfg.trunk().run_key()} at {cfg.branch_point():,} tokens, but "
+        f"the trunk has no snapshot there ({path}): it went past the branch point without stopping at it (run a "
+        "trunk's budgets from the smallest up), or the file was removed; train the trunk to that point again (a new "
+        "run of it: --force with train.schedule=constant and train.tokens at the branch point)")
 
 
 def _finished(cfg: RunConfig, tracking_uri: str, experiment: str, runs_dir: Path) -> bool:
@@ -265,13 +285,9 @@ def _branch(cfg: RunConfig, state: loop.TrainState, snapshot: _Snapshot, procs: 
     .sha256), and tag its MLflow run with the trunk's (rank 0)."""
     from ltm.checkpoint import read_snapshot
 
-    trunk_key, point = cfg.trunk().run_key(), cfg.branch_point()
+    trunk_key = cfg.trunk().run_key()
     if not snapshot.path.is_file():
-        raise FileNotFoundError(
-            f"run {cfg.run_key()} branches from its trunk {trunk_key} at {point:,} tokens, but the trunk has no "
-            f"snapshot there ({snapshot.path}): it went past the branch point without stopping at it (run a trunk's "
-            "budgets from the smallest up), or the file was removed; train the trunk to that point again (a new run "
-            "of it: --force with train.schedule=constant and train.tokens at the branch point)")
+        raise _no_snapshot(cfg, snapshot.path)
     start = read_snapshot(snapshot.path, procs.device, snapshot.verify)
     state.branch_from(start)
     if procs.is_main:

@@ -244,8 +244,8 @@ def test_checkpoints_hold_only_plain_values_and_resume_the_rng(tmp_path):
 
 
 def _on_disk(cfg, tokens: int) -> dict:
-    """A checkpoint file's content in the layout ltm.loop.save has written since eval_pending and
-    unsent_metrics were added (a dict of tensors and plain values), spelled out key by key."""
+    """A checkpoint file's content in the layout ltm.loop.save has written since eval_pending,
+    unsent_metrics and start_tokens were added (a dict of tensors and plain values), spelled out key by key."""
     model = ltm.build_model(cfg.model)
     optimizer = objective.make_optimizer(model, cfg.train)
     model(torch.randint(0, 64, (2, 8)), torch.zeros(2, 4, 32)).sum().backward()
@@ -253,7 +253,8 @@ def _on_disk(cfg, tokens: int) -> dict:
     return {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "step": 3, "samples": 12,
             "tokens": tokens, "run_id": "r", "run_key": cfg.run_key(), "config": cfg.to_dict(),
             "model_overrides": {"vocab_size": cfg.model.vocab_size}, "eval_pending": True,
-            "rng": checkpoint.rng_state(), "unsent_metrics": [["r", "train/loss", 1.5, 1700000000000, tokens]]}
+            "rng": checkpoint.rng_state(), "unsent_metrics": [["r", "train/loss", 1.5, 1700000000000, tokens]],
+            "start_tokens": 64}
 
 
 def _write_by_hand(run_dir: Path, state: dict) -> Path:
@@ -271,8 +272,8 @@ def test_checkpoint_files_of_todays_layout_and_older_ones_load_as_a_checkpoint(t
     _write_by_hand(tmp_path / "today", today)
     state = checkpoint.load_latest_checkpoint(tmp_path / "today")
     assert isinstance(state, checkpoint.Checkpoint) and state.to_dict().keys() == today.keys()
-    assert (state.step, state.samples, state.tokens, state.run_id, state.run_key, state.eval_pending) == (
-        3, 12, 200, "r", cfg.run_key(), True)
+    assert (state.step, state.samples, state.tokens, state.run_id, state.run_key, state.eval_pending,
+            state.start_tokens) == (3, 12, 200, "r", cfg.run_key(), True, 64)
     assert state.config == cfg.to_dict() and state.unsent_metrics == today["unsent_metrics"]
     assert all(torch.equal(state.model[k], v) for k, v in today["model"].items())
     model, loaded = checkpoint.load_model(tmp_path / "today")
@@ -283,10 +284,12 @@ def test_checkpoint_files_of_todays_layout_and_older_ones_load_as_a_checkpoint(t
     assert {k: again[k] for k in today if k not in ("model", "optimizer", "rng")} == {
         k: today[k] for k in today if k not in ("model", "optimizer", "rng")}
     # older files lack the keys added later: they take their defaults
-    older = {k: v for k, v in _on_disk(cfg, 100).items() if k not in ("eval_pending", "unsent_metrics", "run_key")}
+    older = {k: v for k, v in _on_disk(cfg, 100).items()
+             if k not in ("eval_pending", "unsent_metrics", "run_key", "start_tokens")}
     _write_by_hand(tmp_path / "older", older)
     state = checkpoint.load_latest_checkpoint(tmp_path / "older")
-    assert (state.tokens, state.eval_pending, state.unsent_metrics, state.run_key) == (100, False, [], None)
+    assert (state.tokens, state.eval_pending, state.unsent_metrics, state.run_key, state.start_tokens) == (
+        100, False, [], None, 0)
     assert checkpoint.load_model(tmp_path / "older")[1] == cfg
 
 
