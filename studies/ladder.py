@@ -21,6 +21,10 @@ in its latents at a usable bound (info 0.107 nats/token at T = 4, 0.060 at T = 1
 start is its own KL floor at small T, the encoder's z carries almost nothing), and T = 4 costs 3.7x an AR
 token to train, where T = 16 costs 11x: the LTM arm is the one an LTM could win with.
 
+The paper preset: LTM-S/M/L (3, 6, 12 layers at width 512) and their AR twins on OpenWebText at 20, 40, 80,
+160 tokens per parameter, with a warmup of 200 updates (105M tokens) instead of the recipe's 1000, so that
+the smallest budget (LTM-S at 20 tokens per parameter, 190M tokens) leaves its trunk after its warmup.
+
     python studies/ladder.py --dry-run                   # micro: 5 widths x 3 arms x 4 budgets; what it costs
     python studies/ladder.py                             # micro on this machine (README: "Ladder")
     python studies/ladder.py --preset paper --cluster slurm --dry-run   # LTM-S/M/L on OpenWebText: GPU-hours
