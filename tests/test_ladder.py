@@ -170,6 +170,19 @@ def test_a_restart_runs_only_what_is_not_done():
     assert still_needed([seg1, seg2, short, long], {seg1.id, short.id, long.id}) == []
 
 
+def test_a_segment_is_done_once_its_trunk_has_trained_to_its_stop_whatever_the_trunk_runs_status():
+    from types import SimpleNamespace
+
+    from studies.order import point_done
+
+    seg1, seg2, short, _ = _one_trunk()
+    trunk = SimpleNamespace(info=SimpleNamespace(status="KILLED"), data=SimpleNamespace(metrics={TOKENS: seg1.stop}))
+    assert point_done(trunk, seg1) and not point_done(trunk, seg2)  # stopped between its segments
+    assert not point_done(None, seg1) and not point_done(trunk, short)
+    branch = SimpleNamespace(info=SimpleNamespace(status="FINISHED"), data=SimpleNamespace(metrics={}))
+    assert point_done(branch, short)
+
+
 def test_ray_tune_starts_a_point_only_when_what_it_waits_for_has_ended():
     from ray.tune.search import Searcher
 
