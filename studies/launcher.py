@@ -28,7 +28,8 @@ import time
 
 from ltm.names import EXIT_OF, Exit, Status
 from ltm.signals import Stopped
-from studies.costs import cost_columns, cost_summary, memory_columns, memory_summary, point_cost
+from studies.costs import (branch_savings, cost_columns, cost_summary, memory_columns, memory_summary, point_cost,
+                           savings_lines)
 from studies.interrupt import Interruption, wait_for_stragglers
 from studies.messages import CheckpointSource
 from studies.options import build_parser
@@ -51,6 +52,8 @@ def print_plan(plan_: Plan) -> None:
     costs = [point_cost(p) for p in plan_.points]
     with pd.option_context("display.max_rows", 500, "display.width", 200):
         columns = {**cost_columns(costs, plan_.mfu, plan_.peak_tflops), **memory_columns(plan_.memory)}
+        if any(p.resumes for p in plan_.points):  # a trunk's later segment or a branch: tokens it trains from
+            columns = {"from": [f"{p.resumes:,}" for p in plan_.points], **columns}
         print(grid_table(plan_.points, columns).to_string(index=False))
     per_trial = f"{plan_.cpus:g} CPU + {plan_.gpus:g} GPU per trial"
     if plan_.world > 1:
@@ -60,6 +63,7 @@ def print_plan(plan_: Plan) -> None:
           f"at most {plan_.trials_at_once} at once")
     print("\n".join(cost_summary(costs, plan_.mfu, plan_.peak_tflops, plan_.gpus * plan_.nodes, plan_.trials_at_once,
                                  plan_.profile)
+                    + savings_lines(branch_savings(plan_.points, costs))
                     + memory_summary(plan_.memory, plan_.gpus, plan_.gpu_mem_gb)))
     print(f"tracking {redact(plan_.tracking_uri)}, experiment {plan_.experiment}, runs folder {plan_.runs_dir}")
     first = plan_.points[0] if plan_.points else None
@@ -72,6 +76,10 @@ def print_plan(plan_: Plan) -> None:
 
         print("\nsbatch parameters (one job array):")
         print(sbatch_preview(plan_))
+        waiting = sum(1 for p in plan_.points if p.after)
+        if waiting:
+            print(f"({waiting} points that wait for others are submitted as jobs of their own, each with "
+                  "--dependency=afterany:<the jobs it waits for>)")
 
 
 def main(study: Study, argv: list[str] | None = None) -> int:

@@ -63,17 +63,33 @@ class Point:
     """An evaluation task (`studies.study.Task`, run by `studies.tasks`), or None for a training point."""
     source: Source | None = None
     """An evaluation's checkpoint: one given, or the training point's model."""
+    stop: int | None = None
+    """A trunk segment (`studies.points`): the tokens where it stops its trunk run, which other segments share
+    (train.tokens is not part of a trunk's key); None: the point is its run's whole budget."""
+    after: tuple[str, ...] = ()
+    """The ids of the points that must be done before this one starts (a segment's previous segment, a
+    branch's segment): the backends start it only after them (`studies.order`)."""
+    resumes: int = 0
+    """Tokens its run has trained before this point starts (a segment: the previous segment's stop; a branch:
+    its branch point, trained by its trunk): what the point trains is its budget less these."""
+
+    @property
+    def id(self) -> str:
+        """The point's identity in a study: its run key, with the stop tokens of a trunk segment ("<key>@<stop>")."""
+        return self.key if self.stop is None else f"{self.key}@{self.stop}"
 
     def to_dict(self) -> dict:
         return {"key": self.key, "config": self.config, "label": self.label,
                 "task": self.task.to_dict() if self.task else None,
-                "source": self.source.to_dict() if self.source else None}
+                "source": self.source.to_dict() if self.source else None,
+                "stop": self.stop, "after": list(self.after), "resumes": self.resumes}
 
     @classmethod
     def from_dict(cls, data: dict) -> "Point":
         task, source = data.get("task"), data.get("source")
         return cls(key=data["key"], config=data["config"], label=data["label"],
-                   task=Task.from_dict(task) if task else None, source=source_from_dict(source) if source else None)
+                   task=Task.from_dict(task) if task else None, source=source_from_dict(source) if source else None,
+                   stop=data.get("stop"), after=tuple(data.get("after", ())), resumes=data.get("resumes", 0))
 
 
 @dataclass(frozen=True)

@@ -7,6 +7,8 @@ from typing import TYPE_CHECKING
 
 from ltm.names import (BACKEND_TAG, COUNT_TAG_PREFIX, NOTE_TAG, POINTS_TAG, REASON_TAG, ROLE_STUDY, ROLE_TAG,
                        RUN_KEY_TAG, STUDY_KEY_TAG, TOKENS, Status, status_is, tag_is)
+from studies.messages import Point
+from studies.order import point_done
 from studies.plan import Plan
 from studies.points import grid_table
 
@@ -80,20 +82,20 @@ def summary(tracker, plan: Plan):
     runs = [tracker.find_run(p.key) for p in plan.points]
     metrics = [run.data.metrics if run else {} for run in runs]
     names = [n for pattern in patterns for n in sorted({k for m in metrics for k in m if fnmatch.fnmatch(k, pattern)})]
-    columns: dict[str, list] = {"status": [_status(run, plan, p.key) for run, p in zip(runs, plan.points)]}
+    columns: dict[str, list] = {"status": [_status(run, plan, p) for run, p in zip(runs, plan.points)]}
     for n in dict.fromkeys(names):
         columns[n] = [None if n not in m else int(m[n]) if n == TOKENS else round(m[n], 4) for m in metrics]
     columns["mlflow_run"] = [run.info.run_id[:8] if run else "" for run in runs]
     return grid_table(plan.points, columns)
 
 
-def _status(run, plan: Plan, key: str) -> str:
-    """A point's status: its MLflow run's, or BUSY while another live process holds it (this driver's
-    workers are gone by the time the summary is made)."""
+def _status(run, plan: Plan, point: Point) -> str:
+    """A point's status: its MLflow run's (a trunk segment: FINISHED once its trunk has trained to its stop), or
+    BUSY while another live process holds it (this driver's workers are gone by the time the summary is made)."""
     from ltm.runlock import holder
 
-    if run is not None and run.info.status == Status.FINISHED:
-        return run.info.status
-    if holder(plan.runs_dir, key) is not None:
+    if point_done(run, point):
+        return Status.FINISHED.value
+    if holder(plan.runs_dir, point.key) is not None:
         return Status.BUSY.value
     return run.info.status if run else Status.MISSING.value

@@ -156,6 +156,8 @@ def plan_from_args(study: Study, args: argparse.Namespace) -> Plan:
 
     seeds = _check_options(args)
     points = build_points(study, args.preset, seeds, args.data, args.overrides)
+    if study.check is not None:
+        study.check(points)
     preset = study.presets[args.preset]
     problem = _check_data(points, args.dry_run)  # a dry run still shows the grid, then reports it (exit 2)
     runs_dir = Path(args.runs_dir).resolve()

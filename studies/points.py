@@ -3,6 +3,7 @@ and the table that shows them."""
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 from pathlib import Path
@@ -34,7 +35,44 @@ def build_points(study: Study, preset: str, seeds: list[int], data: str | None, 
                 continue
             seen.add(key)
             points.append(Point(key=key, config=cfg.to_dict(), label={**entry, "seed": seed}))
-    return points
+    return with_trunks(points)
+
+
+def with_trunks(points: list[Point]) -> list[Point]:
+    """Each wsd point (train.schedule=wsd) as a branch of its trunk: the trunk's segments, one per branch
+    point of its branches in ascending order (each after the one before), then the branches (each after its
+    segment), trunk by trunk in the order the grid first names them; other points as they are (a branch point
+    inside the warmup is refused when its config is made)."""
+    from ltm.config import RunConfig
+
+    trunks: dict[str, list[tuple[RunConfig, Point]]] = {}
+    out: list[Point | str] = []
+    for point in points:
+        cfg = RunConfig.from_dict(point.config)
+        if cfg.train.schedule != "wsd":
+            out.append(point)
+            continue
+        trunk_key = cfg.trunk().run_key()
+        if trunk_key not in trunks:
+            out.append(trunk_key)  # where this trunk's points go
+        trunks.setdefault(trunk_key, []).append((cfg, point))
+    return [q for item in out for q in ([item] if isinstance(item, Point) else _ladder(trunks[item]))]
+
+
+def _ladder(branches: list) -> list[Point]:
+    """One trunk's segments and branches (`with_trunks`)."""
+    stops = sorted({cfg.branch_point() for cfg, _ in branches})
+    trunk = branches[0][0].trunk()
+    segments = []
+    for i, stop in enumerate(stops):
+        cfg = trunk.with_overrides({"train.tokens": stop})
+        label = {k: v for k, v in branches[0][1].label.items() if not k.startswith("train.")}
+        segments.append(Point(key=cfg.run_key(), config=cfg.to_dict(), label={**label, "segment": stop}, stop=stop,
+                              after=(segments[-1].id,) if segments else (), resumes=stops[i - 1] if i else 0))
+    by_stop = {s.stop: s for s in segments}
+    ordered = sorted(branches, key=lambda b: b[0].branch_point())
+    return segments + [dataclasses.replace(p, after=(by_stop[cfg.branch_point()].id,), resumes=cfg.branch_point())
+                       for cfg, p in ordered]
 
 
 def _absolute_paths(cfg):

@@ -23,6 +23,7 @@ from ltm.names import TOKENS, TOKENS_PER_S, VAL_PPL_BOUND, Exit, Status
 from ltm.signals import waiting_for
 from studies.interrupt import Interruption, die_with_parent, stop_local_workers
 from studies.messages import Point, Result, TrialContext
+from studies.order import pending
 from studies.plan import ROOT, Plan, UsageError
 
 log = logging.getLogger(__name__)
@@ -124,8 +125,9 @@ def run_point_subprocess(point: Point, context: TrialContext) -> Result:
     """
     logs = Path(context.runs_dir) / "logs"
     logs.mkdir(parents=True, exist_ok=True)
-    spec, out = logs / f"{point.key}.spec.json", logs / f"{point.key}.result.json"
-    log, progress = logs / f"{point.key}.log", logs / f"{point.key}.progress.json"
+    name = point.id  # a trunk segment's files are its own, not its trunk's other segments'
+    spec, out = logs / f"{name}.spec.json", logs / f"{name}.result.json"
+    log, progress = logs / f"{name}.log", logs / f"{name}.progress.json"
     spec.write_text(json.dumps({"point": point.to_dict(), "context": context.to_dict()}))
     out.unlink(missing_ok=True)
     progress.unlink(missing_ok=True)
@@ -155,7 +157,7 @@ def _trial(config: dict, points: dict, context: dict) -> None:
 
     context = TrialContext.from_dict(context)
     configure_logging(context.log_level)  # this Ray actor's messages (its worker process configures its own)
-    result = run_point_subprocess(Point.from_dict(points[config["key"]]), context)
+    result = run_point_subprocess(Point.from_dict(points[config["key"]]), context)  # "key": the point's id
     if result.status == Status.BUSY:  # another live process runs this point: no retry, no duplicate
         log.warning("point %s: %s", config["key"], result.reason)
     if result.status in (Status.ERROR, Status.KILLED):
@@ -187,12 +189,19 @@ def before_start(plan: Plan) -> None:
 
 
 def run(plan: Plan, tracker, interruption: Interruption) -> bool:
-    """Run the grid as Ray Tune trials; returns False if the study was interrupted."""
+    """Run the grid as Ray Tune trials; returns False if the study was interrupted. A grid whose points wait
+    for others (a ladder's trunks and branches) runs only what is not done yet, each point once the points it
+    waits for have ended (`DependencyOrder`)."""
     import ray
     from ray import tune
 
     os.environ["PYTHONPATH"] = _pythonpath()
     os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
+    ordered = any(p.after or p.stop is not None for p in plan.points)
+    todo = pending(plan.points, tracker) if ordered else plan.points
+    if not todo:
+        log.info("every point is done; nothing to run")
+        return True
 
     def checkpoint_trials() -> None:
         # Ray kills an actor's child processes with SIGKILL when the actor goes: tell the workers
@@ -204,30 +213,40 @@ def run(plan: Plan, tracker, interruption: Interruption) -> bool:
     try:
         _start_ray(plan, interruption)
         interruption.running(checkpoint_trials)  # a signal that came during ray.init ends the study here
-        storage = plan.runs_dir / "ray"
-        name = plan.folder
-        points = {p.key: p.to_dict() for p in plan.points}
+        points = {p.id: p.to_dict() for p in todo}
         context = plan.context(credentials_file=plan.write_credentials())
         trainable = tune.with_resources(tune.with_parameters(_trial, points=points, context=context.to_dict()),
                                         {"cpu": plan.cpus, "gpu": plan.gpus})
-        path = storage / name
-        if not plan.fresh and tune.Tuner.can_restore(str(path)):
-            log.info("restoring the Tune experiment %s", path)
-            tuner = tune.Tuner.restore(str(path), trainable, resume_unfinished=True, resume_errored=True)
-        else:
-            tuner = tune.Tuner(
-                trainable, param_space={"key": tune.grid_search(list(points))},
-                tune_config=tune.TuneConfig(max_concurrent_trials=plan.max_concurrent or None,
-                                             reuse_actors=True),  # keeps each actor's PointWorker
-                run_config=tune.RunConfig(name=name, storage_path=str(storage), verbose=1,
-                                          progress_reporter=_progress_table(),
-                                          failure_config=tune.FailureConfig(max_failures=plan.max_failures),
-                                          checkpoint_config=tune.CheckpointConfig(num_to_keep=1)))
-        tuner.fit()
+        _tuner(plan, trainable, todo if ordered else None).fit()
     finally:
         interruption.detach()  # a signal during the shutdown and the summary no longer stops the trials
         ray.shutdown()
     return not interruption.requested
+
+
+def _tuner(plan: Plan, trainable, ordered: list[Point] | None):
+    """Tune's experiment: restored from an earlier start unless --fresh; a grid of ordered points is never
+    restored (what is done is skipped by `pending`), and its trials start in `DependencyOrder`."""
+    from ray import tune
+
+    path = plan.runs_dir / "ray" / plan.folder
+    if ordered is None and not plan.fresh and tune.Tuner.can_restore(str(path)):
+        log.info("restoring the Tune experiment %s", path)
+        return tune.Tuner.restore(str(path), trainable, resume_unfinished=True, resume_errored=True)
+    if ordered is None:
+        space, search = {"key": tune.grid_search([p.id for p in plan.points])}, {}
+    else:
+        from studies.dependency_order import DependencyOrder
+
+        space, search = {}, {"search_alg": DependencyOrder(ordered), "num_samples": len(ordered)}
+    return tune.Tuner(
+        trainable, param_space=space,
+        tune_config=tune.TuneConfig(max_concurrent_trials=plan.max_concurrent or None,
+                                    reuse_actors=True, **search),  # reuse_actors keeps each actor's PointWorker
+        run_config=tune.RunConfig(name=plan.folder, storage_path=str(plan.runs_dir / "ray"), verbose=1,
+                                  progress_reporter=_progress_table(),
+                                  failure_config=tune.FailureConfig(max_failures=plan.max_failures),
+                                  checkpoint_config=tune.CheckpointConfig(num_to_keep=1)))
 
 
 def _start_ray(plan: Plan, interruption: Interruption) -> None:

@@ -25,6 +25,7 @@ from ltm.files import atomic_write
 from ltm.names import Status
 from studies.interrupt import Interruption
 from studies.messages import Point, Result, TrialContext
+from studies.order import pending, submit
 from studies.plan import ROOT, Plan, UsageError
 
 if TYPE_CHECKING:
@@ -137,7 +138,7 @@ def sbatch_preview(plan: Plan) -> str:
     with tempfile.TemporaryDirectory() as tmp:
         try:  # submitit's private API, for display only: fall back to the parameters if it changes
             inner = _planning_executor(plan, tmp)
-            inner.parameters["map_count"] = len(plan.points)
+            inner.parameters["map_count"] = sum(1 for p in plan.points if not p.after)  # the others: jobs of their own
             text = inner._make_submission_file_text("python -u -m submitit.core._submit <folder>", "preview")
         except Exception as err:
             return f"(preview unavailable: {err})\n" + json.dumps(slurm_parameters(plan), indent=2)
@@ -213,12 +214,13 @@ def before_start(plan: Plan) -> None:
 
 
 def run(plan: Plan, tracker, interruption: Interruption) -> bool:
-    """Submit the points not yet FINISHED as one submitit job array and wait; returns False if interrupted."""
+    """Submit the points not yet done as one submitit job array (each point that waits for others as a job of
+    its own, dependent on theirs) and wait; returns False if interrupted."""
     folder = slurm_folder(plan)
     folder.mkdir(parents=True, exist_ok=True)
-    todo = [p for p in plan.points if (run := tracker.find_run(p.key)) is None or run.info.status != Status.FINISHED]
+    todo = pending(plan.points, tracker)
     if not todo:
-        log.info("every point already FINISHED; nothing to submit")
+        log.info("every point already done; nothing to submit")
         return True
     server, tracking_uri, credentials = _store_for_jobs(plan, folder)
     try:
@@ -229,11 +231,10 @@ def run(plan: Plan, tracker, interruption: Interruption) -> bool:
             f"export PYTHONPATH={code}:$PYTHONPATH", f"export OMP_NUM_THREADS={params['cpus_per_task']}"])
         context = dataclasses.replace(plan.context(tracking_uri, credentials), cpus=params["cpus_per_task"])
         interruption.running()  # from the submission on, a signal cancels the array (the poll loop below)
-        jobs = executor.map_array(SlurmTrial(), todo, [context] * len(todo))
-        ids = [j.job_id for j in jobs]
+        ids = submit(executor, SlurmTrial(), todo, context, params.get("slurm_additional_parameters", {}))
         jobs_file = folder / "jobs.json"
         atomic_write(jobs_file, json.dumps(ids))  # whole or absent, even if the driver dies now
-        log.info("submitted array %s (%d tasks) from %s", ids[0].split("_")[0], len(ids), folder)
+        log.info("submitted %d job(s) (%d points) from %s", len({i.split("_")[0] for i in ids}), len(ids), folder)
         return True if plan.no_wait else _wait(plan, ids, interruption)
     finally:
         if server is not None:
@@ -271,14 +272,14 @@ def _wait(plan: Plan, ids: list[str], interruption: Interruption) -> bool:
         except KeyboardInterrupt:  # Ctrl-C: as SIGTERM
             interruption.request()
         if interruption.requested:
-            array = ids[0].split("_")[0]
+            jobs = sorted({i.split("_")[0] for i in ids})  # the array and any dependent jobs
             log.info("interrupted: cancelling pending tasks; running ones checkpoint on SIGTERM ...")
-            subprocess.run(["scancel", "--state=PENDING", array], check=False)
-            subprocess.run(["scancel", "--signal=TERM", array], check=False)  # the steps, not the batch shell
+            subprocess.run(["scancel", "--state=PENDING", *jobs], check=False)
+            subprocess.run(["scancel", "--signal=TERM", *jobs], check=False)  # the steps, not the batch shell
             deadline = time.time() + 120
             while time.time() < deadline and (squeue_ids(ids) or set()):
                 time.sleep(1)
-            subprocess.run(["scancel", array], check=False)  # whatever did not stop in time
+            subprocess.run(["scancel", *jobs], check=False)  # whatever did not stop in time
             return False
         alive = squeue_ids(ids)
         if alive is None:

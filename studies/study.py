@@ -159,6 +159,9 @@ class Study:
     points have is the study's headline, drawn and logged on its parent run (`studies.report`)."""
     data_option: Callable[[str], tuple[dict, dict]] | None = None
     """How --data applies: (config overrides, task overrides); None: it sets data.name."""
+    check: Callable[[list], None] | None = None
+    """Raises ConfigError, saying what to change, when the planned points (`studies.messages.Point`, after --set
+    and --data) cannot answer the study's question (a ladder with too few sizes to fit); before anything runs."""
 
 
 def grid(*axes: dict[str, list], common: dict | None = None) -> list[dict]:

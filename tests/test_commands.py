@@ -14,7 +14,8 @@ from ltm.config import RUN_PRESETS, run_preset
 from ltm.names import Exit
 
 ROOT = Path(__file__).resolve().parents[1]
-STUDIES = ("inference_scaling", "sample_efficiency", "inference_cost", "icl_gsm8k", "zero_shot", "generation")
+STUDIES = ("inference_scaling", "sample_efficiency", "inference_cost", "icl_gsm8k", "zero_shot", "generation",
+           "ladder")
 HEAVY = ("torch", "mlflow", "ray", "pandas")
 
 

@@ -253,7 +253,8 @@ def test_bad_gpu_memory_is_a_usage_error(tmp_path, capsys, args, message):
 # -- planning where nothing runs: no SLURM, no GPU, no Ray cluster ------------------------------------
 
 STUDIES = [importlib.import_module(f"studies.{name}").STUDY for name in
-           ("inference_scaling", "sample_efficiency", "inference_cost", "icl_gsm8k", "zero_shot", "generation")]
+           ("inference_scaling", "sample_efficiency", "inference_cost", "icl_gsm8k", "zero_shot", "generation",
+            "ladder")]
 CLUSTERS = {"local": ["--cluster", "local"], "ray": ["--address", "10.255.255.1:6379"], "slurm": ["--cluster", "slurm"]}
 
 

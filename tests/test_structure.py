@@ -83,7 +83,8 @@ def test_functions_fit_on_a_screen():
 def test_the_worker_and_the_study_scripts_import_only_what_they_run():
     graph = _imports()
     assert graph["studies.worker"] <= {"ltm.files", "ltm.names", "ltm.signals", "studies.messages", "studies.point"}
-    for script in ("inference_scaling", "sample_efficiency", "inference_cost", "zero_shot", "icl_gsm8k", "generation"):
+    for script in ("inference_scaling", "sample_efficiency", "inference_cost", "zero_shot", "icl_gsm8k", "generation",
+                   "ladder"):
         ours = {m for m in graph[f"studies.{script}"] if m.startswith("studies.")}
         assert ours <= {"studies.launcher", "studies.study", "studies.tasks"}, script  # not the machinery
     assert "studies.ray_backend" not in graph["studies.slurm_backend"]  # a SLURM job never imports Ray's side
