@@ -123,6 +123,9 @@ STUDY = Study(
         "micro": Preset("micro-rf", points(widths("micro-rf", MICRO_WIDTHS), TOKENS_PER_PARAM, COMMON),
                         description="micro-rf widths 16-80 (19x in parameters) x 3 arms x 5,10,20,40 tokens/param "
                                     "(2 CPUs: about 1.5 h, estimate)"),
+        "micro-ar": Preset("micro-rf", points(widths("micro-rf", MICRO_WIDTHS), TOKENS_PER_PARAM, COMMON, arms=("ar",)),
+                           description="the micro ladder's same-window AR arm alone, whose asymptote is known: "
+                                       "the held-out-rung check at a third of the cost"),
         "paper": Preset("ltm-s", points([(r, {}) for r in ("ltm-l", "ltm-m", "ltm-s")], [20, 40, 80, 160],
                                         {"train.warmup_steps": 200}),
                         description="LTM-S/M/L and AR twins (same window, full context) x 20-160 tokens/param, "
