@@ -227,3 +227,21 @@ def test_a_runs_description_says_its_schedule():
     assert describe(wsd()).endswith("16.4k tokens (wsd, 1-sqrt decay over the last 20%)")
     assert describe(wsd().trunk()).endswith("13.1k tokens (constant-lr trunk)")
     assert describe(run_preset("smoke")).endswith("16.4k tokens")
+
+
+def test_a_trunk_that_stops_before_the_branch_point_stops_the_branch_before_it_exists(tmp_path, monkeypatch):
+    real = objective.decoder_loss
+    calls = {"n": 0}
+
+    def poisoned(*args, **kwargs):  # the trunk's 4th update goes non-finite
+        calls["n"] += 1
+        loss, kl = real(*args, **kwargs)
+        return (loss * float("nan"), kl) if calls["n"] > 3 else (loss, kl)
+
+    monkeypatch.setattr(objective, "decoder_loss", poisoned)
+    cfg = tiny(tmp_path)
+    result = train.run(cfg, runs_dir=tmp_path / "runs", experiment="t", progress=False)
+    assert result.status == "FAILED" and result.run_id is None
+    assert f"its trunk {cfg.trunk().run_key()}" in result.reason and "non-finite training loss" in result.reason
+    (trunk,) = runs_of(tmp_path / "runs", cfg.trunk().run_key())
+    assert trunk.info.status == "FAILED" and not runs_of(tmp_path / "runs", cfg.run_key())
