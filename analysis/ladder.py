@@ -77,7 +77,7 @@ class SeriesFits:
 
 def fits_series(label: str, g: pd.DataFrame, bootstrap: int, seed: int) -> SeriesFits | None:
     """L(N, D) free and with E fixed, the held-out largest size and the rollout, for one series; None when it
-    has too few sizes or budgets for L(N, D) (`ladder_reasons` says so)."""
+    has too few sizes or budgets for L(N, D) (`analyse_ladder` then says why)."""
     if g["N"].nunique() < predict.MIN_FIT_SIZES or g["D"].nunique() < 2 or g["point"].nunique() < 5:
         return None
     args = dict(bootstrap=bootstrap, points=g["point"].to_numpy())
@@ -183,8 +183,9 @@ def _draw_series(ax, f: SeriesFits, colour, C: np.ndarray) -> None:
     if f.held_out is not None:
         p, held = f.held_out, f.points[f.held_out.held_out]
         if np.isfinite(p.low).all():
-            ax.errorbar(held["C"], p.predicted, yerr=[p.predicted - p.low, p.high - p.predicted], fmt="_", ms=9,
-                        color=colour, capsize=3, lw=1.2)
+            # beside the star (x 1.25 on the log axis), so that the star does not hide it
+            ax.errorbar(held["C"] * 1.25, p.predicted, yerr=[p.predicted - p.low, p.high - p.predicted], fmt="_",
+                        ms=9, color=colour, capsize=3, lw=1.2)
         ax.plot(held["C"], p.observed, "*", ms=10, mec="black", mew=0.6, color=colour,
                 label="held-out run (star), its prediction and 90% interval (bar)")
 

@@ -671,7 +671,8 @@ def _analyse(args: argparse.Namespace, uri: str, runs: pd.DataFrame, evals: pd.D
         runs, known_optimum(runs, uri), out, save=_save, markdown=_markdown, bootstrap=args.bootstrap,
         compute=args.ladder_compute)
     reasons = fit_reasons(runs, hist, flops_key)
-    if not ladder_figure and (runs.get("train.schedule") == "wsd").any():  # a ladder that drew nothing: say why
+    is_ladder = "train.schedule" in runs and bool((runs["train.schedule"] == "wsd").any())
+    if is_ladder and not ladder_figure:  # a ladder that drew nothing: fits.md says why
         reasons += [f"ladder: {r}" for r in ladder_reasons]
     return (figures + size_figure + ladder_figure,
             tables + ladder_tables + write_tables(runs, fits, out, reasons))
