@@ -1,10 +1,12 @@
 """Fits that predict (analysis/predict.py): on data drawn from a known law with noise, each fit recovers
 the law, its held-out predictions fall inside their intervals, and a wrong held-out value falls outside."""
 
+import re
+
 import numpy as np
 import pytest
 
-from analysis.fit import compute_optimal, fit_chinchilla
+from analysis.fit import compute_optimal, fit_chinchilla, fit_steps_law
 from analysis.predict import (TrainingCost, crossover, frontier, held_out_rung, held_out_steps,
                               rollout)
 
@@ -117,6 +119,10 @@ def test_the_crossover_interval_covers_the_true_crossing(ar_fit, ltm_fit):
     assert x.low <= x.C <= x.high
     never = crossover(ar_fit, AR_COST, ltm_fit, LTM_COST, C_min=1e16, C_max=1e22)  # the AR never catches up again
     assert np.isnan(never.C) and never.p_no_cross == 1.0 and np.isnan(never.low)
+    with pytest.raises(ValueError, match=re.escape("need 0 < C_min < C_max, got C_min=1e+22, C_max=1e+12")):
+        crossover(ltm_fit, LTM_COST, ar_fit, AR_COST, C_min=1e22, C_max=1e12)
+    with pytest.raises(ValueError, match="needs both fits with the same number of bootstrap refits"):
+        crossover(fit_chinchilla(*ladder(LTM)), LTM_COST, ar_fit, AR_COST, C_min=1e12, C_max=1e22)
 
 
 def test_the_cost_per_token_law_is_fitted_from_the_runs():
@@ -140,3 +146,8 @@ def test_inference_steps_as_effective_size_are_checked_on_a_held_out_T():
     three = T < 8
     with pytest.raises(ValueError, match=r"at least 4 values of T \(3 to fit, 1 to predict\); got 3"):
         held_out_steps(N[three], D[three], T[three], loss[three], bootstrap=0)
+    with pytest.raises(ValueError, match=r"held_out T=3 is not among the values of T: \[1.0, 2.0, 4.0, 8.0\]"):
+        held_out_steps(N, D, T, loss, held_out=3)
+    one = T == 1
+    with pytest.raises(ValueError, match="the steps law needs at least 2 values of T to fit g; got 1"):
+        fit_steps_law(N[one], D[one], T[one], loss[one])
