@@ -74,10 +74,13 @@ class _LogSumExpModel:
     """Design, shape (terms, points, params): term k at point i has log value X[k, i] @ theta."""
     log_y: np.ndarray
     delta: float
+    offset: np.ndarray | float = 0.0
+    """Added to every term's log value, shape (terms, points): a term with a zero design row and offset log E
+    is the constant E, held fixed (`fit_chinchilla(E=...)`)."""
 
     def predict_log(self, thetas: np.ndarray) -> np.ndarray:
         """Log predictions, shape (starts, points), for parameter rows `thetas` (starts, params)."""
-        z = np.einsum("kip,sp->ski", self.X, thetas)
+        z = np.einsum("kip,sp->ski", self.X, thetas) + self.offset
         return np.logaddexp.reduce(z, axis=1)
 
     def objectives(self, thetas: np.ndarray, weights: np.ndarray) -> np.ndarray:
@@ -86,7 +89,7 @@ class _LogSumExpModel:
 
     def value_and_grad(self, theta: np.ndarray, weights: np.ndarray) -> tuple[float, np.ndarray]:
         """Objective / delta and its gradient at one parameter vector (what L-BFGS sees)."""
-        z = np.einsum("kip,p->ki", self.X, theta)  # (terms, points)
+        z = np.einsum("kip,p->ki", self.X, theta) + self.offset  # (terms, points)
         zmax = z.max(axis=0)
         ez = np.exp(z - zmax)
         total = ez.sum(axis=0)
@@ -308,39 +311,81 @@ _CHINCHILLA_NAMES = ("E", "A", "B", "alpha", "beta")
 
 
 def fit_chinchilla(N: ArrayLike, D: ArrayLike, loss: ArrayLike, *, bootstrap: int = 0, seed: int = 0,
-                   huber_delta: float = 1e-3, points: ArrayLike | None = None) -> ChinchillaFit:
+                   huber_delta: float = 1e-3, points: ArrayLike | None = None, E: float | None = None) -> ChinchillaFit:
     """Fit L = E + A/N^alpha + B/D^beta by Hoffmann et al.'s method (Huber on log L, L-BFGS, grid).
 
-    `points`: a label per observation, equal for the runs of one point (e.g. its seeds); see the module notes."""
+    `points`: a label per observation, equal for the runs of one point (e.g. its seeds); see the module notes.
+    `E`: hold the irreducible loss at this value (a corpus's known optimum) and fit A, B, alpha and beta from
+    Hoffmann's grid without its e axis; E then has no interval and the method says it was fixed."""
     N, D, loss = _positive("N", N), _positive("D", D), _positive("loss", loss)
     n = _same_length(N=N, D=D, loss=loss)
     pts = _Points.of(points, n)
-    _check_fit_args(pts.sizes.size, 5, bootstrap, huber_delta, "the Chinchilla law")
-    # theta = (e, a_c, b_c, alpha, beta); terms e, a_c - alpha (log N - cN), b_c - beta (log D - cD),
-    # i.e. a = a_c + alpha cN and b = b_c + beta cD (see the note on centring).
-    (uN, cN), (uD, cD) = _centred_log(N), _centred_log(D)
-    X = np.zeros((3, n, 5))
-    X[0, :, 0] = 1.0
-    X[1, :, 1], X[1, :, 3] = 1.0, -uN
-    X[2, :, 2], X[2, :, 4] = 1.0, -uD
-    grid = np.array(list(itertools.product(*(HOFFMANN_GRID[k] for k in ("e", "a", "b", "alpha", "beta")))))
-    grid[:, 1] -= grid[:, 3] * cN
-    grid[:, 2] -= grid[:, 4] * cD
-    sol = _solve(_LogSumExpModel(X, np.log(loss), huber_delta), grid, top_k=_TOP_STARTS,
-                 bootstrap=bootstrap, seed=seed, points=pts)
-
-    def natural(theta: np.ndarray) -> np.ndarray:
-        return np.column_stack([np.exp(theta[:, 0]), np.exp(theta[:, 1] + theta[:, 3] * cN),
-                                np.exp(theta[:, 2] + theta[:, 4] * cD), theta[:, 3], theta[:, 4]])
-
-    point = natural(sol.theta[None])[0]
-    samples = None if sol.samples is None else natural(sol.samples)
-    method = _describe("L = exp(logsumexp(a - alpha log N, b - beta log D, e)), A = e^a, B = e^b, E = e^e",
-                       f"Hoffmann et al.'s {len(grid)}-point grid of (e, a, b, alpha, beta)",
+    _check_fit_args(pts.sizes.size, 5 - (E is not None), bootstrap, huber_delta, "the Chinchilla law")
+    design = _SizeDataDesign.of(N, D, None, E)
+    sol = _solve(_LogSumExpModel(design.X, np.log(loss), huber_delta, design.offset), design.grid,
+                 top_k=_TOP_STARTS, bootstrap=bootstrap, seed=seed, points=pts)
+    point = design.natural(sol.theta[None])[0]
+    samples = None if sol.samples is None else design.natural(sol.samples)
+    fitted = _CHINCHILLA_NAMES if E is None else _CHINCHILLA_NAMES[1:]
+    law = "L = exp(logsumexp(a - alpha log N, b - beta log D, e)), A = e^a, B = e^b, E = e^e"
+    method = _describe(law + ("" if E is None else f", E fixed at {E:g} (not fitted)"),
+                       f"Hoffmann et al.'s {len(design.grid)}-point grid of ({design.grid_axes})",
                        _TOP_STARTS, huber_delta, bootstrap, points=pts)
     return ChinchillaFit(*map(float, point), loss=sol.objective, n_points=pts.sizes.size, method=method,
-                         intervals={} if samples is None else _intervals(dict(zip(_CHINCHILLA_NAMES, samples.T))),
+                         intervals={} if samples is None else _intervals(
+                             {k: v for k, v in zip(_CHINCHILLA_NAMES, samples.T) if k in fitted}),
                          samples=samples)
+
+
+_STEPS_GRID = (0.0, 0.1, 0.25, 0.5)
+"""Starting values of c = alpha g (the exponent of T in the size term) for the steps law."""
+
+
+@dataclass(frozen=True)
+class _SizeDataDesign:
+    """The Chinchilla law (optionally with T in the size term, optionally E fixed) as a `_LogSumExpModel` design.
+
+    theta = ([e,] a_c, b_c, alpha, beta[, c]); the terms are e, a_c - alpha (log N - cN) [- c (log T - cT)] and
+    b_c - beta (log D - cD), i.e. a = a_c + alpha cN [+ c cT] and b = b_c + beta cD (see the note on centring)."""
+
+    X: np.ndarray
+    offset: np.ndarray | float
+    grid: np.ndarray
+    grid_axes: str
+    centres: tuple[float, float, float]
+    E: float | None
+
+    @classmethod
+    def of(cls, N: np.ndarray, D: np.ndarray, T: np.ndarray | None, E: float | None) -> "_SizeDataDesign":
+        (uN, cN), (uD, cD) = _centred_log(N), _centred_log(D)
+        uT, cT = _centred_log(T) if T is not None else (None, 0.0)
+        X = np.zeros((3, len(N), 5 + (T is not None)))
+        X[0, :, 0] = 1.0
+        X[1, :, 1], X[1, :, 3] = 1.0, -uN
+        X[2, :, 2], X[2, :, 4] = 1.0, -uD
+        axes = [HOFFMANN_GRID[k] for k in ("e", "a", "b", "alpha", "beta")]
+        if T is not None:
+            X[1, :, 5] = -uT
+            axes.append(_STEPS_GRID)
+        grid = np.array(list(itertools.product(*axes)))
+        grid[:, 1] -= grid[:, 3] * cN + (grid[:, 5] * cT if T is not None else 0.0)
+        grid[:, 2] -= grid[:, 4] * cD
+        names = "e, a, b, alpha, beta" + (", c = alpha g" if T is not None else "")
+        if E is None:
+            return cls(X, 0.0, grid, names, (cN, cD, cT), None)
+        offset = np.zeros(X.shape[:2])
+        offset[0] = np.log(_positive("E", [E])[0])  # the constant term: a zero design row, its log in the offset
+        return cls(X[:, :, 1:], offset, np.unique(grid[:, 1:], axis=0), names[3:], (cN, cD, cT), float(E))
+
+    def natural(self, theta: np.ndarray) -> np.ndarray:
+        """Rows (E, A, B, alpha, beta[, g]) from fitted rows theta."""
+        if self.E is not None:
+            theta = np.column_stack([np.full(len(theta), np.log(self.E)), theta])
+        cN, cD, cT = self.centres
+        c = theta[:, 5] if theta.shape[1] > 5 else 0.0
+        out = [np.exp(theta[:, 0]), np.exp(theta[:, 1] + theta[:, 3] * cN + c * cT),
+               np.exp(theta[:, 2] + theta[:, 4] * cD), theta[:, 3], theta[:, 4]]
+        return np.column_stack(out + ([c / theta[:, 3]] if theta.shape[1] > 5 else []))
 
 
 def _allocation(A: ArrayLike, B: ArrayLike, alpha: ArrayLike, beta: ArrayLike,
@@ -368,6 +413,63 @@ def compute_optimal_intervals(fit: ChinchillaFit, C: ArrayLike) -> dict[str, tup
     tail = (100.0 - _LEVEL) / 2
     return {name: (np.percentile(v, tail, axis=0), np.percentile(v, 100 - tail, axis=0))
             for name, v in (("N", N), ("D", D))}
+
+
+# --------------------------------------------------------------------------- inference steps as a size multiplier
+
+
+@dataclass(frozen=True, eq=False)
+class StepsLawFit:
+    """L(N, D, T) = E + A / (N T^g)^alpha + B / D^beta: T inference steps act as an effective size N T^g (the
+    form recurrent-depth studies use), as fitted by `fit_steps_law`."""
+
+    E: float
+    A: float
+    B: float
+    alpha: float
+    beta: float
+    g: float
+    loss: float
+    """Huber objective at the optimum, summed over points."""
+    n_points: int
+    method: str
+    intervals: dict[str, tuple[float, float]] = field(default_factory=dict)
+    """Percentile 95% bootstrap interval per parameter name; empty without a bootstrap."""
+    samples: np.ndarray | None = None
+    """Bootstrap fits, shape (bootstrap, 6), columns E, A, B, alpha, beta, g."""
+
+    def predict(self, N: ArrayLike, D: ArrayLike, T: ArrayLike) -> np.ndarray:
+        """Predicted loss at parameters N, training tokens D and inference steps T."""
+        N, D, T = (np.asarray(x, dtype=float) for x in (N, D, T))
+        return self.E + self.A * (N * T ** self.g) ** -self.alpha + self.B * D ** -self.beta
+
+
+STEPS_NAMES = ("E", "A", "B", "alpha", "beta", "g")
+
+
+def fit_steps_law(N: ArrayLike, D: ArrayLike, T: ArrayLike, loss: ArrayLike, *, bootstrap: int = 0, seed: int = 0,
+                  huber_delta: float = 1e-3, points: ArrayLike | None = None) -> StepsLawFit:
+    """Fit L = E + A/(N T^g)^alpha + B/D^beta as `fit_chinchilla` fits its law (Huber on log L, L-BFGS from the
+    best of Hoffmann's grid times starting c = alpha g in _STEPS_GRID, bootstrap over points); g = c / alpha.
+
+    Needs at least 2 values of T (one fixes nothing about g). `points`: as in `fit_chinchilla`."""
+    N, D, T, loss = _positive("N", N), _positive("D", D), _positive("T", T), _positive("loss", loss)
+    n = _same_length(N=N, D=D, T=T, loss=loss)
+    pts = _Points.of(points, n)
+    _check_fit_args(pts.sizes.size, 6, bootstrap, huber_delta, "the steps law")
+    if np.unique(T).size < 2:
+        raise ValueError(f"the steps law needs at least 2 values of T to fit g; got {np.unique(T).size}")
+    design = _SizeDataDesign.of(N, D, T, None)
+    sol = _solve(_LogSumExpModel(design.X, np.log(loss), huber_delta), design.grid, top_k=_TOP_STARTS,
+                 bootstrap=bootstrap, seed=seed, points=pts)
+    point = design.natural(sol.theta[None])[0]
+    samples = None if sol.samples is None else design.natural(sol.samples)
+    method = _describe("L = exp(logsumexp(a - alpha log N - c log T, b - beta log D, e)), A = e^a, B = e^b, E = e^e, "
+                       "g = c / alpha", f"a {len(design.grid)}-point grid of ({design.grid_axes}): Hoffmann et al.'s "
+                       f"times c in {_STEPS_GRID}", _TOP_STARTS, huber_delta, bootstrap, points=pts)
+    return StepsLawFit(*map(float, point), loss=sol.objective, n_points=pts.sizes.size, method=method,
+                       intervals={} if samples is None else _intervals(dict(zip(STEPS_NAMES, samples.T))),
+                       samples=samples)
 
 
 # --------------------------------------------------------------------------- one-variable power laws

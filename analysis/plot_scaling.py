@@ -11,7 +11,10 @@ one invocation, --experiment NAME every run of an experiment (`ltm`: python -m l
 Figures (PNG and PDF): inference_scaling (bound vs T, fitted L(T), the corpus optimum),
 bound_decomposition (each bound split into NLL given z, KL above the inner loop's floor, the floor),
 sample_efficiency (bound vs training tokens), compute_efficiency (bound vs training FLOPs, with
-the frontier), model_size (final loss vs parameters and the fitted L(N, D), with several sizes).
+the frontier), model_size (final loss vs parameters and the fitted L(N, D), with several sizes),
+ladder (post-decay points' compute-optimal frontiers with bands, the held-out size with its 90%
+prediction interval, fitted asymptotes against the corpus's known optima, crossovers; with
+ladder.csv|md: analysis/ladder.py).
 Where a point has several runs that differ only in seed, it is plotted as their mean with a min-max
 bar, the laws' bootstrap resamples its runs with it (analysis/fit.py), and seeds.csv|md gives each
 such config's mean, min and max over seeds.
@@ -48,6 +51,7 @@ import seaborn as sns  # noqa: E402
 from analysis import fit  # noqa: E402
 from analysis.figures import add_notes, legend_beside, merge_references, readable_ticks  # noqa: E402
 from analysis.inference_cost import cost_table, plot_inference_cost, start_label  # noqa: E402
+from analysis.ladder import analyse_ladder  # noqa: E402
 from analysis.runs import (FULL_CONTEXT, NoRunsError, find_study, load_evaluations, load_histories,  # noqa: E402
                            load_runs, missing_store, parent_run)
 from analysis.staging import move_into_place, staging_folder  # noqa: E402
@@ -140,6 +144,36 @@ def optimal_reference(runs: pd.DataFrame, tracking_uri: str) -> dict[str, float]
     for field in sorted(fields):
         refs[f"optimum, {field}-token receptive field"] = optimal_ppl(blocks, window=field, n_blocks=n)
     return refs
+
+
+def known_optimum(runs: pd.DataFrame, tracking_uri: str):
+    """A function of a run (a row of `runs`) to the Bayes-optimal loss, in nats/token, of what its arm can see on
+    the synthetic corpus's validation blocks: an AR its receptive field (the whole block once that covers the
+    context), an LTM the whole block (its latents may carry what the window does not); None off that corpus."""
+    import functools
+    import math
+
+    synthetic = runs[runs["data.name"] == "synthetic"] if "data.name" in runs else runs.iloc[:0]
+    if synthetic.empty:
+        return lambda row: None
+    from ltm.config import RunConfig
+    from ltm.data import load_blocks, optimal_ppl
+
+    cfg = RunConfig.from_dict(_config_of(tracking_uri, synthetic.iloc[0]["run_id"]))
+    blocks = load_blocks(cfg.data, cfg.model.ctx, "validation")
+    n = min(cfg.train.eval_blocks, len(blocks))
+
+    @functools.cache
+    def nats(window: int | None) -> float:
+        return math.log(optimal_ppl(blocks, window=window, n_blocks=n))
+
+    def optimum(row) -> float | None:
+        if row.get("data.name") != "synthetic":
+            return None
+        field = _receptive_field(cfg.model, row)
+        return nats(None) if row["model.kind"] == "ltm" or field >= cfg.model.ctx else nats(field)
+
+    return optimum
 
 
 def _receptive_field(model, row) -> int:
@@ -562,6 +596,17 @@ def select(uri: str, study: str | None, experiment: str | None, parent: str | No
     return chosen.experiment, chosen.parent_run_id, chosen.name or chosen.experiment
 
 
+def _positive_flops(text: str) -> float:
+    """--ladder-compute's value: a number of FLOPs > 0 (argparse exits 2 with the message otherwise)."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = float("nan")
+    if not value > 0 or value == float("inf"):
+        raise argparse.ArgumentTypeError(f"must be a finite number of FLOPs > 0, e.g. 1e21; got {text!r}")
+    return value
+
+
 def _parser() -> argparse.ArgumentParser:
     epilog = ("Nothing half-written: the files are made in a folder beside --out and moved into it together at the "
               "end, so an interrupted analysis leaves --out as it was. "
@@ -578,6 +623,9 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--out", help="default <runs-dir>/figures/<study>, or /<experiment> without a study")
     parser.add_argument("--flops-convention", choices=["exact", "paper"], default="exact")
     parser.add_argument("--bootstrap", type=int, default=200, help="bootstrap refits per law (0 for none)")
+    parser.add_argument("--ladder-compute", type=_positive_flops, metavar="FLOPS",
+                        help="the ladder figure's frontiers and crossover search reach this training compute, e.g. "
+                             "the paper preset's (default 1000x the largest run's)")
     add_verbosity(parser)
     return parser
 
@@ -619,7 +667,15 @@ def _analyse(args: argparse.Namespace, uri: str, runs: pd.DataFrame, evals: pd.D
         tables[-1].write_text(_markdown(costs))
     size_figure, size_fits = plot_model_size(runs, out, args.bootstrap)
     fits += size_fits + curve_power_laws(hist, runs, flops_key, args.bootstrap)
-    return figures + size_figure, tables + write_tables(runs, fits, out, fit_reasons(runs, hist, flops_key))
+    ladder_figure, ladder_tables, ladder_reasons = analyse_ladder(
+        runs, known_optimum(runs, uri), out, save=_save, markdown=_markdown, bootstrap=args.bootstrap,
+        compute=args.ladder_compute)
+    reasons = fit_reasons(runs, hist, flops_key)
+    is_ladder = "train.schedule" in runs and bool((runs["train.schedule"] == "wsd").any())
+    if is_ladder and not ladder_figure:  # a ladder that drew nothing: fits.md says why
+        reasons += [f"ladder: {r}" for r in ladder_reasons]
+    return (figures + size_figure + ladder_figure,
+            tables + ladder_tables + write_tables(runs, fits, out, reasons))
 
 
 def _log_analysis(uri: str, experiment: str, n_runs: int, paths: list[Path], interrupt: Interrupt) -> str:

@@ -34,7 +34,7 @@ _PARAMS = {"model.kind": str, "model.n_layers": int, "model.d_model": int, "mode
            "inference.steps": int, "train.tokens": int, "data.name": str, "seed": int,
            "n_params": int, "n_params_nonembedding": int, "inference.decoder_grad": str, "model.window": str,
            "inference.start": str, "inference.init_logvar": float, "inference.encoder_layers": int,
-           "inference.lr_max": float, "inference.start_kl_warmup": float}
+           "inference.lr_max": float, "inference.start_kl_warmup": float, "train.schedule": str}
 
 
 FULL_CONTEXT = "None"

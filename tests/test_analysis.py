@@ -272,6 +272,16 @@ def test_bayes_references_use_each_runs_receptive_field(tracked):
     assert refs["optimum, 31-token receptive field"] >= refs["optimum, full context"]
 
 
+def test_the_ladder_fixes_each_arms_E_at_the_optimum_of_what_it_sees(tracked):
+    uri = default_tracking_uri(tracked)
+    runs = load_runs(uri, "a")
+    refs, optimum = plot_scaling.optimal_reference(runs, uri), plot_scaling.known_optimum(runs, uri)
+    ar, ltm = (runs[runs["model.kind"] == kind].iloc[0] for kind in ("ar", "ltm"))
+    assert optimum(ar) == pytest.approx(np.log(refs["optimum, 31-token receptive field"]))  # nats/token
+    assert optimum(ltm) == pytest.approx(np.log(refs["optimum, full context"]))  # its latents may see the rest
+    assert optimum(ar.copy().replace({"synthetic": "wikitext-2"})) is None
+
+
 def test_seeds_of_a_point_are_averaged_with_their_spread_and_resampled_together(tmp_path):
     T = [1, 2, 4, 8, 16]
     runs = pd.DataFrame([{"run_id": f"r{t}-{s}", "model.kind": "ltm", "inference.steps": t, "model.n_layers": 2,
