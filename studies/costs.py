@@ -80,15 +80,16 @@ def _trained_config(point: Point) -> RunConfig | None:
     return dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, vocab_size=planned_vocab_size(cfg.data)))
 
 
-def point_memory(point: Point, on_gpu: bool, usable_gb: float | None) -> Memory | None:
-    """The point's update on a GPU (at the precision it runs there) or a CPU, and with `usable_gb` (what a
-    process may fill of its GPU) the micro-batch that fits; None for an evaluation of a given checkpoint."""
+def point_memory(point: Point, on_gpu: bool, usable_gb: float | None, processes: int = 1) -> Memory | None:
+    """The point's update on a GPU (at the precision it runs there) or a CPU, on one of its `processes`
+    (each holds batch_size / processes sequences of an update), and with `usable_gb` (what a process may
+    fill of its GPU) the micro-batch that fits; None for an evaluation of a given checkpoint."""
     from ltm.memory import gib, step_memory
 
     cfg = _trained_config(point)
     if cfg is None:
         return None
-    memory = step_memory(cfg, "cuda" if on_gpu else "cpu")
+    memory = step_memory(cfg, "cuda" if on_gpu else "cpu", processes)
     if usable_gb is None:
         return Memory(memory.micro_batch, gib(memory.peak_bytes()), None, None)
     return Memory(memory.micro_batch, gib(memory.peak_bytes()), gib(memory.peak_bytes(1)),
@@ -149,13 +150,16 @@ def memory_columns(memory: list[Memory | None]) -> dict[str, list]:
             "fit_micro": column(lambda m: m.largest_fit)}
 
 
-def memory_summary(memory: list[Memory | None], gpus_per_trial: float, gpu_mem_gb: float | None) -> list[str]:
-    """The lines that read the memory columns: what is estimated, the usable memory, the points over it."""
+def memory_summary(memory: list[Memory | None], gpus_per_trial: float, gpu_mem_gb: float | None,
+                   processes: int = 1) -> list[str]:
+    """The lines that read the memory columns: what is estimated, the usable memory, the points over it.
+    `processes`: of one point (its world size), each holding batch_size / processes sequences."""
     where = ("on a GPU (train.precision=auto: bf16 autocast)" if gpus_per_trial
              else "on a CPU (train.precision=auto: fp32)")
-    lines = [f"memory: mem_gb is the peak per process of a training update at the point's micro-batch, in GB of "
-             f"2^30 bytes, at the precision it runs at {where}: weights, gradients, AdamW state and the eager "
-             "step's activations (ltm.memory; a compiled step usually holds less)"]
+    split = f" (each of a point's {processes} processes holds train.batch_size / {processes} sequences of an update)"
+    lines = [f"memory: mem_gb is the peak per process{split if processes > 1 else ''} of a training update at the "
+             f"point's micro-batch, in GB of 2^30 bytes, at the precision it runs at {where}: weights, gradients, "
+             "AdamW state and the eager step's activations (ltm.memory; a compiled step usually holds less)"]
     if not gpus_per_trial:
         return lines
     if gpu_mem_gb is None:

@@ -34,6 +34,7 @@ from studies.messages import CheckpointSource
 from studies.options import build_parser
 from studies.parent import finish_parent, open_parent, open_tracker, summary
 from studies.plan import Plan, UsageError, plan_from_args
+from studies.resources import host_memory_note
 from studies.points import axes, grid_table
 from studies.study import Study
 
@@ -60,7 +61,10 @@ def print_plan(plan_: Plan) -> None:
           f"at most {plan_.trials_at_once} at once")
     print("\n".join(cost_summary(costs, plan_.mfu, plan_.peak_tflops, plan_.gpus * plan_.nodes, plan_.trials_at_once,
                                  plan_.profile)
-                    + memory_summary(plan_.memory, plan_.gpus, plan_.gpu_mem_gb)))
+                    + memory_summary(plan_.memory, plan_.gpus, plan_.gpu_mem_gb, plan_.world)))
+    host = host_memory_note(plan_.profile, plan_.processes)
+    if host:
+        print(host)
     print(f"tracking {redact(plan_.tracking_uri)}, experiment {plan_.experiment}, runs folder {plan_.runs_dir}")
     first = plan_.points[0] if plan_.points else None
     if first is not None and first.task:
