@@ -118,12 +118,22 @@ def c_compiler(environ: Mapping[str, str] | None = None) -> str | None:
     return shutil.which("gcc", path=path) or shutil.which("clang", path=path)
 
 
+INSTALL_C_COMPILER = ("install one (e.g. `apt install gcc`, `conda install -c conda-forge gcc`, or `module load gcc` "
+                      "on a cluster) or set CC to it")
+
+
+def missing_c_compiler(environ: Mapping[str, str] | None = None) -> str | None:
+    """Why Triton would find no C compiler ("neither gcc nor clang is on PATH"), or None when it finds one."""
+    environ = os.environ if environ is None else environ
+    if c_compiler(environ) is not None:
+        return None
+    return f"CC={environ['CC']!r} is not an executable" if "CC" in environ else "neither gcc nor clang is on PATH"
+
+
 def check_c_compiler(environ: Mapping[str, str] | None = None) -> None:
     """Refuse a compiling CUDA run up front when Triton would find no C compiler (it needs one at the
     first compiled step, long after the run is created)."""
-    environ = os.environ if environ is None else environ
-    if c_compiler(environ) is None:
-        named = f"CC={environ['CC']!r} is not an executable" if "CC" in environ else "neither gcc nor clang is on PATH"
-        raise RuntimeError(f"torch.compile on CUDA needs a C compiler for Triton, and {named}; install one "
-                           "(e.g. `apt install gcc`, `conda install -c conda-forge gcc`, or `module load gcc` "
-                           "on a cluster) or set CC to it, or run without compiling: --set train.compile=off")
+    named = missing_c_compiler(environ)
+    if named is not None:
+        raise RuntimeError(f"torch.compile on CUDA needs a C compiler for Triton, and {named}; {INSTALL_C_COMPILER}, "
+                           "or run without compiling: --set train.compile=off")

@@ -7,9 +7,10 @@ and a task: `gsm8k`, `zero_shot` or `generation` (`studies.study.Gsm8kTask`, `Ze
 (a child of the study's parent) tagged `ltm.role=eval`, `ltm.task` and `ltm.source_run_id`, with
 the metrics at step 0 and its outputs (per-problem answers, samples) as artifacts. It runs on the
 trial's GPU when it was given one (`trial_device`, tagged `device`), under the checkpoint's training
-precision (bf16 autocast on CUDA by default). The point's key (from the checkpoint's identity and
-the task) makes a finished evaluation skip when the study is started again; an interrupted one
-(SIGTERM, SIGUSR2) is rerun from the start of the evaluation.
+precision (bf16 autocast on CUDA by default); before its setup it checks what it will run there as
+training does (`check_evaluation`: on CUDA FlexAttention needs Triton's C compiler). The point's key
+(from the checkpoint's identity and the task) makes a finished evaluation skip when the study is
+started again; an interrupted one (SIGTERM, SIGUSR2) is rerun from the start of the evaluation.
 """
 
 from __future__ import annotations
@@ -126,11 +127,36 @@ def trial_device() -> torch.device:
     return resolve_device(None, 0, torch.cuda.is_available())
 
 
+def check_evaluation(point: Point, device: torch.device, environ: dict[str, str] | None = None) -> str:
+    """What the evaluation will run, checked as training checks it, before its setup (training the checkpoint,
+    loading the model and the data): the attention form it takes at the model's context on `device`
+    ("flex", "chunked", "dense" or "causal"), returned. On CUDA FlexAttention is compiled by Triton, which
+    needs a C compiler (`ltm.objective.check_c_compiler`); raises RuntimeError naming what to install or set."""
+    from ltm.attention import window_kind
+    from ltm.config import RunConfig
+    from ltm.objective import INSTALL_C_COMPILER, missing_c_compiler
+
+    model = RunConfig.from_dict(point.config).model
+    kind = window_kind(model.ctx, model.attn_window, device.type) or "causal"
+    missing = missing_c_compiler(environ) if device.type == "cuda" and kind == "flex" else None
+    if missing:
+        raise RuntimeError(f"this evaluation runs on {device} with FlexAttention (context {model.ctx}, window "
+                           f"{model.attn_window}), which Triton compiles with a C compiler, and {missing}; "
+                           f"{INSTALL_C_COMPILER}")
+    return kind
+
+
 def _run_task_locked(point: Point, context: TrialContext, interrupt: Interrupt) -> Result:
     from ltm.lifecycle import decide, open_run
     from ltm.objective import autocast_for
     from ltm.tracking import Tracker
 
+    try:
+        device = trial_device()
+        attention = check_evaluation(point, device)
+    except RuntimeError as err:  # before anything of the evaluation (or its checkpoint's training) exists
+        return Result(Status.FAILED, None, str(err))
+    log.info("evaluation %s on %s, %s attention at the model's context", point.key, device, attention)
     try:
         with interrupt.stoppable():  # nothing of the evaluation exists yet
             runs_dir = Path(context.runs_dir)
@@ -144,7 +170,6 @@ def _run_task_locked(point: Point, context: TrialContext, interrupt: Interrupt) 
                     return failed
             else:
                 checkpoint, source_run = point.source.checkpoint, point.source.run_id
-            device = trial_device()
             model, cfg = load_model(checkpoint, device=str(device), verify=context.verify)
     except Stopped as stop:
         return Result(Status.KILLED, None, f"interrupted by {stop} before the evaluation run was created")
