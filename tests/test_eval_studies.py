@@ -151,7 +151,9 @@ def test_an_evaluation_runs_on_a_visible_gpu_else_the_cpu(monkeypatch):
     from studies.tasks import trial_device
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
-    assert trial_device() == torch.device("cuda", 0)
+    for visible in (1, 4):  # the GPU it was given, or the first of those it sees
+        monkeypatch.setattr(torch.cuda, "device_count", lambda: visible)
+        assert trial_device() == torch.device("cuda", 0)
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     assert trial_device() == torch.device("cpu")
 
