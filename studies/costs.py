@@ -193,6 +193,50 @@ def memory_problem(points: list[Point], memory: list[Memory | None], gpus_per_tr
             "fewer inference steps would not help, the peak does not grow with inference.steps")
 
 
+CHECKPOINT_BYTES_PER_PARAM = 12
+"""A checkpoint holds fp32 weights and AdamW's two fp32 moments per parameter (no gradients)."""
+CHECKPOINT_WRITE_GBPS = 0.25
+"""Checkpoint write rate assumed (GB/s), with its sha256: a busy network filesystem from one client."""
+SIGNAL_MARGIN = 1.5
+"""The signal delay asked for over one update and a checkpoint write: MFU below the stated one, the exit."""
+
+
+def signal_delay_note(points: list[Point], costs: list[Cost], profile: SlurmProfile, mfu: float,
+                      peak_tflops: float, gpus_per_point: float) -> str | None:
+    """A warning when the profile's signal_delay_s (SIGUSR2 before the time limit) is shorter than the slowest
+    point's update at --mfu plus writing its checkpoint (with SIGNAL_MARGIN), naming the value to set; None
+    when it suffices or the points get no GPU (nothing to time)."""
+    if gpus_per_point <= 0:
+        return None
+    worst = max((_stop_seconds(p, c, mfu, peak_tflops, gpus_per_point) for p, c in zip(points, costs)),
+                default=None, key=lambda t: sum(t[1:]) if t else 0.0)
+    if not worst or SIGNAL_MARGIN * (worst[1] + worst[2]) <= profile.signal_delay_s:
+        return None
+    key, update_s, write_s = worst
+    needed = math.ceil(SIGNAL_MARGIN * (update_s + write_s) / 10) * 10
+    return (f"warning: the SLURM profile's signal_delay_s: {profile.signal_delay_s} is shorter than point {key} needs "
+            f"to finish an update (about {update_s:.0f} s at {mfu * 100:g}% MFU of {peak_tflops:g} TFLOP/s on "
+            f"{gpus_per_point:g} GPU(s)) and write its checkpoint (about {write_s:.0f} s at "
+            f"{CHECKPOINT_WRITE_GBPS:g} GB/s), with a margin of {SIGNAL_MARGIN:g}x: set signal_delay_s: {needed} in "
+            "the profile, or a preempted job loses the updates since its last checkpoint")
+
+
+def _stop_seconds(point: Point, cost: Cost, mfu: float, peak_tflops: float,
+                  gpus: float) -> tuple[str, float, float] | None:
+    """(key, seconds of one update, seconds to write its checkpoint) of a point that trains; None otherwise."""
+    import torch
+
+    from ltm.model import build_model
+
+    cfg = _trained_config(point)
+    if cfg is None:
+        return None
+    with torch.device("meta"):  # shapes only
+        params = build_model(cfg.model, cfg.inference).num_params()
+    update_s = cost.flops / cfg.updates / (mfu * peak_tflops * 1e12 * gpus)
+    return point.key, update_s, CHECKPOINT_BYTES_PER_PARAM * params / (CHECKPOINT_WRITE_GBPS * 1e9)
+
+
 def _requeues(hours: list[float], gpus_per_trial: float, profile: SlurmProfile) -> list[str]:
     """The points a SLURM job's time limit cuts short, and whether the requeues allowed finish them."""
     job_min, allowed = profile.time_min, profile.max_num_timeout

@@ -357,3 +357,27 @@ def test_a_dry_run_without_the_evaluation_data_shows_the_grid_then_names_what_is
     assert err.startswith("error: ") and "test.jsonl" in err
     assert main(ICL_GSM8K, argv) == Exit.USAGE  # and a real start is refused before anything is printed
     assert capsys.readouterr().out == ""
+
+
+def test_the_dry_run_warns_when_the_profiles_signal_delay_is_shorter_than_an_update_and_a_checkpoint(tmp_path, capsys,
+                                                                                                    no_slurm):
+    """Issue 31: an LTM-L update at T=128 (1.4e16 FLOP exact) fits the GPU profile's signal_delay_s of 180 s at
+    40% MFU of an H100, not at 10%."""
+    from studies.costs import SIGNAL_MARGIN, _stop_seconds
+
+    assert load_profile("gpu").signal_delay_s == 180
+    argv = ["--preset", "paper", "--cluster", "slurm", "--runs-dir", str(tmp_path), "--set", "data.name=synthetic"]
+    _rows, rest = dry_run(INFERENCE_SCALING, argv, capsys)
+    assert "signal_delay_s" not in rest  # at the default 40% MFU an update and a checkpoint fit 180 s
+    points = plan(INFERENCE_SCALING, [*argv, "--dry-run"]).points
+    slowest = max((_stop_seconds(p, point_cost(p), 0.1, 989.0, 1) for p in points), key=lambda t: t[1] + t[2])
+    key, update_s, write_s = slowest
+    (point,) = [p for p in points if p.key == key]
+    assert point.label["recipe"] == "ltm-l" and point.label["inference.steps"] == 128
+    assert update_s == pytest.approx(point_cost(point).flops / RunConfig.from_dict(point.config).updates / 98.9e12)
+    assert 1e16 < update_s * 98.9e12 < 2.3e16 and 0 < write_s < 10  # about 0.9 GB at 0.25 GB/s
+    _rows, rest = dry_run(INFERENCE_SCALING, [*argv, "--mfu", "0.1"], capsys)
+    needed = math.ceil(SIGNAL_MARGIN * (update_s + write_s) / 10) * 10
+    assert (f"warning: the SLURM profile's signal_delay_s: 180 is shorter than point {key} needs to finish an update "
+            f"(about {update_s:.0f} s at 10% MFU of 989 TFLOP/s on 1 GPU(s))") in rest
+    assert f"set signal_delay_s: {needed} in the profile" in rest and needed > 180

@@ -205,3 +205,52 @@ def test_a_process_bound_to_one_gpu_sets_cuda_0_from_torchruns_environment(monke
     chosen = []
     monkeypatch.setattr(torch.cuda, "set_device", chosen.append)
     assert Processes.from_env("cuda").device == torch.device("cuda", 0) and chosen == [torch.device("cuda", 0)]
+
+
+# -- the stop reason every rank agrees on (issue 31) ---------------------------------------------------
+
+class _TwoRanks:
+    """A stand-in for two processes' reduction: this rank's votes summed with the other rank's."""
+
+    def __init__(self, other: torch.Tensor) -> None:
+        self.device, self.other = torch.device("cpu"), other
+
+    def all_sum(self, tensor: torch.Tensor) -> torch.Tensor:
+        return tensor.add_(self.other)
+
+
+def test_sigusr2_on_any_rank_is_the_reason_every_rank_stops_for():
+    import signal
+
+    from ltm.loop import STOP_PRIORITY, agreed_stop
+
+    usr2 = torch.tensor([float(s == signal.SIGUSR2) for s in STOP_PRIORITY] + [0.0])
+    nothing = torch.zeros(len(STOP_PRIORITY) + 1)
+    # rank 0 got SIGTERM (or nothing) while SLURM sent SIGUSR2 to rank 1: both say SIGUSR2, so rank 0 requeues
+    assert agreed_stop(_TwoRanks(usr2), signal.SIGTERM, False) == ("SIGUSR2", False)
+    assert agreed_stop(_TwoRanks(usr2), None, False) == ("SIGUSR2", False)
+    assert agreed_stop(_TwoRanks(nothing), signal.SIGUSR2, False) == ("SIGUSR2", False)
+    assert agreed_stop(_TwoRanks(nothing), signal.SIGINT, False) == ("SIGINT", False)
+    assert agreed_stop(_TwoRanks(nothing), None, True) == ("", True)
+    assert agreed_stop(_TwoRanks(nothing), None, False) == ("", False)
+
+
+def stop_rank(rank: int, port: int, tmp: str) -> None:
+    """One of two gloo processes: rank 1 got SIGUSR2, rank 0 nothing; writes what each agrees on."""
+    import signal
+
+    from ltm.loop import agreed_stop
+
+    join_env(rank, port)
+    procs = Processes.from_env("cpu")
+    try:
+        agreed = agreed_stop(procs, signal.SIGUSR2 if rank == 1 else None, False)
+    finally:
+        procs.close()
+    (Path(tmp) / f"stop{rank}.json").write_text(json.dumps(agreed))
+
+
+def test_two_gloo_processes_agree_on_sigusr2_when_only_one_got_it(tmp_path):
+    procs = spawn(stop_rank, str(tmp_path))
+    assert [p.exitcode for p in procs] == [0, 0]
+    assert [json.loads((tmp_path / f"stop{r}.json").read_text()) for r in (0, 1)] == [["SIGUSR2", False]] * 2
