@@ -16,7 +16,7 @@ from collections.abc import Mapping, Sequence
 import torch
 import torch.nn.functional as F
 
-from ltm.config import InferenceConfig, TrainConfig
+from ltm.config import InferenceConfig, ModelConfig, TrainConfig
 from ltm.model import LatentThoughtModel
 from ltm.posterior import infer_posterior, start_bound
 from ltm.start import NO_DECAY
@@ -137,3 +137,19 @@ def check_c_compiler(environ: Mapping[str, str] | None = None) -> None:
     if named is not None:
         raise RuntimeError(f"torch.compile on CUDA needs a C compiler for Triton, and {named}; {INSTALL_C_COMPILER}, "
                            "or run without compiling: --set train.compile=off")
+
+
+def check_window_compiler(model: ModelConfig, device: torch.device, environ: Mapping[str, str] | None = None) -> str:
+    """The attention form a model takes at its context on `device` (`ltm.attention.window_kind`: "flex",
+    "chunked", "dense", or "causal"), checked as a compiling run is: FlexAttention on CUDA is compiled by
+    Triton, which needs a C compiler; raises RuntimeError naming what to install or set. An evaluation calls
+    it before its setup (`studies.tasks`): it runs FlexAttention on CUDA whatever train.compile says."""
+    from ltm.attention import window_kind
+
+    kind = window_kind(model.ctx, model.attn_window, device.type) or "causal"
+    missing = missing_c_compiler(environ) if device.type == "cuda" and kind == "flex" else None
+    if missing:
+        raise RuntimeError(f"this evaluation runs on {device} with FlexAttention (context {model.ctx}, window "
+                           f"{model.attn_window}), which Triton compiles with a C compiler, and {missing}; "
+                           f"{INSTALL_C_COMPILER}")
+    return kind

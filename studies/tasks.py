@@ -7,8 +7,7 @@ and a task: `gsm8k`, `zero_shot` or `generation` (`studies.study.Gsm8kTask`, `Ze
 (a child of the study's parent) tagged `ltm.role=eval`, `ltm.task` and `ltm.source_run_id`, with
 the metrics at step 0 and its outputs (per-problem answers, samples) as artifacts. It runs on the
 trial's GPU when it was given one (`trial_device`, tagged `device`), under the checkpoint's training
-precision (bf16 autocast on CUDA by default); before its setup it checks what it will run there as
-training does (`check_evaluation`: on CUDA FlexAttention needs Triton's C compiler). The point's key
+precision (bf16 autocast on CUDA by default), checked before its setup (`trial_device`). The point's key
 (from the checkpoint's identity and the task) makes a finished evaluation skip when the study is
 started again; an interrupted one (SIGTERM, SIGUSR2) is rerun from the start of the evaluation.
 """
@@ -27,6 +26,7 @@ from pathlib import Path
 import torch
 
 from ltm.checkpoint import CheckpointError, CheckpointRef, load_model, resolve
+from ltm.config import ModelConfig, RunConfig
 from ltm.names import (ENTROPY, GEN_PPL, GENERATION, ROLE_EVAL, ROLE_TAG, SECONDS, SOURCE_RUN_TAG, TASK_TAG, Status,
                        gsm8k_metric, metric)
 from ltm.signals import Interrupt, Stopped
@@ -119,31 +119,17 @@ def run_task(point: Point, context: TrialContext) -> Result:
             return _run_task_locked(point, context, interrupt)
 
 
-def trial_device() -> torch.device:
+def trial_device(model: ModelConfig | None = None) -> torch.device:
     """Where a trial evaluates: its GPU when it sees one, else the CPU, as `ltm.train` picks for its
-    training (a trial sees the GPUs it was given: Ray and SLURM set CUDA_VISIBLE_DEVICES to them)."""
+    training (a trial sees the GPUs it was given: Ray and SLURM set CUDA_VISIBLE_DEVICES to them); given the
+    model, checked as training checks it (`ltm.objective.check_window_compiler`: raises RuntimeError)."""
+    from ltm.objective import check_window_compiler
     from ltm.processes import resolve_device
 
-    return resolve_device(None, 0, torch.cuda.is_available())
-
-
-def check_evaluation(point: Point, device: torch.device, environ: dict[str, str] | None = None) -> str:
-    """What the evaluation will run, checked as training checks it, before its setup (training the checkpoint,
-    loading the model and the data): the attention form it takes at the model's context on `device`
-    ("flex", "chunked", "dense" or "causal"), returned. On CUDA FlexAttention is compiled by Triton, which
-    needs a C compiler (`ltm.objective.check_c_compiler`); raises RuntimeError naming what to install or set."""
-    from ltm.attention import window_kind
-    from ltm.config import RunConfig
-    from ltm.objective import INSTALL_C_COMPILER, missing_c_compiler
-
-    model = RunConfig.from_dict(point.config).model
-    kind = window_kind(model.ctx, model.attn_window, device.type) or "causal"
-    missing = missing_c_compiler(environ) if device.type == "cuda" and kind == "flex" else None
-    if missing:
-        raise RuntimeError(f"this evaluation runs on {device} with FlexAttention (context {model.ctx}, window "
-                           f"{model.attn_window}), which Triton compiles with a C compiler, and {missing}; "
-                           f"{INSTALL_C_COMPILER}")
-    return kind
+    device = resolve_device(None, 0, torch.cuda.is_available())
+    if model is not None:
+        log.info("evaluating on %s with %s attention", device, check_window_compiler(model, device))
+    return device
 
 
 def _run_task_locked(point: Point, context: TrialContext, interrupt: Interrupt) -> Result:
@@ -152,11 +138,9 @@ def _run_task_locked(point: Point, context: TrialContext, interrupt: Interrupt) 
     from ltm.tracking import Tracker
 
     try:
-        device = trial_device()
-        attention = check_evaluation(point, device)
+        device = trial_device(RunConfig.from_dict(point.config).model)
     except RuntimeError as err:  # before anything of the evaluation (or its checkpoint's training) exists
         return Result(Status.FAILED, None, str(err))
-    log.info("evaluation %s on %s, %s attention at the model's context", point.key, device, attention)
     try:
         with interrupt.stoppable():  # nothing of the evaluation exists yet
             runs_dir = Path(context.runs_dir)
@@ -213,7 +197,6 @@ def _trained_checkpoint(point: Point, context: TrialContext) -> tuple[Path, str 
     folder, its training run, None), or a Result to return when it did not finish or holds no
     checkpoint of its own."""
     from ltm.checkpoint import owner
-    from ltm.config import RunConfig
     from ltm.train import run
 
     trained = run(RunConfig.from_dict(point.config), tracking_uri=context.tracking_uri,

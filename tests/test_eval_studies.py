@@ -186,7 +186,7 @@ def test_run_task_loads_the_model_on_the_trial_device_and_tags_the_run_with_it(t
         seen["autocast"] = torch.is_autocast_enabled("cpu")
         return {"probe/value": 1.0}, {}
 
-    monkeypatch.setattr(tasks, "trial_device", lambda: torch.device("cpu"))
+    monkeypatch.setattr(tasks, "trial_device", lambda model=None: torch.device("cpu"))
     monkeypatch.setattr(tasks, "load_model", load_model)
     monkeypatch.setitem(tasks.EVALUATORS, "generation", evaluator)
     point = Point(key="probe", config=cfg.to_dict(), label={}, task=GenerationTask(),
@@ -317,13 +317,14 @@ def paper_point(source):
 def test_an_evaluation_takes_flex_attention_on_a_gpu_at_the_paper_shape_and_needs_a_c_compiler(tmp_path):
     import torch
 
+    from ltm.config import RunConfig
+    from ltm.objective import check_window_compiler as check_evaluation
     from studies.messages import TrainSource
-    from studies.tasks import check_evaluation
 
     cc = tmp_path / "gcc"
     cc.write_text("#!/bin/sh\n")
     cc.chmod(0o755)
-    point = paper_point(TrainSource("k"))
+    point = RunConfig.from_dict(paper_point(TrainSource("k")).config).model
     assert check_evaluation(point, torch.device("cuda", 0), {"PATH": str(tmp_path)}) == "flex"
     assert check_evaluation(point, torch.device("cpu"), {"PATH": ""}) == "chunked"  # nothing compiles on a CPU
     with pytest.raises(RuntimeError) as err:
@@ -344,7 +345,8 @@ def test_an_evaluation_on_a_gpu_without_a_c_compiler_fails_before_training_or_lo
     from studies.messages import TrainSource, TrialContext
 
     setup = []
-    monkeypatch.setattr(tasks, "trial_device", lambda: torch.device("cuda", 0))
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)  # a GPU node
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
     monkeypatch.setattr(tasks, "_trained_checkpoint", lambda *a: setup.append("train") or (None, None, None))
     monkeypatch.setattr(tasks, "load_model", lambda *a, **k: setup.append("load"))
     monkeypatch.setenv("PATH", str(tmp_path))  # no gcc, no clang
