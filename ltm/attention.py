@@ -63,15 +63,21 @@ def dense_mask(T: int, w: int, device: torch.device) -> torch.Tensor:
     return (offset >= 0) & (offset < w)
 
 
-def plan_window(T: int, w: int, n_heads: int, device: torch.device, kind: str = "auto") -> Window | None:
-    """The window of a length-T sequence, or None when w >= T (plain causal attention).
-
-    kind "auto": flex on CUDA and chunked elsewhere where `uses_window_kernel`, else dense."""
+def window_kind(T: int, w: int, device_type: str, kind: str = "auto") -> str | None:
+    """The form `plan_window` takes for a length-T sequence on a device type, or None when w >= T (plain
+    causal attention). kind "auto": flex on CUDA and chunked elsewhere where `uses_window_kernel`, else dense."""
     if w >= T:
         return None
-    if kind == "auto":
-        kind = (("flex" if device.type == "cuda" and _HAS_FLEX else "chunked") if uses_window_kernel(T, w)
-                else "dense")
+    if kind != "auto":
+        return kind
+    return ("flex" if device_type == "cuda" and _HAS_FLEX else "chunked") if uses_window_kernel(T, w) else "dense"
+
+
+def plan_window(T: int, w: int, n_heads: int, device: torch.device, kind: str = "auto") -> Window | None:
+    """The window of a length-T sequence (`window_kind`), or None when w >= T (plain causal attention)."""
+    kind = window_kind(T, w, device.type, kind)
+    if kind is None:
+        return None
     if kind == "dense":
         return Window("dense", w, mask=dense_mask(T, w, device))
     if not T % CHUNK == 0:

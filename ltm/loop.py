@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import math
+import signal
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -246,31 +247,45 @@ def close(ctx: TrainContext, status: Status, tokens: int, metrics: dict[str, flo
 
 # -- the loop ------------------------------------------------------------------------------------
 
+WARMUP_UPDATES = 1
+"""Updates after every start or resume that tokens/s and MFU leave out: the first includes torch.compile's
+compile of the training shapes and the device's warm-up (CUDA context, cuBLAS handles, the allocator's pool)."""
+
+
 class _Window:
-    """Training loss, KL and time summed since the last logged step."""
+    """Training loss and KL summed since the last logged step, and the time of the updates it times.
+
+    Throughput (tokens/s, MFU) skips the first WARMUP_UPDATES updates of every start or resume: their
+    loss counts, their time does not (a compiling run logs the first update's time apart, as a message).
+    A window of only such updates logs no tokens/s or MFU."""
 
     def __init__(self) -> None:
+        self.updates = 0
+        """Updates since this start: the first WARMUP_UPDATES are not timed."""
         self.reset()
 
     def reset(self) -> None:
         self.loss = self.kl = self.seconds = 0.0
-        self.steps = 0
+        self.steps = self.timed = 0
 
     def add(self, loss: float, kl: float, seconds: float) -> None:
         self.loss += loss
         self.kl += kl
-        self.seconds += seconds
         self.steps += 1
+        self.updates += 1
+        if self.updates > WARMUP_UPDATES:
+            self.seconds += seconds
+            self.timed += 1
 
     def metrics(self, ctx: TrainContext, lr: float) -> dict[str, float]:
         """The window's means and throughput; the window starts again."""
         n, plan = self.steps, ctx.plan
-        tps = n * plan.tokens_per_step / self.seconds
         point = {names.TRAIN_LOSS: self.loss / n, names.TRAIN_BOUND: (self.loss + self.kl) / n,
-                 names.TRAIN_PPL_BOUND: math.exp((self.loss + self.kl) / n),
-                 names.TRAIN_LR: lr, names.TOKENS_PER_S: tps}
-        if plan.peak_flops:
-            point[names.MFU] = mfu(tps, plan.flops_per_token, plan.peak_flops, ctx.procs.world)
+                 names.TRAIN_PPL_BOUND: math.exp((self.loss + self.kl) / n), names.TRAIN_LR: lr}
+        if self.timed:
+            tps = point[names.TOKENS_PER_S] = self.timed * plan.tokens_per_step / self.seconds
+            if plan.peak_flops:
+                point[names.MFU] = mfu(tps, plan.flops_per_token, plan.peak_flops, ctx.procs.world)
         self.reset()
         return point
 
@@ -352,20 +367,34 @@ def _checkpoint_or_stop(ctx: TrainContext, state: TrainState, tokens: int, last:
                         metrics: dict) -> RunResult | None:
     """Checkpoint when due or when stopping; a RunResult when a signal or a tracking outage stops the run."""
     procs, every = ctx.procs, ctx.cfg.train.checkpoint_every
-    outage = procs.is_main and ctx.tracker.outage() > ctx.patience
-    stop = procs.all_sum(torch.tensor([float(ctx.interrupt.signal is not None), float(outage)], device=procs.device))
-    if last or stop.any().item() or (every and _crossed(tokens, ctx.plan.tokens_per_step, every)):
+    signal_name, outage = agreed_stop(procs, ctx.interrupt.signal,
+                                      procs.is_main and ctx.tracker.outage() > ctx.patience)
+    if last or signal_name or outage or (every and _crossed(tokens, ctx.plan.tokens_per_step, every)):
         save(ctx, state, tokens, last)
-    if stop[1].item():  # the store is gone: keep what it did not take, stop while nothing is lost
+    if outage:  # the store is gone: keep what it did not take, stop while nothing is lost
         reason = f"the tracking store did not answer for {ctx.patience:.0f} s"
         if procs.is_main:
             reason += f" ({ctx.tracker.last_error}); {lifecycle.keep_unsent(ctx.tracker, ctx.run_dir, tokens)}"
         return RunResult(Status.KILLED, ctx.run_id, metrics, ctx.run_dir, reason)
-    if stop[0].item() and (not last or state.eval_pending):
+    if signal_name and (not last or state.eval_pending):
         during = " during the evaluation" if state.eval_pending else ""
-        return close(ctx, Status.KILLED, tokens, metrics, f"interrupted by {ctx.interrupt.name or 'signal'}{during} at "
+        return close(ctx, Status.KILLED, tokens, metrics, f"interrupted by {signal_name}{during} at "
                                                      f"{tokens:,} tokens; run the same command again to resume")
     return None
+
+
+STOP_PRIORITY = (signal.SIGUSR2, signal.SIGTERM, signal.SIGINT)
+"""The signal a run's processes agree they stop for when they got different ones: SIGUSR2 first, SLURM's
+warning before the time limit, on which a point requeues (`studies.slurm_backend`)."""
+
+
+def agreed_stop(procs: Processes, own: int | None, outage: bool) -> tuple[str, bool]:
+    """The signal every process stops for ("": none came to any) and whether the tracking store is gone (rank 0
+    sees it): one vote per signal summed over the processes, so every rank names the same one."""
+    votes = torch.tensor([float(own == s) for s in STOP_PRIORITY] + [float(outage)], device=procs.device)
+    procs.all_sum(votes)
+    counts = votes.tolist()
+    return next((s.name for s, n in zip(STOP_PRIORITY, counts) if n), ""), bool(counts[-1])
 
 
 def _crossed(tokens: int, per_step: int, every: int) -> bool:

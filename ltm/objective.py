@@ -16,7 +16,7 @@ from collections.abc import Mapping, Sequence
 import torch
 import torch.nn.functional as F
 
-from ltm.config import InferenceConfig, TrainConfig
+from ltm.config import InferenceConfig, ModelConfig, TrainConfig
 from ltm.model import LatentThoughtModel
 from ltm.posterior import infer_posterior, start_bound
 from ltm.start import NO_DECAY
@@ -129,12 +129,38 @@ def c_compiler(environ: Mapping[str, str] | None = None) -> str | None:
     return shutil.which("gcc", path=path) or shutil.which("clang", path=path)
 
 
+INSTALL_C_COMPILER = ("install one (e.g. `apt install gcc`, `conda install -c conda-forge gcc`, or `module load gcc` "
+                      "on a cluster) or set CC to it")
+
+
+def missing_c_compiler(environ: Mapping[str, str] | None = None) -> str | None:
+    """Why Triton would find no C compiler ("neither gcc nor clang is on PATH"), or None when it finds one."""
+    environ = os.environ if environ is None else environ
+    if c_compiler(environ) is not None:
+        return None
+    return f"CC={environ['CC']!r} is not an executable" if "CC" in environ else "neither gcc nor clang is on PATH"
+
+
 def check_c_compiler(environ: Mapping[str, str] | None = None) -> None:
     """Refuse a compiling CUDA run up front when Triton would find no C compiler (it needs one at the
     first compiled step, long after the run is created)."""
-    environ = os.environ if environ is None else environ
-    if c_compiler(environ) is None:
-        named = f"CC={environ['CC']!r} is not an executable" if "CC" in environ else "neither gcc nor clang is on PATH"
-        raise RuntimeError(f"torch.compile on CUDA needs a C compiler for Triton, and {named}; install one "
-                           "(e.g. `apt install gcc`, `conda install -c conda-forge gcc`, or `module load gcc` "
-                           "on a cluster) or set CC to it, or run without compiling: --set train.compile=off")
+    named = missing_c_compiler(environ)
+    if named is not None:
+        raise RuntimeError(f"torch.compile on CUDA needs a C compiler for Triton, and {named}; {INSTALL_C_COMPILER}, "
+                           "or run without compiling: --set train.compile=off")
+
+
+def check_window_compiler(model: ModelConfig, device: torch.device, environ: Mapping[str, str] | None = None) -> str:
+    """The attention form a model takes at its context on `device` (`ltm.attention.window_kind`: "flex",
+    "chunked", "dense", or "causal"), checked as a compiling run is: FlexAttention on CUDA is compiled by
+    Triton, which needs a C compiler; raises RuntimeError naming what to install or set. An evaluation calls
+    it before its setup (`studies.tasks`): it runs FlexAttention on CUDA whatever train.compile says."""
+    from ltm.attention import window_kind
+
+    kind = window_kind(model.ctx, model.attn_window, device.type) or "causal"
+    missing = missing_c_compiler(environ) if device.type == "cuda" and kind == "flex" else None
+    if missing:
+        raise RuntimeError(f"this evaluation runs on {device} with FlexAttention (context {model.ctx}, window "
+                           f"{model.attn_window}), which Triton compiles with a C compiler, and {missing}; "
+                           f"{INSTALL_C_COMPILER}")
+    return kind

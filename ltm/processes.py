@@ -40,13 +40,29 @@ class PeerFailed(RuntimeError):
     """Another process of the run failed; the message is its reason."""
 
 
-def resolve_device(device: str | None, local_rank: int, cuda_available: bool) -> torch.device:
+def resolve_device(device: str | None, local_rank: int, cuda_available: bool, local_world: int = 1) -> torch.device:
     """The device of this process: None picks this process's GPU (or the CPU), and a bare "cuda"
-    means this process's GPU, cuda:<local rank>, as torch.cuda.set_device needs an index."""
+    means this process's GPU (an index, as torch.cuda.set_device needs): `own_gpu`."""
     if device is None:
         device = "cuda" if cuda_available else "cpu"
     dev = torch.device(device)
-    return torch.device("cuda", local_rank) if dev.type == "cuda" and dev.index is None else dev
+    return own_gpu(local_rank, local_world) if dev.type == "cuda" and dev.index is None else dev
+
+
+def own_gpu(local_rank: int, local_world: int = 1) -> torch.device:
+    """This process's GPU among those it can see (torch.cuda.device_count(), after CUDA_VISIBLE_DEVICES), one
+    rule for every binding: seeing one GPU (bound to it: --gpu-bind, cgroups, a CUDA_VISIBLE_DEVICES per task),
+    cuda:0; seeing at least one per process of its node (`local_world`, LOCAL_WORLD_SIZE), cuda:<LOCAL_RANK>;
+    anything else is refused, naming what it sees."""
+    visible = torch.cuda.device_count()
+    if visible == 1:
+        return torch.device("cuda", 0)
+    if visible >= max(local_world, local_rank + 1):
+        return torch.device("cuda", local_rank)
+    shown = os.environ.get("CUDA_VISIBLE_DEVICES", "unset")
+    raise RuntimeError(f"process LOCAL_RANK={local_rank} of {local_world} on this node sees {visible} GPU(s) "
+                       f"(CUDA_VISIBLE_DEVICES={shown}): give each process exactly one GPU (bind one per task, e.g. "
+                       "srun --gpu-bind=single:1) or let every process see all of its node's GPUs, one per process")
 
 
 @dataclass
@@ -70,7 +86,8 @@ class Processes:
         joins the process group (unless the caller has) and starts watching the store for failures."""
         world = int(os.environ.get("WORLD_SIZE", "1"))
         local = int(os.environ.get("LOCAL_RANK", "0"))
-        dev = resolve_device(device, local, torch.cuda.is_available())
+        local_world = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+        dev = resolve_device(device, local, torch.cuda.is_available(), local_world)
         if dev.type == "cuda":
             torch.cuda.set_device(dev)
         if world == 1:

@@ -125,15 +125,16 @@ def savings_lines(savings: Savings | None) -> list[str]:
             f"{cosine.tokens:,} tokens, {cosine.flops:.2e} FLOPs: {savings.ratio:.2f}x the branches' training"]
 
 
-def point_memory(point: Point, on_gpu: bool, usable_gb: float | None) -> Memory | None:
-    """The point's update on a GPU (at the precision it runs there) or a CPU, and with `usable_gb` (what a
-    process may fill of its GPU) the micro-batch that fits; None for an evaluation of a given checkpoint."""
+def point_memory(point: Point, on_gpu: bool, usable_gb: float | None, processes: int = 1) -> Memory | None:
+    """The point's update on a GPU (at the precision it runs there) or a CPU, on one of its `processes`
+    (each holds batch_size / processes sequences of an update), and with `usable_gb` (what a process may
+    fill of its GPU) the micro-batch that fits; None for an evaluation of a given checkpoint."""
     from ltm.memory import gib, step_memory
 
     cfg = _trained_config(point)
     if cfg is None:
         return None
-    memory = step_memory(cfg, "cuda" if on_gpu else "cpu")
+    memory = step_memory(cfg, "cuda" if on_gpu else "cpu", processes)
     if usable_gb is None:
         return Memory(memory.micro_batch, gib(memory.peak_bytes()), None, None)
     return Memory(memory.micro_batch, gib(memory.peak_bytes()), gib(memory.peak_bytes(1)),
@@ -194,13 +195,16 @@ def memory_columns(memory: list[Memory | None]) -> dict[str, list]:
             "fit_micro": column(lambda m: m.largest_fit)}
 
 
-def memory_summary(memory: list[Memory | None], gpus_per_trial: float, gpu_mem_gb: float | None) -> list[str]:
-    """The lines that read the memory columns: what is estimated, the usable memory, the points over it."""
+def memory_summary(memory: list[Memory | None], gpus_per_trial: float, gpu_mem_gb: float | None,
+                   processes: int = 1) -> list[str]:
+    """The lines that read the memory columns: what is estimated, the usable memory, the points over it.
+    `processes`: of one point (its world size), each holding batch_size / processes sequences."""
     where = ("on a GPU (train.precision=auto: bf16 autocast)" if gpus_per_trial
              else "on a CPU (train.precision=auto: fp32)")
-    lines = [f"memory: mem_gb is the peak per process of a training update at the point's micro-batch, in GB of "
-             f"2^30 bytes, at the precision it runs at {where}: weights, gradients, AdamW state and the eager "
-             "step's activations (ltm.memory; a compiled step usually holds less)"]
+    split = f" (each of a point's {processes} processes holds train.batch_size / {processes} sequences of an update)"
+    lines = [f"memory: mem_gb is the peak per process{split if processes > 1 else ''} of a training update at the "
+             f"point's micro-batch, in GB of 2^30 bytes, at the precision it runs at {where}: weights, gradients, "
+             "AdamW state and the eager step's activations (ltm.memory; a compiled step usually holds less)"]
     if not gpus_per_trial:
         return lines
     if gpu_mem_gb is None:
@@ -232,6 +236,50 @@ def memory_problem(points: list[Point], memory: list[Memory | None], gpus_per_tr
             f"{CUDA_CONTEXT_GB:g} GB for the CUDA context): run them on GPUs with more memory (--gpu-mem-gb, or the "
             f"SLURM profile's gpu_mem_gb){whole}, or make them smaller (the model's size, model.ctx, the vocabulary); "
             "fewer inference steps would not help, the peak does not grow with inference.steps")
+
+
+CHECKPOINT_BYTES_PER_PARAM = 12
+"""A checkpoint holds fp32 weights and AdamW's two fp32 moments per parameter (no gradients)."""
+CHECKPOINT_WRITE_GBPS = 0.25
+"""Checkpoint write rate assumed (GB/s), with its sha256: a busy network filesystem from one client."""
+SIGNAL_MARGIN = 1.5
+"""The signal delay asked for over one update and a checkpoint write: MFU below the stated one, the exit."""
+
+
+def signal_delay_note(points: list[Point], costs: list[Cost], profile: SlurmProfile, mfu: float,
+                      peak_tflops: float, gpus_per_point: float) -> str | None:
+    """A warning when the profile's signal_delay_s (SIGUSR2 before the time limit) is shorter than the slowest
+    point's update at --mfu plus writing its checkpoint (with SIGNAL_MARGIN), naming the value to set; None
+    when it suffices or the points get no GPU (nothing to time)."""
+    if gpus_per_point <= 0:
+        return None
+    worst = max((_stop_seconds(p, c, mfu, peak_tflops, gpus_per_point) for p, c in zip(points, costs)),
+                default=None, key=lambda t: sum(t[1:]) if t else 0.0)
+    if not worst or SIGNAL_MARGIN * (worst[1] + worst[2]) <= profile.signal_delay_s:
+        return None
+    key, update_s, write_s = worst
+    needed = math.ceil(SIGNAL_MARGIN * (update_s + write_s) / 10) * 10
+    return (f"warning: the SLURM profile's signal_delay_s: {profile.signal_delay_s} is shorter than point {key} needs "
+            f"to finish an update (about {update_s:.0f} s at {mfu * 100:g}% MFU of {peak_tflops:g} TFLOP/s on "
+            f"{gpus_per_point:g} GPU(s)) and write its checkpoint (about {write_s:.0f} s at "
+            f"{CHECKPOINT_WRITE_GBPS:g} GB/s), with a margin of {SIGNAL_MARGIN:g}x: set signal_delay_s: {needed} in "
+            "the profile, or a preempted job loses the updates since its last checkpoint")
+
+
+def _stop_seconds(point: Point, cost: Cost, mfu: float, peak_tflops: float,
+                  gpus: float) -> tuple[str, float, float] | None:
+    """(key, seconds of one update, seconds to write its checkpoint) of a point that trains; None otherwise."""
+    import torch
+
+    from ltm.model import build_model
+
+    cfg = _trained_config(point)
+    if cfg is None:
+        return None
+    with torch.device("meta"):  # shapes only
+        params = build_model(cfg.model, cfg.inference).num_params()
+    update_s = cost.flops / cfg.updates / (mfu * peak_tflops * 1e12 * gpus)
+    return point.key, update_s, CHECKPOINT_BYTES_PER_PARAM * params / (CHECKPOINT_WRITE_GBPS * 1e9)
 
 
 def _requeues(hours: list[float], gpus_per_trial: float, profile: SlurmProfile) -> list[str]:

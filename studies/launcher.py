@@ -29,12 +29,13 @@ import time
 from ltm.names import EXIT_OF, Exit, Status
 from ltm.signals import Stopped
 from studies.costs import (branch_savings, cost_columns, cost_summary, memory_columns, memory_summary, point_cost,
-                           savings_lines)
+                           savings_lines, signal_delay_note)
 from studies.interrupt import Interruption, wait_for_stragglers
 from studies.messages import CheckpointSource
 from studies.options import build_parser
 from studies.parent import finish_parent, open_parent, open_tracker, summary
 from studies.plan import Plan, UsageError, plan_from_args
+from studies.resources import host_memory_note
 from studies.points import axes, grid_table
 from studies.study import Study
 
@@ -64,7 +65,13 @@ def print_plan(plan_: Plan) -> None:
     print("\n".join(cost_summary(costs, plan_.mfu, plan_.peak_tflops, plan_.gpus * plan_.nodes, plan_.trials_at_once,
                                  plan_.profile)
                     + savings_lines(branch_savings(plan_.points, costs))
-                    + memory_summary(plan_.memory, plan_.gpus, plan_.gpu_mem_gb)))
+                    + memory_summary(plan_.memory, plan_.gpus, plan_.gpu_mem_gb, plan_.world)))
+    notes = [host_memory_note(plan_.profile, plan_.processes)]
+    if plan_.profile is not None:
+        notes.append(signal_delay_note(plan_.points, costs, plan_.profile, plan_.mfu, plan_.peak_tflops,
+                                       plan_.gpus * plan_.nodes))
+    for note in filter(None, notes):
+        print(note)
     print(f"tracking {redact(plan_.tracking_uri)}, experiment {plan_.experiment}, runs folder {plan_.runs_dir}")
     first = plan_.points[0] if plan_.points else None
     if first is not None and first.task:

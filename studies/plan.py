@@ -110,9 +110,10 @@ class Plan:
 
     @functools.cached_property
     def memory(self) -> list[Memory | None]:
-        """Each point's training update in memory (`studies.costs.point_memory`), on a GPU if trials get one."""
+        """Each point's training update in memory on one of its processes, at the per-process batch
+        (`studies.costs.point_memory`), on a GPU if trials get one."""
         usable = usable_gb(self.gpu_mem_gb, self.gpus) if self.gpus and self.gpu_mem_gb else None
-        return [point_memory(p, self.gpus > 0, usable) for p in self.points]
+        return [point_memory(p, self.gpus > 0, usable, self.world) for p in self.points]
 
     @property
     def is_evaluation(self) -> bool:

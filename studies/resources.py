@@ -15,6 +15,11 @@ from pathlib import Path
 from studies.messages import Point
 
 PROFILES_DIR = Path(__file__).resolve().parents[1] / "slurm" / "profiles"
+HOST_GB_PER_PROCESS = 16
+"""Host memory (GB) one training process of a point needs, by desk estimate: torch with the CUDA libraries
+and context mapped (3-4 GB resident), Inductor's compile workers (one per CPU of the task, 0.3-0.5 GB each:
+up to 4 GB at 8 CPUs), the checkpoint's host copy of the weights and AdamW state (1.2 GB for LTM-L) and
+the data's pages in memory; rounded up for margin. The GPU profile's mem_gb of 64 covers one process."""
 
 
 class ResourceError(ValueError):
@@ -108,6 +113,17 @@ def check_world(points: list[Point], processes: int, nodes: int) -> None:
             raise ResourceError(f"point {p.key}: train.batch_size={train.batch_size} does not split into {world} "
                                 f"processes ({processes} per node x {nodes} node(s)){whole}; give --set "
                                 f"train.batch_size=N with N a multiple of {world * (micro or 1)}, or fewer processes")
+
+
+def host_memory_note(profile: SlurmProfile | None, processes: int) -> str | None:
+    """A warning when the profile's mem_gb (per node) is short of `processes` per node at HOST_GB_PER_PROCESS
+    each, naming the value to set; None when it suffices or the profile leaves memory to the partition."""
+    if profile is None or not profile.mem_gb or profile.mem_gb >= processes * HOST_GB_PER_PROCESS:
+        return None
+    return (f"warning: the SLURM profile's mem_gb: {profile.mem_gb:g} is per node, shared by the point's "
+            f"{processes} processes there, each of which needs about {HOST_GB_PER_PROCESS} GB of host memory (CUDA "
+            f"context, compile workers, checkpoint copies): set mem_gb: {processes * HOST_GB_PER_PROCESS} (or more) "
+            "in the profile, or fewer --processes-per-trial")
 
 
 def gpu_memory(option: float | None, profile: SlurmProfile | None, gpus: float) -> float | None:

@@ -73,7 +73,8 @@ def join_process_group() -> int:
         # sbatch passes the submitting shell's environment on: the job's own place counts, and a port of its own
         # (submitit draws it from the job id) so that jobs sharing a node do not collide.
         os.environ.pop("MASTER_PORT", None)
-        # Every task keeps its node's GPUs visible and takes cuda:<LOCAL_RANK> (ltm.processes).
+        # CUDA_VISIBLE_DEVICES as SLURM binds it: a task that sees one GPU takes it, one that sees its
+        # node's takes cuda:<LOCAL_RANK> (ltm.processes.own_gpu).
         submitit.helpers.TorchDistributedEnvironment().export(set_cuda_visible_devices=False, overwrite=True)
         if job.num_nodes == 1:
             os.environ["MASTER_ADDR"] = "127.0.0.1"

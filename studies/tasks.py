@@ -7,9 +7,9 @@ and a task: `gsm8k`, `zero_shot` or `generation` (`studies.study.Gsm8kTask`, `Ze
 (a child of the study's parent) tagged `ltm.role=eval`, `ltm.task` and `ltm.source_run_id`, with
 the metrics at step 0 and its outputs (per-problem answers, samples) as artifacts. It runs on the
 trial's GPU when it was given one (`trial_device`, tagged `device`), under the checkpoint's training
-precision (bf16 autocast on CUDA by default). The point's key (from the checkpoint's identity and
-the task) makes a finished evaluation skip when the study is started again; an interrupted one
-(SIGTERM, SIGUSR2) is rerun from the start of the evaluation.
+precision (bf16 autocast on CUDA by default), checked before its setup (`trial_device`). The point's key
+(from the checkpoint's identity and the task) makes a finished evaluation skip when the study is
+started again; an interrupted one (SIGTERM, SIGUSR2) is rerun from the start of the evaluation.
 """
 
 from __future__ import annotations
@@ -26,6 +26,7 @@ from pathlib import Path
 import torch
 
 from ltm.checkpoint import CheckpointError, CheckpointRef, load_model, resolve
+from ltm.config import ModelConfig, RunConfig
 from ltm.names import (ENTROPY, GEN_PPL, GENERATION, ROLE_EVAL, ROLE_TAG, SECONDS, SOURCE_RUN_TAG, TASK_TAG, Status,
                        gsm8k_metric, metric)
 from ltm.signals import Interrupt, Stopped
@@ -118,12 +119,17 @@ def run_task(point: Point, context: TrialContext) -> Result:
             return _run_task_locked(point, context, interrupt)
 
 
-def trial_device() -> torch.device:
+def trial_device(model: ModelConfig | None = None) -> torch.device:
     """Where a trial evaluates: its GPU when it sees one, else the CPU, as `ltm.train` picks for its
-    training (a trial sees the GPUs it was given: Ray and SLURM set CUDA_VISIBLE_DEVICES to them)."""
+    training (a trial sees the GPUs it was given: Ray and SLURM set CUDA_VISIBLE_DEVICES to them); given the
+    model, checked as training checks it (`ltm.objective.check_window_compiler`: raises RuntimeError)."""
+    from ltm.objective import check_window_compiler
     from ltm.processes import resolve_device
 
-    return resolve_device(None, 0, torch.cuda.is_available())
+    device = resolve_device(None, 0, torch.cuda.is_available())
+    if model is not None:
+        log.info("evaluating on %s with %s attention", device, check_window_compiler(model, device))
+    return device
 
 
 def _run_task_locked(point: Point, context: TrialContext, interrupt: Interrupt) -> Result:
@@ -131,6 +137,10 @@ def _run_task_locked(point: Point, context: TrialContext, interrupt: Interrupt) 
     from ltm.objective import autocast_for
     from ltm.tracking import Tracker
 
+    try:
+        device = trial_device(RunConfig.from_dict(point.config).model)
+    except RuntimeError as err:  # before anything of the evaluation (or its checkpoint's training) exists
+        return Result(Status.FAILED, None, str(err))
     try:
         with interrupt.stoppable():  # nothing of the evaluation exists yet
             runs_dir = Path(context.runs_dir)
@@ -144,7 +154,6 @@ def _run_task_locked(point: Point, context: TrialContext, interrupt: Interrupt) 
                     return failed
             else:
                 checkpoint, source_run = point.source.checkpoint, point.source.run_id
-            device = trial_device()
             model, cfg = load_model(checkpoint, device=str(device), verify=context.verify)
     except Stopped as stop:
         return Result(Status.KILLED, None, f"interrupted by {stop} before the evaluation run was created")
@@ -188,7 +197,6 @@ def _trained_checkpoint(point: Point, context: TrialContext) -> tuple[Path, str 
     folder, its training run, None), or a Result to return when it did not finish or holds no
     checkpoint of its own."""
     from ltm.checkpoint import owner
-    from ltm.config import RunConfig
     from ltm.train import run
 
     trained = run(RunConfig.from_dict(point.config), tracking_uri=context.tracking_uri,

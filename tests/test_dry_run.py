@@ -154,11 +154,37 @@ def test_slurm_requeues_needed_by_long_points_are_named():
     assert not any("outlast" in line for line in cost_summary(costs, 0.4, 989.0, 1, 2))  # not SLURM
 
 
-def memory_of(point: Point, device: str):
-    """The point's update in memory, worked out here from its config with the data's vocabulary."""
+def memory_of(point: Point, device: str, processes: int = 1):
+    """The point's update in memory on one of its processes, worked out here from its config with the data's
+    vocabulary."""
     cfg = RunConfig.from_dict(point.config)
     model = dataclasses.replace(cfg.model, vocab_size=cfg.data.synthetic_vocab)
-    return step_memory(dataclasses.replace(cfg, model=model), device)
+    return step_memory(dataclasses.replace(cfg, model=model), device, processes)
+
+
+WORLDS = {1: ["--gpus-per-trial", "1"], 2: ["--gpus-per-trial", "2"], 8: ["--gpus-per-trial", "8"],
+          16: ["--gpus-per-trial", "8", "--nodes-per-trial", "2"]}
+"""World sizes of a point on the GPU profile (one process per GPU of each node): the argv that gives each."""
+
+
+@pytest.mark.parametrize("world", WORLDS)
+def test_the_dry_runs_memory_is_the_estimators_at_the_per_process_batch(tmp_path, capsys, no_slurm, world):
+    """Issue 31: 16 processes were planned (and fit_micro suggested) for the whole batch of 64, not their 4."""
+    argv = ["--preset", "smoke", "--cluster", "slurm", "--profile", "gpu", "--runs-dir", str(tmp_path),
+            "--set", "train.batch_size=64", "--gpu-mem-gb", "1.2", *WORLDS[world]]
+    rows, rest = dry_run(INFERENCE_SCALING, argv, capsys)
+    for p in plan(INFERENCE_SCALING, [*argv, "--dry-run"]).points:
+        memory = memory_of(p, "cuda", world)
+        assert memory.local_batch == 64 // world
+        assert rows[p.key]["micro"] == str(64 // world)
+        assert number(rows[p.key]["mem_gb"]) == pytest.approx(gib(memory.peak_bytes()), rel=ROUNDING)
+        fit = int(rows[p.key]["fit_micro"])
+        assert 0 < fit <= 64 // world and fit == memory.largest_micro_batch((1.2 * 0.9 - 1) * 2**30)
+    assert (f"each of a point's {world} processes holds train.batch_size / {world} sequences" in rest) == (world > 1)
+    # the profile's 64 GB per node is enough for 1 or 2 processes, not for 8 on a node
+    host = "warning: the SLURM profile's mem_gb: 64 is per node, shared by the point's 8 processes there"
+    assert (host in rest) == (world >= 8)
+    assert ("set mem_gb: 128 (or more) in the profile" in rest) == (world >= 8)
 
 
 def test_dry_run_prints_each_points_memory_and_the_micro_batch_that_fits_its_gpu(tmp_path, capsys):
@@ -332,3 +358,27 @@ def test_a_dry_run_without_the_evaluation_data_shows_the_grid_then_names_what_is
     assert err.startswith("error: ") and "test.jsonl" in err
     assert main(ICL_GSM8K, argv) == Exit.USAGE  # and a real start is refused before anything is printed
     assert capsys.readouterr().out == ""
+
+
+def test_the_dry_run_warns_when_the_profiles_signal_delay_is_shorter_than_an_update_and_a_checkpoint(tmp_path, capsys,
+                                                                                                    no_slurm):
+    """Issue 31: an LTM-L update at T=128 (1.4e16 FLOP exact) fits the GPU profile's signal_delay_s of 180 s at
+    40% MFU of an H100, not at 10%."""
+    from studies.costs import SIGNAL_MARGIN, _stop_seconds
+
+    assert load_profile("gpu").signal_delay_s == 180
+    argv = ["--preset", "paper", "--cluster", "slurm", "--runs-dir", str(tmp_path), "--set", "data.name=synthetic"]
+    _rows, rest = dry_run(INFERENCE_SCALING, argv, capsys)
+    assert "signal_delay_s" not in rest  # at the default 40% MFU an update and a checkpoint fit 180 s
+    points = plan(INFERENCE_SCALING, [*argv, "--dry-run"]).points
+    slowest = max((_stop_seconds(p, point_cost(p), 0.1, 989.0, 1) for p in points), key=lambda t: t[1] + t[2])
+    key, update_s, write_s = slowest
+    (point,) = [p for p in points if p.key == key]
+    assert point.label["recipe"] == "ltm-l" and point.label["inference.steps"] == 128
+    assert update_s == pytest.approx(point_cost(point).flops / RunConfig.from_dict(point.config).updates / 98.9e12)
+    assert 1e16 < update_s * 98.9e12 < 2.3e16 and 0 < write_s < 10  # about 0.9 GB at 0.25 GB/s
+    _rows, rest = dry_run(INFERENCE_SCALING, [*argv, "--mfu", "0.1"], capsys)
+    needed = math.ceil(SIGNAL_MARGIN * (update_s + write_s) / 10) * 10
+    assert (f"warning: the SLURM profile's signal_delay_s: 180 is shorter than point {key} needs to finish an update "
+            f"(about {update_s:.0f} s at 10% MFU of 989 TFLOP/s on 1 GPU(s))") in rest
+    assert f"set signal_delay_s: {needed} in the profile" in rest and needed > 180

@@ -151,7 +151,9 @@ def test_an_evaluation_runs_on_a_visible_gpu_else_the_cpu(monkeypatch):
     from studies.tasks import trial_device
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
-    assert trial_device() == torch.device("cuda", 0)
+    for visible in (1, 4):  # the GPU it was given, or the first of those it sees
+        monkeypatch.setattr(torch.cuda, "device_count", lambda: visible)
+        assert trial_device() == torch.device("cuda", 0)
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     assert trial_device() == torch.device("cpu")
 
@@ -184,7 +186,7 @@ def test_run_task_loads_the_model_on_the_trial_device_and_tags_the_run_with_it(t
         seen["autocast"] = torch.is_autocast_enabled("cpu")
         return {"probe/value": 1.0}, {}
 
-    monkeypatch.setattr(tasks, "trial_device", lambda: torch.device("cpu"))
+    monkeypatch.setattr(tasks, "trial_device", lambda model=None: torch.device("cpu"))
     monkeypatch.setattr(tasks, "load_model", load_model)
     monkeypatch.setitem(tasks.EVALUATORS, "generation", evaluator)
     point = Point(key="probe", config=cfg.to_dict(), label={}, task=GenerationTask(),
@@ -298,3 +300,86 @@ def test_an_evaluation_point_crosses_a_process_boundary_unchanged(tmp_path):
     assert isinstance(trained_first[0].source, TrainSource) and trained_first[0].task.data == str(gsm8k.resolve())
     assert trained_first[0].to_dict()["source"] == {"train": True, "train_key": trained_first[0].source.train_key}
     assert given.to_dict()["source"] == {"checkpoint": "/c", "run_id": "r"}
+
+
+# -- an evaluation checks what training checks, before its setup (issue 31) ---------------------------
+
+def paper_point(source):
+    """An evaluation point of the paper's shape (LTM-S: context 1024, window 256)."""
+    from ltm.config import run_preset
+    from studies.messages import Point
+    from studies.study import GenerationTask
+
+    return Point(key="paper-eval", config=run_preset("ltm-s").to_dict(), label={}, task=GenerationTask(),
+                 source=source)
+
+
+def test_an_evaluation_takes_flex_attention_on_a_gpu_at_the_paper_shape_and_needs_a_c_compiler(tmp_path):
+    import torch
+
+    from ltm.config import RunConfig
+    from ltm.objective import check_window_compiler as check_evaluation
+    from studies.messages import TrainSource
+
+    cc = tmp_path / "gcc"
+    cc.write_text("#!/bin/sh\n")
+    cc.chmod(0o755)
+    point = RunConfig.from_dict(paper_point(TrainSource("k")).config).model
+    assert check_evaluation(point, torch.device("cuda", 0), {"PATH": str(tmp_path)}) == "flex"
+    assert check_evaluation(point, torch.device("cpu"), {"PATH": ""}) == "chunked"  # nothing compiles on a CPU
+    with pytest.raises(RuntimeError) as err:
+        check_evaluation(point, torch.device("cuda", 0), {"PATH": str(tmp_path / "empty")})
+    assert ("runs on cuda:0 with FlexAttention (context 1024, window 256), which Triton compiles with a C "
+            "compiler, and neither gcc nor clang is on PATH; install one (e.g. `apt install gcc`") in str(err.value)
+    assert "or set CC to it" in str(err.value)
+    with pytest.raises(RuntimeError, match="CC='cc-9' is not an executable"):
+        check_evaluation(point, torch.device("cuda", 0), {"PATH": str(tmp_path), "CC": "cc-9"})
+
+
+def test_an_evaluation_on_a_gpu_without_a_c_compiler_fails_before_training_or_loading(tmp_path, monkeypatch):
+    import torch
+
+    import studies.tasks as tasks
+    from ltm.names import Status
+    from ltm.tracking import default_tracking_uri
+    from studies.messages import TrainSource, TrialContext
+
+    setup = []
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)  # a GPU node
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    monkeypatch.setattr(tasks, "_trained_checkpoint", lambda *a: setup.append("train") or (None, None, None))
+    monkeypatch.setattr(tasks, "load_model", lambda *a, **k: setup.append("load"))
+    monkeypatch.setenv("PATH", str(tmp_path))  # no gcc, no clang
+    monkeypatch.delenv("CC", raising=False)
+    runs = tmp_path / "runs"
+    context = TrialContext(tracking_uri=default_tracking_uri(runs), experiment="e", runs_dir=str(runs),
+                           parent_run_id=None)
+    result = tasks.run_task(paper_point(TrainSource("k")), context)
+    assert result.status == Status.FAILED and result.run_id is None and setup == []
+    assert "FlexAttention (context 1024, window 256)" in result.reason and "neither gcc nor clang" in result.reason
+
+
+@pytest.mark.skipif(__import__("shutil").which("gcc") is None and __import__("shutil").which("clang") is None,
+                    reason="FlexAttention on a CPU is compiled by Inductor, which needs a C compiler")
+def test_the_paper_shapes_decoder_forward_with_flex_attention_runs_on_a_cpu_and_equals_the_chunked_form():
+    """What an evaluation's forward takes on a GPU (flex at context 1024, window 256), run on the CPU where it
+    runs there (forward only: FlexAttention has no backward on a CPU), at a narrow width."""
+    import dataclasses
+
+    import torch
+
+    import ltm
+    from ltm.config import run_preset
+
+    cfg = dataclasses.replace(run_preset("ltm-s").model, vocab_size=64, n_layers=2, d_model=64, n_heads=4,
+                              n_latents=4)
+    assert (cfg.ctx, cfg.window) == (1024, 256)
+    torch.manual_seed(0)
+    model = ltm.build_model(cfg).eval()
+    tokens, z = torch.randint(0, 64, (1, 1024)), torch.randn(1, 4, 64)
+    out = {}
+    for kind in ("chunked", "flex"):
+        model.attention = kind
+        with torch.no_grad():
+            out[kind] = model(tokens, z)
+    torch.testing.assert_close(out["flex"], out["chunked"], atol=1e-4, rtol=1e-4)

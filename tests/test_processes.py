@@ -164,3 +164,93 @@ def test_one_process_has_no_process_group_and_no_watcher(monkeypatch):
     assert procs.broadcast("x") == "x" and procs.world == 1 and procs.is_main
     assert not dist.is_initialized() and not [t for t in threading.enumerate() if t.name.startswith("ltm-failure")]
     procs.close()
+
+
+# -- which GPU a process takes, under any binding (issue 31) -------------------------------------------
+
+@pytest.mark.parametrize("visible, local_rank, local_world, index", [
+    (1, 5, 8, 0),  # bound to one GPU (--gpu-bind, cgroups): ranks 1-7 once asked for an "invalid device ordinal"
+    (8, 5, 8, 5),  # sees the node's 8, one per process
+    (8, 0, 1, 0),  # one process on a node of 8
+    (4, 1, 2, 1),  # more GPUs than processes: one each
+], ids=["bound", "node", "alone", "spare"])
+def test_a_process_takes_the_gpu_it_sees(monkeypatch, visible, local_rank, local_world, index):
+    from ltm.processes import resolve_device
+
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: visible)
+    assert resolve_device(None, local_rank, True, local_world) == torch.device("cuda", index)
+    assert resolve_device("cuda", local_rank, True, local_world) == torch.device("cuda", index)
+    assert resolve_device("cuda:0", local_rank, True, local_world) == torch.device("cuda", 0)  # as given
+    assert resolve_device(None, local_rank, False, local_world) == torch.device("cpu")
+
+
+@pytest.mark.parametrize("visible", [0, 2])
+def test_a_process_that_sees_neither_one_gpu_nor_one_per_process_is_refused_naming_what_it_sees(monkeypatch,
+                                                                                               visible):
+    from ltm.processes import resolve_device
+
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: visible)
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "0,1"[:2 * visible - 1] if visible else "")
+    with pytest.raises(RuntimeError) as err:
+        resolve_device("cuda", 5, True, 8)
+    assert f"process LOCAL_RANK=5 of 8 on this node sees {visible} GPU(s)" in str(err.value)
+    assert "give each process exactly one GPU" in str(err.value) and "CUDA_VISIBLE_DEVICES=" in str(err.value)
+
+
+def test_a_process_bound_to_one_gpu_sets_cuda_0_from_torchruns_environment(monkeypatch):
+    monkeypatch.setenv("WORLD_SIZE", "1")
+    monkeypatch.setenv("LOCAL_RANK", "5")
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "8")
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    chosen = []
+    monkeypatch.setattr(torch.cuda, "set_device", chosen.append)
+    assert Processes.from_env("cuda").device == torch.device("cuda", 0) and chosen == [torch.device("cuda", 0)]
+
+
+# -- the stop reason every rank agrees on (issue 31) ---------------------------------------------------
+
+class _TwoRanks:
+    """A stand-in for two processes' reduction: this rank's votes summed with the other rank's."""
+
+    def __init__(self, other: torch.Tensor) -> None:
+        self.device, self.other = torch.device("cpu"), other
+
+    def all_sum(self, tensor: torch.Tensor) -> torch.Tensor:
+        return tensor.add_(self.other)
+
+
+def test_sigusr2_on_any_rank_is_the_reason_every_rank_stops_for():
+    import signal
+
+    from ltm.loop import STOP_PRIORITY, agreed_stop
+
+    usr2 = torch.tensor([float(s == signal.SIGUSR2) for s in STOP_PRIORITY] + [0.0])
+    nothing = torch.zeros(len(STOP_PRIORITY) + 1)
+    # rank 0 got SIGTERM (or nothing) while SLURM sent SIGUSR2 to rank 1: both say SIGUSR2, so rank 0 requeues
+    assert agreed_stop(_TwoRanks(usr2), signal.SIGTERM, False) == ("SIGUSR2", False)
+    assert agreed_stop(_TwoRanks(usr2), None, False) == ("SIGUSR2", False)
+    assert agreed_stop(_TwoRanks(nothing), signal.SIGUSR2, False) == ("SIGUSR2", False)
+    assert agreed_stop(_TwoRanks(nothing), signal.SIGINT, False) == ("SIGINT", False)
+    assert agreed_stop(_TwoRanks(nothing), None, True) == ("", True)
+    assert agreed_stop(_TwoRanks(nothing), None, False) == ("", False)
+
+
+def stop_rank(rank: int, port: int, tmp: str) -> None:
+    """One of two gloo processes: rank 1 got SIGUSR2, rank 0 nothing; writes what each agrees on."""
+    import signal
+
+    from ltm.loop import agreed_stop
+
+    join_env(rank, port)
+    procs = Processes.from_env("cpu")
+    try:
+        agreed = agreed_stop(procs, signal.SIGUSR2 if rank == 1 else None, False)
+    finally:
+        procs.close()
+    (Path(tmp) / f"stop{rank}.json").write_text(json.dumps(agreed))
+
+
+def test_two_gloo_processes_agree_on_sigusr2_when_only_one_got_it(tmp_path):
+    procs = spawn(stop_rank, str(tmp_path))
+    assert [p.exitcode for p in procs] == [0, 0]
+    assert [json.loads((tmp_path / f"stop{r}.json").read_text()) for r in (0, 1)] == [["SIGUSR2", False]] * 2

@@ -199,7 +199,8 @@ def test_a_failure_after_the_run_is_created_marks_it_failed(tmp_path):
     assert run.info.status == "FAILED" and "no memory for the report" in run.data.tags["ltm.status_reason"]
 
 
-def test_a_bare_cuda_device_means_this_processs_gpu():
+def test_a_bare_cuda_device_means_this_processs_gpu(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 4)  # sees its node's GPUs (tests/test_processes.py)
     assert resolve_device("cuda", 3, cuda_available=True) == torch.device("cuda", 3)
     assert resolve_device("cuda:1", 3, cuda_available=True) == torch.device("cuda", 1)
     assert resolve_device(None, 2, cuda_available=True) == torch.device("cuda", 2)
