@@ -26,7 +26,10 @@ die() {
   done
   exit 1
 }
-alive() { [[ -f $1 ]] && kill -0 "$(cat "$1")" 2>/dev/null; }  # pid file -> process running?
+# pid file -> that daemon running? (checks the process's name: after a reboot or a long day the pid in a
+# stale file can belong to another process, and "already running" would leave the node down)
+alive() { local pid; [[ -f $1 ]] && pid=$(cat "$1") && kill -0 "$pid" 2>/dev/null \
+            && [[ $(cat "/proc/$pid/comm" 2>/dev/null) == "$(basename "$1" .pid)" ]]; }
 node_state() { timeout 10 sinfo -h -n "$NODE" -o %T 2>/dev/null | head -n1 || true; }
 
 [[ $EUID -eq 0 ]] || die "must run as root"

@@ -8,7 +8,9 @@ log() { echo "[stop_local_slurm] $*"; }
 
 stop() {  # stop NAME PIDFILE: SIGTERM, then wait up to 15 s (SIGKILL after that)
   local name=$1 pidfile=$2 pid
-  if [[ -f $pidfile ]] && pid=$(cat "$pidfile") && kill -0 "$pid" 2>/dev/null; then
+  # only the daemon itself: a stale pid file's number may belong to another process by now
+  if [[ -f $pidfile ]] && pid=$(cat "$pidfile") && kill -0 "$pid" 2>/dev/null \
+     && [[ $(cat "/proc/$pid/comm" 2>/dev/null) == "$name" ]]; then
     log "stopping $name (pid $pid)"
     kill "$pid"
     for _ in $(seq 30); do kill -0 "$pid" 2>/dev/null || break; sleep 0.5; done
