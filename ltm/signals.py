@@ -24,6 +24,17 @@ class Stopped(Exception):
     delay), or while it waited (`waiting_for`): abandon that work. Its text names the signal and the wait."""
 
 
+def _caused_by_stop(err: BaseException) -> bool:
+    """Whether a Stopped is among the causes (or contexts) of `err`."""
+    seen: set[int] = set()
+    while err is not None and id(err) not in seen:
+        if isinstance(err, Stopped):
+            return True
+        seen.add(id(err))
+        err = err.__cause__ or err.__context__
+    return False
+
+
 def exit_on_signal(module: str) -> None:
     """In a command's entry module (`exit_on_signal(__name__)`, before its heavy imports): until an
     `Interrupt` is entered, and again after it exits, a signal ends the process with Exit.INTERRUPTED and
@@ -101,12 +112,19 @@ class Interrupt:
 
     @contextlib.contextmanager
     def stoppable(self):
-        """A signal that came before, or comes inside the block, raises Stopped."""
+        """A signal that came before, or comes inside the block, raises Stopped, also where a library caught
+        the Stopped raised inside its call and raised its own error from it (MLflow's store does)."""
         if self.signal is not None:
             raise Stopped(signal.Signals(self.signal).name)
         outer = self.set_raising(True)
         try:
             yield
+        except Stopped:
+            raise
+        except Exception as err:
+            if _caused_by_stop(err):
+                raise Stopped(signal.Signals(self.signal).name) from err
+            raise
         finally:
             self.set_raising(outer)
 

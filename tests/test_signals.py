@@ -376,3 +376,27 @@ def test_a_ray_cluster_that_does_not_answer_ends_the_study_with_exit_2_and_its_p
     [parent] = runs_of(tmp_path / "runs", "inference_scaling")
     assert parent.info.status == "FAILED"  # not left RUNNING until the study is started again
     assert "127.0.0.1:1" in parent.data.tags[REASON_TAG]
+
+
+def test_a_signal_inside_a_library_that_wraps_the_stop_in_its_own_error_still_stops():
+    """MLflow's store catches what a signal raises inside a query and raises its own error from it; the
+    analysis must still see Stopped (exit 3), not a traceback."""
+    from ltm.signals import Interrupt, Stopped
+
+    class StoreError(Exception):
+        pass
+
+    def query() -> None:  # a library call that wraps every error in its own
+        try:
+            os.kill(os.getpid(), signal.SIGTERM)
+            time.sleep(5)
+        except Exception as err:
+            raise StoreError("query failed") from err
+
+    with Interrupt() as interrupt, pytest.raises(Stopped, match="SIGTERM"):
+        with interrupt.stoppable():
+            query()
+    assert interrupt.name == "SIGTERM"
+    with Interrupt() as interrupt, pytest.raises(StoreError):  # an error no signal caused stays itself
+        with interrupt.stoppable():
+            raise StoreError("a real failure")
