@@ -106,6 +106,7 @@ def test_no_c_compiler_is_refused_with_how_to_get_one_and_how_to_do_without(tmp_
 
 def test_a_compiling_cuda_run_without_a_c_compiler_stops_before_anything_is_created(tmp_path, monkeypatch):
     monkeypatch.setattr(torch.cuda, "set_device", lambda device: None)  # "a GPU": nothing touches it before the check
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)  # the process sees one (ltm.processes.own_gpu)
     monkeypatch.setenv("PATH", str(tmp_path / "empty"))
     monkeypatch.delenv("CC", raising=False)
     cfg = run_preset("smoke").with_overrides([f"data.cache_dir={tmp_path / 'cache'}"])
