@@ -101,6 +101,8 @@ def configure_mlflow(uri: str | None = None, credentials_file: str | Path | None
     """
     os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "2")
     os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "30")
+    # a bar per downloaded config.json buried the analysis's own lines (one per run; 25 for a small ladder)
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
     creds = split_credentials(uri)[1] if uri else None
     if creds:
         os.environ["MLFLOW_TRACKING_USERNAME"], os.environ["MLFLOW_TRACKING_PASSWORD"] = creds

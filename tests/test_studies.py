@@ -126,13 +126,15 @@ def test_a_plan_and_a_tracker_write_nothing_until_asked(tmp_path, monkeypatch):
     assert context.credentials_file is None and context.tracking_uri == "http://127.0.0.1:9/"
     assert not (tmp_path / "runs" / "mlflow-credentials.json").exists()
     assert Path(plan_.write_credentials()) == tmp_path / "runs" / "mlflow-credentials.json"
-    for var in ("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD"):
+    for var in ("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD",
+                "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR"):
         monkeypatch.delenv(var, raising=False)
     before = dict(os.environ)
     Tracker(default_tracking_uri(tmp_path), "e")
     assert dict(os.environ) == before
     configure_mlflow(plan_.tracking_uri)
     assert (os.environ["MLFLOW_TRACKING_USERNAME"], os.environ["MLFLOW_HTTP_REQUEST_MAX_RETRIES"]) == ("alice", "2")
+    assert os.environ["MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR"] == "false"  # no bar per config.json read
 
 
 def test_importing_the_backends_makes_no_thread_pool():
