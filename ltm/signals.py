@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import os
 import signal
+import sys
 import threading
 from collections.abc import Callable, Iterator
 
@@ -80,13 +81,16 @@ class Interrupt:
     `set_raising` is the switch between the two. Handlers are installed only in the main thread.
     """
 
-    __slots__ = ("signal", "on_signal", "_previous", "_raise")  # a misspelt attribute is an error, not a no-op
+    # a misspelt attribute is an error, not a no-op
+    __slots__ = ("signal", "on_signal", "_previous", "_raise", "_swallowed", "_unraisable_before")
 
     def __init__(self, on_signal: Callable[[], None] | None = None) -> None:
         self.signal: int | None = None
         self.on_signal = on_signal
         self._previous: dict = {}
         self._raise = False
+        self._swallowed = False
+        self._unraisable_before = None
 
     def __enter__(self):
         global _entered
@@ -94,7 +98,16 @@ class Interrupt:
         if threading.current_thread() is threading.main_thread():
             for sig in SIGNALS:
                 self._previous[sig] = signal.signal(sig, self.handle)
+            self._unraisable_before, sys.unraisablehook = sys.unraisablehook, self._unraisable
         return self
+
+    def _unraisable(self, info) -> None:
+        """A Stopped raised where Python ignores exceptions (a weakref callback of the import system, a
+        __del__) would be printed as a traceback and lost: remember it, for `stoppable` to raise at its end."""
+        if isinstance(info.exc_value, Stopped):
+            self._swallowed = True
+        else:
+            (self._unraisable_before or sys.__unraisablehook__)(info)
 
     def handle(self, signum: int, frame=None) -> None:
         """The signal handler."""
@@ -119,7 +132,10 @@ class Interrupt:
         outer = self.set_raising(True)
         try:
             yield
+            if self._swallowed:  # the block's Stopped was swallowed (`_unraisable`): it still stops the block
+                raise Stopped(signal.Signals(self.signal).name)
         except Stopped:
+            self._swallowed = False
             raise
         except Exception as err:
             if _caused_by_stop(err):
@@ -136,3 +152,5 @@ class Interrupt:
     def __exit__(self, *exc) -> None:
         for sig, handler in self._previous.items():
             signal.signal(sig, handler)
+        if self._unraisable_before is not None:
+            sys.unraisablehook = self._unraisable_before

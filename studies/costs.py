@@ -61,7 +61,7 @@ def point_cost(point: Point) -> Cost:
     """The training a point runs: its own, or for an evaluation the checkpoint it trains first."""
     from ltm.flops import run_flops_per_token
 
-    cfg = _trained_config(point)
+    cfg = trained_config(point)
     if cfg is None:
         return Cost(0, 0.0, 0.0)  # evaluates a checkpoint that exists
     tokens = trained_tokens(cfg) - point.resumes  # a branch or a later segment goes on from its trunk's tokens
@@ -69,7 +69,7 @@ def point_cost(point: Point) -> Cost:
                 tokens * run_flops_per_token(cfg, cfg.model, "paper"))
 
 
-def _trained_config(point: Point) -> RunConfig | None:
+def trained_config(point: Point) -> RunConfig | None:
     """The config a point trains, with the data's vocabulary; None for an evaluation of a given checkpoint."""
     from ltm.config import RunConfig
     from ltm.data import planned_vocab_size
@@ -80,58 +80,13 @@ def _trained_config(point: Point) -> RunConfig | None:
     return dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, vocab_size=planned_vocab_size(cfg.data)))
 
 
-@dataclass(frozen=True)
-class Savings:
-    """The training of a grid's trunks and branches against one cosine run per branch budget."""
-
-    trunks: int
-    branches: int
-    ladder: Cost
-    """What the segments and the branches train."""
-    cosine: Cost
-    """What one run from scratch per branch budget would train."""
-
-    @property
-    def ratio(self) -> float:
-        """How many times the FLOPs of the ladder the cosine runs would take."""
-        return self.cosine.flops / self.ladder.flops
-
-
-def branch_savings(points: list[Point], costs: list[Cost]) -> Savings | None:
-    """The trunks' and branches' training against one cosine run per branch; None for a grid without branches."""
-    from ltm.flops import run_flops_per_token
-
-    branches = [(p, c) for p, c in zip(points, costs) if p.resumes and p.stop is None]
-    if not branches:
-        return None
-    alone = [Cost(t, t * run_flops_per_token(cfg, cfg.model), t * run_flops_per_token(cfg, cfg.model, "paper"))
-             for p, _ in branches for cfg in [_trained_config(p)] for t in [trained_tokens(cfg)]]
-    ladder = [c for p, c in zip(points, costs) if p.stop is not None] + [c for _, c in branches]
-    return Savings(sum(1 for p in points if p.stop is not None and not p.after), len(branches), _total(ladder),
-                   _total(alone))
-
-
-def _total(costs: list[Cost]) -> Cost:
-    return Cost(sum(c.tokens for c in costs), sum(c.flops for c in costs), sum(c.flops_paper for c in costs))
-
-
-def savings_lines(savings: Savings | None) -> list[str]:
-    """The line after the grid that says what the branches save (none for a grid without branches)."""
-    if savings is None:
-        return []
-    ladder, cosine = savings.ladder, savings.cosine
-    return [f"branches: {savings.branches} budgets as wsd branches of {savings.trunks} trunk(s) train "
-            f"{ladder.tokens:,} tokens, {ladder.flops:.2e} FLOPs exact; one cosine run per budget would train "
-            f"{cosine.tokens:,} tokens, {cosine.flops:.2e} FLOPs: {savings.ratio:.2f}x the branches' training"]
-
-
 def point_memory(point: Point, on_gpu: bool, usable_gb: float | None, processes: int = 1) -> Memory | None:
     """The point's update on a GPU (at the precision it runs there) or a CPU, on one of its `processes`
     (each holds batch_size / processes sequences of an update), and with `usable_gb` (what a process may
     fill of its GPU) the micro-batch that fits; None for an evaluation of a given checkpoint."""
     from ltm.memory import gib, step_memory
 
-    cfg = _trained_config(point)
+    cfg = trained_config(point)
     if cfg is None:
         return None
     memory = step_memory(cfg, "cuda" if on_gpu else "cpu", processes)
@@ -273,7 +228,7 @@ def _stop_seconds(point: Point, cost: Cost, mfu: float, peak_tflops: float,
 
     from ltm.model import build_model
 
-    cfg = _trained_config(point)
+    cfg = trained_config(point)
     if cfg is None:
         return None
     with torch.device("meta"):  # shapes only

@@ -28,14 +28,14 @@ import time
 
 from ltm.names import EXIT_OF, Exit, Status
 from ltm.signals import Stopped
-from studies.costs import (branch_savings, cost_columns, cost_summary, memory_columns, memory_summary, point_cost,
-                           savings_lines, signal_delay_note)
+from studies.costs import cost_columns, cost_summary, memory_columns, memory_summary, point_cost, signal_delay_note
 from studies.interrupt import Interruption, wait_for_stragglers
 from studies.messages import CheckpointSource
 from studies.options import build_parser
 from studies.parent import finish_parent, open_parent, open_tracker, summary
 from studies.plan import Plan, UsageError, plan_from_args
 from studies.resources import host_memory_note
+from studies.savings import branch_savings, savings_lines
 from studies.points import axes, grid_table
 from studies.study import Study
 

@@ -66,3 +66,12 @@ def submit(executor: submitit.AutoExecutor, trial: Callable, points: list[Point]
             jobs[point.id] = executor.submit(trial, point, context).job_id
     executor.update_parameters(slurm_additional_parameters=dict(additional))
     return [jobs[p.id] for p in points]
+
+
+def submitted(ids: list[str]) -> str:
+    """What a submission made, in words: "array 41 (3 tasks) and 2 dependent job(s)"."""
+    tasks = [i for i in ids if "_" in i]  # an array's task ids are <array>_<index>
+    words = [f"array {tasks[0].split('_')[0]} ({len(tasks)} tasks)"] if tasks else []
+    if len(ids) > len(tasks):
+        words.append(f"{len(ids) - len(tasks)} dependent job(s)")
+    return " and ".join(words)

@@ -25,7 +25,7 @@ from ltm.files import atomic_write
 from ltm.names import Status
 from studies.interrupt import Interruption
 from studies.messages import Point, Result, TrialContext
-from studies.order import pending, submit
+from studies.order import pending, submit, submitted
 from studies.plan import ROOT, Plan, UsageError
 
 if TYPE_CHECKING:
@@ -235,7 +235,7 @@ def run(plan: Plan, tracker, interruption: Interruption) -> bool:
         ids = submit(executor, SlurmTrial(), todo, context, params.get("slurm_additional_parameters", {}))
         jobs_file = folder / "jobs.json"
         atomic_write(jobs_file, json.dumps(ids))  # whole or absent, even if the driver dies now
-        log.info("submitted %d job(s) (%d points) from %s", len({i.split("_")[0] for i in ids}), len(ids), folder)
+        log.info("submitted %s from %s", submitted(ids), folder)
         return True if plan.no_wait else _wait(plan, ids, interruption)
     finally:
         if server is not None:

@@ -19,7 +19,8 @@ from ltm.model import build_model
 from ltm.names import RUN_KEY_TAG, TOKENS, TRUNK_RUN_TAG, Exit
 from slurm_jobs import slurm_unavailable_reason
 from studies import ladder
-from studies.costs import branch_savings, point_cost
+from studies.costs import point_cost
+from studies.savings import branch_savings
 from studies.launcher import main
 from studies.messages import Point
 from studies.order import still_needed
@@ -318,3 +319,11 @@ def test_on_slurm_one_trunk_and_two_branches_run_as_dependent_jobs_and_a_second_
     again = _one_trunk_study(runs, "--cluster", "slurm")
     assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
     assert "nothing to submit" in again.stderr
+
+
+def test_the_submission_line_names_the_array_and_the_dependent_jobs():
+    from studies.order import submitted
+
+    assert submitted(["41_0", "41_1", "41_2", "42", "43"]) == "array 41 (3 tasks) and 2 dependent job(s)"
+    assert submitted(["41_0"]) == "array 41 (1 tasks)"  # a restart that submits one point (tests/test_studies.py)
+    assert submitted(["42"]) == "1 dependent job(s)"

@@ -248,8 +248,8 @@ def test_metrics_the_store_had_not_taken_when_the_process_died_are_sent_by_the_r
             raise ConnectionError("no answer yet")
         return real_batch(self, run_id, *args, metrics=metrics, **kwargs)
 
-    def killed_after_the_checkpoint(ctx, state, tokens):
-        real_save(ctx, state, tokens)
+    def killed_after_the_checkpoint(ctx, state, tokens, last=False):
+        real_save(ctx, state, tokens, last)
         if tokens == 2048:
             ctx.tracker.spool(tmp_path / "gone-with-the-process.jsonl")  # the queue leaves the process
             raise KeyboardInterrupt

@@ -400,3 +400,24 @@ def test_a_signal_inside_a_library_that_wraps_the_stop_in_its_own_error_still_st
     with Interrupt() as interrupt, pytest.raises(StoreError):  # an error no signal caused stays itself
         with interrupt.stoppable():
             raise StoreError("a real failure")
+
+
+def test_a_signal_whose_stop_python_swallows_still_stops_the_block_without_a_traceback(capsys):
+    """A Stopped raised inside a weakref callback (the import system has them) is printed by Python as
+    "Exception ignored" and lost; the block must still stop, and nothing is printed."""
+    import gc
+    import weakref
+
+    from ltm.signals import Interrupt, Stopped
+
+    class Thing:
+        pass
+
+    with Interrupt() as interrupt, pytest.raises(Stopped, match="SIGTERM"):
+        with interrupt.stoppable():
+            thing = Thing()
+            ref = weakref.ref(thing, lambda _: os.kill(os.getpid(), signal.SIGTERM))  # noqa: F841
+            del thing
+            gc.collect()
+            time.sleep(0.1)  # the block goes on: its Stopped was swallowed
+    assert "Traceback" not in capsys.readouterr().err
