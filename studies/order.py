@@ -68,10 +68,11 @@ def submit(executor: submitit.AutoExecutor, trial: Callable, points: list[Point]
     return [jobs[p.id] for p in points]
 
 
-def submitted(ids: list[str]) -> str:
-    """What a submission made, in words: "array 41 (3 tasks) and 2 dependent job(s)"."""
-    tasks = [i for i in ids if "_" in i]  # an array's task ids are <array>_<index>
-    words = [f"array {tasks[0].split('_')[0]} ({len(tasks)} tasks)"] if tasks else []
-    if len(ids) > len(tasks):
-        words.append(f"{len(ids) - len(tasks)} dependent job(s)")
+def submitted(ids: list[str], waits: list[bool]) -> str:
+    """What a submission made, in words ("array 41 (3 tasks) and 2 dependent job(s)"), from the job ids of
+    `submit` and whether each point waited for others (submitit submits an array of one as a plain job)."""
+    free = [i for i, w in zip(ids, waits) if not w]
+    words = [f"array {free[0].split('_')[0]} ({len(free)} tasks)"] if free else []
+    if len(ids) > len(free):
+        words.append(f"{len(ids) - len(free)} dependent job(s)")
     return " and ".join(words)

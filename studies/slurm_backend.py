@@ -235,7 +235,7 @@ def run(plan: Plan, tracker, interruption: Interruption) -> bool:
         ids = submit(executor, SlurmTrial(), todo, context, params.get("slurm_additional_parameters", {}))
         jobs_file = folder / "jobs.json"
         atomic_write(jobs_file, json.dumps(ids))  # whole or absent, even if the driver dies now
-        log.info("submitted %s from %s", submitted(ids), folder)
+        log.info("submitted %s from %s", submitted(ids, [bool(p.after) for p in todo]), folder)
         return True if plan.no_wait else _wait(plan, ids, interruption)
     finally:
         if server is not None:

@@ -324,6 +324,7 @@ def test_on_slurm_one_trunk_and_two_branches_run_as_dependent_jobs_and_a_second_
 def test_the_submission_line_names_the_array_and_the_dependent_jobs():
     from studies.order import submitted
 
-    assert submitted(["41_0", "41_1", "41_2", "42", "43"]) == "array 41 (3 tasks) and 2 dependent job(s)"
-    assert submitted(["41_0"]) == "array 41 (1 tasks)"  # a restart that submits one point (tests/test_studies.py)
-    assert submitted(["42"]) == "1 dependent job(s)"
+    ids, waits = ["41_0", "41_1", "42", "41_2", "43"], [False, False, True, False, True]
+    assert submitted(ids, waits) == "array 41 (3 tasks) and 2 dependent job(s)"
+    assert submitted(["41"], [False]) == "array 41 (1 tasks)"  # an array of one is a plain job (tests/test_studies.py)
+    assert submitted(["42"], [True]) == "1 dependent job(s)"
